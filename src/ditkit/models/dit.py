@@ -1,0 +1,388 @@
+"""The Diffusion Transformer (Peebles & Xie, ICCV 2023), parameter-for-parameter compatible with
+the official ``models.py`` (facebookresearch/DiT): same module names, same state-dict keys and
+shapes, same function.  An official checkpoint loads with ``strict=True``.
+
+Read top to bottom: embedders, the adaLN-Zero block, the final layer, the model, then the table
+of named variants.  The network maps (x_t, t, c) to an output; it knows nothing of the noise
+process that trains it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditkit.models.conditioning import ConditionEmbedders, CrossAttention
+from ditkit.models.pos_embed import sincos_2d_pos_embed
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: LN(x) * (1 + γ) + β, with (B, D) shift/scale broadcast over the N tokens."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+#################################################################################
+#               Embedding layers for timesteps, labels and patches               #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: sinusoidal features (dim 256) through a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """[cos(t ω_k), sin(t ω_k)] with ω_k = max_period^(-k/half), k < half (GLIDE / ADM)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (B, half)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding  # (B, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors.  Row ``num_classes`` is the null class of classifier-free guidance;
+    during training a label is replaced by it with probability ``dropout_prob``."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)  # (B, D)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, D) with N = (H/p)(W/p), by a p×p stride-p convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+#################################################################################
+#                                 Core DiT block                                 #
+#################################################################################
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA (flash / memory-efficient kernels where available).
+    Module names ``qkv`` and ``proj`` are those of timm's Attention used by the official code."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> tanh-GELU -> fc2 (timm's Mlp names)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning:
+        x = x + α₁ · Attn(LN(x)(1+γ₁) + β₁)
+        x = x + α₂ · MLP(LN(x)(1+γ₂) + β₂)
+    where (β₁, γ₁, α₁, β₂, γ₂, α₂) = Linear(SiLU(c)), zero-initialised so each block starts as identity.
+    With ``cross_attention`` a pre-norm cross-attention to the conditioning tokens sits between them."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, num_heads)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN, then a linear map of each token to its p·p·C_out patch values."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
+
+
+#################################################################################
+#                                 The DiT model                                  #
+#################################################################################
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone.
+
+    The first ten keyword arguments are those of the official constructor.  The rest extend it
+    (all off by default, so the official state dict is unchanged):
+
+    - ``num_classes=0``: unconditional (no label embedder).
+    - ``num_params``: a vector of continuous parameters, embedded and added to c (own guidance dropout).
+    - ``cond_channels``: spatial conditioning fields of the input's size, either attended by
+      cross-attention in every block (``field_mode="cross_attention"``) or concatenated to the
+      input channels (``field_mode="concat"``).
+    - ``cond_mode``: how t and the class reach the blocks: ``"adaln"`` (adaLN-Zero, the paper's
+      best), ``"cross_attention"`` (as two extra tokens attended by every block) or
+      ``"in_context"`` (as two extra tokens appended to the sequence); the paper's ablation.
+    """
+
+    def __init__(
+        self,
+        input_size: int | Sequence[int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        num_params: int = 0,
+        param_dropout_prob: float = 0.1,
+        cond_channels: int = 0,
+        field_mode: str = "cross_attention",
+        cond_mode: str = "adaln",
+    ):
+        super().__init__()
+        self.input_size = as_pair(input_size)
+        for side in self.input_size:
+            if side % patch_size:
+                raise ValueError(f"input size {side} is not divisible by patch size {patch_size}")
+        if cond_mode not in ("adaln", "cross_attention", "in_context"):
+            raise ValueError(f"cond_mode must be 'adaln', 'cross_attention' or 'in_context', got {cond_mode!r}")
+        if field_mode not in ("cross_attention", "concat"):
+            raise ValueError(f"field_mode must be 'cross_attention' or 'concat', got {field_mode!r}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.cond_mode = cond_mode
+        self.field_mode = field_mode if cond_channels else None
+        self.cond_channels = cond_channels
+        self.grid_size = (self.input_size[0] // patch_size, self.input_size[1] // patch_size)
+
+        embed_channels = in_channels + (cond_channels if self.field_mode == "concat" else 0)
+        self.x_embedder = PatchEmbed(patch_size, embed_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if num_classes > 0:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.cond = ConditionEmbedders(
+            hidden_size, patch_size, num_params=num_params, param_dropout_prob=param_dropout_prob,
+            field_channels=cond_channels if self.field_mode == "cross_attention" else 0, grid_size=self.grid_size,
+        )
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        # Fixed sin-cos embedding; a buffer-like Parameter so the state dict holds "pos_embed" as officially.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+
+        cross = self.field_mode == "cross_attention" or cond_mode == "cross_attention"
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, cross_attention=cross) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        self.pos_embed.data.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
+        # Patch embedding initialised like a Linear layer (xavier on the flattened kernel).
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        if self.num_classes > 0:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        self.cond.initialize_weights()
+        # adaLN-Zero: every block and the output layer start at zero.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p·p·C) -> (B, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h, w = self.grid_size
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        params: torch.Tensor | None = None,
+        field: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) noisy input; t: (B,) network time; y: (B,) labels (``num_classes`` = null);
+        params: (B, P) continuous parameters; field: (B, C_cond, H, W) spatial conditioning.
+        ``force_drop_ids`` (B,) with 1 where all conditioning is replaced by its null (for guidance)."""
+        if x.shape[-2:] != self.input_size:
+            raise ValueError(f"input of spatial size {tuple(x.shape[-2:])}, model built for {self.input_size}")
+        if self.field_mode == "concat":
+            x = torch.cat([x, field.to(x.dtype)], dim=1)
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        t_emb = self.t_embedder(t)  # (B, D)
+        y_emb = self.y_embedder(y, self.training, force_drop_ids) if self.num_classes > 0 else None
+        p_emb = self.cond.embed_params(params, self.training, force_drop_ids)
+        context = self.cond.embed_field(field, self.training, force_drop_ids) if self.field_mode == "cross_attention" else None
+        c = self.cond.combine(t_emb, y_emb, p_emb)  # (B, D)
+
+        n_extra = 0
+        if self.cond_mode != "adaln":
+            # t and class as tokens; the adaLN modulation then sees no conditioning (c = 0).
+            extra = torch.stack([t_emb, y_emb if y_emb is not None else torch.zeros_like(t_emb)], dim=1)  # (B, 2, D)
+            if p_emb is not None:
+                extra = torch.cat([extra, p_emb.unsqueeze(1)], dim=1)
+            c = torch.zeros_like(c)
+            if self.cond_mode == "in_context":
+                tokens = torch.cat([tokens, extra], dim=1)
+                n_extra = extra.shape[1]
+            else:
+                context = extra if context is None else torch.cat([context, extra], dim=1)
+
+        for block in self.blocks:
+            tokens = block(tokens, c, context)
+        if n_extra:
+            tokens = tokens[:, :-n_extra]
+        return self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guided_channels: int | None = 3
+    ) -> torch.Tensor:
+        """The official guided forward: the batch holds [cond; uncond] halves with the same x.
+        ε = ε_u + s (ε_c − ε_u) on the first ``guided_channels`` channels (3, as the official code
+        does; ``None`` for all of the predicted channels); the rest (learned variance) is the
+        conditional half's."""
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        k = self.in_channels if guided_channels is None else guided_channels
+        eps, rest = model_out[:, :k], model_out[:, k:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+#################################################################################
+#                                  DiT configs                                   #
+#################################################################################
+
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
+def _variant(size: str, patch: int) -> Callable[..., DiT]:
+    depth, hidden, heads = _SIZES[size]
+
+    def build(**kwargs) -> DiT:
+        return DiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
+
+    build.__name__ = f"DiT_{size}_{patch}"
+    build.__doc__ = f"DiT-{size}/{patch}: depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
+    return build
+
+
+DiT_models: dict[str, Callable[..., DiT]] = {
+    f"DiT-{size}/{patch}": _variant(size, patch) for size in _SIZES for patch in (2, 4, 8)
+}
+DiT_XL_2, DiT_XL_4, DiT_XL_8 = (DiT_models[f"DiT-XL/{p}"] for p in (2, 4, 8))
+DiT_L_2, DiT_L_4, DiT_L_8 = (DiT_models[f"DiT-L/{p}"] for p in (2, 4, 8))
+DiT_B_2, DiT_B_4, DiT_B_8 = (DiT_models[f"DiT-B/{p}"] for p in (2, 4, 8))
+DiT_S_2, DiT_S_4, DiT_S_8 = (DiT_models[f"DiT-S/{p}"] for p in (2, 4, 8))
+
+
+def build_model(name: str, **kwargs) -> DiT:
+    """A named variant, or ``"custom"`` with depth/hidden_size/num_heads/patch_size in kwargs."""
+    if name == "custom":
+        return DiT(**kwargs)
+    if name not in DiT_models:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(DiT_models)}, custom")
+    return DiT_models[name](**kwargs)

@@ -1,0 +1,19 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """What the official DiT code (facebookresearch/DiT @ ed81ce2) computes, float32 on the CPU."""
+    return torch.load(FIXTURES / "official_dit_reference.pt", weights_only=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
