@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ditkit.models.conditioning import ConditionEmbedders, CrossAttention
 from ditkit.models.pos_embed import sincos_2d_pos_embed
@@ -255,6 +256,7 @@ class DiT(nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, cross_attention=cross) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -329,7 +331,10 @@ class DiT(nn.Module):
                 context = extra if context is None else torch.cat([context, extra], dim=1)
 
         for block in self.blocks:
-            tokens = block(tokens, c, context)
+            if self.activation_checkpointing and self.training:
+                tokens = checkpoint(block, tokens, c, context, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, context)
         if n_extra:
             tokens = tokens[:, :-n_extra]
         return self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)

@@ -1,0 +1,239 @@
+"""One config object for a run, validated once at load.
+
+A run is described by YAML (the format of fast-DiT, SiT's successors and most PyTorch research
+code: nested, typed, commentable, diffable), filled into these dataclasses.  The command line
+overrides any field with ``--set section.field=value``; the resolved config is written beside the
+checkpoints and stored inside them, so a checkpoint alone says how to sample from it.
+"""
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-XL/2"  # a DiT_models name, or "custom" (then depth/hidden_size/num_heads/patch_size)
+    input_size: Any = 32  # int or [H, W] (latent or pixel grid the network sees)
+    in_channels: int = 4
+    num_classes: int = 1000  # 0: unconditional
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
+    num_params: int = 0
+    param_dropout_prob: float = 0.1
+    cond_channels: int = 0
+    field_mode: str = "cross_attention"
+    cond_mode: str = "adaln"
+
+    def kwargs(self) -> dict:
+        """Constructor keyword arguments for ``build_model(self.name, **kwargs)``."""
+        kw = {k: v for k, v in asdict(self).items() if k != "name" and v is not None}
+        if self.name != "custom":
+            for k in ("depth", "hidden_size", "num_heads", "patch_size"):
+                if kw.pop(k, None) is not None:
+                    raise ConfigError(f"model.{k} is set by the variant {self.name}; use model.name=custom to choose it")
+        return kw
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "ddpm"  # ddpm | flow
+    # DDPM (the official DiT diffusion)
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    # flow matching / rectified flow (t = 0 noise, t = 1 data)
+    path: str = "linear"  # linear | gvp | vp
+    prediction: str = "velocity"  # velocity | noise | score
+    time_sampling: str = "uniform"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    kind: str = "latents"  # digits | images | latents | fields
+    path: str | None = None
+    labels_file: str | None = None
+    image_size: int = 256
+    flip: bool = True
+    num_workers: int = 4
+    log_transform: list = field(default_factory=list)  # fields: channels to log-transform
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000
+    global_batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0: off (the official recipe); 1.0 is the seeds' advice
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay_t = min(decay, (1 + t) / (10 + t)), for short runs
+    precision: str = "auto"  # auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+    distributed: str = "ddp"  # ddp | fsdp (when launched with torchrun)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_last: int = 3
+    sample_every: int = 0  # 0: off
+    max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
+    vae: str | None = None  # local VAE for sample grids of latent runs
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddpm"  # ddpm | ddim | euler | heun | dopri5 | sde
+    steps: int = 250
+    cfg_scale: float = 1.0
+    guided_channels: int | None = None  # None: all predicted channels (3 = the official code)
+    guidance_interval: list | None = None  # [a, b] on the noise level
+    eta: float = 0.0
+    use_ema: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> "Config":
+        checks = [
+            (self.objective.name in ("ddpm", "flow"), "objective.name", "ddpm or flow"),
+            (self.data.kind in ("digits", "images", "latents", "fields"), "data.kind", "digits, images, latents or fields"),
+            (self.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto, fp32, bf16 or fp16"),
+            (self.train.distributed in ("ddp", "fsdp"), "train.distributed", "ddp or fsdp"),
+            (self.sample.sampler in ("ddpm", "ddim", "euler", "heun", "dopri5", "sde"), "sample.sampler",
+             "ddpm, ddim, euler, heun, dopri5 or sde"),
+            (self.train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),
+            (self.train.grad_accum > 0, "train.grad_accum", "a positive integer"),
+            (self.train.steps >= 0, "train.steps", "a non-negative integer"),
+            (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay", "in [0, 1)"),
+            (self.train.lr > 0, "train.lr", "positive"),
+        ]
+        for ok, name, what in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {what}, got {_get(self, name)!r}")
+        self.model.kwargs()
+        return self
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _check_type(value: Any, annotation: Any, name: str) -> Any:
+    """Coerce ints to floats where a float is expected; reject everything else that mismatches."""
+    hint = eval(annotation, vars(typing) | {"Any": Any}) if isinstance(annotation, str) else annotation
+    if hint is Any:
+        return value
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    for opt in options:
+        if opt is type(None) and value is None:
+            return None
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt in (str, bool, list) and isinstance(value, opt):
+            return value
+    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ConfigError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(data: dict, base: Config | None = None) -> Config:
+    """Fill a Config from nested dicts; unknown sections or keys and wrong types are errors."""
+    cfg = base or Config()
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    sections = {f.name: f for f in fields(Config)}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r}; sections are {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        target = getattr(cfg, section)
+        known = {f.name: f for f in fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(known)}")
+            setattr(target, key, _check_type(value, known[key].type, f"{section}.{key}"))
+    return cfg
+
+
+def parse_override(text: str) -> dict:
+    """``section.key=value`` (value parsed as YAML) -> {section: {key: value}}."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    return {section: {key: yaml.safe_load(raw)}}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("ditkit.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Preset (packaged YAML), then a user YAML file, then ``section.key=value`` overrides."""
+    cfg = Config()
+    if preset is not None:
+        if preset not in preset_names():
+            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
+        cfg = from_dict(yaml.safe_load(resources.files("ditkit.presets").joinpath(f"{preset}.yaml").read_text()), cfg)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        cfg = from_dict(data, cfg)
+    for text in overrides:
+        cfg = from_dict(parse_override(text), cfg)
+    return cfg.validate()
+
+
+def config_from_checkpoint(data: dict) -> Config:
+    """The resolved config stored in a checkpoint (keys unknown to this version are an error)."""
+    return from_dict(data).validate()
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from ditkit.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "ObjectiveConfig", "SampleConfig", "TrainConfig",
+    "config_from_checkpoint", "from_dict", "load_config", "parse_override", "preset_names", "save_config",
+]

@@ -1,0 +1,59 @@
+"""Which samples each process sees at each step, as a pure function of (seed, step).
+
+The global batch of a step is split into ``world_size × grad_accum`` shards; rank r takes shards
+r·A … r·A + A − 1.  Because the split depends only on the step, a 2-process run and a 1-process
+run with 2 accumulation steps see the same samples in the same shards, and a resumed run
+continues exactly where the interrupted one stopped (no sampler state to save).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def step_seed(seed: int, step: int, shard: int) -> int:
+    """A distinct 63-bit seed for the random draws (noise, t, label dropout) of one shard."""
+    return ((seed * 1_000_003 + step) * 4099 + shard) % (2**63 - 1)
+
+
+class ShardBatchSampler:
+    """Yields the index lists of this rank's micro-batches, step after step, from ``start_step``.
+
+    Epoch e is a permutation of the ``num_samples`` indices seeded by (seed, e); with ``views=2``
+    index i + n stands for the flipped view of sample i (the flip is part of the sample's identity,
+    so augmentation is reproducible too).  The last incomplete global batch of an epoch is dropped.
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, rank: int = 0, world_size: int = 1,
+                 grad_accum: int = 1, seed: int = 0, start_step: int = 0, views: int = 1):
+        shards = world_size * grad_accum
+        if global_batch_size % shards:
+            raise ValueError(f"global batch size {global_batch_size} is not divisible by "
+                             f"world size × grad_accum = {world_size} × {grad_accum}")
+        self.n = num_samples * views
+        if self.n < global_batch_size:
+            raise ValueError(f"dataset of {self.n} samples is smaller than the global batch size {global_batch_size}")
+        self.global_batch_size = global_batch_size
+        self.micro = global_batch_size // shards
+        self.first_shard = rank * grad_accum
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.step = start_step
+        self.steps_per_epoch = self.n // global_batch_size
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(step_seed(self.seed, epoch, 7919))
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, perm = -1, None
+        while True:
+            e, offset = divmod(self.step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, perm = e, self._permutation(e)
+            start = offset * self.global_batch_size
+            for m in range(self.grad_accum):
+                lo = start + (self.first_shard + m) * self.micro
+                yield perm[lo: lo + self.micro].tolist()
+            self.step += 1

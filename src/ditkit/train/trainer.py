@@ -1,0 +1,317 @@
+"""The training loop: one process or many (torchrun, DDP or FSDP), AdamW, warmup, clipping,
+accumulation, EMA, bf16/fp16, non-finite steps skipped on the device, atomic checkpoints, exact
+resume, TensorBoard and sample grids.  The hot path is ``train_step``."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ditkit.config import Config, ConfigError, save_config
+from ditkit.data import build_dataset, split_batch
+from ditkit.data.sampler import ShardBatchSampler, step_seed
+from ditkit.models.dit import build_model
+from ditkit.objectives import build_objective
+from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
+from ditkit.train.ema import ema_decay_at, update_ema
+
+log = logging.getLogger("ditkit.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the last good checkpoint is kept."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warmup from 0 to ``base_lr`` over ``warmup_steps``, then constant (the DiT recipe)."""
+    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+
+
+def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg: Config, amp_dtype, scaler,
+               device: torch.device, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches.  Returns (mean loss, grad norm) as
+    device tensors; nothing here waits for the device.  A non-finite gradient makes the fused
+    AdamW skip the update on the device (``found_inf``), as a GradScaler would."""
+    accum = len(micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for m, batch in enumerate(micro_batches):
+        torch.manual_seed(step_seed(cfg.train.seed, step, shard0 + m))  # noise, t, label drop of this shard
+        x0, model_kwargs = split_batch(batch, device)
+        sync = nullcontext() if m == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = objective.loss(model, x0, model_kwargs)["loss"].mean() / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(opt)
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.found_inf = (~torch.isfinite(grad_norm)).float()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def _make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                             weight_decay=cfg.train.weight_decay, fused=True)
+
+
+def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool = False) -> nn.Module:
+    """DDP for the trained model; FSDP2 (``fully_shard`` per block, then the root) shards the
+    model and, identically, its EMA so that the EMA update is shard-by-shard."""
+    if not info.enabled or (ema and cfg.train.distributed != "fsdp"):
+        return model
+    if cfg.train.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def _full_state_dict(model: nn.Module, cfg: Config, info: DistInfo) -> dict:
+    """The unsharded state dict (gathered on every rank for FSDP, used on rank 0)."""
+    if info.enabled and cfg.train.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _optimizer_state(model: nn.Module, opt, cfg: Config, info: DistInfo) -> dict:
+    if info.enabled and cfg.train.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def _load_optimizer_state(model: nn.Module, opt, state: dict, cfg: Config, info: DistInfo) -> None:
+    if info.enabled and cfg.train.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
+    for section in ("model", "objective"):
+        if saved.get(section) != cfg.to_dict()[section]:
+            raise ConfigError(f"cannot resume from {path}: its {section} config differs from this run's")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a crash the log may run past the checkpoint; drop the lines the resumed run redoes."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | None = None,
+          init_from: str | None = None, stop_after: int | None = None) -> dict:
+    """Train ``cfg`` into ``run_dir`` (checkpoints/, config.yaml, metrics.jsonl, tb/, samples/).
+
+    ``resume``: continue from ``run_dir/checkpoints/last.pt`` bit-for-bit as if never stopped.
+    ``init_from``: start from another checkpoint's weights (e.g. an official DiT one);
+    ``stop_after``: end this process after that many steps (for tests of interruption)."""
+    run_dir = Path(run_dir)
+    info = setup_distributed(device)
+    dev = info.device
+    ckpt_dir = run_dir / "checkpoints"
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.name, **cfg.model.kwargs()).to(dev)
+    objective = build_objective(cfg)
+    start_step, extra = 0, {}
+    state = None
+    if resume and (ckpt_dir / "last.pt").exists():
+        path = (ckpt_dir / "last.pt").resolve()
+        state = load_checkpoint(path)
+        _check_resume_config(state["config"], cfg, path)
+        model.load_state_dict(state["model"])
+        start_step = int(state["step"])
+        extra = state.get("extra", {})
+        log.info(f"resuming from {path} at step {start_step}")
+    elif resume:
+        log.info(f"no checkpoint in {ckpt_dir}; starting a new run")
+    elif list_checkpoints(ckpt_dir):
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or choose another --run-dir")
+    elif init_from:
+        from ditkit.checkpoints import load_weights_for_finetune
+
+        load_weights_for_finetune(model, init_from, log)
+
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+    if cfg.train.activation_checkpointing:
+        model.activation_checkpointing = True
+    model.train()
+    ema.eval()
+    train_model = _wrap_distributed(model, cfg, info)
+    _wrap_distributed(ema, cfg, info, ema=True)
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    opt = _make_optimizer(train_model, cfg, dev)
+    amp_dtype = autocast_dtype(cfg.train.precision, dev)
+    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
+    if state is not None:
+        _load_optimizer_state(train_model, opt, state["opt"], cfg, info)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+    step_model = torch.compile(train_model) if cfg.train.compile else train_model
+
+    dataset = build_dataset(cfg)
+    views = 2 if cfg.data.flip and getattr(dataset, "supports_flip_views", False) else 1
+    sampler = ShardBatchSampler(len(dataset) // views, cfg.train.global_batch_size, info.rank, info.world_size,
+                                cfg.train.grad_accum, cfg.train.seed, start_step, views=views)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=dev.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    batches = iter(loader)
+
+    writer = None
+    metrics_path = run_dir / "metrics.jsonl"
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _truncate_metrics(metrics_path, start_step)
+        writer = _tensorboard(run_dir)
+    fixed = _fixed_sampling_inputs(cfg, dataset, dev) if cfg.train.sample_every and info.is_main else None
+
+    end_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, start_step + stop_after)
+    consecutive_bad = torch.zeros((), device=dev)
+    worst_run = torch.zeros((), device=dev)
+    bad_acc = torch.zeros((), device=dev)
+    nonfinite_total = int(extra.get("nonfinite_total", 0))
+    loss_acc = torch.zeros((), device=dev)
+    norm_acc = torch.zeros((), device=dev)
+    n_acc, t_last = 0, time.perf_counter()
+    bar = tqdm(total=end_step, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+
+    def checkpoint(step: int) -> None:
+        ema_sd = _full_state_dict(ema, cfg, info)
+        st = {"model": _full_state_dict(model, cfg, info), "ema": ema_sd, "opt": _optimizer_state(train_model, opt, cfg, info),
+              "step": step, "config": cfg.to_dict(), "extra": {"nonfinite_total": nonfinite_total}}
+        if scaler is not None:
+            st["scaler"] = scaler.state_dict()
+        if info.is_main:
+            save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last)
+        barrier(info)
+
+    step = start_step
+    for step in range(start_step, end_step):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.train.lr, cfg.train.warmup_steps)
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        loss, grad_norm = train_step(step_model, objective, opt, micro, step, info.rank * cfg.train.grad_accum,
+                                     cfg, amp_dtype, scaler, dev, params)
+        update_ema(ema, model, ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup))
+        bad = ~torch.isfinite(grad_norm)
+        consecutive_bad = torch.where(bad, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
+        worst_run = torch.maximum(worst_run, consecutive_bad)
+        loss_acc += torch.where(bad, torch.zeros_like(loss), loss)
+        norm_acc += torch.where(bad, torch.zeros_like(grad_norm), grad_norm)
+        bad_acc += bad.float()
+        n_acc += 1
+        bar.update(1)
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == end_step:
+            # The one host read per logging interval.  The gradient norm (hence 'bad') is the same
+            # on every rank after the all-reduce, so only the loss differs between ranks.
+            stats = mean_over_ranks(torch.stack([loss_acc, norm_acc, bad_acc, worst_run]), info).tolist()
+            n_bad, worst = int(round(stats[2])), int(round(stats[3]))
+            good = max(n_acc - n_bad, 1)
+            elapsed = time.perf_counter() - t_last
+            record = {"step": done, "loss": stats[0] / good, "grad_norm": stats[1] / good,
+                      "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed}
+            if dev.type == "cuda":
+                record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            if n_bad:
+                nonfinite_total += n_bad
+                log.warning(f"step {done}: {n_bad} non-finite step(s) skipped (total {nonfinite_total})")
+            if info.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, done)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if worst >= cfg.train.max_nonfinite:
+                bar.close()
+                cleanup(info)
+                raise TrainingStopped(f"{worst} consecutive non-finite steps by step {done}; "
+                                      f"stopped with the last good checkpoint in {ckpt_dir} intact")
+            for acc in (loss_acc, norm_acc, bad_acc, worst_run):
+                acc.zero_()
+            n_acc, t_last = 0, time.perf_counter()
+        if done % cfg.train.ckpt_every == 0 or done == end_step:
+            checkpoint(done)
+        if fixed is not None and done % cfg.train.sample_every == 0:
+            _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    cleanup(info)
+    return {"step": end_step if end_step > start_step else start_step, "run_dir": str(run_dir)}
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: scalars go to metrics.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
+    """The same noise and labels at every sample grid, so grids show progress, not luck."""
+    from ditkit.sampling import grid_labels
+
+    g = torch.Generator().manual_seed(cfg.train.seed + 12345)
+    labels = grid_labels(cfg.model.num_classes, per_class=8 if cfg.model.num_classes <= 16 else 1, max_total=64)
+    shape = (len(labels), cfg.model.in_channels, *_pair(cfg.model.input_size))
+    return {"noise": torch.randn(shape, generator=g).to(dev), "labels": labels.to(dev)}
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _write_sample_grid(ema, objective, cfg: Config, fixed: dict, path: Path, writer, step: int) -> None:
+    from ditkit.sampling import generate, save_sample_grid
+
+    kwargs = {"y": fixed["labels"]} if cfg.model.num_classes > 0 else {}
+    x, _ = generate(ema, objective, fixed["noise"], kwargs, cfg.sample, progress=False)
+    image = save_sample_grid(x, cfg, path, nrow=8)
+    if writer is not None and image is not None:
+        writer.add_image("samples", image, step, dataformats="HWC")

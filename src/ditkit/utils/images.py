@@ -1,0 +1,32 @@
+"""Pictures: tensors in [-1, 1] to uint8, and sample grids as PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ditkit.utils.io import atomic_write
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (one channel is repeated to three)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x[:, :3].permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int, scale: int = 1, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one PNG of ceil(N / nrow) rows, each image upscaled ×``scale``."""
+    n, h, w, _ = images.shape
+    rows = -(-n // nrow)
+    H, W = h * scale + pad, w * scale + pad
+    canvas = np.full((rows * H + pad, nrow * W + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        big = img.repeat(scale, axis=0).repeat(scale, axis=1)
+        canvas[pad + r * H: pad + r * H + h * scale, pad + c * W: pad + c * W + w * scale] = big
+    atomic_write(path, lambda tmp: Image.fromarray(canvas).save(tmp, format="PNG"))
+    return canvas  # (rows·H, nrow·W, 3)
