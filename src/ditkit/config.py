@@ -7,6 +7,7 @@ checkpoints and stored inside them, so a checkpoint alone says how to sample fro
 """
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -160,6 +164,8 @@ def _check_type(value: Any, annotation: Any, name: str) -> Any:
             return None
         if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if opt is float and isinstance(value, str) and _FLOAT_RE.match(value):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if opt is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if opt in (str, bool, list) and isinstance(value, opt):

@@ -11,6 +11,7 @@ from torch import nn
 from ditkit.config import Config, SampleConfig
 from ditkit.guidance import NFECounter, conditional_fn, guided_fn
 from ditkit.utils.images import save_grid, to_uint8
+from ditkit.utils.io import atomic_save_npz
 
 
 def grid_labels(num_classes: int, per_class: int, max_total: int | None = None) -> torch.Tensor:
@@ -44,3 +45,88 @@ def save_sample_grid(x: torch.Tensor, cfg: Config, path: Path, nrow: int) -> np.
     images = to_uint8(x)
     scale = max(1, 64 // images.shape[1])
     return save_grid(images, path, nrow=nrow, scale=scale)
+
+
+#################################################################################
+#            Many samples on many processes, resumable, into one .npz            #
+#################################################################################
+
+
+def sample_noise(indices: range, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Noise of global sample i drawn from its own seed: the same whatever the batch or world size."""
+    from ditkit.data.sampler import step_seed
+
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(step_seed(seed, i, 1))) for i in indices])
+
+
+def sample_labels(indices: range, num_classes: int, mode: str | list[int], seed: int) -> torch.Tensor:
+    """'balanced' (i mod K), 'random' (uniform, seeded per sample) or a given list cycled."""
+    from ditkit.data.sampler import step_seed
+
+    if isinstance(mode, list):
+        return torch.tensor([mode[i % len(mode)] for i in indices], dtype=torch.long)
+    if mode == "balanced":
+        return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
+    if mode == "random":
+        return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(step_seed(seed, i, 2))))
+                             for i in indices], dtype=torch.long)
+    raise ValueError(f"labels must be 'balanced', 'random' or a list of class ids, got {mode!r}")
+
+
+def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, out_dir: str | Path, batch_size: int,
+                  seed: int = 0, labels: str | list[int] = "balanced", decode=None, rank: int = 0, world_size: int = 1,
+                  device: torch.device = torch.device("cpu"), progress: bool = True) -> Path | None:
+    """Sample ``num_samples`` into ``out_dir/samples.npz`` (ADM format: ``arr_0`` uint8 N×H×W×3,
+    ``arr_1`` labels; pixel-space and field runs also keep the raw float ``samples``).
+
+    Batch b holds samples [b·B, (b+1)·B); rank r does batches r, r+W, …, each written atomically to
+    ``parts/``.  An interrupted run resumes by skipping finished parts; rank 0 merges them in
+    order and checks that every index is present exactly once.  ``decode(x) -> (uint8, raw)``."""
+    from tqdm import tqdm
+
+    from ditkit.data.sampler import step_seed
+
+    out_dir = Path(out_dir)
+    parts = out_dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    shape = (cfg.model.in_channels, *((cfg.model.input_size,) * 2 if isinstance(cfg.model.input_size, int) else cfg.model.input_size))
+    n_batches = -(-num_samples // batch_size)
+    mine = [b for b in range(rank, n_batches, world_size) if not (parts / f"part_{b:06d}.npz").exists()]
+    conditional = cfg.model.num_classes > 0
+    bar = tqdm(total=n_batches, initial=n_batches - len(mine) * world_size, desc="sample", disable=not progress or rank != 0,
+               dynamic_ncols=True, unit="batch")
+    for b in mine:
+        idx = range(b * batch_size, min((b + 1) * batch_size, num_samples))
+        torch.manual_seed(step_seed(seed, b, 3))  # the sampler's own noise (DDPM, SDE) for this batch
+        noise = sample_noise(idx, shape, seed).to(device)
+        y = sample_labels(idx, cfg.model.num_classes, labels, seed) if conditional else torch.zeros(len(idx), dtype=torch.long)
+        kwargs = {"y": y.to(device)} if conditional else {}
+        x, _ = generate(model, objective, noise, kwargs, cfg.sample, progress=False)
+        images, raw = decode(x) if decode is not None else (to_uint8(x), x.float().cpu().numpy())
+        arrays = {"index": np.asarray(idx, dtype=np.int64), "arr_0": images, "arr_1": y.numpy()}
+        if raw is not None:
+            arrays["samples"] = raw
+        atomic_save_npz(parts / f"part_{b:06d}.npz", **arrays)
+        bar.update(world_size)
+    bar.close()
+    if rank != 0:
+        return None
+    return merge_parts(out_dir, num_samples, n_batches)
+
+
+def merge_parts(out_dir: Path, num_samples: int, n_batches: int) -> Path:
+    parts = out_dir / "parts"
+    missing = [b for b in range(n_batches) if not (parts / f"part_{b:06d}.npz").exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} sample parts are missing in {parts} (first: part_{missing[0]:06d}.npz); "
+                           "run the same command again to finish them")
+    loaded = [np.load(parts / f"part_{b:06d}.npz") for b in range(n_batches)]
+    index = np.concatenate([p["index"] for p in loaded])
+    if not np.array_equal(index, np.arange(num_samples)):
+        raise RuntimeError(f"sample parts in {parts} do not cover 0..{num_samples - 1} exactly once")
+    merged = {"arr_0": np.concatenate([p["arr_0"] for p in loaded]), "arr_1": np.concatenate([p["arr_1"] for p in loaded])}
+    if "samples" in loaded[0]:
+        merged["samples"] = np.concatenate([p["samples"] for p in loaded])
+    path = out_dir / "samples.npz"
+    atomic_save_npz(path, **merged)
+    return path

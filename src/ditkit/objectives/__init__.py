@@ -7,3 +7,17 @@
 ``model`` is any network ``model(x_t, t_net, **model_kwargs)``; ``model_fn(x, t_net)`` is such a
 network with its conditioning (and guidance) bound.  The network never sees which objective it serves.
 """
+def build_objective(cfg):
+    """The objective a run's config names (``cfg.objective``), for its model (``cfg.model``)."""
+    o = cfg.objective
+    if o.name == "ddpm":
+        from ditkit.objectives.ddpm import create_ddpm
+
+        return create_ddpm(noise_schedule=o.noise_schedule, learn_sigma=cfg.model.learn_sigma,
+                           diffusion_steps=o.diffusion_steps)
+    if o.name == "flow":
+        from ditkit.objectives.flow import FlowMatching
+
+        return FlowMatching(path=o.path, prediction=o.prediction, time_sampling=o.time_sampling,
+                            logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift)
+    raise ValueError(f"unknown objective {o.name!r}; known: ddpm, flow")

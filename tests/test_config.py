@@ -1,0 +1,41 @@
+"""The config: presets load, overrides apply, and every bad value fails at load naming its field."""
+import pytest
+
+from ditkit.config import ConfigError, load_config, preset_names
+
+
+def test_presets_load_and_validate():
+    assert {"digits", "imagenet256", "imagenet512"} <= set(preset_names())
+    for name in preset_names():
+        load_config(name)
+
+
+def test_override_applies_with_type_coercion():
+    cfg = load_config("digits", overrides=["train.lr=3e-4", "train.steps=10", "objective.name=flow"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.steps == 10 and cfg.objective.name == "flow"
+    assert isinstance(load_config("digits", overrides=["train.lr=1"]).train.lr, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=fast", "train.lr must be float"),
+    ("train.steps=1.5", "train.steps must be int"),
+    ("train.batch=3", "unknown config key train.batch"),
+    ("trainer.lr=3", "unknown config section 'trainer'"),
+    ("objective.name=score", "objective.name must be ddpm or flow"),
+    ("model.depth=3", "model.depth is set by the variant"),
+    ("train.precision=fp8", "train.precision must be"),
+    ("lr=3", "is not of the form section.key=value"),
+])
+def test_bad_values_name_the_field(override, message):
+    overrides = [override] if override != "model.depth=3" else ["model.name=DiT-S/2", override]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("digits", overrides=overrides)
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {lr: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(path=path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(path=tmp_path / "missing.yaml")
