@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from ditkit.models.pos_embed import sincos_2d_pos_embed
+from ditkit.utils.io import atomic_write
 
 StateDict = dict[str, torch.Tensor]
 
@@ -34,31 +34,6 @@ class StateDictMismatchError(ValueError):
 
 def _is_safetensors(path: str | os.PathLike) -> bool:
     return Path(path).suffix == ".safetensors"
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` a temporary file next to ``path``, flush it to disk, then rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private to their writer
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _unshared(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -84,11 +59,11 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         from safetensors.torch import save_file
 
         tensors = _unshared(state_dict)
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata) if metadata else None))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata) if metadata else None))
     else:
         if metadata:
             raise ValueError(f"{path}: metadata can only be stored in a .safetensors file")
-        _atomic_write(path, lambda tmp: torch.save(dict(state_dict), tmp))
+        atomic_write(path, lambda tmp: torch.save(dict(state_dict), tmp))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

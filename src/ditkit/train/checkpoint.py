@@ -9,13 +9,10 @@ from pathlib import Path
 
 import torch
 
+from ditkit.interop.formats import CheckpointError
 from ditkit.utils.io import atomic_write
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit; the message names the file."""
 
 
 def save_checkpoint(state: dict, ckpt_dir: Path, step: int, keep_last: int) -> Path:

@@ -224,6 +224,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
             st["scaler"] = scaler.state_dict()
         if info.is_main:
             save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last)
+            if step == end_step:
+                export_ema(ema_sd, model, run_dir / "ema.safetensors")
         barrier(info)
 
     step = start_step
@@ -282,6 +284,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         writer.close()
     cleanup(info)
     return {"step": end_step if end_step > start_step else start_step, "run_dir": str(run_dir)}
+
+
+def export_ema(ema_state: dict, model: nn.Module, path: Path) -> None:
+    """The EMA weights as safetensors with the model's constructor arguments in the header
+    (``ditkit.interop.load_pretrained`` reads it; so does ``ditkit sample --ckpt``)."""
+    from ditkit.interop import save_state_dict
+    from ditkit.interop.official import model_config
+
+    save_state_dict(ema_state, path, metadata={"ditkit_config": json.dumps(model_config(model))})
 
 
 def _tensorboard(run_dir: Path):

@@ -1,0 +1,150 @@
+"""The training loop on the CPU: exact resume after a real kill -9, 2-process DDP/FSDP equal to
+1 process with the same global batch, non-finite steps skipped, warmup and EMA."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditkit.config import load_config
+from ditkit.train.checkpoint import load_checkpoint
+from ditkit.train.ema import ema_decay_at
+from ditkit.train.trainer import TrainingStopped, lr_at, train
+
+TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "train.global_batch_size=16",
+        "train.log_every=1", "train.warmup_steps=3", "train.ema_decay=0.9"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+
+
+def ditkit(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "ditkit", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def torchrun(nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           "-m", "ditkit", *args]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def overrides(*extra):
+    return [a for o in (*TINY, *extra) for a in ("--set", o)]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def final_weights(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "last.pt")
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
+    steps = 40
+    ref = ditkit("train", "--preset", "digits", "--run-dir", str(tmp_path / "ref"), "--steps", str(steps),
+                 *overrides("train.ckpt_every=5"))
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()[-2000:]
+
+    run = tmp_path / "killed"
+    proc = ditkit("train", "--preset", "digits", "--run-dir", str(run), "--steps", str(steps),
+                  *overrides("train.ckpt_every=5"))
+    first = run / "checkpoints" / "ckpt_00000005.pt"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = int(load_checkpoint(run / "checkpoints" / "last.pt")["step"])
+    assert 5 <= killed_at < steps
+
+    resumed = ditkit("train", "--preset", "digits", "--run-dir", str(run), "--steps", str(steps), "--resume",
+                     *overrides("train.ckpt_every=5"))
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-2000:]
+    assert f"resuming from" in out and f"at step {killed_at}" in out
+
+    assert losses(run) == losses(tmp_path / "ref")  # every step's loss, bit for bit
+    a, b = final_weights(run), final_weights(tmp_path / "ref")
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    assert (run / "ema.safetensors").exists()
+
+
+def test_existing_run_needs_resume_flag(tmp_path):
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=1"])
+    train(cfg, tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(cfg, tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, mode):
+    common = ["train", "--preset", "digits", "--steps", "4", "--device", "cpu"]
+    torchrun(2, *common, "--run-dir", str(tmp_path / "two"), *overrides(f"train.distributed={mode}"))
+    one = ditkit(*common, "--run-dir", str(tmp_path / "one"), *overrides("train.grad_accum=2"))
+    assert one.wait(timeout=300) == 0, one.stdout.read()[-2000:]
+    a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    for part in ("model", "ema"):
+        for k in b[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
+    assert a["step"] == b["step"] == 4
+
+
+class NaNAt:
+    """Wraps an objective so that the loss is NaN at chosen steps (counted by calls)."""
+
+    def __init__(self, inner, bad_calls):
+        self.inner, self.bad, self.calls = inner, set(bad_calls), 0
+
+    def loss(self, model, x0, kw):
+        out = self.inner.loss(model, x0, kw)
+        if self.calls in self.bad:
+            out = {**out, "loss": out["loss"] * float("nan")}
+        self.calls += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _patch_objective(monkeypatch, bad_calls):
+    import ditkit.train.trainer as trainer
+
+    real = trainer.build_objective
+    monkeypatch.setattr(trainer, "build_objective", lambda cfg: NaNAt(real(cfg), bad_calls))
+
+
+def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
+    _patch_objective(monkeypatch, {2})
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.ckpt_every=2"])
+    train(cfg, tmp_path / "a", device="cpu")
+    before = final_weights(tmp_path / "a")
+    cfg.train.steps = 3
+    train(cfg, tmp_path / "a", device="cpu", resume=True)  # call 2 is this run's first step: NaN
+    after = final_weights(tmp_path / "a")
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k]), k
+    assert int(after["extra"]["nonfinite_total"]) == 1
+    assert all(torch.isfinite(v).all() for v in after["model"].values())
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_last_good_checkpoint(tmp_path, monkeypatch):
+    _patch_objective(monkeypatch, set(range(4, 100)))
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=20", "train.ckpt_every=4", "train.max_nonfinite=3"])
+    with pytest.raises(TrainingStopped, match="consecutive non-finite"):
+        train(cfg, tmp_path, device="cpu")
+    good = final_weights(tmp_path)
+    assert good["step"] == 4 and all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_warmup_and_ema_schedules():
+    assert lr_at(0, 1e-3, 10) == pytest.approx(1e-4) and lr_at(9, 1e-3, 10) == pytest.approx(1e-3)
+    assert lr_at(50, 1e-3, 0) == 1e-3
+    assert ema_decay_at(0.9999, 0, warmup=True) == pytest.approx(0.1) and ema_decay_at(0.9999, 0, warmup=False) == 0.9999
