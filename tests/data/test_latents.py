@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 
 from ditkit.data.images import ImageDataset  # noqa: E402
-from ditkit.data.latents import LatentDataset, extract_latents, read_manifest  # noqa: E402
+from ditkit.data.latents import LatentDataset, build_latent_cache, extract_latents, read_manifest  # noqa: E402
 from ditkit.models.vae import SD_VAE_CONFIG, encode  # noqa: E402
 
 
@@ -107,6 +107,16 @@ def test_float16_cache_and_workers(vae, images, direct, tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
     z, y = next(iter(loader))
     assert z.shape == (2, 4, 2, 2) and y.tolist() == images.labels[:2]
+
+
+def test_build_latent_cache_from_paths(vae, images, direct, tmp_path):
+    """What `ditkit extract --data ... --vae ... --image-size 16` runs: a folder in, a cache out."""
+    vae.save_pretrained(tmp_path / "vae")
+    manifest = build_latent_cache(images.source, tmp_path / "vae", tmp_path / "cache", image_size=16,
+                                  device="cpu", dtype=torch.float32, shard_size=4, num_workers=0)
+    assert manifest["vae"] == str(tmp_path / "vae") and manifest["num_classes"] == 2
+    ds = LatentDataset(tmp_path / "cache", flip=False, sample_posterior=False)
+    torch.testing.assert_close(torch.stack([ds[i][0] for i in range(5)]), direct[0][:, 0], rtol=1e-4, atol=1e-5)
 
 
 class Counting(torch.utils.data.Dataset):

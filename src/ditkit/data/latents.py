@@ -16,6 +16,7 @@ interrupted extraction resumes by skipping the shards already there.  Shard k co
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,8 +24,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ditkit.data.images import sample_seed
-from ditkit.models.vae import LATENT_SCALE, encode
+from ditkit.data.images import ImageDataset, sample_seed
+from ditkit.models.vae import LATENT_SCALE, encode, load_vae
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "ditkit-latents-v1"
@@ -143,6 +146,32 @@ def extract_latents(
             "label": torch.cat(labels),
         }
         _write_atomic(out / s["name"], lambda p: save_file(tensors, str(p), metadata={"start": str(s["start"])}))
+    return manifest
+
+
+def build_latent_cache(
+    data: str | os.PathLike,
+    vae_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    image_size: int = 256,
+    labels_file: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    vae_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    **extract_kwargs,
+) -> dict:
+    """``ditkit extract``: images at ``data`` (ImageFolder or labels file) → latent cache at ``out_dir``.
+
+    The VAE runs in ``vae_dtype`` (float32 as the official DiT; bfloat16 is ~1.5× faster on an H100);
+    extract_kwargs go to ``extract_latents`` (shard_size, batch_size, num_workers, dtype, rank, ...).
+    """
+    dataset = ImageDataset(data, image_size, labels_file=labels_file, num_classes=num_classes, random_flip=False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(vae_path, device=device, dtype=vae_dtype)
+    manifest = extract_latents(dataset, vae, out_dir, vae_name=str(vae_path), **extract_kwargs)
+    if dataset.num_unreadable:
+        log.warning("%d unreadable images were replaced by their successors: %s", dataset.num_unreadable,
+                    ", ".join(dataset.unreadable_files()[:5]))
     return manifest
 
 
