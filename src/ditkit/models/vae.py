@@ -1,0 +1,149 @@
+"""The Stable Diffusion VAE (diffusers ``AutoencoderKL``) whose latent space DiT is trained in.
+
+A 256×256×3 image in [-1, 1] maps to a 32×32×4 latent; DiT works on z = 0.18215 · latent, the
+factor that brings SD latents to roughly unit variance (the same constant as the official DiT).
+Weights are never downloaded here: ``load_vae`` reads a local folder or file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+LATENT_SCALE = 0.18215
+
+# stabilityai/sd-vae-ft-ema and sd-vae-ft-mse share this config (and the original SD 1.x VAE):
+# 4 levels, ×8 downsampling, 4 latent channels, 83,653,863 parameters.
+SD_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=LATENT_SCALE,
+)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+_HOW_TO_GET = (
+    "download the diffusers VAE stabilityai/sd-vae-ft-ema (or sd-vae-ft-mse) from huggingface.co, e.g. "
+    "`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir VAE_DIR`, and pass VAE_DIR "
+    "(a folder with config.json and diffusion_pytorch_model.safetensors), or a single weights file"
+)
+
+
+def _autoencoder_kl():
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise ImportError("the VAE needs diffusers: pip install 'ditkit[vae]'") from e
+    return AutoencoderKL
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]  # a Lightning / original-SD checkpoint
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{path} holds no state dict")
+    return sd
+
+
+def _to_diffusers_keys(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Original-SD (LDM) naming (``encoder.down.0.block.0…``, maybe under ``first_stage_model.``)
+    is converted by diffusers' own converter; diffusers naming passes through."""
+    if any(k.startswith("encoder.down_blocks.") for k in sd):
+        return sd
+    if any(".down.0.block." in k for k in sd):
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        return convert_ldm_vae_checkpoint(sd, SD_VAE_CONFIG)
+    raise ValueError(f"{path} is not an AutoencoderKL state dict (first keys: {list(sd)[:3]})")
+
+
+def _model_folder(path: Path) -> Path | None:
+    """The folder holding config.json: the folder itself, its vae/ (a whole pipeline), or the newest
+    snapshot of a Hugging Face cache entry (models--stabilityai--sd-vae-ft-ema)."""
+    candidates = [path, path / "vae"]
+    snapshots = path / "snapshots"
+    if snapshots.is_dir():
+        newest = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        candidates += [c for s in newest for c in (s, s / "vae")]
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
+
+
+def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A frozen ``AutoencoderKL`` in eval mode from a local diffusers folder or a weights file.
+
+    path: a folder saved by ``save_pretrained`` (or a pipeline folder with vae/, or an HF cache
+    entry), or one .safetensors/.bin/.pt/.ckpt state dict of the SD VAE (diffusers or original
+    naming), which gets ``SD_VAE_CONFIG``.
+    """
+    AutoencoderKL = _autoencoder_kl()
+    path = Path(path).expanduser()
+    if path.is_dir():
+        folder = _model_folder(path)
+        if folder is None:
+            raise ValueError(f"no VAE in {path} (no config.json there or in {path}/vae): {_HOW_TO_GET}")
+        # low_cpu_mem_usage=False: the same load, without diffusers' warning when accelerate is absent.
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
+    elif path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(f"VAE weights {path} should end in one of {', '.join(WEIGHT_SUFFIXES)}")
+        sd = _to_diffusers_keys(_read_state_dict(path), path)
+        with torch.device("meta"):  # no random init of 84M parameters that load_state_dict replaces
+            vae = AutoencoderKL(**SD_VAE_CONFIG)
+        want = vae.state_dict()
+        missing = [k for k in want if k not in sd]
+        wrong = [k for k in want if k in sd and sd[k].shape != want[k].shape] + [k for k in sd if k not in want]
+        if missing or wrong:
+            raise ValueError(
+                f"{path} does not fit the SD VAE (block_out_channels {SD_VAE_CONFIG['block_out_channels']}): "
+                f"{len(missing)} keys missing (e.g. {missing[:2]}), {len(wrong)} unexpected or misshapen (e.g. {wrong[:2]})"
+            )
+        vae.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    else:
+        raise ValueError(f"VAE path {path} does not exist: {_HOW_TO_GET}")
+    return vae.to(device=device).eval().requires_grad_(False)
+
+
+def _vae_place(vae) -> tuple[torch.device, torch.dtype]:
+    p = next(vae.parameters())
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, scale: float = LATENT_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior q(z | x) = N(mean, std²) of images (B, 3, H, W) in [-1, 1], in DiT's scaled units.
+
+    Returns float32 (mean, std), each (B, 4, H/8, W/8), already multiplied by ``scale``, so that
+    z = mean + std · ε is what DiT's train.py gets from ``latent_dist.sample().mul_(0.18215)``.
+    """
+    device, dtype = _vae_place(vae)
+    dist = vae.encode(images.to(device=device, dtype=dtype)).latent_dist
+    return dist.mean.float() * scale, dist.std.float() * scale
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Tensor:
+    """Images (B, 3, 8h, 8w) in [-1, 1] (float32) from scaled latents (B, 4, h, w)."""
+    device, dtype = _vae_place(vae)
+    images = vae.decode(latents.to(device=device, dtype=dtype) / scale).sample
+    return images.float().clamp_(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8, as DiT's sample_ddp.py: clamp(127.5·x + 128, 0, 255)
+    truncated, i.e. 127.5·(x + 1) rounded half up."""
+    return (images * 127.5 + 128.0).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
