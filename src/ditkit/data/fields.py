@@ -80,8 +80,10 @@ class FieldSource:
             self.shape = shape if len(shape) == 4 else (shape[0], 1, *shape[1:])
 
     def array(self):
-        """The open array; HDF5 files are reopened in each process (DataLoader workers)."""
-        if self._array is None or self._pid != os.getpid():
+        """The open array.  An HDF5 handle is not shared across a fork: each DataLoader worker
+        reopens the file (a memory map or a loaded .npz array is shared as is)."""
+        reopen = self._pid != os.getpid() and self.path.suffix.lower() in (".h5", ".hdf5")
+        if self._array is None or reopen:
             self._array, self._pid = _open_array(self.path, self.key, self.what), os.getpid()
         return self._array
 

@@ -74,8 +74,10 @@ def evaluate_benchmark(
     """Score a generator on the benchmark at ``points`` fresh parameter points, each with one
     fresh condition c and ``samples`` generated fields, against the known answer.
 
-    ``generate(params (B, 2), field (B, 1, n, n)) -> x (B, 2, n, n)`` in physical units (denormalised),
-    called once with B = points·samples.  Returns tensors (per point and bin) and summary floats:
+    ``generate(params (B, 2), field (B, 1, n, n)) -> x (B, 2, n, n)``, called once with
+    B = points·samples; all three in physical units (params and field float64 on the CPU: pass
+    them through the dataset's ``FieldNormalizer.normalize`` before the network, and its output
+    through ``denormalize``).  Returns tensors (per point and bin) and summary floats:
       target_spectrum_err     mean over bins and points of |P_gen/P_true − 1| for x[0], with P_true
                               from as many fresh true draws for the same c
       target_r, target_r_ceiling   mean of r(k) between generated and true x[0], and between two
