@@ -195,8 +195,8 @@ class DiT(nn.Module):
       cross-attention in every block (``field_mode="cross_attention"``) or concatenated to the
       input channels (``field_mode="concat"``, where a dropped field is zeros).
     - ``cond_mode``: how t and the class reach the blocks: ``"adaln"`` (adaLN-Zero, the paper's
-      best), ``"cross_attention"`` (as two extra tokens attended by every block) or
-      ``"in_context"`` (as two extra tokens appended to the sequence); the paper's ablation.
+      best), ``"cross_attention"`` (as extra tokens t, y (and params) attended by every block) or
+      ``"in_context"`` (as those tokens appended to the sequence); the paper's ablation.
     """
 
     def __init__(
