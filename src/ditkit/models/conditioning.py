@@ -55,6 +55,7 @@ class ConditionEmbedders(nn.Module):
         if self.field_channels:
             w = self.field_embedder.weight.data
             nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+            nn.init.constant_(self.field_embedder.bias, 0)
             nn.init.normal_(self.field_null, std=0.02)
 
     def _drop_mask(self, batch: int, device: torch.device, train: bool, force_drop_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -63,6 +64,12 @@ class ConditionEmbedders(nn.Module):
         if train and self.dropout_prob > 0:
             return torch.rand(batch, device=device) < self.dropout_prob
         return None
+
+    def drop_field(self, field: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None) -> torch.Tensor:
+        """For fields concatenated to the input: a dropped field becomes zeros (the mean of a
+        standardised field), the null of that mode."""
+        drop = self._drop_mask(len(field), field.device, train, force_drop_ids)
+        return field if drop is None else torch.where(drop[:, None, None, None], torch.zeros_like(field), field)
 
     def embed_params(self, params: torch.Tensor | None, train: bool, force_drop_ids: torch.Tensor | None) -> torch.Tensor | None:
         if not self.num_params:

@@ -194,10 +194,10 @@ class DiT(nn.Module):
     - ``num_params``: a vector of continuous parameters, embedded and added to c (own guidance dropout).
     - ``cond_channels``: spatial conditioning fields of the input's size, either attended by
       cross-attention in every block (``field_mode="cross_attention"``) or concatenated to the
-      input channels (``field_mode="concat"``).
+      input channels (``field_mode="concat"``, where a dropped field is zeros).
     - ``cond_mode``: how t and the class reach the blocks: ``"adaln"`` (adaLN-Zero, the paper's
-      best), ``"cross_attention"`` (as two extra tokens attended by every block) or
-      ``"in_context"`` (as two extra tokens appended to the sequence); the paper's ablation.
+      best), ``"cross_attention"`` (as extra tokens t, y (and params) attended by every block) or
+      ``"in_context"`` (as those tokens appended to the sequence); the paper's ablation.
     """
 
     def __init__(
@@ -281,10 +281,33 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            if hasattr(block, "cross_attn"):  # ungated residual: a zero projection keeps the block the identity
+                nn.init.constant_(block.cross_attn.proj.weight, 0)
+                nn.init.constant_(block.cross_attn.proj.bias, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def _check_conditions(self, x: torch.Tensor, y, params, field) -> None:
+        """Each conditioning input is given exactly when the model was built for it, with its shape."""
+        B = x.shape[0]
+        if self.num_classes > 0 and y is None:
+            raise ValueError(f"model is class-conditional (num_classes={self.num_classes}) but y is None")
+        if self.num_classes == 0 and y is not None:
+            raise ValueError("model was built without classes (num_classes=0) but y was given")
+        P = self.cond.num_params
+        if P and (params is None or tuple(params.shape) != (B, P)):
+            got = None if params is None else tuple(params.shape)
+            raise ValueError(f"model expects params of shape ({B}, {P}), got {got}")
+        if not P and params is not None:
+            raise ValueError("model was built without params (num_params=0) but params were given")
+        C = self.cond_channels
+        if C and (field is None or tuple(field.shape) != (B, C, *self.input_size)):
+            got = None if field is None else tuple(field.shape)
+            raise ValueError(f"model expects a conditioning field of shape ({B}, {C}, {', '.join(map(str, self.input_size))}), got {got}")
+        if not C and field is not None:
+            raise ValueError("model was built without a conditioning field (cond_channels=0) but field was given")
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p·p·C) -> (B, C, H, W)."""
@@ -308,7 +331,9 @@ class DiT(nn.Module):
         ``force_drop_ids`` (B,) with 1 where all conditioning is replaced by its null (for guidance)."""
         if x.shape[-2:] != self.input_size:
             raise ValueError(f"input of spatial size {tuple(x.shape[-2:])}, model built for {self.input_size}")
+        self._check_conditions(x, y, params, field)
         if self.field_mode == "concat":
+            field = self.cond.drop_field(field, self.training, force_drop_ids)  # dropped -> zeros, the null field
             x = torch.cat([x, field.to(x.dtype)], dim=1)
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)

@@ -1,0 +1,383 @@
+"""Datasets of physical fields: target fields x (N, C, H, W), a table of parameters per sample
+(N, P, named columns) and optional conditioning fields (N, C_cond, H, W), each standardised with
+statistics of the training set.
+
+Files: an array of all samples in ``.npy`` (memory-mapped), ``.npz`` or HDF5 (``.h5``/``.hdf5``,
+read lazily; needs h5py), or a folder with one ``.npy``/``.npz`` file per sample (sorted by name).
+(N, H, W) arrays and (H, W) per-sample files are one channel.  Parameters come from a CSV with a
+header row of names, or from an (N, P) array with names given.
+
+Normalisation (``FieldNormalizer``), per channel c of x and of the field, per column of params:
+    z = (T(x) − μ_c) / s_c,   T(x) = log(x + eps) on log channels (positive fields), x elsewhere
+so that samples come back in physical units through  x = T⁻¹(z s_c + μ_c).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+ARRAY_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5")
+SCAN_CHUNK = 64  # samples read at a time by the validation and statistics pass
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError("reading HDF5 files needs h5py: pip install h5py") from None
+    return h5py
+
+
+def _pick_key(keys: list[str], key: str | None, path: Path, what: str) -> str:
+    if key is None and len(keys) == 1:
+        return keys[0]
+    if key is None or key not in keys:
+        wanted = "a key" if key is None else f"key {key!r}"
+        raise ValueError(f"{what} file {path} holds arrays {', '.join(sorted(keys))}; give {wanted} that exists")
+    return key
+
+
+def _open_array(path: Path, key: str | None, what: str):
+    """The whole array: memory-mapped (.npy), loaded (.npz) or an h5py dataset (HDF5)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, mmap_mode="r")
+    if suffix == ".npz":
+        with np.load(path) as z:
+            return z[_pick_key(list(z.keys()), key, path, what)]
+    if suffix in (".h5", ".hdf5"):
+        f = _h5py().File(path, "r")
+        datasets = []
+        f.visititems(lambda name, obj: datasets.append(name) if hasattr(obj, "shape") else None)
+        return f[_pick_key(datasets, key, path, what)]
+    raise ValueError(f"{what} file {path}: unsupported format {suffix!r}; use {', '.join(ARRAY_SUFFIXES)} or a folder")
+
+
+class FieldSource:
+    """Samples (C, H, W) of one kind (``what``: "x" or "field") from one array file or a folder."""
+
+    def __init__(self, path: str | Path, key: str | None = None, what: str = "x"):
+        self.path, self.key, self.what = Path(path), key, what
+        self._array, self._pid = None, None
+        if self.path.is_dir():
+            self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in (".npy", ".npz"))
+            if not self.files:
+                raise ValueError(f"{what} folder {self.path} holds no .npy or .npz files")
+            self.shape = (len(self.files), *self._sample_file(0).shape)
+        else:
+            self.files = None
+            shape = tuple(self.array().shape)
+            if len(shape) not in (3, 4):
+                raise ValueError(f"{what} array {self.name()} has shape {shape}; expected (N, C, H, W) or (N, H, W)")
+            self.shape = shape if len(shape) == 4 else (shape[0], 1, *shape[1:])
+
+    def array(self):
+        """The open array.  An HDF5 handle is not shared across a fork: each DataLoader worker
+        reopens the file (a memory map or a loaded .npz array is shared as is)."""
+        reopen = self._pid != os.getpid() and self.path.suffix.lower() in (".h5", ".hdf5")
+        if self._array is None or reopen:
+            self._array, self._pid = _open_array(self.path, self.key, self.what), os.getpid()
+        return self._array
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_array": None, "_pid": None}
+
+    def name(self, i: int | None = None) -> str:
+        """How the user knows a sample: ``x.npy[12]``, ``x.h5:fields[12]``, ``samples/0012.npy``."""
+        if self.files is not None:
+            return str(self.path if i is None else self.files[i])
+        base = f"{self.path}:{self.key}" if self.key else str(self.path)
+        return base if i is None else f"{base}[{i}]"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Sample i as (C, H, W)."""
+        if self.files is None:
+            return np.asarray(self.array()[i]).reshape(self.shape[1:])
+        a = self._sample_file(i)
+        if a.shape != self.shape[1:]:
+            raise ValueError(f"{self.what} file {self.files[i]} has shape {a.shape}; the first file, "
+                             f"{self.files[0].name}, has {self.shape[1:]}")
+        return a
+
+    def _sample_file(self, i: int) -> np.ndarray:
+        a = np.asarray(_open_array(self.files[i], self.key, self.what))
+        a = a[None] if a.ndim == 2 else a
+        if a.ndim != 3:
+            raise ValueError(f"{self.what} file {self.files[i]} has shape {a.shape}; expected (C, H, W) or (H, W)")
+        return a
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Samples at sorted ``indices`` as (n, C, H, W) float64."""
+        if self.files is None:
+            return np.asarray(self.array()[indices], dtype=np.float64).reshape(len(indices), *self.shape[1:])
+        return np.stack([self[i] for i in indices]).astype(np.float64)
+
+
+def read_params(path: str | Path, key: str | None = None, names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """(N, P) float64 parameters and their names.  CSV: the header names the columns and ``names``
+    picks some (default: all).  Arrays (N, P) or (N,): ``names`` names all columns (default p0, p1…)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        if not path.exists():
+            raise FileNotFoundError(f"params file {path} does not exist")
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+        if not rows:
+            raise ValueError(f"params file {path} is empty")
+        header = [h.strip() for h in rows[0]]
+        names = list(header if names is None else names)
+        for name in names:
+            if name not in header:
+                raise ValueError(f"params file {path} has no column {name!r}; columns: {', '.join(header)}")
+        cols = [header.index(n) for n in names]
+        values = np.empty((len(rows) - 1, len(cols)))
+        for r, row in enumerate(rows[1:]):
+            for j, c in enumerate(cols):
+                try:
+                    values[r, j] = float(row[c])
+                except (ValueError, IndexError):
+                    cell = row[c] if c < len(row) else "<missing>"
+                    raise ValueError(f"params file {path}, row {r + 2}, column {header[c]!r}: {cell!r} is not a number") from None
+    else:
+        values = np.array(_open_array(path, key, "params"), dtype=np.float64)
+        values = values[:, None] if values.ndim == 1 else values
+        if values.ndim != 2:
+            raise ValueError(f"params array {path} has shape {values.shape}; expected (N, P)")
+        names = [f"p{j}" for j in range(values.shape[1])] if names is None else list(names)
+        if len(names) != values.shape[1]:
+            raise ValueError(f"params array {path} has {values.shape[1]} columns but {len(names)} names: {names}")
+    bad = np.argwhere(~np.isfinite(values))
+    if len(bad):
+        r, j = bad[0]
+        raise ValueError(f"params file {path}: sample {r}, column {names[j]!r} is {values[r, j]}")
+    return values, names
+
+
+class FieldNormalizer:
+    """Standardisation of x, the field and params with training-set statistics (module docstring).
+    Its state is plain: {"x": {"mean": (C,), "std": (C,), "log": [bool]·C, "eps": float},
+    "field": {…} (if any), "params": {"mean": (P,), "std": (P,), "names": [str]} (if any)},
+    so a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+
+    def __init__(self, state: dict):
+        unknown = set(state) - {"x", "field", "params"}
+        if "x" not in state or unknown:
+            raise ValueError(f"normalizer state needs key 'x' and only 'x', 'field', 'params'; got {sorted(state)}")
+        self.state = {k: dict(v) for k, v in state.items()}
+
+    def state_dict(self) -> dict:
+        return {k: dict(v) for k, v in self.state.items()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.state
+
+    def normalize(self, value: torch.Tensor, key: str = "x") -> torch.Tensor:
+        """Physical units -> standardised.  x/field: (..., C, H, W); params: (..., P)."""
+        s = self._stats(key)
+        mean, std = self._shaped(s["mean"], value, key), self._shaped(s["std"], value, key)
+        if "log" in s and any(s["log"]):
+            log = self._shaped(torch.tensor(s["log"]), value, key)
+            value = torch.where(log, torch.log(torch.clamp(value + s["eps"], min=torch.finfo(value.dtype).tiny)), value)
+        return (value - mean) / std
+
+    def denormalize(self, value: torch.Tensor, key: str = "x") -> torch.Tensor:
+        """Standardised -> physical units (the exact inverse of ``normalize``)."""
+        s = self._stats(key)
+        value = value * self._shaped(s["std"], value, key) + self._shaped(s["mean"], value, key)
+        if "log" in s and any(s["log"]):
+            log = self._shaped(torch.tensor(s["log"]), value, key)
+            value = torch.where(log, torch.exp(value) - s["eps"], value)
+        return value
+
+    def _stats(self, key: str) -> dict:
+        if key not in self.state:
+            raise KeyError(f"normalizer has no statistics for {key!r}; it has {', '.join(self.state)}")
+        return self.state[key]
+
+    @staticmethod
+    def _shaped(stat: torch.Tensor, value: torch.Tensor, key: str) -> torch.Tensor:
+        """(C,) -> broadcastable over (..., C, H, W), or (P,) over (..., P), on value's device."""
+        n = stat.shape[0]
+        axis = -1 if key == "params" else -3
+        if value.dim() < -axis or value.shape[axis] != n:
+            raise ValueError(f"{key} of shape {tuple(value.shape)} does not have the normalizer's {n} "
+                             f"{'columns' if key == 'params' else 'channels'} at dim {axis}")
+        stat = stat.to(device=value.device, dtype=value.dtype if stat.dtype != torch.bool else torch.bool)
+        return stat if key == "params" else stat[:, None, None]
+
+
+class _Moments:
+    """Per-channel mean and variance merged chunk by chunk (Chan et al.), in float64."""
+
+    def __init__(self, channels: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(channels), np.zeros(channels)
+
+    def update(self, v: np.ndarray) -> None:  # v: (C, m)
+        nb, mb = v.shape[1], v.mean(1)
+        delta, n = mb - self.mean, self.n + nb
+        self.m2 += ((v - mb[:, None]) ** 2).sum(1) + delta**2 * self.n * nb / n
+        self.mean += delta * nb / n
+        self.n = n
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        std = np.sqrt(self.m2 / self.n)
+        std[std == 0] = 1.0  # a constant channel is only centred
+        return torch.from_numpy(self.mean.copy()), torch.from_numpy(std)
+
+
+def scan_fields(source: FieldSource, indices: np.ndarray, log: list[bool], eps: float, fit: bool) -> dict | None:
+    """Check every sample (finite; x > −eps on log channels) and, with ``fit``, return the
+    normaliser statistics of T(x) over ``indices``."""
+    moments = _Moments(source.shape[1])
+    log_idx = np.flatnonzero(log)
+    for start in range(0, len(indices), SCAN_CHUNK):
+        chunk = np.sort(indices[start:start + SCAN_CHUNK])
+        a = source.read(chunk)  # (n, C, H, W)
+        bad = np.argwhere(~np.isfinite(a))
+        if len(bad):
+            i, c = bad[0][:2]
+            raise ValueError(f"{source.name(int(chunk[i]))}: channel {c} holds {a[tuple(bad[0])]} (NaN or inf)")
+        if len(log_idx):
+            sub = a[:, log_idx]
+            if (sub <= -eps).any():
+                i, c = np.argwhere(sub <= -eps)[0][:2]
+                raise ValueError(f"{source.name(int(chunk[i]))}: channel {log_idx[c]} is log-transformed but holds "
+                                 f"{sub[i, c].min():.4g}; log(x + eps) with eps={eps:g} needs x > {-eps:g}")
+            a[:, log_idx] = np.log(sub + eps)
+        if fit:
+            moments.update(a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1))
+    if not fit:
+        return None
+    mean, std = moments.result()
+    return {"mean": mean, "std": std, "log": [bool(b) for b in log], "eps": float(eps)}
+
+
+def _log_mask(channels: Sequence[int], n: int, what: str) -> list[bool]:
+    for c in channels:
+        if not -n <= c < n:
+            raise ValueError(f"{what} log channel {c} does not exist; the {what} has {n} channels")
+    return [c in {ch % n for ch in channels} for c in range(n)]
+
+
+def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of range(n) into (train, val) index arrays."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class FieldDataset(Dataset):
+    """Items ``{"x": (C, H, W), "params": (P,), "field": (C_cond, H, W), "index": int}`` (params and
+    field only when given), float32 and standardised.
+
+    ``indices`` restricts the dataset to a subset (a train/val split).  Without ``normalizer`` the
+    statistics are fitted on this subset (the training set); give the training set's normaliser
+    to a validation set.  Every sample is checked once at construction (``validate``).
+    ``augment`` applies one random symmetry of the square (flips, transpose) to x and field
+    together, for statistically isotropic fields."""
+
+    def __init__(self, x: str | Path, params: str | Path | None = None, field: str | Path | None = None, *,
+                 x_key: str | None = None, params_key: str | None = None, field_key: str | None = None,
+                 param_names: Sequence[str] | None = None, log_channels: Sequence[int] | None = None,
+                 field_log_channels: Sequence[int] | None = None, eps: float = 1e-6,
+                 indices: Sequence[int] | None = None, normalizer: FieldNormalizer | None = None,
+                 augment: bool = False, validate: bool = True):
+        self.x = FieldSource(x, x_key, "x")
+        N, C, H, W = self.x.shape
+        self.field = None if field is None else FieldSource(field, field_key, "field")
+        if self.field is not None and (len(self.field), *self.field.shape[2:]) != (N, H, W):
+            raise ValueError(f"field {self.field.name()} has shape {self.field.shape}; x {self.x.name()} has "
+                             f"{self.x.shape}, so the field must be ({N}, C_cond, {H}, {W})")
+        self.params, self.param_names = (None, []) if params is None else read_params(params, params_key, param_names)
+        if self.params is not None and len(self.params) != N:
+            raise ValueError(f"params file {params} has {len(self.params)} rows but x {self.x.name()} has {N} samples")
+        self.indices = np.arange(N) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= N):
+            raise ValueError(f"indices must lie in [0, {N}) for x {self.x.name()}")
+        if augment and H != W:
+            raise ValueError(f"augment needs square fields, x {self.x.name()} is {H}×{W}")
+        self.augment = augment
+
+        if normalizer is None:
+            self.normalizer = self._fit(log_channels or (), field_log_channels or (), eps)
+        else:
+            self.normalizer = normalizer
+            self._check_normalizer(log_channels, field_log_channels)
+            if validate:
+                scan_fields(self.x, self.indices, normalizer.state["x"]["log"], normalizer.state["x"]["eps"], fit=False)
+                if self.field is not None:
+                    s = normalizer.state["field"]
+                    scan_fields(self.field, self.indices, s["log"], s["eps"], fit=False)
+
+    def _fit(self, log_channels: Sequence[int], field_log_channels: Sequence[int], eps: float) -> FieldNormalizer:
+        if not len(self.indices):
+            raise ValueError("cannot fit a normalizer on an empty set of samples")
+        state = {"x": scan_fields(self.x, self.indices, _log_mask(log_channels, self.x.shape[1], "x"), eps, fit=True)}
+        if self.field is not None:
+            mask = _log_mask(field_log_channels, self.field.shape[1], "field")
+            state["field"] = scan_fields(self.field, self.indices, mask, eps, fit=True)
+        elif field_log_channels:
+            raise ValueError("field_log_channels given but no field")
+        if self.params is not None:
+            moments = _Moments(self.params.shape[1])
+            moments.update(self.params[self.indices].T)
+            mean, std = moments.result()
+            state["params"] = {"mean": mean, "std": std, "names": list(self.param_names)}
+        return FieldNormalizer(state)
+
+    def _check_normalizer(self, log_channels, field_log_channels) -> None:
+        st = self.normalizer.state
+        for key, src in (("x", self.x), ("field", self.field)):
+            if (src is None) != (key not in st):
+                raise ValueError(f"the normalizer {'has' if key in st else 'has no'} {key} statistics but the data "
+                                 f"{'has no' if src is None else 'has a'} {key}")
+            if src is not None and len(st[key]["mean"]) != src.shape[1]:
+                raise ValueError(f"the normalizer was fitted on {len(st[key]['mean'])} {key} channels, "
+                                 f"{src.name()} has {src.shape[1]}")
+        for given, key in ((log_channels, "x"), (field_log_channels, "field")):
+            if given is not None and key in st and _log_mask(given, len(st[key]["log"]), key) != st[key]["log"]:
+                raise ValueError(f"{key} log channels {list(given)} differ from the normalizer's "
+                                 f"{[c for c, b in enumerate(st[key]['log']) if b]}")
+        if self.params is not None and st.get("params", {}).get("names") != self.param_names:
+            raise ValueError(f"params {self.param_names} differ from the normalizer's {st.get('params', {}).get('names')}")
+
+    def model_shape(self) -> dict:
+        """What the network must be built for: in_channels, input_size, num_params, cond_channels."""
+        _, C, H, W = self.x.shape
+        return {"in_channels": C, "input_size": H if H == W else [H, W],
+                "num_params": 0 if self.params is None else self.params.shape[1],
+                "cond_channels": 0 if self.field is None else self.field.shape[1]}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(self.indices[i])
+        item = {"x": self.normalizer.normalize(torch.from_numpy(np.array(self.x[j], dtype=np.float64)), "x").float()}
+        if self.field is not None:
+            f = torch.from_numpy(np.array(self.field[j], dtype=np.float64))
+            item["field"] = self.normalizer.normalize(f, "field").float()
+        if self.params is not None:
+            item["params"] = self.normalizer.normalize(torch.from_numpy(self.params[j]), "params").float()
+        if self.augment:
+            flip_h, flip_w, transpose = torch.randint(0, 2, (3,)).tolist()
+            for key in ("x", "field"):
+                if key in item:
+                    v = item[key].flip(-1) if flip_w else item[key]
+                    v = v.flip(-2) if flip_h else v
+                    item[key] = v.transpose(-1, -2).contiguous() if transpose else v.contiguous()
+        item["index"] = j
+        return item
