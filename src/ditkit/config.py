@@ -77,7 +77,12 @@ class DataConfig:
     image_size: int = 256
     flip: bool = True
     num_workers: int = 4
-    log_transform: list = field(default_factory=list)  # fields: channels to log-transform
+    # fields (ditkit.data.fields): path is the x array; parameters table and conditioning fields
+    params_file: str | None = None
+    field_file: str | None = None
+    param_names: list | None = None
+    log_transform: list = field(default_factory=list)  # channels of x to log-transform
+    field_log_transform: list = field(default_factory=list)
 
 
 @dataclass

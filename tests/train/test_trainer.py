@@ -60,7 +60,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = int(load_checkpoint(run / "checkpoints" / "last.pt")["step"])
+    killed_at = int(load_checkpoint(sorted((run / "checkpoints").glob("ckpt_*.pt"))[-1])["step"])
     assert 5 <= killed_at < steps
 
     resumed = ditkit("train", "--preset", "digits", "--run-dir", str(run), "--steps", str(steps), "--resume",

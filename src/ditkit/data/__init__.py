@@ -1,49 +1,75 @@
 """Datasets by kind, and the split of a batch into the clean sample x0 and the network's conditioning.
 
-Every dataset yields dicts: "x" (the sample, or "mean"/"std" of a VAE posterior for cached
-latents), and optionally "y" (class label), "params" (continuous parameters), "field" (spatial
-conditioning)."""
+The trainer sees dicts: "x" (the clean sample: pixels, a VAE latent drawn from its cached
+posterior, a normalised field) and the conditioning the model takes: "y" (class label),
+"params" (continuous parameters), "field" (spatial conditioning)."""
 from __future__ import annotations
 
 import torch
+from torch.utils.data import Dataset
 
 from ditkit.config import Config, ConfigError
+from ditkit.data.sampler import step_seed
 
 COND_KEYS = ("y", "params", "field")
 
 
-def build_dataset(cfg: Config):
-    kind = cfg.data.kind
+class EpochIndexed(Dataset):
+    """Adapts any dataset to the trainer: items are looked up by (epoch, index), so that random
+    augmentation (flips, posterior draws) is a function of (seed, epoch, index), the same in any
+    worker and after a resume; items come out as dicts ("x" and the conditioning keys the model
+    takes)."""
+
+    def __init__(self, inner: Dataset, seed: int, keep: tuple[str, ...]):
+        self.inner, self.seed, self.keep = inner, seed, keep
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+        torch.manual_seed(step_seed(self.seed, epoch, index))  # for datasets that draw from the global RNG
+        item = self.inner[index]
+        if not isinstance(item, dict):  # (x, label) datasets
+            item = {"x": item[0], "y": torch.as_tensor(item[1], dtype=torch.long)}
+        return {k: v for k, v in item.items() if k == "x" or k in self.keep}
+
+
+def build_dataset(cfg: Config) -> EpochIndexed:
+    """The dataset ``cfg.data`` names, wrapped for the trainer."""
+    d, kind = cfg.data, cfg.data.kind
     if kind == "digits":
         from ditkit.data.digits import DigitsDataset
 
-        return DigitsDataset()
-    if cfg.data.path is None:
+        inner = DigitsDataset()
+    elif d.path is None:
         raise ConfigError(f"data.path must be set for data.kind={kind}")
-    if kind == "latents":
+    elif kind == "latents":
         from ditkit.data.latents import LatentDataset
 
-        return LatentDataset(cfg.data.path)
-    if kind == "images":
+        inner = LatentDataset(d.path, flip=d.flip, seed=cfg.train.seed)
+    elif kind == "images":
         from ditkit.data.images import ImageDataset
 
-        return ImageDataset(cfg.data.path, image_size=cfg.data.image_size, labels_file=cfg.data.labels_file,
-                            num_classes=cfg.model.num_classes)
-    if kind == "fields":
+        inner = ImageDataset(d.path, image_size=d.image_size, labels_file=d.labels_file,
+                             num_classes=cfg.model.num_classes, random_flip=d.flip, seed=cfg.train.seed)
+    elif kind == "fields":
         from ditkit.data.fields import FieldDataset
 
-        return FieldDataset(cfg.data.path, log_channels=cfg.data.log_transform)
-    raise ConfigError(f"unknown data.kind {kind!r}")
+        inner = FieldDataset(d.path, d.params_file, d.field_file, param_names=d.param_names,
+                             log_channels=d.log_transform, field_log_channels=d.field_log_transform,
+                             augment=d.flip)
+    else:
+        raise ConfigError(f"unknown data.kind {kind!r}")
+    keep = tuple(k for k, on in (("y", cfg.model.num_classes > 0), ("params", cfg.model.num_params > 0),
+                                 ("field", cfg.model.cond_channels > 0)) if on)
+    return EpochIndexed(inner, cfg.train.seed, keep)
 
 
 def split_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """(x0, model_kwargs) on ``device``.  Cached VAE posteriors are sampled here, on the device and
-    under the step's seeded generator: z = mean + std · ε."""
-    if "mean" in batch:
-        mean = batch["mean"].to(device, non_blocking=True).float()
-        std = batch["std"].to(device, non_blocking=True).float()
-        x0 = mean + std * torch.randn_like(mean)
-    else:
-        x0 = batch["x"].to(device, non_blocking=True)
+    """(x0, model_kwargs) on ``device``."""
+    x0 = batch["x"].to(device, non_blocking=True)
     kwargs = {k: batch[k].to(device, non_blocking=True) for k in COND_KEYS if k in batch}
     return x0, kwargs

@@ -18,20 +18,19 @@ def step_seed(seed: int, step: int, shard: int) -> int:
 
 
 class ShardBatchSampler:
-    """Yields the index lists of this rank's micro-batches, step after step, from ``start_step``.
+    """Yields this rank's micro-batches, step after step from ``start_step``, as lists of
+    (epoch, index) keys (the epoch seeds each sample's augmentation, see ``EpochIndexed``).
 
-    Epoch e is a permutation of the ``num_samples`` indices seeded by (seed, e); with ``views=2``
-    index i + n stands for the flipped view of sample i (the flip is part of the sample's identity,
-    so augmentation is reproducible too).  The last incomplete global batch of an epoch is dropped.
-    """
+    Epoch e is a permutation of the ``num_samples`` indices seeded by (seed, e).  The last
+    incomplete global batch of an epoch is dropped."""
 
     def __init__(self, num_samples: int, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                 grad_accum: int = 1, seed: int = 0, start_step: int = 0, views: int = 1):
+                 grad_accum: int = 1, seed: int = 0, start_step: int = 0):
         shards = world_size * grad_accum
         if global_batch_size % shards:
             raise ValueError(f"global batch size {global_batch_size} is not divisible by "
                              f"world size × grad_accum = {world_size} × {grad_accum}")
-        self.n = num_samples * views
+        self.n = num_samples
         if self.n < global_batch_size:
             raise ValueError(f"dataset of {self.n} samples is smaller than the global batch size {global_batch_size}")
         self.global_batch_size = global_batch_size
@@ -46,7 +45,7 @@ class ShardBatchSampler:
         g = torch.Generator().manual_seed(step_seed(self.seed, epoch, 7919))
         return torch.randperm(self.n, generator=g)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, perm = -1, None
         while True:
             e, offset = divmod(self.step, self.steps_per_epoch)
@@ -55,5 +54,5 @@ class ShardBatchSampler:
             start = offset * self.global_batch_size
             for m in range(self.grad_accum):
                 lo = start + (self.first_shard + m) * self.micro
-                yield perm[lo: lo + self.micro].tolist()
+                yield [(e, i) for i in perm[lo: lo + self.micro].tolist()]
             self.step += 1

@@ -63,6 +63,8 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
         scaler.unscale_(opt)
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor -> a plain tensor
+        grad_norm = grad_norm.full_tensor()
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
@@ -153,8 +155,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     objective = build_objective(cfg)
     start_step, extra = 0, {}
     state = None
-    if resume and (ckpt_dir / "last.pt").exists():
-        path = (ckpt_dir / "last.pt").resolve()
+    saved = list_checkpoints(ckpt_dir)
+    if resume and saved:
+        path = saved[-1]  # the newest complete file (last.pt may lag it by a kill between the two renames)
         state = load_checkpoint(path)
         _check_resume_config(state["config"], cfg, path)
         model.load_state_dict(state["model"])
@@ -163,7 +166,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         log.info(f"resuming from {path} at step {start_step}")
     elif resume:
         log.info(f"no checkpoint in {ckpt_dir}; starting a new run")
-    elif list_checkpoints(ckpt_dir):
+    elif saved:
         raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or choose another --run-dir")
     elif init_from:
         from ditkit.checkpoints import load_weights_for_finetune
@@ -190,9 +193,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     step_model = torch.compile(train_model) if cfg.train.compile else train_model
 
     dataset = build_dataset(cfg)
-    views = 2 if cfg.data.flip and getattr(dataset, "supports_flip_views", False) else 1
-    sampler = ShardBatchSampler(len(dataset) // views, cfg.train.global_batch_size, info.rank, info.world_size,
-                                cfg.train.grad_accum, cfg.train.seed, start_step, views=views)
+    sampler = ShardBatchSampler(len(dataset), cfg.train.global_batch_size, info.rank, info.world_size,
+                                cfg.train.grad_accum, cfg.train.seed, start_step)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=dev.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     batches = iter(loader)
@@ -220,6 +222,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         ema_sd = _full_state_dict(ema, cfg, info)
         st = {"model": _full_state_dict(model, cfg, info), "ema": ema_sd, "opt": _optimizer_state(train_model, opt, cfg, info),
               "step": step, "config": cfg.to_dict(), "extra": {"nonfinite_total": nonfinite_total}}
+        normalizer = getattr(dataset.inner, "normalizer", None)  # fields: samples go back to physical units
+        if normalizer is not None:
+            st["normalizer"] = normalizer.state_dict()
         if scaler is not None:
             st["scaler"] = scaler.state_dict()
         if info.is_main:
