@@ -79,3 +79,8 @@ def test_heun_euler_last_saves_one_evaluation():
     x, nfe = heun(FLOW.velocity, noise(20_000, seed=4), uniform_grid(40), euler_last=True)
     assert nfe == 79
     assert_gaussian(x)
+
+
+def test_dopri5_refuses_an_infinite_velocity():
+    with pytest.raises(ValueError, match="not finite"):
+        dopri5(lambda x, t: x / (1 - t), torch.ones(2, 2), 0.0, 1.0)  # blows up at t = 1

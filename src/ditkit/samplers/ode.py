@@ -7,6 +7,7 @@ know no network, path or objective.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -159,6 +160,8 @@ def dopri5(
         x_new = _combine(x, hs, _A[6], ks)  # 5th-order solution; ks[6] = v(x_new, t + h)
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         err = _rms(hs * sum(e * k for e, k in zip(_E, ks) if e != 0.0) / scale).item()
+        if not math.isfinite(err):  # shrinking the step cannot cure an infinite velocity
+            raise ValueError(f"dopri5: the velocity is not finite between t={t:.6g} and t={t + hs:.6g}")
         if err <= 1.0:
             x, k1 = x_new, ks[6]
             done = span if last else done + h
