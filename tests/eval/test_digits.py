@@ -27,8 +27,10 @@ def test_frechet_distance_separates_real_from_noise():
     real = D.digits_frechet_distance(x_test, reference=x_train)
     noise = D.digits_frechet_distance(np.random.default_rng(0).uniform(0, 16, size=(450, 64)), reference=x_train)
     half_the_classes = D.digits_frechet_distance(x_train[y_train < 5])
+    prototypes = np.repeat([np.rint(x_train[y_train == k].mean(0)) for k in range(10)], 45, axis=0)
     assert real < 0.5
     assert noise > 20 * real and half_the_classes > 5 * real
+    assert D.digits_frechet_distance(prototypes) > 5 * real  # mode collapse within classes is seen
     assert D.real_vs_real_fd() < 0.5
 
 

@@ -7,8 +7,8 @@ from torch import nn
 
 from ditkit.eval.batches import ArrayImages
 from ditkit.eval.evaluate import compute_activations
-from ditkit.eval.inception import (WEIGHTS_FILE, WEIGHTS_URL, FIDInceptionV3, load_inception, preprocess,
-                                   resize_tf1)
+from ditkit.eval.inception import (WEIGHTS_FILE, WEIGHTS_URL, FIDInceptionV3, full_fp32, load_inception,
+                                   preprocess, resize_tf1)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,8 @@ def test_pytorch_fid_state_dict_layout():
     assert sd["fc.weight"].shape == (1008, 2048)
     assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
     assert sd["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
+    # torchvision's InceptionV3 has 27,161,264 parameters; less its aux classifier (3,326,696)
+    # and with 1008 instead of 1000 classes (+8·2049): 23,850,960.
     assert sum(p.numel() for p in FIDInceptionV3().parameters()) == 23_850_960
 
 
@@ -120,3 +122,14 @@ def test_tf1_resize_is_tensorflow_legacy_bilinear():
 def test_preprocess_rejects_non_uint8_images():
     with pytest.raises(ValueError, match=r"uint8 \(N, H, W, 3\)"):
         preprocess(torch.zeros(1, 3, 8, 8))
+
+
+def test_full_fp32_turns_tf32_off_and_restores_the_settings():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with full_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

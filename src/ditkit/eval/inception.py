@@ -289,7 +289,8 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDI
 def full_fp32():
     """Float32 convolutions and matmuls in IEEE float32 inside the block.  cuDNN runs float32
     convolutions in TF32 (10-bit mantissa) by default on Ampere and later GPUs; the TF graph that
-    defines the metrics ran in full float32."""
+    defines the metrics ran in full float32.  Measured on an H100 (random weights, 64 images):
+    pool3 is 5.6e-4 off float64 in TF32, 1.3e-6 in IEEE float32."""
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:

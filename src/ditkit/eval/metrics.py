@@ -65,7 +65,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
 
     ``probs`` is (N, C), rows are class distributions.  As ADM: consecutive splits of
     ``split_size`` rows (the last one may be shorter), the score is the mean over splits.
-    0·log 0 is taken as 0, the limit, where ADM's float32 softmax never produces an exact 0.
+    0·log 0 is taken as 0, its limit (ADM's formula would give NaN if a softmax underflowed to 0).
     """
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) == 0:
