@@ -78,3 +78,13 @@ def test_statistics_only_reference(stub_network, batches, tmp_path):
     ev.write_json(r, tmp_path / "out.json")
     loaded = json.loads((tmp_path / "out.json").read_text())
     assert loaded["sfid"] is None and loaded["fid"] == pytest.approx(r["fid"])
+
+
+def test_inputs_are_checked_before_the_network_is_loaded(batches):
+    tmp, _, _ = batches
+    with pytest.raises(FileNotFoundError, match="missing_ref.npz"):
+        ev.evaluate(tmp / "samples.npz", tmp / "missing_ref.npz", tmp / "no_weights.pth")
+    with pytest.raises(ValueError, match="resize must be one of"):
+        ev.evaluate(tmp / "samples.npz", tmp / "ref.npz", tmp / "no_weights.pth", resize="bicubic")
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+        ev.evaluate(tmp / "samples.npz", tmp / "ref.npz", tmp / "no_weights.pth")

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ditkit.eval.batches import ImageSource, has_images, open_images, read_reference_stats
-from ditkit.eval.inception import FIDInceptionV3, inception_features, load_inception
+from ditkit.eval.inception import RESIZE_MODES, FIDInceptionV3, inception_features, load_inception
 from ditkit.eval.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 
 METRICS = (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"),
@@ -47,26 +47,28 @@ def evaluate(samples: str | Path | np.ndarray, reference: str | Path | np.ndarra
     A metric that the reference cannot give (statistics only, no images: no precision or recall)
     is None, and ``notes`` says why.  ``use_reference_stats=False`` ignores precomputed statistics.
     """
-    model = load_inception(inception_weights, device)
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    # Look at both inputs before the long part, so that a wrong path fails in the first second.
     sample_source = open_images(samples)
-    acts = compute_activations(model, sample_source, batch_size, resize, progress)
+    ref_is_array = isinstance(reference, np.ndarray)
+    ref_stats = {} if ref_is_array or not use_reference_stats else read_reference_stats(reference)
+    ref_source = open_images(reference) if ref_is_array or has_images(reference) else None
+    model = load_inception(inception_weights, device)
+
     results: dict = {
-        "samples": str(sample_source.name), "reference": "array" if isinstance(reference, np.ndarray) else str(reference),
-        "num_samples": sample_source.num_images, "num_reference": None,
+        "samples": sample_source.name, "reference": "array" if ref_is_array else str(reference),
+        "num_samples": sample_source.num_images, "num_reference": None if ref_source is None else ref_source.num_images,
         "inception_weights": str(inception_weights), "resize": resize, "notes": [],
     }
+    acts = compute_activations(model, sample_source, batch_size, resize, progress)
+    ref_acts = None if ref_source is None else compute_activations(model, ref_source, batch_size, resize, progress)
     results["inception_score"] = inception_score(acts["probs"])
-
-    ref_stats = {} if isinstance(reference, np.ndarray) or not use_reference_stats else read_reference_stats(reference)
-    ref_acts = None
-    if isinstance(reference, np.ndarray) or has_images(reference):
-        ref_source = open_images(reference)
-        results["num_reference"] = ref_source.num_images
-        ref_acts = compute_activations(model, ref_source, batch_size, resize, progress)
 
     for metric, mean, cov, feature in (("fid", "mu", "sigma", "pool"), ("sfid", "mu_s", "sigma_s", "spatial")):
         if mean in ref_stats:
             ref_mu, ref_sigma = ref_stats[mean], ref_stats[cov]
+            # ADM's reference files hold TF-computed statistics: the port's difference adds to FID.
             results["notes"].append(f"{metric}: reference statistics '{mean}', '{cov}' read from the reference file")
         elif ref_acts is not None:
             ref_mu, ref_sigma = feature_statistics(ref_acts[feature])

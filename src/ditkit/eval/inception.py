@@ -18,25 +18,26 @@ Outputs, per image:
 - ``spatial``: (2023,) ADM's sFID features, ``mixed_6/conv:0[..., :7]``.  In the 2015 graph the
   17×17 blocks are mixed_4..mixed_7 (torchvision's Mixed_6b..6e), so mixed_6 is Mixed_6d and its
   first conv is the 1×1 branch (conv, batch norm, ReLU), whose 192 channels come first in the
-  block's output.  Flattened in TensorFlow's (H, W, C) order: 17·17·7.
+  block's output.  Flattened in TensorFlow's (H, W, C) order: 17·17·7.  This reading of the TF
+  node name is ours; it has not been checked against the TF graph's tensor here.
 - ``probs``:   (1008,) softmax of pool3 · Wᵀ — the classifier's weights without its bias, over
   all 1008 outputs (1000 ImageNet classes and 8 unused ones).  That is what the original IS
   code (openai/improved-gan) and ADM's ``_create_softmax_graph`` compute, so IS is comparable.
 
 Input: uint8 (N, H, W, 3) images.  ``resize="pytorch-fid"`` (default) does what pytorch-fid
 does: x/255, bilinear resize to 299×299 (``F.interpolate``, align_corners=False, half-pixel
-centres, no antialias), then 2x − 1.  ``resize="tf1"`` does what the TF graph does: TensorFlow
-1.x ``ResizeBilinear`` (align_corners=False, no half-pixel centres, in float32) of the 0..255
-values, then (x − 128)/128; it is written from TF's documented kernel and not checked against a
-TensorFlow run here.
+centres, no antialias), then 2x − 1.  ``resize="tf1"`` does what the graph does with the
+0..255 images ADM feeds it (as torch-fidelity's port of the graph reads it): TensorFlow 1.x
+``ResizeBilinear`` (align_corners=False, no half-pixel centres, float32), then (x − 128)/128.  It
+is written from TF's kernel and checked against its closed form, not against a TensorFlow run.
 
-How the numbers relate to ADM's TF suite: the weights are the TF graph's, ported.  pytorch-fid's
-author reports the ported network gives the TF outputs to ~1e-8 mean absolute error on identical
-inputs, and FIDs that differ by 0.08 absolute (0.0009 relative) on LSUN with ProGAN samples, the
-remainder coming from image resizing and kernel backends.  For sFID, IS, precision and recall no
-such comparison has been published that we know of, and none has been measured here (no
-TensorFlow on this machine): treat differences of that order as the port's, and compare numbers
-computed with the same evaluator.
+How the numbers relate to ADM's TF suite (the one behind the DiT paper's tables): the weights are
+the TF graph's, ported.  pytorch-fid's README reports that the port gives the TF outputs to ~1e-8
+mean absolute error on identical inputs, and FIDs 0.08 apart (0.0009 relative) on LSUN with ProGAN
+samples, the rest coming from image resizing and library backends.  For sFID, IS, precision and
+recall we know of no published comparison, and none has been measured here (no TensorFlow and no
+real weights on this machine): expect differences of that order, and compare only numbers
+computed with the same evaluator and resize mode.
 """
 from __future__ import annotations
 
