@@ -96,27 +96,67 @@ def _decoder(cfg, vae_path: str | None, device):
 
 
 def cmd_eval(args) -> None:
-    import numpy as np
+    from ditkit.eval.evaluate import write_json
 
     if args.ref is None:
-        from ditkit.eval.digits import evaluate_digit_samples
+        from ditkit.eval.digits import evaluate_digits, format_digits, load_digit_samples
 
-        data = np.load(args.samples)
-        if "samples" not in data or data["samples"].shape[-2:] != (8, 8):
-            raise SystemExit(f"ditkit: {args.samples} holds no 8×8 digit samples; give --ref for image metrics")
-        result = evaluate_digit_samples(data["samples"], data["arr_1"])
+        result = evaluate_digits(*load_digit_samples(args.samples))
+        print(format_digits(result))
     else:
-        from ditkit.eval.evaluate import evaluate
+        from ditkit.eval.evaluate import evaluate, format_table
 
-        result = evaluate(args.samples, args.ref, inception_weights=args.inception, batch_size=args.batch_size,
-                          device=args.device)
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        if args.inception is None:
+            raise SystemExit("ditkit: image metrics need --inception PATH (pt_inception-2015-12-05-6726825d.pth, see README)")
+        result = evaluate(args.samples, args.ref, args.inception, batch_size=args.batch_size, device=args.device,
+                          resize=args.resize, progress=True)
+        print(format_table(result))
     if args.json:
-        from ditkit.utils.io import atomic_write_text
+        write_json(result, args.json)
 
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+
+def cmd_extract(args) -> None:
+    import torch
+
+    from ditkit.data.latents import build_latent_cache
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    manifest = build_latent_cache(args.data, args.vae, args.out, image_size=args.image_size, labels_file=args.labels_file,
+                                  num_classes=args.num_classes, vae_dtype=dtypes[args.vae_dtype], device=args.device,
+                                  batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
+                                  rank=args.rank, world_size=args.world_size, progress=True)
+    print(f"{manifest['count']} images -> latents {manifest['latent_shape']} in {args.out}")
+
+
+def cmd_export(args) -> None:
+    from ditkit.checkpoints import load_for_sampling
+    from ditkit.interop import export_diffusers, save_pretrained
+
+    model, _ = load_for_sampling(args.ckpt, use_ema=not args.no_ema)
+    if args.to == "diffusers":
+        labels = json.loads(Path(args.id2label).read_text()) if args.id2label else None
+        export_diffusers(model, args.out, vae=args.vae, id2label=labels)
+    else:
+        save_pretrained(model, args.out)
+    print(f"exported {args.ckpt} -> {args.out} ({args.to})")
+
+
+def cmd_fields_benchmark(args) -> None:
+    from ditkit.data.random_fields import write_benchmark
+
+    paths = write_benchmark(args.out, args.n, size=args.size, seed=args.seed)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_eval_fields(args) -> None:
+    from ditkit.eval.evaluate import write_json
+    from ditkit.eval.field_benchmark import evaluate_field_checkpoint
+
+    result = evaluate_field_checkpoint(args.ckpt, args.data, args.out, points=args.points, samples=args.samples,
+                                       device=args.device)
+    for k, v in result.items():
+        print(f"{k:<28} {v:.4f}")
+    write_json(result, Path(args.out) / "fields_eval.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,13 +191,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="score samples: digits metrics, or FID/sFID/IS/precision/recall against --ref")
-    p.add_argument("--samples", required=True, help="a samples .npz (arr_0 uint8 N×H×W×3)")
-    p.add_argument("--ref", help="reference batch: ADM .npz, another .npz or a folder of images")
+    p.add_argument("--samples", required=True, help="a samples .npz (ADM: arr_0 uint8 N×H×W×3; digits: samples, labels)")
+    p.add_argument("--ref", help="reference batch: ADM .npz (its mu/sigma are used), another .npz or a folder of images")
     p.add_argument("--inception", help="local InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--resize", choices=["pytorch-fid", "tf1"], default="pytorch-fid")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("extract", help="encode an image dataset once into a sharded VAE latent cache")
+    p.add_argument("--data", required=True, help="ImageFolder root, or the base folder of --labels-file")
+    p.add_argument("--labels-file", help="train_labels.txt: one 'image_path class_id' per line")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--vae", required=True, help="local sd-vae-ft-ema / -mse folder or file")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=10000)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--vae-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("export", help="write a checkpoint as a diffusers folder or a safetensors file")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--to", choices=["diffusers", "safetensors"], default="diffusers")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vae", help="with --to diffusers: a local VAE folder, to write a whole DiTPipeline")
+    p.add_argument("--id2label", help="JSON file {class id: name} for the pipeline")
+    p.add_argument("--no-ema", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("fields-benchmark", help="write the random-field benchmark (known answer) to disk")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_fields_benchmark)
+
+    p = sub.add_parser("eval-fields", help="score a field model on the random-field benchmark, with plots")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True, help="the benchmark folder (benchmark.json)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--points", type=int, default=8)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.set_defaults(func=cmd_eval_fields)
     return parser
 
 

@@ -125,8 +125,9 @@ def merge_parts(out_dir: Path, num_samples: int, n_batches: int) -> Path:
     if not np.array_equal(index, np.arange(num_samples)):
         raise RuntimeError(f"sample parts in {parts} do not cover 0..{num_samples - 1} exactly once")
     merged = {"arr_0": np.concatenate([p["arr_0"] for p in loaded]), "arr_1": np.concatenate([p["arr_1"] for p in loaded])}
-    if "samples" in loaded[0]:
+    if "samples" in loaded[0]:  # pixel-space and field runs: the raw float samples and their labels
         merged["samples"] = np.concatenate([p["samples"] for p in loaded])
+        merged["labels"] = merged["arr_1"]
     path = out_dir / "samples.npz"
     atomic_save_npz(path, **merged)
     return path
