@@ -58,7 +58,8 @@ def main() -> None:
     out = Path(args.out)
     rows = []
     for objective in ("ddpm", "flow"):
-        overrides = [f"objective.name={objective}"] + ([f"train.steps={args.steps}"] if args.steps else [])
+        sampler = "ddpm" if objective == "ddpm" else "heun"
+        overrides = [f"objective.name={objective}", f"sample.sampler={sampler}"] + ([f"train.steps={args.steps}"] if args.steps else [])
         cfg = load_config("digits", overrides=overrides)
         run = out / objective
         t0 = time.perf_counter()

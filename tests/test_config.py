@@ -11,7 +11,7 @@ def test_presets_load_and_validate():
 
 
 def test_override_applies_with_type_coercion():
-    cfg = load_config("digits", overrides=["train.lr=3e-4", "train.steps=10", "objective.name=flow"])
+    cfg = load_config("digits", overrides=["train.lr=3e-4", "train.steps=10", "objective.name=flow", "sample.sampler=heun"])
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.steps == 10 and cfg.objective.name == "flow"
     assert isinstance(load_config("digits", overrides=["train.lr=1"]).train.lr, float)
 
@@ -39,3 +39,8 @@ def test_bad_yaml_file_is_named(tmp_path):
         load_config(path=path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(path=tmp_path / "missing.yaml")
+
+
+def test_sampler_must_fit_objective():
+    with pytest.raises(ConfigError, match="sample.sampler 'ddim' does not fit objective.name='flow'"):
+        load_config("digits", overrides=["objective.name=flow"])

@@ -21,6 +21,10 @@ import yaml
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
+DDPM_SAMPLERS = ("ddpm", "ddim")
+FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
+
+
 class ConfigError(ValueError):
     """An invalid config value; the message names the field."""
 
@@ -149,6 +153,14 @@ class Config:
         for ok, name, what in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {what}, got {_get(self, name)!r}")
+        from ditkit.models.dit import DiT_models
+
+        if self.model.name != "custom" and self.model.name not in DiT_models:
+            raise ConfigError(f"unknown model {self.model.name!r}; known models: {', '.join(DiT_models)}, custom")
+        allowed = DDPM_SAMPLERS if self.objective.name == "ddpm" else FLOW_SAMPLERS
+        if self.sample.sampler not in allowed:
+            raise ConfigError(f"sample.sampler {self.sample.sampler!r} does not fit objective.name={self.objective.name!r}; "
+                              f"choose one of {', '.join(allowed)}")
         self.model.kwargs()
         return self
 

@@ -75,13 +75,14 @@ def sample_labels(indices: range, num_classes: int, mode: str | list[int], seed:
 
 def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, out_dir: str | Path, batch_size: int,
                   seed: int = 0, labels: str | list[int] = "balanced", decode=None, rank: int = 0, world_size: int = 1,
-                  device: torch.device = torch.device("cpu"), progress: bool = True) -> Path | None:
+                  device: torch.device = torch.device("cpu"), progress: bool = True, barrier=None) -> Path | None:
     """Sample ``num_samples`` into ``out_dir/samples.npz`` (ADM format: ``arr_0`` uint8 N×H×W×3,
     ``arr_1`` labels; pixel-space and field runs also keep the raw float ``samples``).
 
     Batch b holds samples [b·B, (b+1)·B); rank r does batches r, r+W, …, each written atomically to
     ``parts/``.  An interrupted run resumes by skipping finished parts; rank 0 merges them in
-    order and checks that every index is present exactly once.  ``decode(x) -> (uint8, raw)``."""
+    order (after ``barrier()``, which waits for the other ranks) and checks that every index is
+    present exactly once.  ``decode(x) -> (uint8, raw)``."""
     from tqdm import tqdm
 
     from ditkit.data.sampler import step_seed
@@ -109,6 +110,8 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
         atomic_save_npz(parts / f"part_{b:06d}.npz", **arrays)
         bar.update(world_size)
     bar.close()
+    if barrier is not None:
+        barrier()
     if rank != 0:
         return None
     return merge_parts(out_dir, num_samples, n_batches)

@@ -148,3 +148,14 @@ def test_warmup_and_ema_schedules():
     assert lr_at(0, 1e-3, 10) == pytest.approx(1e-4) and lr_at(9, 1e-3, 10) == pytest.approx(1e-3)
     assert lr_at(50, 1e-3, 0) == 1e-3
     assert ema_decay_at(0.9999, 0, warmup=True) == pytest.approx(0.1) and ema_decay_at(0.9999, 0, warmup=False) == 0.9999
+
+
+def test_sample_grids_tensorboard_and_bf16(tmp_path):
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.sample_every=2", "train.precision=bf16",
+                                           "sample.steps=2"])
+    train(cfg, tmp_path, device="cpu")
+    assert (tmp_path / "samples" / "step_00000002.png").stat().st_size > 0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "config.yaml").exists()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "grad_norm", "lr", "img_per_s"} <= set(record) and record["loss"] == record["loss"]

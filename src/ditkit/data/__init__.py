@@ -63,6 +63,9 @@ def build_dataset(cfg: Config) -> EpochIndexed:
                              augment=d.flip)
     else:
         raise ConfigError(f"unknown data.kind {kind!r}")
+    found = getattr(inner, "num_classes", None)
+    if found is not None and cfg.model.num_classes > 0 and found > cfg.model.num_classes:
+        raise ConfigError(f"data at {d.path or kind} has {found} classes but model.num_classes is {cfg.model.num_classes}")
     keep = tuple(k for k, on in (("y", cfg.model.num_classes > 0), ("params", cfg.model.num_params > 0),
                                  ("field", cfg.model.cond_channels > 0)) if on)
     return EpochIndexed(inner, cfg.train.seed, keep)

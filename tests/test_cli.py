@@ -1,0 +1,81 @@
+"""The command line: bad input gives one clear line and exit code 2, not a traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditkit.cli import main
+from ditkit.config import load_config
+from ditkit.train.trainer import train
+
+TINY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=16", "train.steps=1"]
+
+
+def one_line_error(capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    train(load_config("digits", overrides=TINY), run, device="cpu")
+    return run / "checkpoints" / "last.pt"
+
+
+def test_unknown_model_lists_known_ones(capsys, tmp_path):
+    one_line_error(capsys, ["train", "--preset", "digits", "--model", "DiT-M/2", "--run-dir", str(tmp_path)],
+                   "unknown model 'DiT-M/2'; known models: DiT-XL/2")
+
+
+def test_input_size_not_divisible(capsys, tmp_path):
+    one_line_error(capsys, ["train", "--preset", "digits", "--set", "model.patch_size=3", "--run-dir", str(tmp_path)],
+                   "input size 8 is not divisible by patch size 3")
+
+
+def test_config_value_of_wrong_type(capsys, tmp_path):
+    one_line_error(capsys, ["train", "--preset", "digits", "--set", "train.steps=many", "--run-dir", str(tmp_path)],
+                   "train.steps must be int")
+
+
+def test_label_out_of_range(capsys, tmp_path, ckpt):
+    one_line_error(capsys, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path), "--labels", "3,12"],
+                   "label 12 is out of range: the model has 10 classes")
+
+
+def test_truncated_and_foreign_checkpoints(capsys, tmp_path, ckpt):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpt.read_bytes()[:1000])
+    one_line_error(capsys, ["sample", "--ckpt", str(cut), "--out", str(tmp_path)], "cut.pt")
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    one_line_error(capsys, ["sample", "--ckpt", str(text), "--out", str(tmp_path)], "notes.pt")
+
+
+def test_checkpoint_that_does_not_fit_names_keys(capsys, tmp_path, ckpt):
+    data = torch.load(ckpt, weights_only=True)
+    data["ema"]["extra.weight"] = torch.zeros(1)
+    data["ema"]["pos_embed"] = torch.zeros(1, 3, 32)
+    bad = tmp_path / "bad.pt"
+    torch.save(data, bad)
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(bad), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "extra.weight" in err and "pos_embed" in err
+
+
+def test_sample_and_eval_end_to_end(tmp_path, ckpt):
+    env_path = str(Path(__file__).parents[1] / "src")
+    run = [sys.executable, "-m", "ditkit"]
+    out = subprocess.run([*run, "sample", "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-samples", "20",
+                          "--steps", "2"], capture_output=True, text=True, env={"PYTHONPATH": env_path, "PATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "grid.png").exists() and (tmp_path / "samples.npz").exists()
+    ev = subprocess.run([*run, "eval", "--samples", str(tmp_path / "samples.npz"), "--json", str(tmp_path / "m.json")],
+                        capture_output=True, text=True, env={"PYTHONPATH": env_path, "PATH": ""})
+    assert ev.returncode == 0 and "classifier agreement" in ev.stdout, ev.stderr[-2000:]
+    assert (tmp_path / "m.json").exists()
