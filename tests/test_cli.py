@@ -79,3 +79,16 @@ def test_sample_and_eval_end_to_end(tmp_path, ckpt):
                         capture_output=True, text=True, env={"PYTHONPATH": env_path, "PATH": ""})
     assert ev.returncode == 0 and "classifier agreement" in ev.stdout, ev.stderr[-2000:]
     assert (tmp_path / "m.json").exists()
+
+
+def test_export_to_safetensors_and_diffusers_then_sample_from_it(tmp_path, ckpt):
+    main(["export", "--ckpt", str(ckpt), "--to", "safetensors", "--out", str(tmp_path / "m.safetensors")])
+    main(["export", "--ckpt", str(ckpt), "--to", "diffusers", "--out", str(tmp_path / "diffusers")])
+    assert (tmp_path / "diffusers" / "config.json").exists()
+    from ditkit.checkpoints import load_for_sampling
+
+    a, _ = load_for_sampling(ckpt)
+    for source in (tmp_path / "m.safetensors", tmp_path / "diffusers"):
+        b, _ = load_for_sampling(source)
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), (source, k)

@@ -159,3 +159,17 @@ def test_sample_grids_tensorboard_and_bf16(tmp_path):
     assert (tmp_path / "config.yaml").exists()
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"loss", "grad_norm", "lr", "img_per_s"} <= set(record) and record["loss"] == record["loss"]
+
+
+def test_finetune_with_another_number_of_classes_reinitialises_only_the_label_table(tmp_path, caplog):
+    base = load_config("digits", overrides=[*TINY, "train.steps=1"])
+    train(base, tmp_path / "base", device="cpu")
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=1", "train.lr=1e-12", "model.num_classes=12"])
+    with caplog.at_level("INFO", logger="ditkit.train"):
+        train(cfg, tmp_path / "ft", device="cpu", init_from=str(tmp_path / "base" / "checkpoints" / "last.pt"))
+    assert "y_embedder.embedding_table.weight" in caplog.text
+    src, ft = final_weights(tmp_path / "base")["ema"], final_weights(tmp_path / "ft")["model"]
+    assert ft["y_embedder.embedding_table.weight"].shape == (13, 32)
+    for k, v in ft.items():  # one step at lr 1e-12: everything else is the source's weights
+        if not k.startswith("y_embedder"):
+            torch.testing.assert_close(v, src[k], rtol=0, atol=1e-8)
