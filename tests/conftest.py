@@ -17,3 +17,13 @@ def golden():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="session")
+def vae():
+    """A randomly initialised AutoencoderKL of the real sd-vae-ft configuration."""
+    diffusers = pytest.importorskip("diffusers")
+    from ditkit.models.vae import SD_VAE_CONFIG
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(**SD_VAE_CONFIG).eval()

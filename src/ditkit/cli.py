@@ -48,12 +48,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    import torch
-
     from ditkit.checkpoints import load_for_sampling
     from ditkit.config import from_dict
     from ditkit.objectives import build_objective
-    from ditkit.sampling import grid_labels, sample_to_npz, save_sample_grid
+    from ditkit.sampling import grid_labels, sample_to_npz
     from ditkit.train.distributed import barrier, cleanup, setup_distributed
 
     info = setup_distributed(args.device)

@@ -9,17 +9,10 @@ import torch
 from PIL import Image
 
 pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL  # noqa: E402
 
 from ditkit.data.images import ImageDataset  # noqa: E402
 from ditkit.data.latents import LatentDataset, build_latent_cache, extract_latents, read_manifest  # noqa: E402
-from ditkit.models.vae import SD_VAE_CONFIG, encode  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(**SD_VAE_CONFIG).eval()
+from ditkit.models.vae import encode  # noqa: E402
 
 
 @pytest.fixture(scope="module")

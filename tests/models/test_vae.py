@@ -9,13 +9,7 @@ from safetensors.torch import save_file
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 
-from ditkit.models.vae import LATENT_SCALE, SD_VAE_CONFIG, decode, encode, load_vae, to_uint8  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(**SD_VAE_CONFIG).eval()
+from ditkit.models.vae import LATENT_SCALE, decode, encode, load_vae, to_uint8  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
                      *overrides("train.ckpt_every=5"))
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out[-2000:]
-    assert f"resuming from" in out and f"at step {killed_at}" in out
+    assert "resuming from" in out and f"at step {killed_at}" in out
 
     assert losses(run) == losses(tmp_path / "ref")  # every step's loss, bit for bit
     a, b = final_weights(run), final_weights(tmp_path / "ref")

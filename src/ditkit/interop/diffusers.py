@@ -194,14 +194,20 @@ def _write_json(path: Path, obj: Mapping) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _component_dir(path: str | os.PathLike, sub: str, what: str) -> Path:
+    """A diffusers model folder (with config.json), or a pipeline folder holding one in ``sub/``."""
+    path = Path(path)
+    if (path / sub / "config.json").is_file():
+        path = path / sub
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no {what} at {path}: expected a diffusers folder with config.json")
+    return path
+
+
 def _vae_dir(vae: str | os.PathLike) -> Path:
     """A local AutoencoderKL folder, or a pipeline folder holding one in ``vae/``."""
-    vae = Path(vae)
-    if (vae / "vae" / "config.json").is_file():
-        vae = vae / "vae"
+    vae = _component_dir(vae, "vae", "VAE")
     config = vae / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"no VAE at {vae}: expected a diffusers AutoencoderKL folder with config.json")
     name = json.loads(config.read_text()).get("_class_name")
     if name != "AutoencoderKL":
         raise ValueError(f"{config}: _class_name is {name!r}, expected 'AutoencoderKL'")
@@ -260,13 +266,8 @@ def _as_dict(path: Path) -> StateDict:
 def from_diffusers(folder: str | os.PathLike) -> tuple[DiT, dict]:
     """(ditkit DiT in eval mode, its constructor arguments) from a diffusers DiT transformer
     folder, or a DiTPipeline folder holding one in ``transformer/``."""
-    folder = Path(folder)
-    if (folder / "transformer" / "config.json").is_file():
-        folder = folder / "transformer"
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no diffusers model at {folder}: config.json is missing")
-    diff_config = json.loads(config_file.read_text())
+    folder = _component_dir(folder, "transformer", "diffusers model")
+    diff_config = json.loads((folder / "config.json").read_text())
     state_dict, config = from_diffusers_state_dict(_read_weights(folder), diff_config)
     return build_from_state_dict(state_dict, config), config
 
