@@ -11,7 +11,7 @@ import torch
 from ditkit.config import Config, ModelConfig, SampleConfig, config_from_checkpoint
 from ditkit.interop import check_state_dict, load_for_finetune, load_pretrained, load_state_dict
 from ditkit.models.dit import DiT, build_model
-from ditkit.train.checkpoint import load_checkpoint
+from ditkit.train.checkpoint import is_training_safetensors, load_checkpoint
 
 
 def is_ditkit_checkpoint(data: dict) -> bool:
@@ -23,7 +23,7 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
     ditkit carry no training config: they are taken as the official recipe (DDPM on SD-VAE
     latents, guidance on 3 channels as the official sample.py)."""
     path = Path(path)
-    if path.is_file() and path.suffix != ".safetensors":
+    if path.is_file() and (path.suffix != ".safetensors" or is_training_safetensors(path)):
         data = load_checkpoint(path)
         if is_ditkit_checkpoint(data):
             cfg = config_from_checkpoint(data["config"])
@@ -43,6 +43,6 @@ def load_weights_for_finetune(model: DiT, path: str | Path, log: logging.Logger)
     the position embedding (another input size) are rebuilt for this model, and the log says so;
     any other mismatch is an error naming the keys."""
     path = Path(path)
-    data = load_checkpoint(path) if path.suffix != ".safetensors" else None
+    data = load_checkpoint(path) if path.suffix != ".safetensors" or is_training_safetensors(path) else None
     state = data["ema"] if data is not None and is_ditkit_checkpoint(data) else load_state_dict(path)
     load_for_finetune(model, state, log=log.info, source=str(path))

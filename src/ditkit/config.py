@@ -109,6 +109,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 50_000
     keep_last: int = 3
+    ckpt_format: str = "pt"  # pt | safetensors (same content; safetensors never runs pickle)
     sample_every: int = 0  # 0: off
     max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
     vae: str | None = None  # local VAE for sample grids of latent runs
@@ -142,6 +143,7 @@ class Config:
             (self.data.kind in ("digits", "images", "latents", "fields"), "data.kind", "digits, images, latents or fields"),
             (self.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto, fp32, bf16 or fp16"),
             (self.train.distributed in ("ddp", "fsdp"), "train.distributed", "ddp or fsdp"),
+            (self.train.ckpt_format in ("pt", "safetensors"), "train.ckpt_format", "pt or safetensors"),
             (self.sample.sampler in ("ddpm", "ddim", "euler", "heun", "dopri5", "sde"), "sample.sampler",
              "ddpm, ddim, euler, heun, dopri5 or sde"),
             (self.train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),

@@ -173,3 +173,33 @@ def test_finetune_with_another_number_of_classes_reinitialises_only_the_label_ta
     for k, v in ft.items():  # one step at lr 1e-12: everything else is the source's weights
         if not k.startswith("y_embedder"):
             torch.testing.assert_close(v, src[k], rtol=0, atol=1e-8)
+
+
+def test_fp16_with_gradient_scaler_trains_and_resumes(tmp_path):
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.precision=fp16"])
+    train(cfg, tmp_path, device="cpu")
+    state = final_weights(tmp_path)
+    assert "scaler" in state and state["scaler"]["scale"] > 0
+    cfg.train.steps = 3
+    train(cfg, tmp_path, device="cpu", resume=True)
+    assert final_weights(tmp_path)["step"] == 3
+
+
+def test_safetensors_training_checkpoints_resume_like_pt(tmp_path):
+    runs = {}
+    for fmt in ("pt", "safetensors"):
+        cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.ckpt_every=2", f"train.ckpt_format={fmt}"])
+        train(cfg, tmp_path / fmt, device="cpu")
+        cfg.train.steps = 4
+        train(cfg, tmp_path / fmt, device="cpu", resume=True)
+        runs[fmt] = load_checkpoint(tmp_path / fmt / "checkpoints" / f"last.{fmt}")
+    a, b = runs["pt"], runs["safetensors"]
+    assert a["step"] == b["step"] == 4 and a["config"]["model"] == b["config"]["model"]
+    assert b["config"]["train"]["ckpt_format"] == "safetensors"
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert all(torch.equal(a["opt"]["state"][i]["exp_avg"], b["opt"]["state"][i]["exp_avg"]) for i in a["opt"]["state"])
+    from ditkit.checkpoints import load_for_sampling
+
+    model, cfg = load_for_sampling(tmp_path / "safetensors" / "checkpoints" / "last.safetensors")
+    assert cfg.train.ckpt_format == "safetensors" and torch.equal(model.state_dict()["pos_embed"], b["ema"]["pos_embed"])

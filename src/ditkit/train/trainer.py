@@ -228,7 +228,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if scaler is not None:
             st["scaler"] = scaler.state_dict()
         if info.is_main:
-            save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last)
+            save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last, cfg.train.ckpt_format)
             if step == end_step:
                 export_ema(ema_sd, model, run_dir / "ema.safetensors")
         barrier(info)
