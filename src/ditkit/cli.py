@@ -42,8 +42,7 @@ def cmd_train(args) -> None:
     from ditkit.train.trainer import train
 
     cfg = _resolve_config(args)
-    result = train(cfg, args.run_dir, resume=args.resume, device=args.device, init_from=args.init_from,
-                   stop_after=args.stop_after)
+    result = train(cfg, args.run_dir, resume=args.resume, device=args.device, init_from=args.init_from)
     print(f"trained to step {result['step']}; checkpoints in {Path(args.run_dir) / 'checkpoints'}")
 
 
@@ -184,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoints/last.pt")
     p.add_argument("--init-from", help="start from these weights (ditkit, official .pt, safetensors)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU if any)")
-    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample into an ADM-style .npz and a PNG grid")

@@ -138,12 +138,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | None = None,
-          init_from: str | None = None, stop_after: int | None = None) -> dict:
+          init_from: str | None = None) -> dict:
     """Train ``cfg`` into ``run_dir`` (checkpoints/, config.yaml, metrics.jsonl, tb/, samples/).
 
     ``resume``: continue from ``run_dir/checkpoints/last.pt`` bit-for-bit as if never stopped.
-    ``init_from``: start from another checkpoint's weights (e.g. an official DiT one);
-    ``stop_after``: end this process after that many steps (for tests of interruption)."""
+    ``init_from``: start from another checkpoint's weights (e.g. an official DiT one)."""
     run_dir = Path(run_dir)
     info = setup_distributed(device)
     dev = info.device
@@ -206,9 +205,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         save_config(cfg, run_dir / "config.yaml")
         _truncate_metrics(metrics_path, start_step)
         writer = _tensorboard(run_dir)
-    fixed = _fixed_sampling_inputs(cfg, dataset, dev) if cfg.train.sample_every and info.is_main else None
+    # Every rank samples the grid: a sharded (FSDP) EMA needs all of them for a forward pass.
+    fixed = _fixed_sampling_inputs(cfg, dev) if cfg.train.sample_every else None
 
-    end_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, start_step + stop_after)
+    end_step = cfg.train.steps
     consecutive_bad = torch.zeros((), device=dev)
     worst_run = torch.zeros((), device=dev)
     bad_acc = torch.zeros((), device=dev)
@@ -261,6 +261,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
                       "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed}
             if dev.type == "cuda":
                 record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            if hasattr(dataset.inner, "num_unreadable"):  # image folders: skipped files, each named in a warning
+                record["unreadable_images"] = dataset.inner.num_unreadable
             if n_bad:
                 nonfinite_total += n_bad
                 log.warning(f"step {done}: {n_bad} non-finite step(s) skipped (total {nonfinite_total})")
@@ -283,7 +285,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if done % cfg.train.ckpt_every == 0 or done == end_step:
             checkpoint(done)
         if fixed is not None and done % cfg.train.sample_every == 0:
-            _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done)
+            _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done,
+                               info.is_main)
     bar.close()
     if writer is not None:
         writer.close()
@@ -309,7 +312,7 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
+def _fixed_sampling_inputs(cfg: Config, dev: torch.device) -> dict:
     """The same noise and labels at every sample grid, so grids show progress, not luck."""
     from ditkit.sampling import grid_labels
 
@@ -323,11 +326,13 @@ def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _write_sample_grid(ema, objective, cfg: Config, fixed: dict, path: Path, writer, step: int) -> None:
+def _write_sample_grid(ema, objective, cfg: Config, fixed: dict, path: Path, writer, step: int, is_main: bool) -> None:
     from ditkit.sampling import generate, save_sample_grid
 
     kwargs = {"y": fixed["labels"]} if cfg.model.num_classes > 0 else {}
     x, _ = generate(ema, objective, fixed["noise"], kwargs, cfg.sample, progress=False)
+    if not is_main:
+        return
     image = save_sample_grid(x, cfg, path, nrow=8)
     if writer is not None and image is not None:
         writer.add_image("samples", image, step, dataformats="HWC")
