@@ -1,0 +1,82 @@
+"""Training throughput through the exact command a user runs (`ditkit train --preset imagenet256`),
+on a synthetic latent cache in the real format (random posteriors, 32×32×4 latents, 1000 classes:
+the data path is the real one, only the numbers are made up, since no ImageNet or VAE weights can
+be downloaded here).  img/s is the trainer's own `metrics.jsonl` figure for the last logging
+interval (the first interval holds start-up).
+
+    PYTHONPATH=src python benchmarks/train_throughput.py [--models DiT-B/2 DiT-XL/2] [--steps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ditkit.data.latents import FORMAT, MANIFEST, shard_name
+
+
+def write_synthetic_cache(out: Path, count: int, latent: int, num_classes: int, shard_size: int = 2048) -> None:
+    g = torch.Generator().manual_seed(0)
+    shards = []
+    for k, start in enumerate(range(0, count, shard_size)):
+        n = min(shard_size, count - start)
+        shape = (n, 2, 4, latent, latent)
+        save_file({"mean": torch.randn(shape, generator=g).half(), "std": torch.full(shape, 0.1).half(),
+                   "label": torch.randint(num_classes, (n,), generator=g)}, str(out / shard_name(k)))
+        shards.append({"name": shard_name(k), "start": start, "count": n})
+    manifest = {"format": FORMAT, "count": count, "image_shape": [3, latent * 8, latent * 8],
+                "latent_shape": [4, latent, latent], "views": ["image", "hflip"], "scale_factor": 0.18215,
+                "dtype": "float16", "num_classes": num_classes, "classes": None, "source": "synthetic",
+                "vae": "none", "shard_size": shard_size, "shards": shards}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["DiT-B/2", "DiT-XL/2"])
+    ap.add_argument("--batch", type=int, default=256, help="global batch (the paper's 256)")
+    ap.add_argument("--micro", type=int, default=128, help="per-step micro-batch (accumulation = batch / micro)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--extra", nargs="*", default=[], help="more --set overrides, e.g. train.compile=true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp())
+    cache = work / "latents"
+    cache.mkdir()
+    write_synthetic_cache(cache, count=max(4 * args.batch, 2048), latent=args.latent, num_classes=1000)
+    rows = []
+    for model in args.models:
+        cmd = [sys.executable, "-m", "ditkit", "train", "--preset", "imagenet256", "--model", model,
+               "--steps", str(args.steps), "--run-dir", str(work / model.replace("/", "_")),
+               "--set", f"data.path={cache}", "--set", f"model.input_size={args.latent}",
+               "--set", f"train.global_batch_size={args.batch}", "--set", f"train.grad_accum={args.batch // args.micro}",
+               "--set", f"train.log_every={args.steps // 2}", "--set", "train.ckpt_every=1000000"]
+        for e in args.extra:
+            cmd += ["--set", e]
+        print("$", " ".join(cmd[1:]), flush=True)
+        done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+        if done.returncode != 0:
+            rows.append({"model": model, "status": done.stderr.strip().splitlines()[-1][:200]})
+            continue
+        record = json.loads((work / model.replace("/", "_") / "metrics.jsonl").read_text().splitlines()[-1])
+        rows.append({"model": model, "status": "ok", **record})
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\n{device}; global batch {args.batch} (micro {args.micro}), {args.steps} steps, extra {args.extra}")
+    print("| model | img/s | GPU mem GiB | loss | status |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r.get('img_per_s', 0):.1f} | {r.get('gpu_mem_gib', 0):.1f} | {r.get('loss', 0):.4f} | "
+              f"{r['status']} |")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "train_throughput.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
