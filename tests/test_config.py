@@ -44,3 +44,23 @@ def test_bad_yaml_file_is_named(tmp_path):
 def test_sampler_must_fit_objective():
     with pytest.raises(ConfigError, match="sample.sampler 'ddim' does not fit objective.name='flow'"):
         load_config("digits", overrides=["objective.name=flow"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.ckpt_every=0", "train.ckpt_every must be a positive integer"),
+    ("train.log_every=0", "train.log_every must be a positive integer"),
+    ("train.max_nonfinite=0", "train.max_nonfinite must be at least 1"),
+    ("model.class_dropout_prob=0", "needs a null class"),
+])
+def test_values_that_would_crash_a_started_run_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits", overrides=[override])
+
+
+def test_objective_shortcut_keeps_the_users_sampler_settings():
+    from ditkit.cli import _resolve_config, build_parser
+
+    args = build_parser().parse_args(["train", "--preset", "digits", "--objective", "flow", "--set", "sample.steps=50",
+                                      "--run-dir", "x"])
+    cfg = _resolve_config(args)
+    assert (cfg.objective.name, cfg.sample.sampler, cfg.sample.steps) == ("flow", "heun", 50)

@@ -54,3 +54,12 @@ def test_labels_modes():
     r = sample_labels(range(200), 10, "random", 0)
     assert r.min() >= 0 and r.max() < 10 and len(set(r.tolist())) == 10
     assert torch.equal(r[50:60], sample_labels(range(50, 60), 10, "random", 0))  # per-sample, not per-batch
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, setup):
+    model, objective, cfg = setup
+    sample_to_npz(model, objective, cfg, 4, tmp_path, batch_size=4, progress=False)
+    cfg2 = type(cfg)(**{**cfg.__dict__})
+    cfg2.sample = type(cfg.sample)(**{**cfg.sample.__dict__, "cfg_scale": 6.0})
+    with pytest.raises(ValueError, match="other settings"):
+        sample_to_npz(model, objective, cfg2, 4, tmp_path, batch_size=4, progress=False)

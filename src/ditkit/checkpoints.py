@@ -3,13 +3,14 @@ checkpoint (its config inside), or anything ``ditkit.interop.load_pretrained`` r
 DiT ``.pt``, a safetensors file, a diffusers folder)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from ditkit.config import Config, ModelConfig, SampleConfig, config_from_checkpoint
-from ditkit.interop import check_state_dict, load_for_finetune, load_pretrained, load_state_dict
+from ditkit.config import RUN_CONFIG_KEY, Config, ModelConfig, SampleConfig, config_from_checkpoint
+from ditkit.interop import check_state_dict, load_for_finetune, load_pretrained, load_state_dict, read_metadata
 from ditkit.models.dit import DiT, build_model
 from ditkit.train.checkpoint import is_training_safetensors, load_checkpoint
 
@@ -32,8 +33,13 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
             check_state_dict(model, state, source=str(path))
             model.load_state_dict(state)
             return model.to(device).eval(), cfg
+    saved = read_metadata(path).get(RUN_CONFIG_KEY) if path.suffix == ".safetensors" else None
     model, ctor = load_pretrained(path)
-    cfg = Config(model=ModelConfig(name="custom", **ctor), sample=SampleConfig(guided_channels=3))
+    if saved is not None:  # ditkit's ema.safetensors: the run's own objective and sampler
+        return model.to(device).eval(), config_from_checkpoint(json.loads(saved))
+    # The official sample.py guides the first 3 channels (ε of RGB-like latents); never the variance.
+    cfg = Config(model=ModelConfig(name="custom", **ctor),
+                 sample=SampleConfig(guided_channels=3 if model.in_channels >= 3 else None))
     cfg.data.kind = "latents" if model.in_channels == 4 else "images"
     return model.to(device).eval(), cfg.validate()
 

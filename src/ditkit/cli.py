@@ -25,14 +25,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _resolve_config(args):
     from ditkit.config import load_config
 
-    overrides = list(args.overrides)
+    shortcuts = []
+    if args.objective:  # the objective's default sampler, unless the user names one
+        sampler, steps = {"ddpm": ("ddpm", 250), "flow": ("heun", 25)}[args.objective]
+        for key, value in (("sample.sampler", sampler), ("sample.steps", steps)):
+            if not any(o.startswith(f"{key}=") for o in args.overrides):
+                shortcuts.append(f"{key}={value}")
     for flag, key in (("objective", "objective.name"), ("model", "model.name"), ("steps", "train.steps")):
         value = getattr(args, flag, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
-    if args.objective and not any(o.startswith("sample.sampler=") for o in args.overrides):
-        sampler, steps = {"ddpm": ("ddpm", 250), "flow": ("heun", 25)}[args.objective]
-        overrides += [f"sample.sampler={sampler}", f"sample.steps={steps}"]
+            shortcuts.append(f"{key}={value}")
+    overrides = shortcuts + list(args.overrides)  # the user's --set come last and win
     if args.preset is None and args.config is None:
         raise SystemExit("ditkit: give --preset NAME or --config FILE (try --preset digits)")
     return load_config(args.preset, args.config, overrides)
@@ -65,7 +68,7 @@ def cmd_sample(args) -> None:
     out = Path(args.out)
     path = sample_to_npz(model, objective, cfg, args.num_samples, out, args.batch_size, seed=args.seed, labels=labels,
                          decode=decode, rank=info.rank, world_size=info.world_size, device=info.device,
-                         barrier=lambda: barrier(info))
+                         barrier=lambda: barrier(info), source=f"{Path(args.ckpt).resolve()} ema={not args.no_ema}")
     if path is not None:
         import numpy as np
 

@@ -25,6 +25,9 @@ DDPM_SAMPLERS = ("ddpm", "ddim")
 FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
 
 
+RUN_CONFIG_KEY = "ditkit_run_config"  # a run's whole config, in the header of its ema.safetensors
+
+
 class ConfigError(ValueError):
     """An invalid config value; the message names the field."""
 
@@ -112,7 +115,7 @@ class TrainConfig:
     ckpt_format: str = "pt"  # pt | safetensors (same content; safetensors never runs pickle)
     sample_every: int = 0  # 0: off
     max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
-    vae: str | None = None  # local VAE for sample grids of latent runs
+    vae: str | None = None  # local VAE (folder or file) to decode the sample grids of latent runs
 
 
 @dataclass
@@ -123,7 +126,6 @@ class SampleConfig:
     guided_channels: int | None = None  # None: all predicted channels (3 = the official code)
     guidance_interval: list | None = None  # [a, b] on the noise level
     eta: float = 0.0
-    use_ema: bool = True
 
 
 @dataclass
@@ -151,6 +153,10 @@ class Config:
             (self.train.steps >= 0, "train.steps", "a non-negative integer"),
             (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay", "in [0, 1)"),
             (self.train.lr > 0, "train.lr", "positive"),
+            (self.train.log_every > 0, "train.log_every", "a positive integer"),
+            (self.train.ckpt_every > 0, "train.ckpt_every", "a positive integer (a checkpoint is also written at the end)"),
+            (self.train.sample_every >= 0, "train.sample_every", "0 (off) or a positive integer"),
+            (self.train.max_nonfinite >= 1, "train.max_nonfinite", "at least 1"),
         ]
         for ok, name, what in checks:
             if not ok:
@@ -159,6 +165,9 @@ class Config:
 
         if self.model.name != "custom" and self.model.name not in DiT_models:
             raise ConfigError(f"unknown model {self.model.name!r}; known models: {', '.join(DiT_models)}, custom")
+        if self.sample.cfg_scale != 1.0 and self.model.num_classes > 0 and self.model.class_dropout_prob <= 0:
+            raise ConfigError(f"sample.cfg_scale={self.sample.cfg_scale} needs a null class, but model.class_dropout_prob "
+                              "is 0 (the model was not trained for guidance); use sample.cfg_scale=1")
         allowed = DDPM_SAMPLERS if self.objective.name == "ddpm" else FLOW_SAMPLERS
         if self.sample.sampler not in allowed:
             raise ConfigError(f"sample.sampler {self.sample.sampler!r} does not fit objective.name={self.objective.name!r}; "

@@ -2,6 +2,7 @@
 the objective's sampler, decode, write grids and ADM-style ``.npz`` batches."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,21 @@ def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dic
     return x, counter.nfe
 
 
-def save_sample_grid(x: torch.Tensor, cfg: Config, path: Path, nrow: int) -> np.ndarray | None:
-    """A PNG of pixel-space samples (upscaled so small images are visible); None for latents."""
-    if cfg.data.kind not in ("digits", "images"):
-        return None
-    images = to_uint8(x)
+def save_sample_grid(x: torch.Tensor, cfg: Config, path: Path, nrow: int, vae=None) -> np.ndarray:
+    """A PNG of samples, upscaled so small images are visible: pixels as they are; latents through
+    ``vae`` when given; anything else (fields, latents without a VAE) as its first channel, each
+    image stretched to its own min..max.  Returns the grid (H, W, 3) uint8."""
+    if cfg.data.kind in ("digits", "images"):
+        images = to_uint8(x)
+    elif vae is not None and cfg.data.kind == "latents":
+        from ditkit.models.vae import decode
+
+        images = to_uint8(decode(vae, x))
+    else:
+        first = x[:, :1].float()
+        lo = first.amin(dim=(1, 2, 3), keepdim=True)
+        hi = first.amax(dim=(1, 2, 3), keepdim=True)
+        images = to_uint8(2 * (first - lo) / (hi - lo).clamp_min(1e-12) - 1)
     scale = max(1, 64 // images.shape[1])
     return save_grid(images, path, nrow=nrow, scale=scale)
 
@@ -53,7 +64,9 @@ def save_sample_grid(x: torch.Tensor, cfg: Config, path: Path, nrow: int) -> np.
 
 
 def sample_noise(indices: range, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Noise of global sample i drawn from its own seed: the same whatever the batch or world size."""
+    """Noise of global sample i drawn from its own seed: the same whatever the batch or world size.
+    (The per-step noise of the DDPM and SDE samplers is seeded per batch of indices, so their
+    samples depend on the batch size, never on the number of processes.)"""
     from ditkit.data.sampler import step_seed
 
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(step_seed(seed, i, 1))) for i in indices])
@@ -75,14 +88,17 @@ def sample_labels(indices: range, num_classes: int, mode: str | list[int], seed:
 
 def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, out_dir: str | Path, batch_size: int,
                   seed: int = 0, labels: str | list[int] = "balanced", decode=None, rank: int = 0, world_size: int = 1,
-                  device: torch.device = torch.device("cpu"), progress: bool = True, barrier=None) -> Path | None:
+                  device: torch.device = torch.device("cpu"), progress: bool = True, barrier=None,
+                  source: str = "") -> Path | None:
     """Sample ``num_samples`` into ``out_dir/samples.npz`` (ADM format: ``arr_0`` uint8 N×H×W×3,
     ``arr_1`` labels; pixel-space and field runs also keep the raw float ``samples``).
 
     Batch b holds samples [b·B, (b+1)·B); rank r does batches r, r+W, …, each written atomically to
     ``parts/``.  An interrupted run resumes by skipping finished parts; rank 0 merges them in
     order (after ``barrier()``, which waits for the other ranks) and checks that every index is
-    present exactly once.  ``decode(x) -> (uint8, raw)``."""
+    present exactly once.  ``decode(x) -> (uint8, raw)``.  ``parts/settings.json`` records what
+    made the parts (``source``: the checkpoint; sampler, steps, guidance, seed, labels, sizes); a
+    rerun with other settings into the same folder is refused instead of mixing samples."""
     from tqdm import tqdm
 
     from ditkit.data.sampler import step_seed
@@ -90,6 +106,8 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     out_dir = Path(out_dir)
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
+    _check_settings(parts, {"source": source, "sample": dataclasses.asdict(cfg.sample), "seed": seed,
+                            "labels": labels, "num_samples": num_samples, "batch_size": batch_size})
     shape = (cfg.model.in_channels, *((cfg.model.input_size,) * 2 if isinstance(cfg.model.input_size, int) else cfg.model.input_size))
     n_batches = -(-num_samples // batch_size)
     mine = [b for b in range(rank, n_batches, world_size) if not (parts / f"part_{b:06d}.npz").exists()]
@@ -115,6 +133,19 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     if rank != 0:
         return None
     return merge_parts(out_dir, num_samples, n_batches)
+
+
+def _check_settings(parts: Path, settings: dict) -> None:
+    import json
+
+    from ditkit.utils.io import atomic_write_text
+
+    path = parts / "settings.json"
+    text = json.dumps(settings, sort_keys=True)
+    if path.exists() and path.read_text() != text:
+        raise ValueError(f"{parts} holds samples made with other settings ({path}); choose another --out "
+                         "or delete that folder to start over")
+    atomic_write_text(path, text)  # every rank writes the same text
 
 
 def merge_parts(out_dir: Path, num_samples: int, n_batches: int) -> Path:

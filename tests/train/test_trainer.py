@@ -87,7 +87,9 @@ def test_existing_run_needs_resume_flag(tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, mode):
     common = ["train", "--preset", "digits", "--steps", "4", "--device", "cpu"]
-    torchrun(2, *common, "--run-dir", str(tmp_path / "two"), *overrides(f"train.distributed={mode}"))
+    torchrun(2, *common, "--run-dir", str(tmp_path / "two"),
+             *overrides(f"train.distributed={mode}", "train.sample_every=2", "sample.steps=2"))
+    assert (tmp_path / "two" / "samples" / "step_00000004.png").exists()  # grids on every rank, FSDP included
     one = ditkit(*common, "--run-dir", str(tmp_path / "one"), *overrides("train.grad_accum=2"))
     assert one.wait(timeout=300) == 0, one.stdout.read()[-2000:]
     a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
@@ -203,3 +205,37 @@ def test_safetensors_training_checkpoints_resume_like_pt(tmp_path):
 
     model, cfg = load_for_sampling(tmp_path / "safetensors" / "checkpoints" / "last.safetensors")
     assert cfg.train.ckpt_format == "safetensors" and torch.equal(model.state_dict()["pos_embed"], b["ema"]["pos_embed"])
+
+
+def test_torn_metrics_line_does_not_block_resume(tmp_path):
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.ckpt_every=2"])
+    train(cfg, tmp_path, device="cpu")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # a crash mid-write
+    cfg.train.steps = 3
+    train(cfg, tmp_path, device="cpu", resume=True)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_ema_safetensors_samples_with_the_runs_objective(tmp_path):
+    from ditkit.checkpoints import load_for_sampling
+
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=1", "objective.name=flow", "sample.sampler=heun"])
+    train(cfg, tmp_path, device="cpu")
+    _, loaded = load_for_sampling(tmp_path / "ema.safetensors")
+    assert loaded.objective.name == "flow" and loaded.sample.sampler == "heun"
+
+
+def test_fields_run_writes_sample_grids(tmp_path):
+    from ditkit.data.random_fields import write_benchmark
+
+    write_benchmark(tmp_path / "bench", 16, size=8, seed=0)
+    b = tmp_path / "bench"
+    cfg = load_config("fields64", overrides=[
+        "model.name=custom", "model.input_size=8", "model.patch_size=4", "model.hidden_size=32", "model.depth=1",
+        "model.num_heads=2", f"data.path={b / 'x.npy'}", f"data.params_file={b / 'params.csv'}",
+        f"data.field_file={b / 'field.npy'}", "data.num_workers=0", "train.global_batch_size=8", "train.steps=2",
+        "train.sample_every=2", "sample.steps=2"])
+    train(cfg, tmp_path / "run", device="cpu")
+    assert (tmp_path / "run" / "samples" / "step_00000002.png").exists()
+    assert "normalizer" in final_weights(tmp_path / "run")

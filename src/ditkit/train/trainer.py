@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ditkit.config import Config, ConfigError, save_config
+from ditkit.config import RUN_CONFIG_KEY, Config, ConfigError, save_config
 from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import build_model
@@ -24,6 +24,7 @@ from ditkit.objectives import build_objective
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.train.ema import ema_decay_at, update_ema
+from ditkit.utils.io import atomic_write_text
 
 log = logging.getLogger("ditkit.train")
 
@@ -44,16 +45,21 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
 
 
 def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg: Config, amp_dtype, scaler,
-               device: torch.device, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``grad_accum`` micro-batches.  Returns (mean loss, grad norm) as
-    device tensors; nothing here waits for the device.  A non-finite gradient makes the fused
-    AdamW skip the update on the device (``found_inf``), as a GradScaler would."""
+               device: torch.device, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches.  Returns (mean loss, grad norm, bad)
+    as device tensors; nothing here waits for the device.  A non-finite gradient makes the fused
+    AdamW skip the update on the device (``found_inf``), as a GradScaler would.  ``bad`` marks a
+    skipped step; with fp16's scaler an overflow is routine (the scale drops) and only a
+    non-finite loss counts."""
     accum = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
     for m, batch in enumerate(micro_batches):
         torch.manual_seed(step_seed(cfg.train.seed, step, shard0 + m))  # noise, t, label drop of this shard
         x0, model_kwargs = split_batch(batch, device)
-        sync = nullcontext() if m == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        last = m == accum - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last micro-batch
+            model.set_requires_gradient_sync(last)
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()  # DDP
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = objective.loss(model, x0, model_kwargs)["loss"].mean() / accum
@@ -68,11 +74,13 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
+        bad = ~torch.isfinite(loss_sum)
     else:
-        opt.found_inf = (~torch.isfinite(grad_norm)).float()
+        bad = ~torch.isfinite(grad_norm)
+        opt.found_inf = bad.float()
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, bad
 
 
 def _make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -133,8 +141,14 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
 def _truncate_metrics(path: Path, step: int) -> None:
     """After a crash the log may run past the checkpoint; drop the lines the resumed run redoes."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line torn by the crash
+                continue
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | None = None,
@@ -206,7 +220,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         _truncate_metrics(metrics_path, start_step)
         writer = _tensorboard(run_dir)
     # Every rank samples the grid: a sharded (FSDP) EMA needs all of them for a forward pass.
-    fixed = _fixed_sampling_inputs(cfg, dev) if cfg.train.sample_every else None
+    fixed = _fixed_sampling_inputs(cfg, dataset, dev) if cfg.train.sample_every else None
+    grid_vae = None
+    if fixed is not None and cfg.data.kind == "latents" and cfg.train.vae and info.is_main:
+        from ditkit.models.vae import load_vae
+
+        grid_vae = load_vae(cfg.train.vae, device=dev)
 
     end_step = cfg.train.steps
     consecutive_bad = torch.zeros((), device=dev)
@@ -230,7 +249,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if info.is_main:
             save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last, cfg.train.ckpt_format)
             if step == end_step:
-                export_ema(ema_sd, model, run_dir / "ema.safetensors")
+                export_ema(ema_sd, model, cfg, run_dir / "ema.safetensors")
         barrier(info)
 
     step = start_step
@@ -238,21 +257,21 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.train.lr, cfg.train.warmup_steps)
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-        loss, grad_norm = train_step(step_model, objective, opt, micro, step, info.rank * cfg.train.grad_accum,
-                                     cfg, amp_dtype, scaler, dev, params)
+        loss, grad_norm, bad = train_step(step_model, objective, opt, micro, step, info.rank * cfg.train.grad_accum,
+                                          cfg, amp_dtype, scaler, dev, params)
         update_ema(ema, model, ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup))
-        bad = ~torch.isfinite(grad_norm)
+        finite_norm = torch.isfinite(grad_norm)
         consecutive_bad = torch.where(bad, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
         worst_run = torch.maximum(worst_run, consecutive_bad)
         loss_acc += torch.where(bad, torch.zeros_like(loss), loss)
-        norm_acc += torch.where(bad, torch.zeros_like(grad_norm), grad_norm)
+        norm_acc += torch.where(bad | ~finite_norm, torch.zeros_like(grad_norm), grad_norm)
         bad_acc += bad.float()
         n_acc += 1
         bar.update(1)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end_step:
-            # The one host read per logging interval.  The gradient norm (hence 'bad') is the same
-            # on every rank after the all-reduce, so only the loss differs between ranks.
+            # The one host read per logging interval.  'bad' follows the all-reduced gradient norm
+            # (or, with a scaler, the loss, which is then averaged like the loss itself).
             stats = mean_over_ranks(torch.stack([loss_acc, norm_acc, bad_acc, worst_run]), info).tolist()
             n_bad, worst = int(round(stats[2])), int(round(stats[3]))
             good = max(n_acc - n_bad, 1)
@@ -286,7 +305,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
             checkpoint(done)
         if fixed is not None and done % cfg.train.sample_every == 0:
             _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done,
-                               info.is_main)
+                               info.is_main, grid_vae)
     bar.close()
     if writer is not None:
         writer.close()
@@ -294,13 +313,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     return {"step": end_step if end_step > start_step else start_step, "run_dir": str(run_dir)}
 
 
-def export_ema(ema_state: dict, model: nn.Module, path: Path) -> None:
-    """The EMA weights as safetensors with the model's constructor arguments in the header
-    (``ditkit.interop.load_pretrained`` reads it; so does ``ditkit sample --ckpt``)."""
+def export_ema(ema_state: dict, model: nn.Module, cfg: Config, path: Path) -> None:
+    """The EMA weights as safetensors with the model's constructor arguments and the run's config
+    in the header (``ditkit.interop.load_pretrained`` reads the first, ``ditkit sample --ckpt``
+    both, so the file samples with the objective and sampler it was trained for)."""
     from ditkit.interop import save_state_dict
     from ditkit.interop.official import model_config
 
-    save_state_dict(ema_state, path, metadata={"ditkit_config": json.dumps(model_config(model))})
+    save_state_dict(ema_state, path, metadata={"ditkit_config": json.dumps(model_config(model)),
+                                               RUN_CONFIG_KEY: json.dumps(cfg.to_dict())})
 
 
 def _tensorboard(run_dir: Path):
@@ -312,27 +333,35 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _fixed_sampling_inputs(cfg: Config, dev: torch.device) -> dict:
-    """The same noise and labels at every sample grid, so grids show progress, not luck."""
+def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
+    """The same noise and conditioning at every sample grid, so grids show progress, not luck:
+    labels row by row, and the params / fields of the first training samples."""
     from ditkit.sampling import grid_labels
 
     g = torch.Generator().manual_seed(cfg.train.seed + 12345)
     labels = grid_labels(cfg.model.num_classes, per_class=8 if cfg.model.num_classes <= 16 else 1, max_total=64)
     shape = (len(labels), cfg.model.in_channels, *_pair(cfg.model.input_size))
-    return {"noise": torch.randn(shape, generator=g).to(dev), "labels": labels.to(dev)}
+    kwargs = {"y": labels.to(dev)} if cfg.model.num_classes > 0 else {}
+    items = [dataset[(0, i % len(dataset))] for i in range(len(labels))]
+    for key in ("params", "field"):
+        if key in items[0]:
+            kwargs[key] = torch.stack([it[key] for it in items]).to(dev)
+    return {"noise": torch.randn(shape, generator=g).to(dev), "kwargs": kwargs}
 
 
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _write_sample_grid(ema, objective, cfg: Config, fixed: dict, path: Path, writer, step: int, is_main: bool) -> None:
+def _write_sample_grid(ema, objective, cfg: Config, fixed: dict, path: Path, writer, step: int, is_main: bool,
+                       vae=None) -> None:
     from ditkit.sampling import generate, save_sample_grid
 
-    kwargs = {"y": fixed["labels"]} if cfg.model.num_classes > 0 else {}
-    x, _ = generate(ema, objective, fixed["noise"], kwargs, cfg.sample, progress=False)
+    x, _ = generate(ema, objective, fixed["noise"], fixed["kwargs"], cfg.sample, progress=False)
+    if hasattr(ema, "reshard"):  # FSDP2 leaves the root unsharded after a no-grad forward
+        ema.reshard()
     if not is_main:
         return
-    image = save_sample_grid(x, cfg, path, nrow=8)
-    if writer is not None and image is not None:
+    image = save_sample_grid(x, cfg, path, nrow=8, vae=vae)
+    if writer is not None:
         writer.add_image("samples", image, step, dataformats="HWC")
