@@ -199,7 +199,7 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     state = {"step": 0}
 
     def one_step() -> None:
-        state["loss"], _ = train_step(net, objective, opt, [{"x": x, "y": y}], state["step"], 0, cfg, amp_dtype, None, device, params)
+        state["loss"], _, _ = train_step(net, objective, opt, [{"x": x, "y": y}], state["step"], 0, cfg, amp_dtype, None, device, params)
         ema_update(ema, model, 0.9999)
         state["step"] += 1
 
