@@ -1,7 +1,7 @@
-"""A trained field model scored on the random-field benchmark: conditions in physical units are
-normalised with the checkpoint's normaliser, sampled with the run's sampler and guidance, and the
-samples denormalised back to physical units before ``evaluate_benchmark`` compares them with the
-known answer; figures are written beside the JSON."""
+"""Sampling a trained field model in physical units (``ditkit sample --cond``), and scoring it on
+the random-field benchmark (``ditkit eval-fields``): conditions are normalised with the
+checkpoint's normaliser, sampled with the run's sampler and guidance, and the samples
+denormalised back before ``evaluate_benchmark`` compares them with the known answer."""
 from __future__ import annotations
 
 import json
@@ -18,26 +18,32 @@ from ditkit.sampling import generate
 from ditkit.train.checkpoint import load_checkpoint
 
 
-def field_generator(ckpt: str | Path, device: str | torch.device, batch_size: int = 64, seed: int = 0):
-    """generate(params, field) -> x, all in physical units, for a ditkit field checkpoint."""
+def load_field_model(ckpt: str | Path, device: str | torch.device):
+    """(model, config, normaliser) of a ditkit checkpoint trained on data.kind=fields."""
     model, cfg = load_for_sampling(ckpt, device=device)
     state = load_checkpoint(ckpt)
     if "normalizer" not in state:
-        raise ValueError(f"{ckpt} holds no field normaliser: it was not trained on data.kind=fields")
-    norm = FieldNormalizer(state["normalizer"])
+        raise ValueError(f"{ckpt} holds no field normaliser: give the training checkpoint of a data.kind=fields run")
+    return model, cfg, FieldNormalizer(state["normalizer"])
+
+
+def field_generator(model, cfg, norm: FieldNormalizer, device: str | torch.device, batch_size: int = 64, seed: int = 0):
+    """generate(params, field) -> x, all in physical units: conditions are normalised with the
+    run's normaliser, sampled with the run's sampler and guidance, and denormalised back."""
     objective = build_objective(cfg)
     shape = (cfg.model.in_channels, *model.input_size)
     g = torch.Generator().manual_seed(seed)
 
-    def generate_fields(params: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    def generate_fields(params: torch.Tensor | None, field: torch.Tensor | None) -> torch.Tensor:
+        n = len(params) if params is not None else len(field)
         out = []
-        for i in range(0, len(params), batch_size):
+        for i in range(0, n, batch_size):
             kwargs = {}
             if cfg.model.num_params:
                 kwargs["params"] = norm.normalize(params[i:i + batch_size], "params").float().to(device)
             if cfg.model.cond_channels:
                 kwargs["field"] = norm.normalize(field[i:i + batch_size], "field").float().to(device)
-            noise = torch.randn((len(params[i:i + batch_size]), *shape), generator=g).to(device)
+            noise = torch.randn((min(batch_size, n - i), *shape), generator=g).to(device)
             x, _ = generate(model, objective, noise, kwargs, cfg.sample, progress=False)
             out.append(norm.denormalize(x.double().cpu(), "x"))
         return torch.cat(out)
@@ -51,6 +57,7 @@ def evaluate_field_checkpoint(ckpt: str | Path, data_dir: str | Path, out_dir: s
     if not meta.is_file():
         raise FileNotFoundError(f"{meta} not found: --data must be a folder written by `ditkit fields-benchmark`")
     bench = FieldBenchmark.from_dict(json.loads(meta.read_text())["benchmark"])
-    result = evaluate_benchmark(field_generator(ckpt, device), bench, points=points, samples=samples)
+    result = evaluate_benchmark(field_generator(*load_field_model(ckpt, device), device), bench, points=points,
+                                samples=samples)
     plot_benchmark(result, out_dir)
     return {k: float(v) for k, v in result.items() if isinstance(v, float)}
