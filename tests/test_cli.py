@@ -92,3 +92,29 @@ def test_export_to_safetensors_and_diffusers_then_sample_from_it(tmp_path, ckpt)
         b, _ = load_for_sampling(source)
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k]), (source, k)
+
+
+def test_official_train_py_checkpoint_samples_and_exports(tmp_path):
+    import argparse
+
+    import ditkit
+
+    sd = ditkit.DiT_models["DiT-S/8"](input_size=16, num_classes=10).state_dict()  # heads inferred from width
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(model="DiT-custom")}, path)
+    from ditkit.checkpoints import load_for_sampling
+
+    model, cfg = load_for_sampling(path)
+    assert cfg.sample.guided_channels == 3 and torch.equal(model.state_dict()["pos_embed"], sd["pos_embed"])
+    main(["export", "--ckpt", str(path), "--to", "safetensors", "--out", str(tmp_path / "w.safetensors")])
+
+
+def test_export_keeps_the_runs_objective(tmp_path):
+    from ditkit.checkpoints import load_for_sampling
+
+    run = tmp_path / "run"
+    train(load_config("digits", overrides=[*TINY, "objective.name=flow", "sample.sampler=heun"]), run, device="cpu")
+    main(["export", "--ckpt", str(run / "checkpoints" / "last.pt"), "--to", "safetensors",
+          "--out", str(tmp_path / "f.safetensors")])
+    _, cfg = load_for_sampling(tmp_path / "f.safetensors")
+    assert (cfg.objective.name, cfg.sample.sampler, cfg.data.kind) == ("flow", "heun", "digits")

@@ -50,7 +50,7 @@ def test_sampler_must_fit_objective():
     ("train.ckpt_every=0", "train.ckpt_every must be a positive integer"),
     ("train.log_every=0", "train.log_every must be a positive integer"),
     ("train.max_nonfinite=0", "train.max_nonfinite must be at least 1"),
-    ("model.class_dropout_prob=0", "needs a null class"),
+    ("model.class_dropout_prob=0", "needs the model.s nulls"),
 ])
 def test_values_that_would_crash_a_started_run_fail_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -64,3 +64,10 @@ def test_objective_shortcut_keeps_the_users_sampler_settings():
                                       "--run-dir", "x"])
     cfg = _resolve_config(args)
     assert (cfg.objective.name, cfg.sample.sampler, cfg.sample.steps) == ("flow", "heun", 50)
+
+
+def test_guidance_channel_and_param_dropout_checks():
+    with pytest.raises(ConfigError, match="guided_channels must be in 1..1"):
+        load_config("digits", overrides=["sample.guided_channels=3"])
+    with pytest.raises(ConfigError, match="param_dropout_prob"):
+        load_config("fields64", overrides=["model.param_dropout_prob=0", "sample.cfg_scale=3"])

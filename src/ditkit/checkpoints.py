@@ -52,3 +52,14 @@ def load_weights_for_finetune(model: DiT, path: str | Path, log: logging.Logger)
     data = load_checkpoint(path) if path.suffix != ".safetensors" or is_training_safetensors(path) else None
     state = data["ema"] if data is not None and is_ditkit_checkpoint(data) else load_state_dict(path)
     load_for_finetune(model, state, log=log.info, source=str(path))
+
+
+def save_weights(state_dict: dict, model: DiT, cfg: Config, path: str | Path) -> None:
+    """Weights as safetensors with the model's constructor arguments (for ``load_pretrained``) and
+    the run's whole config (objective, sampler, data kind) in the header, so that sampling from
+    the file uses what the model was trained for."""
+    from ditkit.interop import save_state_dict
+    from ditkit.interop.official import model_config
+
+    save_state_dict(state_dict, path, metadata={"ditkit_config": json.dumps(model_config(model)),
+                                                RUN_CONFIG_KEY: json.dumps(cfg.to_dict())})

@@ -61,7 +61,8 @@ def cmd_sample(args) -> None:
     if cfg.model.num_params or cfg.model.cond_channels:
         return _sample_fields(args, info.device)
     overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                                   "eta": args.eta, "guided_channels": args.guided_channels,
+                                   "eta": args.eta, "guided_channels": args.guided_channels, "grid": args.grid,
+                                   "sde_diffusion": args.sde_diffusion,
                                    "guidance_interval": args.guidance_interval}.items() if v is not None}
     cfg = from_dict({"sample": overrides}, cfg).validate()
     objective = build_objective(cfg)
@@ -180,15 +181,15 @@ def cmd_extract(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ditkit.checkpoints import load_for_sampling
-    from ditkit.interop import export_diffusers, save_pretrained
+    from ditkit.checkpoints import load_for_sampling, save_weights
+    from ditkit.interop import export_diffusers
 
-    model, _ = load_for_sampling(args.ckpt, use_ema=not args.no_ema)
+    model, cfg = load_for_sampling(args.ckpt, use_ema=not args.no_ema)
     if args.to == "diffusers":
         labels = json.loads(Path(args.id2label).read_text()) if args.id2label else None
         export_diffusers(model, args.out, vae=args.vae, id2label=labels)
     else:
-        save_pretrained(model, args.out)
+        save_weights(model.state_dict(), model, cfg, args.out)
     print(f"exported {args.ckpt} -> {args.out} ({args.to})")
 
 
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--eta", type=float, help="DDIM eta")
+    p.add_argument("--grid", choices=["uniform", "shifted"], help="euler/heun/sde time grid (shifted: the objective's shift)")
+    p.add_argument("--sde-diffusion", choices=["sigma", "constant", "SBDM", "linear", "decreasing", "increasing-decreasing"],
+                   help="diffusion coefficient of the sde sampler (SiT's forms)")
     p.add_argument("--guided-channels", type=int, help="guide only the first N channels (3: the official code)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("A", "B"), help="guide only for noise level in [A, B]")
     p.add_argument("--labels", default="balanced", help="balanced, random, or a comma-separated list of class ids")

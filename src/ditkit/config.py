@@ -74,6 +74,7 @@ class ObjectiveConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
+    time_scale: float = 1000.0  # network time = time_scale · t (SiT's own checkpoints: 1)
 
 
 @dataclass
@@ -125,7 +126,9 @@ class SampleConfig:
     cfg_scale: float = 1.0
     guided_channels: int | None = None  # None: all predicted channels (3 = the official code)
     guidance_interval: list | None = None  # [a, b] on the noise level
-    eta: float = 0.0
+    eta: float = 0.0  # ddim
+    grid: str = "uniform"  # euler/heun/sde time grid: uniform | shifted (objective.shift)
+    sde_diffusion: str = "sigma"  # sde: sigma | constant | SBDM | linear | decreasing | increasing-decreasing
 
 
 @dataclass
@@ -165,9 +168,17 @@ class Config:
 
         if self.model.name != "custom" and self.model.name not in DiT_models:
             raise ConfigError(f"unknown model {self.model.name!r}; known models: {', '.join(DiT_models)}, custom")
-        if self.sample.cfg_scale != 1.0 and self.model.num_classes > 0 and self.model.class_dropout_prob <= 0:
-            raise ConfigError(f"sample.cfg_scale={self.sample.cfg_scale} needs a null class, but model.class_dropout_prob "
+        conditioned = self.model.num_classes > 0 or self.model.num_params > 0 or self.model.cond_channels > 0
+        drop = self.model.class_dropout_prob if self.model.num_classes > 0 else self.model.param_dropout_prob
+        if self.sample.cfg_scale != 1.0 and conditioned and drop <= 0:
+            which = "class_dropout_prob" if self.model.num_classes > 0 else "param_dropout_prob"
+            raise ConfigError(f"sample.cfg_scale={self.sample.cfg_scale} needs the model's nulls, but model.{which} "
                               "is 0 (the model was not trained for guidance); use sample.cfg_scale=1")
+        if self.sample.guided_channels is not None and not 0 < self.sample.guided_channels <= self.model.in_channels:
+            raise ConfigError(f"sample.guided_channels must be in 1..{self.model.in_channels} (the predicted ε/v "
+                              f"channels, never the variance), got {self.sample.guided_channels}")
+        if self.sample.grid not in ("uniform", "shifted"):
+            raise ConfigError(f"sample.grid must be uniform or shifted, got {self.sample.grid!r}")
         allowed = DDPM_SAMPLERS if self.objective.name == "ddpm" else FLOW_SAMPLERS
         if self.sample.sampler not in allowed:
             raise ConfigError(f"sample.sampler {self.sample.sampler!r} does not fit objective.name={self.objective.name!r}; "

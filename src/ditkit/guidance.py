@@ -70,6 +70,9 @@ def guided_fn(
         if counter is not None:
             counter.nfe += 1  # the doubled batch is one evaluation of the network, as in ADM/DiT
         B = x.shape[0]
+        if guided_channels is not None and guided_channels > x.shape[1]:
+            raise ValueError(f"guided_channels={guided_channels} exceeds the {x.shape[1]} predicted channels: "
+                             "guidance would reach the learned variance")
         drop = torch.cat([torch.zeros(B, dtype=torch.long, device=x.device), torch.ones(B, dtype=torch.long, device=x.device)])
         out = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs2, force_drop_ids=drop)
         cond, uncond = out[:B], out[B:]

@@ -34,7 +34,8 @@ def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dic
                        objective.noise_level, counter)
     else:
         fn = conditional_fn(model, model_kwargs, counter)
-    opts = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
+    opts = {"ddim": {"eta": cfg.eta}, "euler": {"grid": cfg.grid}, "heun": {"grid": cfg.grid},
+            "sde": {"grid": cfg.grid, "diffusion": cfg.sde_diffusion}}.get(cfg.sampler, {})
     x, _ = objective.sample(fn, noise, sampler=cfg.sampler, steps=cfg.steps, progress=progress, **opts)
     return x, counter.nfe
 

@@ -20,8 +20,8 @@ def test_bins_are_integer_shells_up_to_nyquist():
     assert onehot.shape == (256, 8) and (onehot.sum(1) <= 1).all()
     assert counts[0] == 8 and counts[1] == 12  # |k| in [0.5, 1.5): (±1,0),(0,±1),(±1,±1); [1.5, 2.5): 12 modes
     assert torch.all((k - torch.arange(1, 9)).abs() < 0.5)
-    _, k_rect, _ = radial_bins((8, 16))
-    assert len(k_rect) == 4  # Nyquist of the shorter side
+    with pytest.raises(ValueError, match="square fields"):  # integer |k| would mix wavelengths of both sides
+        radial_bins((8, 16))
 
 
 def test_white_noise_spectrum_is_flat_at_sigma2_over_n():

@@ -220,3 +220,24 @@ def test_cross_attention_field_tokens_carry_position():
         a = model(x, torch.ones(1), field=field)
         b = model(x, torch.ones(1), field=torch.roll(field, 2, dims=-1))
     assert not torch.allclose(a, b)
+
+
+def test_training_drops_all_conditions_together():
+    """Guidance's unconditional branch nulls every condition at once; training must see that case."""
+    from ditkit.models.dit import DiT
+
+    model = DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                class_dropout_prob=0.5, num_params=2, cond_channels=1).train()
+    drops = []
+    orig = model.y_embedder.token_drop
+
+    def spy(labels, force_drop_ids=None):
+        drops.append(force_drop_ids.clone())
+        return orig(labels, force_drop_ids)
+
+    model.y_embedder.token_drop = spy
+    torch.manual_seed(0)
+    model(torch.randn(4000, 1, 8, 8), torch.rand(4000) * 999, torch.randint(0, 3, (4000,)),
+          params=torch.randn(4000, 2), field=torch.randn(4000, 1, 8, 8))
+    frac = drops[0].float().mean().item()
+    assert abs(frac - 0.5) < 0.05  # one joint mask at the class dropout rate, passed to every embedder

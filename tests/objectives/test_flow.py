@@ -212,3 +212,15 @@ def test_tiny_dit_trains_with_the_flow_loss():
         loss.backward()
         opt.step()
     assert held_out() < 0.8 * before
+
+
+def test_noise_level_is_snr_matched_on_every_path():
+    import torch
+
+    from ditkit.objectives.flow import FlowMatching
+
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(FlowMatching(path="linear").noise_level(1000 * t), 1 - t)
+    vp = FlowMatching(path="vp")
+    alpha, sigma = vp.path.coefficients(t)[:2]
+    assert torch.allclose(vp.noise_level(1000 * t), sigma / (alpha + sigma))

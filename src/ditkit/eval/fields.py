@@ -20,6 +20,8 @@ def radial_bins(shape: tuple[int, int], device: torch.device | str = "cpu") -> t
     """One-hot bin matrix (H·W, K) float64, bin centres k̄ (K,) (the mean |k| of each bin's modes)
     and mode counts (K,)."""
     H, W = shape
+    if H != W:
+        raise ValueError(f"radial power spectra need square fields, got {H}×{W}")
     fy = torch.fft.fftfreq(H, d=1.0 / H, dtype=torch.float64, device=device)
     fx = torch.fft.fftfreq(W, d=1.0 / W, dtype=torch.float64, device=device)
     k = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).reshape(-1)  # (H*W,)

@@ -332,6 +332,12 @@ class DiT(nn.Module):
         if x.shape[-2:] != self.input_size:
             raise ValueError(f"input of spatial size {tuple(x.shape[-2:])}, model built for {self.input_size}")
         self._check_conditions(x, y, params, field)
+        if self.training and force_drop_ids is None and (self.cond.num_params or self.cond_channels):
+            # One mask for every condition: guidance's unconditional branch drops them all at once,
+            # so training must see them dropped together (independent masks almost never would).
+            p = self.y_embedder.dropout_prob if self.num_classes > 0 else self.cond.dropout_prob
+            if p > 0:
+                force_drop_ids = (torch.rand(x.shape[0], device=x.device) < p).long()
         if self.field_mode == "concat":
             field = self.cond.drop_field(field, self.training, force_drop_ids)  # dropped -> zeros, the null field
             x = torch.cat([x, field.to(x.dtype)], dim=1)

@@ -19,5 +19,5 @@ def build_objective(cfg):
         from ditkit.objectives.flow import FlowMatching
 
         return FlowMatching(path=o.path, prediction=o.prediction, time_sampling=o.time_sampling,
-                            logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift)
+                            logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift, time_scale=o.time_scale)
     raise ValueError(f"unknown objective {o.name!r}; known: ddpm, flow")

@@ -101,10 +101,11 @@ class FlowMatching:
         return t0 + (t1 - t0) * shift_time(u, self.shift)
 
     def noise_level(self, t_net: torch.Tensor) -> torch.Tensor:
-        """1 − t in [0, 1] (1 = pure noise) for guidance intervals; t = t_net / time_scale."""
-        return (1 - t_net / self.time_scale).clamp(0, 1)
-
-    # ------------------------------------------------------------ training
+        """σ_t / (α_t + σ_t) in [0, 1] (1 = pure noise) for guidance intervals, t = t_net / time_scale:
+        1 − t on the linear path, and the same signal-to-noise ratio on every path, as DDPM's."""
+        t = (t_net / self.time_scale).clamp(0, 1)
+        alpha, sigma = self.path.coefficients(t)[:2]
+        return sigma / (alpha + sigma)
 
     def loss(
         self,

@@ -5,6 +5,7 @@ tensor a safetensors entry, the structure around them as JSON in the header).  N
 unpickles an object."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -94,7 +95,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 if STATE_KEY not in meta:
                     raise CheckpointError(f"{path} holds weights only, not a ditkit training checkpoint")
                 return unflatten_state(json.loads(meta[STATE_KEY]), {k: f.get_tensor(k) for k in f.keys()})
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        # The official train.py stores its argparse.Namespace beside the weights: the one class allowed.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except CheckpointError:
         raise
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...

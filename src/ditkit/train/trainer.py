@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ditkit.config import RUN_CONFIG_KEY, Config, ConfigError, save_config
+from ditkit.checkpoints import save_weights
+from ditkit.config import Config, ConfigError, save_config
 from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import build_model
@@ -249,7 +250,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if info.is_main:
             save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last, cfg.train.ckpt_format)
             if step == end_step:
-                export_ema(ema_sd, model, cfg, run_dir / "ema.safetensors")
+                save_weights(ema_sd, model, cfg, run_dir / "ema.safetensors")
         barrier(info)
 
     step = start_step
@@ -311,17 +312,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         writer.close()
     cleanup(info)
     return {"step": end_step if end_step > start_step else start_step, "run_dir": str(run_dir)}
-
-
-def export_ema(ema_state: dict, model: nn.Module, cfg: Config, path: Path) -> None:
-    """The EMA weights as safetensors with the model's constructor arguments and the run's config
-    in the header (``ditkit.interop.load_pretrained`` reads the first, ``ditkit sample --ckpt``
-    both, so the file samples with the objective and sampler it was trained for)."""
-    from ditkit.interop import save_state_dict
-    from ditkit.interop.official import model_config
-
-    save_state_dict(ema_state, path, metadata={"ditkit_config": json.dumps(model_config(model)),
-                                               RUN_CONFIG_KEY: json.dumps(cfg.to_dict())})
 
 
 def _tensorboard(run_dir: Path):
