@@ -226,17 +226,23 @@ def test_ema_safetensors_samples_with_the_runs_objective(tmp_path):
     assert loaded.objective.name == "flow" and loaded.sample.sampler == "heun"
 
 
-def test_fields_run_writes_sample_grids(tmp_path):
+def tiny_fields_run(tmp_path, *extra) -> Path:
+    """The fields64 preset at toy size on a freshly written 8×8 benchmark; returns its folder."""
     from ditkit.data.random_fields import write_benchmark
 
-    write_benchmark(tmp_path / "bench", 16, size=8, seed=0)
     b = tmp_path / "bench"
+    write_benchmark(b, 16, size=8, seed=0)
     cfg = load_config("fields64", overrides=[
         "model.name=custom", "model.input_size=8", "model.patch_size=4", "model.hidden_size=32", "model.depth=1",
         "model.num_heads=2", f"data.path={b / 'x.npy'}", f"data.params_file={b / 'params.csv'}",
-        f"data.field_file={b / 'field.npy'}", "data.num_workers=0", "train.global_batch_size=8", "train.steps=2",
-        "train.sample_every=2", "sample.steps=2"])
+        f"data.field_file={b / 'field.npy'}", "data.num_workers=0", "train.global_batch_size=8", "sample.steps=2",
+        *extra])
     train(cfg, tmp_path / "run", device="cpu")
+    return b
+
+
+def test_fields_run_writes_sample_grids(tmp_path):
+    tiny_fields_run(tmp_path, "train.steps=2", "train.sample_every=2")
     assert (tmp_path / "run" / "samples" / "step_00000002.png").exists()
     assert "normalizer" in final_weights(tmp_path / "run")
 
@@ -246,16 +252,8 @@ def test_sample_fields_in_physical_units_from_the_cli(tmp_path):
 
     from ditkit.cli import main
     from ditkit.data.fields import FieldNormalizer
-    from ditkit.data.random_fields import write_benchmark
 
-    write_benchmark(tmp_path / "bench", 16, size=8, seed=0)
-    b = tmp_path / "bench"
-    cfg = load_config("fields64", overrides=[
-        "model.name=custom", "model.input_size=8", "model.patch_size=4", "model.hidden_size=32", "model.depth=1",
-        "model.num_heads=2", f"data.path={b / 'x.npy'}", f"data.params_file={b / 'params.csv'}",
-        f"data.field_file={b / 'field.npy'}", "data.num_workers=0", "train.global_batch_size=8", "train.steps=1",
-        "sample.steps=2"])
-    train(cfg, tmp_path / "run", device="cpu")
+    b = tiny_fields_run(tmp_path, "train.steps=1")
     field = np.load(b / "field.npy")[:3]
     params = np.loadtxt(b / "params.csv", delimiter=",", skiprows=1)[:3]
     np.savez(tmp_path / "cond.npz", params=params, field=field)
