@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ditkit.utils.images import uint8_hwc
+
 LATENT_SCALE = 0.18215
 
 # stabilityai/sd-vae-ft-ema and sd-vae-ft-mse share this config (and the original SD 1.x VAE):
@@ -143,7 +145,4 @@ def decode(vae, latents: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Ten
     return images.float().clamp_(-1, 1)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8, as DiT's sample_ddp.py: clamp(127.5·x + 128, 0, 255)
-    truncated, i.e. 127.5·(x + 1) rounded half up."""
-    return (images * 127.5 + 128.0).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+to_uint8 = uint8_hwc  # decoded images -> (B, H, W, 3) uint8, DiT's sample_ddp.py conversion

@@ -10,12 +10,17 @@ from PIL import Image
 from ditkit.utils.io import atomic_write
 
 
+def uint8_hwc(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 by the official sample_ddp.py formula,
+    clamp(127.5·x + 128, 0, 255) truncated (i.e. 127.5·(x + 1) rounded half up)."""
+    return (x.float() * 127.5 + 128.0).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (one channel is repeated to three)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy (one channel is repeated to three)."""
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    return x[:, :3].permute(0, 2, 3, 1).cpu().numpy()
+    return uint8_hwc(x[:, :3]).cpu().numpy()
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int, scale: int = 1, pad: int = 2) -> np.ndarray:
