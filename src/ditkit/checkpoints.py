@@ -20,9 +20,16 @@ def is_ditkit_checkpoint(data: dict) -> bool:
 
 
 def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[DiT, Config]:
-    """(model in eval mode, its config) from any supported checkpoint.  Weights from outside
-    ditkit carry no training config: they are taken as the official recipe (DDPM on SD-VAE
-    latents, guidance on 3 channels as the official sample.py)."""
+    """(model in eval mode, its config) from any supported checkpoint (see ``load_run``)."""
+    model, cfg, _ = load_run(path, use_ema, device)
+    return model, cfg
+
+
+def load_run(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[DiT, Config, dict]:
+    """(model in eval mode, its config, the rest of a ditkit checkpoint: e.g. "normalizer"),
+    reading the file once.  Weights from outside ditkit carry no training config: they are taken
+    as the official recipe (DDPM on SD-VAE latents, guidance on 3 channels as the official
+    sample.py), with nothing else."""
     path = Path(path)
     if path.is_file() and (path.suffix != ".safetensors" or is_training_safetensors(path)):
         data = load_checkpoint(path)
@@ -32,16 +39,16 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
             state = data["ema" if use_ema and "ema" in data else "model"]
             check_state_dict(model, state, source=str(path))
             model.load_state_dict(state)
-            return model.to(device).eval(), cfg
+            return model.to(device).eval(), cfg, data
     saved = read_metadata(path).get(RUN_CONFIG_KEY) if path.suffix == ".safetensors" else None
     model, ctor = load_pretrained(path)
     if saved is not None:  # ditkit's ema.safetensors: the run's own objective and sampler
-        return model.to(device).eval(), config_from_checkpoint(json.loads(saved))
+        return model.to(device).eval(), config_from_checkpoint(json.loads(saved)), {}
     # The official sample.py guides the first 3 channels (ε of RGB-like latents); never the variance.
     cfg = Config(model=ModelConfig(name="custom", **ctor),
                  sample=SampleConfig(guided_channels=3 if model.in_channels >= 3 else None))
     cfg.data.kind = "latents" if model.in_channels == 4 else "images"
-    return model.to(device).eval(), cfg.validate()
+    return model.to(device).eval(), cfg.validate(), {}
 
 
 def load_weights_for_finetune(model: DiT, path: str | Path, log: logging.Logger) -> None:

@@ -50,16 +50,16 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from ditkit.checkpoints import load_for_sampling
+    from ditkit.checkpoints import load_run
     from ditkit.config import from_dict
     from ditkit.objectives import build_objective
     from ditkit.sampling import grid_labels, sample_to_npz
     from ditkit.train.distributed import barrier, cleanup, setup_distributed
 
     info = setup_distributed(args.device)
-    model, cfg = load_for_sampling(args.ckpt, use_ema=not args.no_ema, device=info.device)
+    model, cfg, stored = load_run(args.ckpt, use_ema=not args.no_ema, device=info.device)
     if cfg.model.num_params or cfg.model.cond_channels:
-        return _sample_fields(args, info.device)
+        return _sample_fields(args, model, cfg, stored, info.device)
     overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                                    "eta": args.eta, "guided_channels": args.guided_channels, "grid": args.grid,
                                    "sde_diffusion": args.sde_diffusion,
@@ -90,20 +90,20 @@ def cmd_sample(args) -> None:
     cleanup(info)
 
 
-def _sample_fields(args, device) -> None:
+def _sample_fields(args, model, cfg, stored: dict, device) -> None:
     """A model conditioned on parameters and/or fields: one sample per condition of --cond, all in
     physical units (the run's normaliser is applied on the way in and undone on the way out)."""
     import numpy as np
     import torch
 
-    from ditkit.eval.field_benchmark import field_generator, load_field_model
+    from ditkit.eval.field_benchmark import field_generator, field_normalizer
     from ditkit.sampling import save_sample_grid
     from ditkit.utils.io import atomic_save_npz
 
     if args.cond is None:
         raise ValueError(f"{args.ckpt} is conditioned on parameters/fields: give --cond FILE.npz with 'params' "
                          "(N, P) and/or 'field' (N, C, H, W) in physical units")
-    model, cfg, norm = load_field_model(args.ckpt, device)
+    norm = field_normalizer(args.ckpt, stored)
     for key, value in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale)):
         if value is not None:
             setattr(cfg.sample, key, value)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ditkit.config import Config, SampleConfig
 from ditkit.guidance import NFECounter, conditional_fn, guided_fn
+from ditkit.models.dit import as_pair
 from ditkit.utils.images import save_grid, to_uint8
 from ditkit.utils.io import atomic_save_npz
 
@@ -109,7 +110,7 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     parts.mkdir(parents=True, exist_ok=True)
     _check_settings(parts, {"source": source, "sample": dataclasses.asdict(cfg.sample), "seed": seed,
                             "labels": labels, "num_samples": num_samples, "batch_size": batch_size})
-    shape = (cfg.model.in_channels, *((cfg.model.input_size,) * 2 if isinstance(cfg.model.input_size, int) else cfg.model.input_size))
+    shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
     n_batches = -(-num_samples // batch_size)
     mine = [b for b in range(rank, n_batches, world_size) if not (parts / f"part_{b:06d}.npz").exists()]
     conditional = cfg.model.num_classes > 0

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from ditkit.data.images import ImageDataset, sample_seed
 from ditkit.models.vae import LATENT_SCALE, encode, load_vae
+from ditkit.utils.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,6 @@ FORMAT = "ditkit-latents-v1"
 
 def shard_name(k: int) -> str:
     return f"shard_{k:05d}.safetensors"
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _plan(dataset, vae, shard_size: int, source: str, vae_name: str, dtype: torch.dtype) -> dict:
@@ -108,7 +103,7 @@ def extract_latents(
                     f"{out / MANIFEST} is a cache with {key}={old[key]!r}, not {manifest[key]!r}: "
                     "use another output folder or delete this one"
                 )
-    _write_atomic(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     todo = [
@@ -145,7 +140,7 @@ def extract_latents(
             "std": torch.cat(stds).contiguous(),
             "label": torch.cat(labels),
         }
-        _write_atomic(out / s["name"], lambda p: save_file(tensors, str(p), metadata={"start": str(s["start"])}))
+        atomic_write(out / s["name"], lambda tmp: save_file(tensors, tmp, metadata={"start": str(s["start"])}))
     return manifest
 
 

@@ -9,22 +9,19 @@ from pathlib import Path
 
 import torch
 
-from ditkit.checkpoints import load_for_sampling
+from ditkit.checkpoints import load_run
 from ditkit.data.fields import FieldNormalizer
 from ditkit.data.random_fields import FieldBenchmark
 from ditkit.eval.fields import evaluate_benchmark, plot_benchmark
 from ditkit.objectives import build_objective
 from ditkit.sampling import generate
-from ditkit.train.checkpoint import load_checkpoint
 
 
-def load_field_model(ckpt: str | Path, device: str | torch.device):
-    """(model, config, normaliser) of a ditkit checkpoint trained on data.kind=fields."""
-    model, cfg = load_for_sampling(ckpt, device=device)
-    state = load_checkpoint(ckpt)
-    if "normalizer" not in state:
+def field_normalizer(ckpt: str | Path, stored: dict) -> FieldNormalizer:
+    """The normaliser a data.kind=fields run stored in its checkpoint (``load_run``'s extras)."""
+    if "normalizer" not in stored:
         raise ValueError(f"{ckpt} holds no field normaliser: give the training checkpoint of a data.kind=fields run")
-    return model, cfg, FieldNormalizer(state["normalizer"])
+    return FieldNormalizer(stored["normalizer"])
 
 
 def field_generator(model, cfg, norm: FieldNormalizer, device: str | torch.device, batch_size: int = 64, seed: int = 0):
@@ -57,7 +54,8 @@ def evaluate_field_checkpoint(ckpt: str | Path, data_dir: str | Path, out_dir: s
     if not meta.is_file():
         raise FileNotFoundError(f"{meta} not found: --data must be a folder written by `ditkit fields-benchmark`")
     bench = FieldBenchmark.from_dict(json.loads(meta.read_text())["benchmark"])
-    result = evaluate_benchmark(field_generator(*load_field_model(ckpt, device), device), bench, points=points,
-                                samples=samples)
+    model, cfg, stored = load_run(ckpt, device=device)
+    result = evaluate_benchmark(field_generator(model, cfg, field_normalizer(ckpt, stored), device), bench,
+                                points=points, samples=samples)
     plot_benchmark(result, out_dir)
     return {k: float(v) for k, v in result.items() if isinstance(v, float)}

@@ -74,17 +74,11 @@ class ConditionEmbedders(nn.Module):
     def embed_params(self, params: torch.Tensor | None, train: bool, force_drop_ids: torch.Tensor | None) -> torch.Tensor | None:
         if not self.num_params:
             return None
-        if params is None or params.shape[-1] != self.num_params:
-            got = None if params is None else tuple(params.shape)
-            raise ValueError(f"model expects params of shape (B, {self.num_params}), got {got}")
         emb = self.param_mlp(params.to(self.param_mlp[0].weight.dtype))  # (B, D)
         drop = self._drop_mask(len(emb), emb.device, train, force_drop_ids)
         return emb if drop is None else torch.where(drop[:, None], self.param_null.to(emb.dtype), emb)
 
     def embed_field(self, field: torch.Tensor | None, train: bool, force_drop_ids: torch.Tensor | None) -> torch.Tensor:
-        if field is None or field.shape[1] != self.field_channels:
-            got = None if field is None else tuple(field.shape)
-            raise ValueError(f"model expects a conditioning field with {self.field_channels} channels, got {got}")
         w = self.field_embedder.weight
         tokens = self.field_embedder(field.to(w.dtype)).flatten(2).transpose(1, 2) + self.field_pos_embed.to(w.dtype)  # (B, M, D)
         drop = self._drop_mask(len(tokens), tokens.device, train, force_drop_ids)

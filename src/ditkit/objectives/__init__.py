@@ -7,6 +7,14 @@
 ``model`` is any network ``model(x_t, t_net, **model_kwargs)``; ``model_fn(x, t_net)`` is such a
 network with its conditioning (and guidance) bound.  The network never sees which objective it serves.
 """
+import torch
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all but the batch dimension: (B, ...) -> (B,)."""
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
 def build_objective(cfg):
     """The objective a run's config names (``cfg.objective``), for its model (``cfg.model``)."""
     o = cfg.objective

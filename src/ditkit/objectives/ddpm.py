@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ditkit.objectives import mean_flat
 from ditkit.objectives.schedules import named_betas, respace_betas, space_timesteps
 from ditkit.samplers.ddpm import sample_ddim, sample_ddpm
 
@@ -36,11 +37,6 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #################################################################################
 #                        Gaussian likelihood helpers (bits)                      #
 #################################################################################
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all but the batch dimension: (B, ...) -> (B,)."""
-    return x.mean(dim=list(range(1, x.ndim)))
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:

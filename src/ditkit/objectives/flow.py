@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditkit.objectives import mean_flat
 from ditkit.objectives.paths import PREDICTIONS, VPPath, convert, expand_like, g2, interpolate, make_path
 from ditkit.samplers.ode import dopri5, euler, heun, shift_time, shifted_grid, uniform_grid
 from ditkit.samplers.sde import diffusion_fn, euler_maruyama
@@ -26,11 +27,6 @@ _SAMPLER_OPTS = {
     "dopri5": {"rtol", "atol", "max_steps"},
     "sde": {"shift", "diffusion", "diffusion_norm", "last_step_size", "generator"},
 }
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all but the batch dimension: (B, ...) -> (B,)."""
-    return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
 class FlowMatching:

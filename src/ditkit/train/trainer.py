@@ -16,11 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ditkit.checkpoints import save_weights
+from ditkit.checkpoints import load_weights_for_finetune, save_weights
 from ditkit.config import Config, ConfigError, save_config
 from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
-from ditkit.models.dit import build_model
+from ditkit.models.dit import as_pair, build_model
 from ditkit.objectives import build_objective
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
@@ -183,8 +183,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     elif saved:
         raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or choose another --run-dir")
     elif init_from:
-        from ditkit.checkpoints import load_weights_for_finetune
-
         load_weights_for_finetune(model, init_from, log)
 
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -330,17 +328,13 @@ def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
 
     g = torch.Generator().manual_seed(cfg.train.seed + 12345)
     labels = grid_labels(cfg.model.num_classes, per_class=8 if cfg.model.num_classes <= 16 else 1, max_total=64)
-    shape = (len(labels), cfg.model.in_channels, *_pair(cfg.model.input_size))
+    shape = (len(labels), cfg.model.in_channels, *as_pair(cfg.model.input_size))
     kwargs = {"y": labels.to(dev)} if cfg.model.num_classes > 0 else {}
     items = [dataset[(0, i % len(dataset))] for i in range(len(labels))]
     for key in ("params", "field"):
         if key in items[0]:
             kwargs[key] = torch.stack([it[key] for it in items]).to(dev)
     return {"noise": torch.randn(shape, generator=g).to(dev), "kwargs": kwargs}
-
-
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _write_sample_grid(ema, objective, cfg: Config, fixed: dict, path: Path, writer, step: int, is_main: bool,
