@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the benchmark folder (benchmark.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--points", type=int, default=8)
-    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--samples", type=int, default=64, help="generated fields per parameter point (the noise "
+                   "floor of the spectrum errors falls as 1/sqrt(samples); the JSON reports it as *_floor)")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.set_defaults(func=cmd_eval_fields)
     return parser

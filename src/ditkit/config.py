@@ -116,6 +116,7 @@ class TrainConfig:
     ckpt_format: str = "pt"  # pt | safetensors (same content; safetensors never runs pickle)
     sample_every: int = 0  # 0: off
     max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
+    max_minutes: float = 0.0  # wall-clock budget: checkpoint and stop at the first log step past it (0: off)
     vae: str | None = None  # local VAE (folder or file) to decode the sample grids of latent runs
 
 
@@ -160,6 +161,7 @@ class Config:
             (self.train.ckpt_every > 0, "train.ckpt_every", "a positive integer (a checkpoint is also written at the end)"),
             (self.train.sample_every >= 0, "train.sample_every", "0 (off) or a positive integer"),
             (self.train.max_nonfinite >= 1, "train.max_nonfinite", "at least 1"),
+            (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
         ]
         for ok, name, what in checks:
             if not ok:

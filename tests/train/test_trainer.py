@@ -207,6 +207,21 @@ def test_safetensors_training_checkpoints_resume_like_pt(tmp_path):
     assert cfg.train.ckpt_format == "safetensors" and torch.equal(model.state_dict()["pos_embed"], b["ema"]["pos_embed"])
 
 
+def test_time_limit_checkpoints_and_stops_then_resume_finishes(tmp_path):
+    """train.max_minutes: stop at the first log step past the budget with a full checkpoint and the
+    EMA weights; --resume then runs on to train.steps."""
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=10", "train.log_every=3", "train.ckpt_every=100",
+                                           "train.max_minutes=1e-9"])
+    result = train(cfg, tmp_path, device="cpu")
+    assert result["step"] == 3 and final_weights(tmp_path)["step"] == 3
+    assert (tmp_path / "ema.safetensors").exists()
+    cfg.train.max_minutes = 0.0
+    assert train(cfg, tmp_path, device="cpu", resume=True)["step"] == 10
+    assert final_weights(tmp_path)["step"] == 10 and sorted(losses(tmp_path)) == [3, 6, 9, 10]
+    with pytest.raises(ValueError, match="train.max_minutes"):
+        load_config("digits", overrides=["train.max_minutes=-1"])
+
+
 def test_torn_metrics_line_does_not_block_resume(tmp_path):
     cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.ckpt_every=2"])
     train(cfg, tmp_path, device="cpu")

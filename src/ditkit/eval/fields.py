@@ -89,8 +89,10 @@ def evaluate_benchmark(
       lognormal_spectrum_err  the same for x[1] against the exact log-normal spectrum
       lognormal_mean, lognormal_var   pixel mean and variance of x[1] divided by their exact
                               values 1 and exp(σ²) − 1 (1 is perfect)
-    A perfect generator does not score 0 on the errors: sampling noise remains (the oracle test
-    of tests/eval/test_fields.py measures it)."""
+      *_floor                 the two spectrum errors of the benchmark's own generator (fresh true
+                              draws for the same points, conditions and sample count): a perfect
+                              generator does not score 0, sampling noise remains; more ``samples``
+                              lower this floor as 1/sqrt(samples)"""
     g = torch.Generator().manual_seed(seed)
     params = bench.sample_params(points, g)  # (G, 2)
     field = bench.condition(params, g)  # (G, 1, n, n)
@@ -113,6 +115,11 @@ def evaluate_benchmark(
     _, p_exact = bin_spectrum(bench.expected_spectra(params)[:, 0])  # (G, K)
     lognormal_err = relative_error(p_gen[:, 1], p_exact)
 
+    _, p_oracle_target = power_spectrum(true_b)  # the oracle: the benchmark's own generator
+    _, p_oracle_lognormal = power_spectrum(bench.lognormal(params_rep, g).reshape(points, samples, n, n))
+    target_floor = relative_error(p_oracle_target.mean(1), p_true.mean(1)).abs().mean().item()
+    lognormal_floor = relative_error(p_oracle_lognormal.mean(1), p_exact).abs().mean().item()
+
     variance = bench.spectrum(params).sum(dim=(-2, -1))  # σ² of g per point, (G,)
     signal = r_ceiling.mean(0) > 0.5  # (K,) bins where S_σ c outweighs the white noise
     y = gen[:, :, 1]
@@ -124,6 +131,7 @@ def evaluate_benchmark(
         "target_spectrum_err": target_err.abs().mean().item(),
         "target_r": r[:, signal].mean().item(), "target_r_ceiling": r_ceiling[:, signal].mean().item(),
         "lognormal_spectrum_err": lognormal_err.abs().mean().item(),
+        "target_spectrum_err_floor": target_floor, "lognormal_spectrum_err_floor": lognormal_floor,
         "lognormal_mean": y.mean().item(),
         "lognormal_var": (y.var(dim=(1, 2, 3)) / torch.expm1(variance)).mean().item(),
     }

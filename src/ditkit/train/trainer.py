@@ -234,6 +234,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     loss_acc = torch.zeros((), device=dev)
     norm_acc = torch.zeros((), device=dev)
     n_acc, t_last = 0, time.perf_counter()
+    t_start = t_last
     bar = tqdm(total=end_step, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
 
     def checkpoint(step: int) -> None:
@@ -271,7 +272,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if done % cfg.train.log_every == 0 or done == end_step:
             # The one host read per logging interval.  'bad' follows the all-reduced gradient norm
             # (or, with a scaler, the loss, which is then averaged like the loss itself).
-            stats = mean_over_ranks(torch.stack([loss_acc, norm_acc, bad_acc, worst_run]), info).tolist()
+            over_time = cfg.train.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.train.max_minutes
+            flags = torch.stack([loss_acc, norm_acc, bad_acc, worst_run, torch.full_like(loss_acc, float(over_time))])
+            stats = mean_over_ranks(flags, info).tolist()  # every rank stops when any rank's clock runs out
             n_bad, worst = int(round(stats[2])), int(round(stats[3]))
             good = max(n_acc - n_bad, 1)
             elapsed = time.perf_counter() - t_last
@@ -300,11 +303,17 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
             for acc in (loss_acc, norm_acc, bad_acc, worst_run):
                 acc.zero_()
             n_acc, t_last = 0, time.perf_counter()
+        time_up = done % cfg.train.log_every == 0 and stats[4] > 0
+        if time_up:
+            end_step = done  # the end of this run: final checkpoint, EMA weights; --resume goes on to train.steps
+            log.info(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {done}: checkpointing and stopping")
         if done % cfg.train.ckpt_every == 0 or done == end_step:
             checkpoint(done)
         if fixed is not None and done % cfg.train.sample_every == 0:
             _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done,
                                info.is_main, grid_vae)
+        if time_up:
+            break
     bar.close()
     if writer is not None:
         writer.close()
