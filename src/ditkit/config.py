@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ditkit.utils.sdpa import SDPA_CHOICES
+
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -116,6 +118,7 @@ class TrainConfig:
     ckpt_format: str = "pt"  # pt | safetensors (same content; safetensors never runs pickle)
     sample_every: int = 0  # 0: off
     max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
+    sdpa: str = "flash"  # attention kernel on CUDA: flash | auto | cudnn | efficient | math (ditkit.utils.sdpa)
     max_minutes: float = 0.0  # wall-clock budget: checkpoint and stop at the first log step past it (0: off)
     vae: str | None = None  # local VAE (folder or file) to decode the sample grids of latent runs
 
@@ -130,6 +133,7 @@ class SampleConfig:
     eta: float = 0.0  # ddim
     grid: str = "uniform"  # euler/heun/sde time grid: uniform | shifted (objective.shift)
     sde_diffusion: str = "sigma"  # sde: sigma | constant | SBDM | linear | decreasing | increasing-decreasing
+    sdpa: str = "flash"  # attention kernel on CUDA (ditkit.utils.sdpa)
 
 
 @dataclass
@@ -161,6 +165,8 @@ class Config:
             (self.train.ckpt_every > 0, "train.ckpt_every", "a positive integer (a checkpoint is also written at the end)"),
             (self.train.sample_every >= 0, "train.sample_every", "0 (off) or a positive integer"),
             (self.train.max_nonfinite >= 1, "train.max_nonfinite", "at least 1"),
+            (self.train.sdpa in SDPA_CHOICES, "train.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
+            (self.sample.sdpa in SDPA_CHOICES, "sample.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
         ]
         for ok, name, what in checks:

@@ -14,6 +14,7 @@ from ditkit.guidance import NFECounter, conditional_fn, guided_fn
 from ditkit.models.dit import as_pair
 from ditkit.utils.images import save_grid, to_uint8
 from ditkit.utils.io import atomic_save_npz
+from ditkit.utils.sdpa import use_sdpa_backend
 
 
 def grid_labels(num_classes: int, per_class: int, max_total: int | None = None) -> torch.Tensor:
@@ -28,6 +29,7 @@ def grid_labels(num_classes: int, per_class: int, max_total: int | None = None) 
 def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dict, cfg: SampleConfig,
              progress: bool = True) -> tuple[torch.Tensor, int]:
     """Samples from ``noise`` with the sampler, steps and guidance of ``cfg``; returns (x0, NFE)."""
+    use_sdpa_backend(cfg.sdpa)
     counter = NFECounter()
     if cfg.cfg_scale != 1.0:
         interval = tuple(cfg.guidance_interval) if cfg.guidance_interval else None

@@ -284,3 +284,18 @@ def test_sample_fields_in_physical_units_from_the_cli(tmp_path):
     scores = json.loads((tmp_path / "ev" / "fields_eval.json").read_text())
     assert {"target_spectrum_err", "target_r", "lognormal_spectrum_err"} <= set(scores)
     assert all((tmp_path / "ev" / f).exists() for f in ("target_spectrum.png", "fields.png", "cross_correlation.png"))
+
+
+def test_gradient_norm_without_clipping_leaves_gradients_and_equals_clip_grad_norm():
+    from ditkit.train.trainer import gradient_norm
+
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in params]
+    norm = gradient_norm(params, 0.0)
+    torch.testing.assert_close(norm, torch.cat([g.flatten() for g in before]).norm())
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, before))
+    clipped = gradient_norm(params, 1.0)  # returns the norm before clipping, clips to 1
+    torch.testing.assert_close(clipped, norm)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]).norm(), torch.tensor(1.0), rtol=1e-5, atol=0)

@@ -26,6 +26,7 @@ from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_chec
 from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.train.ema import ema_decay_at, update_ema
 from ditkit.utils.io import atomic_write_text
+from ditkit.utils.sdpa import use_sdpa_backend
 
 log = logging.getLogger("ditkit.train")
 
@@ -68,8 +69,7 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
         loss_sum += loss.detach()
     if scaler is not None:
         scaler.unscale_(opt)
-    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grad_norm = gradient_norm(params, cfg.train.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor -> a plain tensor
         grad_norm = grad_norm.full_tensor()
     if scaler is not None:
@@ -82,6 +82,15 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
         opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_sum, grad_norm, bad
+
+
+def gradient_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
+    """The global L2 norm of the gradients, clipping them to ``clip`` when ``clip`` > 0.  Without
+    clipping, only the norm: clip_grad_norm_(max_norm=inf) would also multiply every gradient by
+    1.0, a read and a write of all of them (~2 ms per step for DiT-XL/2 on an H100)."""
+    if clip > 0 or not hasattr(torch.nn.utils, "get_total_norm"):  # get_total_norm: torch >= 2.6
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
 
 
 def _make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -161,6 +170,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     run_dir = Path(run_dir)
     info = setup_distributed(device)
     dev = info.device
+    use_sdpa_backend(cfg.train.sdpa)
     ckpt_dir = run_dir / "checkpoints"
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
 
