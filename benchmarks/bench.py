@@ -23,12 +23,10 @@ after each row.  A failed row (OOM) says so and the run goes on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -45,15 +43,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditkit.config import Config
 from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
+from ditkit.models.fp8 import convert_to_fp8
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.train.ema import update_ema
 from ditkit.train.trainer import gradient_norm, train_step
+from ditkit.utils.sdpa import SDPA_CHOICES, use_sdpa_backend
 
 ISSUE_XL2_GFLOP = 716.0  # fwd+bwd per training image of DiT-XL/2 at 256 px, as the issue quotes
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-VARIANTS = ("fp32", "bf16", "fp32+compile", "bf16+compile")
+VARIANTS = ("fp32", "bf16", "fp32+compile", "bf16+compile")  # and, for sampling, +fp8 and +cudagraphs
+LEVERS = ("compile", "fp8", "cudagraphs")  # compile: torch.compile; cudagraphs: compile mode reduce-overhead
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),
                ("DiT-XL/2", 32, "bf16+compile"), ("DiT-XL/2", 128, "bf16+compile"), ("DiT-B/2", 128, "bf16+compile")]
@@ -99,6 +100,46 @@ def reset_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+KERNEL_CLASSES = (  # first match wins; names of cuBLAS/CUTLASS GEMMs, SDPA kernels, optimizer kernels, fused code
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "xmma", "scaled_mm", "f8f8")),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("optimizer/ema/norm", ("multi_tensor", "foreach", "adam", "lerp")),
+    ("triton (fused by compile)", ("triton",)),
+    ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "layer_norm", "softmax", "cat", "copy", "fill")),
+)
+
+
+def profile_kernels(fn, device: torch.device, calls: int = 3) -> dict:
+    """CUDA time per call of fn by kernel class, and the 12 longest kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e3 / calls  # ms per call
+    classes = {}
+    for name, ms in kernels.items():
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
+        classes[cls] = classes.get(cls, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"gpu_ms": sum(kernels.values()), "classes": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
+            "top": [[name[:110], ms] for name, ms in top]}
+
+
+def format_profile(p: dict) -> str:
+    total = p["gpu_ms"]
+    lines = [f"  profile: {total:.1f} GPU-ms per call; " + ", ".join(f"{c} {ms:.1f} ({100 * ms / total:.0f}%)"
+                                                                  for c, ms in p["classes"].items())]
+    lines += [f"    {ms:7.2f} ms  {name}" for name, ms in p["top"]]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- what is measured
@@ -178,10 +219,22 @@ def ema_loop(ema: nn.Module, model: nn.Module, decay: float) -> None:
         ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
 
 
+def levers(variant: str) -> set[str]:
+    return set(variant.split("+")[1:])
+
+
+def compiled(variant: str) -> bool:
+    return bool(levers(variant) & {"compile", "cudagraphs"})
+
+
 def prepare(model: nn.Module, variant: str, args) -> tuple[nn.Module, torch.dtype | None]:
-    """The network a variant runs (compiled or not) and its autocast dtype (None: fp32)."""
-    kwargs = {"backend": args.compile_backend, **({"mode": args.compile_mode} if args.compile_mode else {})}
-    net = torch.compile(model, **kwargs) if variant.endswith("+compile") else model
+    """The network a variant runs (FP8 block linears, compiled, CUDA graphs) and its autocast
+    dtype (None: fp32)."""
+    if "fp8" in levers(variant):
+        convert_to_fp8(model)
+    mode = "reduce-overhead" if "cudagraphs" in levers(variant) else args.compile_mode
+    kwargs = {"backend": args.compile_backend, **({"mode": mode} if mode else {})}
+    net = torch.compile(model, **kwargs) if compiled(variant) else model
     return net, (torch.bfloat16 if variant.startswith("bf16") else None)
 
 
@@ -211,7 +264,8 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     tail = {"opt_ms": median_ms(opt.step, 5, device), "ema_ms": median_ms(lambda: ema_update(ema, model, 0.9999), 5, device),
             "grad_norm_ms": median_ms(lambda: gradient_norm(params, 0.0), 5, device)}
     img_s = batch / (statistics.median(ms) * 1e-3)
-    return {"img_per_s": img_s, "step_ms": statistics.median(ms), "step_ms_all": ms, "first_s": first_s,
+    profiled = {"profile": profile_kernels(one_step, device)} if args.profile and device.type == "cuda" else {}
+    return {**profiled, "img_per_s": img_s, "step_ms": statistics.median(ms), "step_ms_all": ms, "first_s": first_s,
             "tflops": flops[name]["fwd_bwd_gflop_per_img"] * img_s / 1e3, "tail_ms": sum(tail.values()), **tail,
             "loss": state["loss"].item(), "finite": bool(torch.isfinite(state["loss"]))}
 
@@ -238,6 +292,8 @@ def bench_sample(name: str, batch: int, variant: str, args, device: torch.device
             ms = intervals_ms(stamps + [stamp(device)], device)
             row[sampler] = {"timed_steps": nfe, "ms_per_step_all": ms, "ms_per_nfe": statistics.median(ms), "steps": steps,
                             "s_per_img": steps * statistics.median(ms) / 1e3 / batch, "finite": bool(torch.isfinite(x0).all())}
+        if args.profile and device.type == "cuda":
+            row["profile"] = profile_kernels(lambda: fn(noise, torch.full((batch,), 500, device=device)), device)
     rows_per_s = 2 * batch / (row["ddpm"]["ms_per_nfe"] * 1e-3)  # guidance doubles the rows
     return {**row, "s_per_img": row["ddpm"]["s_per_img"], "extrapolated": args.sample_steps != 250,
             "tflops": flops[name]["fwd_gflop_per_img"] * rows_per_s / 1e3}
@@ -304,7 +360,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("--foreach-ema", "ditkit's one foreach lerp; off: the official per-parameter loop")
     flag("--tf32", "torch.backends.cuda.matmul/cudnn.allow_tf32 (the official train.py sets both)")
     flag("--compile", "off: skip the +compile rows")
-    add("--sdpa", choices=["auto", *BACKENDS], default="auto", help="force one SDPA backend in train and sample")
+    add("--sdpa", choices=SDPA_CHOICES, default="flash", help="SDPA kernel preference in train and sample rows "
+        "(ditkit.utils.sdpa; flash is ditkit's default, auto PyTorch's)")
+    add("--profile", action="store_true", help="also profile 3 steps of each row: CUDA time by kernel class and the top kernels")
     add("--compile-mode", help="e.g. max-autotune-no-cudagraphs (default: torch.compile's default mode)")
     add("--compile-backend", default="inductor", help="'eager': dynamo tracing only (quick CPU checks)")
     add("--max-minutes", type=float, default=9.0, help="rows that would start later are skipped")
@@ -326,11 +384,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                  for m in (args.models or "DiT-XL/2,DiT-B/2").split(",") for b in (args.batches or "32,128").split(",")]
     args.rows = [("train", *r) for r in train if "train" in parts]
     args.rows += [("sample", args.sample_model, args.sample_batch, v) for v in args.sample_variants.split(",") if v and "sample" in parts]
-    for row in args.rows:
-        if row[3] not in VARIANTS:
-            raise ValueError(f"unknown variant {row[3]!r}; known: {', '.join(VARIANTS)}")
+    for kind, _, _, variant in args.rows:
+        base, extra = variant.split("+")[0], levers(variant)
+        if base not in ("fp32", "bf16") or not extra <= set(LEVERS) or (kind == "train" and extra - {"compile"}):
+            raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of +{', +'.join(LEVERS)} "
+                             "(+fp8 and +cudagraphs for sampling only); e.g. " + ", ".join(VARIANTS))
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.
-    args.rows = sorted((r for r in args.rows if args.compile or not r[3].endswith("+compile")), key=lambda r: r[3].endswith("+compile"))
+    args.rows = sorted((r for r in args.rows if args.compile or not compiled(r[3])), key=lambda r: compiled(r[3]))
     return args
 
 
@@ -367,6 +427,7 @@ def main(argv=None) -> dict:
         del model
         issue = f" (issue: {ISSUE_XL2_GFLOP:.0f}; ratio {f['fwd_bwd_gflop_per_img'] / ISSUE_XL2_GFLOP:.3f})" if name == "DiT-XL/2" else ""
         say(f"flops {name}: fwd {f['fwd_gflop_per_img']:.1f} GFLOP/img, fwd+bwd {f['fwd_bwd_gflop_per_img']:.1f} GFLOP/img{issue}")
+    use_sdpa_backend("auto")  # the sdpa part reports PyTorch's own choice, then forces each kernel
     for name, (heads, head_dim, tokens) in shapes.items() if "sdpa" in args.parts else []:
         for dtype in (torch.bfloat16, torch.float32):
             row = {"model": name, **sdpa_check(heads, head_dim, tokens, args.sample_batch, dtype, device)}
@@ -375,16 +436,18 @@ def main(argv=None) -> dict:
                 + ", ".join(f"{b} {fmt(row[b], '.3f')}" for b in BACKENDS))
     reset_memory(device)
     save()
-    with sdpa_kernel(BACKENDS[args.sdpa]) if args.sdpa != "auto" else contextlib.nullcontext():
-        for kind, name, batch, variant in args.rows:
-            row = {"kind": kind, "model": name, "batch": batch, "variant": variant}
-            if time.perf_counter() - t_start > 60 * args.max_minutes:
-                row["status"] = "skipped (time budget)"
-            else:
-                row.update(run_row(kind, name, batch, variant, args, device, res["flops"], res["peak"].get("bf16_tflops")))
-            res[kind].append(row)
-            say(table_row(row))
-            save()
+    use_sdpa_backend(args.sdpa)
+    for kind, name, batch, variant in args.rows:
+        row = {"kind": kind, "model": name, "batch": batch, "variant": variant}
+        if time.perf_counter() - t_start > 60 * args.max_minutes:
+            row["status"] = "skipped (time budget)"
+        else:
+            row.update(run_row(kind, name, batch, variant, args, device, res["flops"], res["peak"].get("bf16_tflops")))
+        res[kind].append(row)
+        say(table_row(row))
+        if row.get("profile"):
+            say(format_profile(row["profile"]))
+        save()
     res["meta"]["wall_s"] = time.perf_counter() - t_start
     save()
     say("\n" + "\n".join([TRAIN_HEAD, "|---" * 11 + "|", *map(table_row, res["train"])]))

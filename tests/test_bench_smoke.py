@@ -32,7 +32,8 @@ def dit_flops(tokens: int, dim: int, depth: int, in_ch: int, out_ch: int, patch:
 
 def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
     out = tmp_path / "bench.json"
-    res = bench.main(["--device", "cpu", "--tiny", "--batches", "2", "--compile-backend", "eager", "--out", str(out)])
+    res = bench.main(["--device", "cpu", "--tiny", "--batches", "2", "--compile-backend", "eager", "--out", str(out),
+                      "--sample-variants", "fp32,bf16,bf16+compile,bf16+fp8+compile"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
 
     fwd, fwd_bwd = dit_flops(tokens=16, dim=64, depth=2, in_ch=4, out_ch=8, patch=2)
@@ -50,7 +51,7 @@ def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
         assert r["status"] == "ok" and r["finite"], r
         assert len(r["step_ms_all"]) == 3 and r["img_per_s"] == pytest.approx(2e3 / r["step_ms"])
         assert r["tail_ms"] == pytest.approx(r["opt_ms"] + r["ema_ms"] + r["grad_norm_ms"])
-    assert [r["variant"] for r in res["sample"]] == ["fp32", "bf16", "bf16+compile"]
+    assert [r["variant"] for r in res["sample"]] == ["fp32", "bf16", "bf16+compile", "bf16+fp8+compile"]
     for r in res["sample"]:
         assert r["status"] == "ok" and r["extrapolated"], r
         for sampler, steps in (("ddpm", 250), ("ddim", 50)):
@@ -60,14 +61,17 @@ def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
 
 
 def test_failing_row_is_reported_and_the_run_goes_on(bench, capsys):
-    # No CPU kernel of cuDNN attention: every row fails inside, and each says so.
-    res = bench.main(["--device", "cpu", "--tiny", "--parts", "train,sample", "--variants", "fp32", "--batches", "2,4",
-                      "--sample-variants", "fp32", "--sdpa", "cudnn"])
+    # A compiler backend that does not exist: every row fails inside, and each says so.
+    res = bench.main(["--device", "cpu", "--tiny", "--parts", "train,sample", "--variants", "fp32+compile",
+                      "--batches", "2,4", "--sample-variants", "fp32+compile", "--compile-backend", "no-such-backend"])
     assert [r["status"].split(":")[0] for r in res["train"] + res["sample"]] == ["error"] * 3
-    assert res["train"][0]["status"].startswith("error: RuntimeError")
-    assert "| tiny | 4 | fp32 |" in capsys.readouterr().out
+    assert "no-such-backend" in res["train"][0]["status"]
+    assert "| tiny | 4 | fp32+compile |" in capsys.readouterr().out
 
 
 def test_unknown_variant_is_refused_at_the_boundary(bench):
-    with pytest.raises(ValueError, match="unknown variant 'bf8'"):
+    with pytest.raises(ValueError, match="unknown train variant 'bf8'"):
         bench.parse_args(["--tiny", "--variants", "bf8"])
+    with pytest.raises(ValueError, match="unknown train variant 'bf16\\+fp8'"):  # FP8 is for sampling only
+        bench.parse_args(["--tiny", "--variants", "bf16+fp8"])
+    assert bench.parse_args(["--tiny", "--sample-variants", "bf16+fp8+cudagraphs"]).rows[-1][3] == "bf16+fp8+cudagraphs"

@@ -81,6 +81,15 @@ def test_sample_and_eval_end_to_end(tmp_path, ckpt):
     assert (tmp_path / "m.json").exists()
 
 
+def test_fp8_sampling_from_the_cli(tmp_path, ckpt, capsys):
+    """--fp8 converts the block linears (here emulated on the CPU) and samples as usual."""
+    main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-samples", "4", "--steps", "2", "--fp8"])
+    assert "fp8: 4 block linears quantized" in capsys.readouterr().out
+    import numpy as np
+
+    assert np.load(tmp_path / "samples.npz")["samples"].shape[0] == 4
+
+
 def test_export_to_safetensors_and_diffusers_then_sample_from_it(tmp_path, ckpt):
     main(["export", "--ckpt", str(ckpt), "--to", "safetensors", "--out", str(tmp_path / "m.safetensors")])
     main(["export", "--ckpt", str(ckpt), "--to", "diffusers", "--out", str(tmp_path / "diffusers")])

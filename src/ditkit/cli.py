@@ -58,6 +58,10 @@ def cmd_sample(args) -> None:
 
     info = setup_distributed(args.device)
     model, cfg, stored = load_run(args.ckpt, use_ema=not args.no_ema, device=info.device)
+    if args.fp8:
+        from ditkit.models.fp8 import convert_to_fp8
+
+        print(f"fp8: {convert_to_fp8(model)} block linears quantized to float8_e4m3fn (row-wise scales)")
     if cfg.model.num_params or cfg.model.cond_channels:
         return _sample_fields(args, model, cfg, stored, info.device)
     overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
@@ -237,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion coefficient of the sde sampler (SiT's forms)")
     p.add_argument("--guided-channels", type=int, help="guide only the first N channels (3: the official code)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("A", "B"), help="guide only for noise level in [A, B]")
+    p.add_argument("--fp8", action="store_true", help="FP8 (e4m3) matrix products in the transformer blocks "
+                   "(ditkit.models.fp8; fastest on Hopper/Ada GPUs, emulated elsewhere)")
     p.add_argument("--labels", default="balanced", help="balanced, random, or a comma-separated list of class ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="local VAE (folder or file) to decode latents")

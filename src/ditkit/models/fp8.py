@@ -1,0 +1,91 @@
+"""FP8 (e4m3) matrix products for sampling: an inference-only replacement of ``nn.Linear``.
+
+Weights are quantized once, one scale per output row; activations per token on the fly:
+
+    s_w[n] = max_k |W[n, k]| / 448,   s_x[m] = max_k |x[m, k]| / 448,
+    y[m, n] = s_x[m] s_w[n] Σ_k q(x[m, k] / s_x[m]) q(W[n, k] / s_w[n]) + b[n]
+
+with q the rounding to float8_e4m3fn (448 is its largest finite value).  On a CUDA GPU with FP8
+tensor cores (compute capability ≥ 8.9: Ada, Hopper) the product is one ``torch._scaled_mm``
+with row-wise scales and a bf16 result; elsewhere the same quantized operands are multiplied in
+float32 (an emulation with identical rounding of the inputs, used by the CPU tests).
+
+Only the four large products of each transformer block (``attn.qkv``, ``attn.proj``,
+``mlp.fc1``, ``mlp.fc2``: > 97% of DiT-XL/2's FLOPs) are converted; the adaLN, embedding and
+final layers stay in the model's precision.  Training is unchanged; this is a sampling lever
+(``ditkit sample --fp8``), and its effect on quality is measured, not assumed (README, Speed).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (q (M, K) float8_e4m3fn, scale (M, 1) float32) with x ≈ q · scale per row."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Float8Linear(nn.Module):
+    """y = x Wᵀ + b with W held in FP8 (see the module docstring).  Built from an ``nn.Linear``
+    with ``Float8Linear.from_linear``; has no trainable parameters."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fast_accum: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.fast_accum = in_features, out_features, fast_accum
+        self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=FP8))
+        self.register_buffer("weight_scale", torch.empty(1, out_features))  # (1, N) float32
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fast_accum: bool = True) -> "Float8Linear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, fast_accum).to(linear.weight.device)
+        with torch.no_grad():
+            q, scale = quantize_rows(linear.weight.detach())
+            m.weight_fp8.copy_(q)
+            m.weight_scale.copy_(scale.t())
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_fp8.float() * self.weight_scale.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+        if fp8_matmul_supported(x.device):
+            # mat2 column-major: the (N, K) row-major weight, transposed; row-wise scales need bf16 out.
+            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                                 out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
+        else:
+            y = (q.float() * scale) @ self.dequantized_weight().t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return y.to(out_dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3, scales=row-wise"
+
+
+def convert_to_fp8(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, fast_accum: bool = True) -> int:
+    """Replace, in place, every ``nn.Linear`` whose qualified name ends with one of ``names`` by a
+    ``Float8Linear``; returns how many were replaced.  For sampling: the result cannot be trained.
+    Layers whose sizes are not multiples of 16 (a requirement of the FP8 tensor-core kernel) are kept."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.endswith(names) and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, Float8Linear.from_linear(linear, fast_accum))
+    return len(targets)

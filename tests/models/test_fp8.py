@@ -1,0 +1,61 @@
+"""FP8 sampling layers (ditkit.models.fp8) against full precision: a closed-form quantization
+bound per layer, a whole DiT's output, and the conversion's bookkeeping.  On the CPU the FP8
+product is emulated with the same quantized operands as the GPU kernel."""
+import torch
+from torch import nn
+
+from ditkit.models.dit import build_model
+from ditkit.models.fp8 import FP8_MAX, Float8Linear, convert_to_fp8, quantize_rows
+
+G = torch.Generator().manual_seed(0)
+
+
+def test_row_quantization_error_is_within_e4m3_rounding():
+    x = torch.randn(64, 96, generator=G) * torch.logspace(-3, 2, 64)[:, None]  # rows of very different scale
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert (q.float().abs().amax(1) == FP8_MAX).all()  # each row uses the full range
+    back = q.float() * scale
+    # e4m3 keeps 3 mantissa bits: relative rounding error ≤ 2^-4 for normal numbers; subnormals
+    # (below 2^-6 of the unit) are off by at most half their spacing 2^-9, times the row's scale.
+    err = (back - x).abs()
+    assert (err <= x.abs() * 2**-4 + scale * 2**-10 + 1e-12).all()
+
+
+def test_linear_matches_float_within_quantization_noise():
+    lin = nn.Linear(128, 384)
+    f8 = Float8Linear.from_linear(lin)
+    x = torch.randn(4, 50, 128, generator=G)
+    ref, out = lin(x), f8(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    rel = (out - ref).norm() / ref.norm()
+    assert 1e-4 < rel < 0.04  # quantized (not a copy of the float layer), yet close
+    torch.testing.assert_close(f8.dequantized_weight(), lin.weight.detach(), rtol=2**-4, atol=1e-3)
+    assert not list(f8.parameters())
+
+
+def test_dit_converted_to_fp8_stays_close_to_the_float_model():
+    torch.manual_seed(0)
+    model = build_model("custom", depth=3, hidden_size=96, num_heads=4, patch_size=2, input_size=8,
+                        in_channels=4, num_classes=10).eval()
+    for m in model.modules():  # adaLN-Zero starts at identity: give the blocks real weights
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.05)
+    x, t, y = torch.randn(6, 4, 8, 8, generator=G), torch.randint(0, 1000, (6,), generator=G), torch.arange(6)
+    with torch.no_grad():
+        ref = model(x, t, y)
+        n = convert_to_fp8(model)
+        out = model(x, t, y)
+    assert n == 3 * 4 and sum(isinstance(m, Float8Linear) for m in model.modules()) == 12
+    assert isinstance(model.blocks[0].adaLN_modulation[1], nn.Linear)  # small layers stay as they were
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.05, rel
+
+
+def test_layers_not_multiple_of_16_are_kept():
+    model = nn.Sequential()
+    model.add_module("mlp", nn.Module())
+    model.mlp.fc1 = nn.Linear(24, 40)
+    model.mlp.fc2 = nn.Linear(32, 48)
+    assert convert_to_fp8(model) == 1
+    assert isinstance(model.mlp.fc1, nn.Linear) and isinstance(model.mlp.fc2, Float8Linear)
