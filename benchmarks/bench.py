@@ -103,8 +103,8 @@ def reset_memory(device: torch.device) -> None:
 
 
 KERNEL_CLASSES = (  # first match wins; names of cuBLAS/CUTLASS GEMMs, SDPA kernels, optimizer kernels, fused code
-    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "xmma", "scaled_mm", "f8f8")),
-    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),  # before gemm: flash kernels' names mention cutlass
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma")),
     ("optimizer/ema/norm", ("multi_tensor", "foreach", "adam", "lerp")),
     ("triton (fused by compile)", ("triton",)),
     ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "layer_norm", "softmax", "cat", "copy", "fill")),
@@ -360,8 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("--foreach-ema", "ditkit's one foreach lerp; off: the official per-parameter loop")
     flag("--tf32", "torch.backends.cuda.matmul/cudnn.allow_tf32 (the official train.py sets both)")
     flag("--compile", "off: skip the +compile rows")
-    add("--sdpa", choices=SDPA_CHOICES, default="flash", help="SDPA kernel preference in train and sample rows "
-        "(ditkit.utils.sdpa; flash is ditkit's default, auto PyTorch's)")
+    add("--sdpa", choices=SDPA_CHOICES, default="auto", help="SDPA kernel preference in train and sample rows "
+        "(ditkit.utils.sdpa; auto, PyTorch's order, is ditkit's default)")
     add("--profile", action="store_true", help="also profile 3 steps of each row: CUDA time by kernel class and the top kernels")
     add("--compile-mode", help="e.g. max-autotune-no-cudagraphs (default: torch.compile's default mode)")
     add("--compile-backend", default="inductor", help="'eager': dynamo tracing only (quick CPU checks)")

@@ -118,7 +118,7 @@ class TrainConfig:
     ckpt_format: str = "pt"  # pt | safetensors (same content; safetensors never runs pickle)
     sample_every: int = 0  # 0: off
     max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
-    sdpa: str = "flash"  # attention kernel on CUDA: flash | auto | cudnn | efficient | math (ditkit.utils.sdpa)
+    sdpa: str = "auto"  # attention kernel on CUDA: auto | flash | cudnn | efficient | math (ditkit.utils.sdpa)
     max_minutes: float = 0.0  # wall-clock budget: checkpoint and stop at the first log step past it (0: off)
     vae: str | None = None  # local VAE (folder or file) to decode the sample grids of latent runs
 
@@ -133,7 +133,7 @@ class SampleConfig:
     eta: float = 0.0  # ddim
     grid: str = "uniform"  # euler/heun/sde time grid: uniform | shifted (objective.shift)
     sde_diffusion: str = "sigma"  # sde: sigma | constant | SBDM | linear | decreasing | increasing-decreasing
-    sdpa: str = "flash"  # attention kernel on CUDA (ditkit.utils.sdpa)
+    sdpa: str = "auto"  # attention kernel on CUDA (ditkit.utils.sdpa)
 
 
 @dataclass
