@@ -1,8 +1,9 @@
 """Does FP8 sampling (ditkit.models.fp8) keep quality?  Two checks, printed as tables, JSON to --out:
 
 1. Network error at scale: a DiT-XL/2 with random weights (adaLN gates non-zero) on random
-   latents; relative L2 error of bf16 and of bf16 + FP8 against fp32, and of the GPU's FP8
-   kernel (torch._scaled_mm) against the float32 emulation of the same quantized operands.
+   latents; relative L2 error of bf16 and of bf16 + FP8 (static scales calibrated on other
+   inputs) against fp32, and of the GPU's FP8 kernel (torch._scaled_mm) against the float32
+   emulation of the same quantized operands.
 2. The digits demo: the `digits` preset trained here (DDPM, its default steps), then 1,000
    digits from the same noise and labels sampled in fp32, bf16 and bf16 + FP8 with DDPM-250 and
    DDIM-50, scored by classifier agreement and digits FD (``ditkit.eval.digits``).
@@ -25,7 +26,7 @@ from ditkit.checkpoints import load_for_sampling
 from ditkit.config import load_config
 from ditkit.eval.digits import evaluate_digits, to_digit_pixels
 from ditkit.models.dit import build_model
-from ditkit.models.fp8 import convert_to_fp8, quantize_rows
+from ditkit.models.fp8 import FP8_MAX, calibrate_fp8, convert_to_fp8
 from ditkit.objectives import build_objective
 from ditkit.sampling import generate, sample_labels, sample_noise
 from ditkit.train.trainer import train
@@ -45,6 +46,9 @@ def network_error(device: str) -> dict:
     t, y = torch.randint(0, 1000, (8,), device=device), torch.randint(0, 1000, (8,), device=device)
     fp8 = copy.deepcopy(model)
     convert_to_fp8(fp8)
+    other = [(torch.randn_like(x), torch.randint(0, 1000, (8,), device=device), y) for _ in range(4)]
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):  # static scales from other inputs
+        calibrate_fp8(fp8, lambda: [fp8(*batch) for batch in other])
     with torch.no_grad():
         ref = model(x, t, y).float()
         with torch.autocast(device, dtype=torch.bfloat16):
@@ -54,8 +58,9 @@ def network_error(device: str) -> dict:
         layer = fp8.blocks[0].mlp.fc1
         h = torch.randn(2048, layer.in_features, device=device)
         kernel = layer(h).float()
-        q, scale = quantize_rows(h)
-        emulated = (q.float() * scale) @ layer.dequantized_weight().t() + layer.bias
+        s_in = layer.input_scale  # the layer's static scale: the same quantized operands, multiplied in fp32
+        q = (h / s_in).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        emulated = (q.float() * s_in) @ layer.dequantized_weight().t() + layer.bias
     return {"bf16_vs_fp32": rel(bf16), "fp8_vs_fp32": rel(f8),
             "kernel_vs_emulation": ((kernel - emulated).norm() / emulated.norm()).item()}
 
@@ -68,13 +73,17 @@ def digits(out: Path, device: str, n: int) -> list[dict]:
     for sampler, steps in (("ddpm", 250), ("ddim", 50)):
         for precision in PRECISIONS:
             model, cfg = load_for_sampling(run / "checkpoints" / "last.pt", device=device)
-            if "fp8" in precision:
-                convert_to_fp8(model)
             cfg.sample.sampler, cfg.sample.steps = sampler, steps
             idx = range(n)
             noise, y = sample_noise(idx, (1, 8, 8), 0).to(device), sample_labels(idx, 10, "balanced", 0)
-            torch.manual_seed(0)
             amp = torch.autocast(device, dtype=torch.bfloat16) if precision.startswith("bf16") else nullcontext()
+            if "fp8" in precision:  # static scales from one run on 8 other samples, as `ditkit sample --fp8`
+                convert_to_fp8(model)
+                cal_noise, cal_y = torch.randn(8, 1, 8, 8, device=device), torch.arange(8, device=device)
+                with amp:
+                    calibrate_fp8(model, lambda: generate(model, build_objective(cfg), cal_noise, {"y": cal_y}, cfg.sample,
+                                                          progress=False))
+            torch.manual_seed(0)
             t0 = time.perf_counter()
             with amp:
                 x, _ = generate(model, build_objective(cfg), noise, {"y": y.to(device)}, cfg.sample, progress=False)

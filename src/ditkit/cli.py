@@ -70,6 +70,11 @@ def cmd_sample(args) -> None:
                                    "guidance_interval": args.guidance_interval}.items() if v is not None}
     cfg = from_dict({"sample": overrides}, cfg).validate()
     objective = build_objective(cfg)
+    if args.fp8:
+        import torch
+
+        _calibrate_fp8(model, lambda n: {"y": torch.randint(0, cfg.model.num_classes, (n,))} if cfg.model.num_classes else {},
+                       objective, cfg, info.device)
     decode = _decoder(cfg, args.vae, info.device)
     labels = args.labels if args.labels in ("balanced", "random") else _class_ids(args.labels, cfg.model.num_classes)
     out = Path(args.out)
@@ -118,12 +123,33 @@ def _sample_fields(args, model, cfg, stored: dict, device) -> None:
         if missing:
             raise ValueError(f"{args.cond} lacks {', '.join(missing)} (it has: {', '.join(cond.files)})")
         arrays = {k: torch.from_numpy(np.asarray(cond[k], dtype=np.float64)) for k in need}
+    if args.fp8:
+        from ditkit.objectives import build_objective
+
+        conditions = {k: norm.normalize(v, k).float() for k, v in arrays.items()}
+        _calibrate_fp8(model, lambda n: {k: v[:n] for k, v in conditions.items()}, build_objective(cfg), cfg, device)
     generate_fields = field_generator(model, cfg, norm, device, batch_size=args.batch_size, seed=args.seed)
     x = generate_fields(arrays.get("params"), arrays.get("field")).float()
     out = Path(args.out)
     atomic_save_npz(out / "samples.npz", samples=x.numpy(), **{k: v.numpy() for k, v in arrays.items()})
     save_sample_grid(x[:64], cfg, out / "grid.png", nrow=8)
     print(f"{len(x)} fields in physical units ({cfg.sample.sampler}, {cfg.sample.steps} steps) -> {out / 'samples.npz'}")
+
+
+def _calibrate_fp8(model, conditions, objective, cfg, device, n: int = 8) -> None:
+    """Static FP8 activation scales from one run of the sampler on n samples (ditkit.models.fp8):
+    ``conditions(n)`` gives the model kwargs (labels, params, fields) of that run."""
+    import torch
+
+    from ditkit.models.fp8 import calibrate_fp8
+    from ditkit.sampling import generate
+
+    kwargs = {k: v.to(device) for k, v in conditions(n).items()}
+    n = len(next(iter(kwargs.values()))) if kwargs else n
+    noise = torch.randn((n, cfg.model.in_channels, *model.input_size), generator=torch.Generator().manual_seed(12345))
+    layers = calibrate_fp8(model, lambda: generate(model, objective, noise.to(device), kwargs, cfg.sample, progress=False))
+    print(f"fp8: static activation scales of {layers} layers calibrated on {n} samples ({cfg.sample.sampler}, "
+          f"{cfg.sample.steps} steps)")
 
 
 def _class_ids(text: str, num_classes: int) -> list[int]:

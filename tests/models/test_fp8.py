@@ -59,3 +59,45 @@ def test_layers_not_multiple_of_16_are_kept():
     model.mlp.fc2 = nn.Linear(32, 48)
     assert convert_to_fp8(model) == 1
     assert isinstance(model.mlp.fc1, nn.Linear) and isinstance(model.mlp.fc2, Float8Linear)
+
+
+def _dit_with_real_weights():
+    torch.manual_seed(0)
+    model = build_model("custom", depth=3, hidden_size=96, num_heads=4, patch_size=2, input_size=8,
+                        in_channels=4, num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.05)
+    return model
+
+
+def test_static_scales_from_calibration_stay_close_and_saturate_beyond_the_range():
+    from ditkit.models.fp8 import calibrate_fp8
+
+    model = _dit_with_real_weights()
+    x, t, y = torch.randn(6, 4, 8, 8, generator=G), torch.randint(0, 1000, (6,), generator=G), torch.arange(6)
+    with torch.no_grad():
+        ref = model(x, t, y)
+        convert_to_fp8(model)
+        dynamic = model(x, t, y)
+        assert calibrate_fp8(model, lambda: model(x, t, y), margin=2.0) == 12
+        static = model(x, t, y)
+    layers = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    assert all(m.static and m.input_scale > 0 for m in layers) and "static per-layer" in repr(layers[0])
+    assert (static - dynamic).abs().max() > 0  # a different quantizer, not the dynamic one
+    assert (static - ref).norm() / ref.norm() < 0.05
+    # One layer at its calibrated scale: values past the range saturate instead of overflowing to inf/nan.
+    fc = layers[0]
+    big = torch.full((2, fc.in_features), 1e6)
+    out = fc(big)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, fc(torch.full((2, fc.in_features), FP8_MAX * fc.input_scale.item())))
+
+
+def test_calibration_needs_converted_layers():
+    import pytest
+
+    from ditkit.models.fp8 import calibrate_fp8
+
+    with pytest.raises(ValueError, match="convert_to_fp8 first"):
+        calibrate_fp8(nn.Linear(16, 16), lambda: None)

@@ -279,6 +279,9 @@ def test_sample_fields_in_physical_units_from_the_cli(tmp_path):
     # physical units: the log-normal channel is positive, as the normaliser's exp brings it back
     norm = FieldNormalizer(final_weights(tmp_path / "run")["normalizer"])
     assert norm.state["x"]["log"][1] and (out["samples"][:, 1] > 0).all()
+    main(["sample", "--ckpt", str(ckpt), "--cond", str(tmp_path / "cond.npz"), "--out", str(tmp_path / "s8"), "--fp8"])
+    fp8 = np.load(tmp_path / "s8" / "samples.npz")["samples"]
+    assert fp8.shape == (3, 2, 8, 8) and np.isfinite(fp8).all() and (fp8[:, 1] > 0).all()
     main(["eval-fields", "--ckpt", str(ckpt), "--data", str(b), "--out", str(tmp_path / "ev"), "--points", "2",
           "--samples", "2", "--device", "cpu"])
     scores = json.loads((tmp_path / "ev" / "fields_eval.json").read_text())

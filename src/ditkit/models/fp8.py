@@ -1,14 +1,22 @@
 """FP8 (e4m3) matrix products for sampling: an inference-only replacement of ``nn.Linear``.
 
-Weights are quantized once, one scale per output row; activations per token on the fly:
+Weights are quantized once, one scale per output row (s_w[n] = max_k |W[n, k]| / 448, 448 being
+the largest finite e4m3 value).  Activations are quantized in one of two ways:
 
-    s_w[n] = max_k |W[n, k]| / 448,   s_x[m] = max_k |x[m, k]| / 448,
-    y[m, n] = s_x[m] s_w[n] Σ_k q(x[m, k] / s_x[m]) q(W[n, k] / s_w[n]) + b[n]
+- dynamic (the default after ``convert_to_fp8``): one scale per token, s_x[m] = max_k |x[m, k]| / 448,
+  computed on the fly.  Exact range, but a row-wise reduction before every product; measured on
+  an H200 it costs more than the faster product saves (README, Speed).
+- static (after ``calibrate_fp8``): one scale per layer, from the largest |x| the layer saw during
+  a calibration run of the sampler, times a safety margin; larger values saturate at ±448·s.
+  Quantizing is then a multiply and a cast that torch.compile fuses into the kernel that
+  produces x (LayerNorm + modulation, GELU), so the FP8 product's speed is kept.
 
-with q the rounding to float8_e4m3fn (448 is its largest finite value).  On a CUDA GPU with FP8
-tensor cores (compute capability ≥ 8.9: Ada, Hopper) the product is one ``torch._scaled_mm``
-with row-wise scales and a bf16 result; elsewhere the same quantized operands are multiplied in
-float32 (an emulation with identical rounding of the inputs, used by the CPU tests).
+    y[m, n] = s_x s_w[n] Σ_k q(x[m, k] / s_x) q(W[n, k] / s_w[n]) + b[n]
+
+with q the rounding to float8_e4m3fn.  On a CUDA GPU with FP8 tensor cores (compute capability
+≥ 8.9: Ada, Hopper) the product is one ``torch._scaled_mm`` with a bf16 result; elsewhere the same
+quantized operands are multiplied in float32 (an emulation with identical rounding of the
+inputs, used by the CPU tests).
 
 Only the four large products of each transformer block (``attn.qkv``, ``attn.proj``,
 ``mlp.fc1``, ``mlp.fc2``: > 97% of DiT-XL/2's FLOPs) are converted; the adaLN, embedding and
@@ -16,6 +24,8 @@ final layers stay in the model's precision.  Training is unchanged; this is a sa
 (``ditkit sample --fp8``), and its effect on quality is measured, not assumed (README, Speed).
 """
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,6 +56,9 @@ class Float8Linear(nn.Module):
         self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=FP8))
         self.register_buffer("weight_scale", torch.empty(1, out_features))  # (1, N) float32
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
+        self.register_buffer("input_scale", torch.ones(()))  # the static per-layer scale, once calibrated
+        self.static = False  # a Python flag, not a tensor test: no host sync, no graph break under compile
+        self.observed_amax: torch.Tensor | None = None  # set while calibrating
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fast_accum: bool = True) -> "Float8Linear":
@@ -63,7 +76,14 @@ class Float8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+        x2 = x.reshape(-1, self.in_features)
+        if self.observed_amax is not None:  # calibrating: record the range, compute as dynamic
+            self.observed_amax = torch.maximum(self.observed_amax, x2.detach().abs().amax().float())
+        if self.static and self.observed_amax is None:
+            q = (x2.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            scale = self.input_scale.expand(x2.shape[0], 1).contiguous()  # _scaled_mm's row-wise form of one scale
+        else:
+            q, scale = quantize_rows(x2)
         if fp8_matmul_supported(x.device):
             # mat2 column-major: the (N, K) row-major weight, transposed; row-wise scales need bf16 out.
             y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
@@ -76,7 +96,8 @@ class Float8Linear(nn.Module):
         return y.to(out_dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3, scales=row-wise"
+        act = "static per-layer" if self.static else "dynamic per-token"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3, weights row-wise, inputs {act}"
 
 
 def convert_to_fp8(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, fast_accum: bool = True) -> int:
@@ -89,3 +110,27 @@ def convert_to_fp8(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, fas
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, Float8Linear.from_linear(linear, fast_accum))
     return len(targets)
+
+
+@torch.no_grad()
+def calibrate_fp8(model: nn.Module, run: Callable[[], Any], margin: float = 2.0) -> int:
+    """Switch the model's ``Float8Linear`` layers to static activation scales: ``run()`` (e.g. the
+    sampler on a small batch, all its steps) is executed with dynamic per-token quantization while
+    each layer records the largest |x| it sees; each layer's scale is then margin · amax / 448.
+    Returns the number of layers calibrated.  A layer that ``run`` never reached stays dynamic."""
+    layers = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    if not layers:
+        raise ValueError("calibrate_fp8: the model has no Float8Linear layers; call convert_to_fp8 first")
+    for m in layers:
+        m.observed_amax = torch.zeros((), device=m.weight_fp8.device)
+    try:
+        run()
+    finally:
+        seen = 0
+        for m in layers:
+            amax, m.observed_amax = m.observed_amax, None
+            if amax is not None and amax > 0:
+                m.input_scale.copy_(margin * amax / FP8_MAX)
+                m.static = True
+                seen += 1
+    return seen
