@@ -12,7 +12,11 @@ forced, or why it refuses.  train: the official train.py's work per step on rand
 and labels (hybrid DDPM loss, backward, AdamW lr 1e-4 wd 0, EMA 0.9999) through ``train_step`` (which
 adds a gradient norm); warm-up and compilation excluded.  sample: DDPM with classifier-free guidance
 (2 × batch rows per call) via ``objective.sample`` and ``guided_fn``; --sample-steps steps are timed
-one by one (each does the same work whatever its t) and EXTRAPOLATED to 250 (DDIM: 50).
+one by one (each does the same work whatever its t) and EXTRAPOLATED to 250 (DDIM: 50); flow
+matching's Euler and Heun samplers run on the same network (ms per network evaluation).  Sampling
+variants may add +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+other noise, ``ditkit.models.fp8``) and +cudagraphs (compile mode reduce-overhead).  --profile:
+CUDA time per step by kernel class and the longest kernels.
 
 Columns: img/s (training images/s); ms/step (median, CUDA events); TFLOP/s (counted FLOPs/s); % peak
 (of the bf16 peak); mem GiB (max_memory_allocated, reset per row); tail ms (optimizer + EMA +
@@ -45,6 +49,7 @@ from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
 from ditkit.models.fp8 import calibrate_fp8, convert_to_fp8
 from ditkit.objectives.ddpm import create_ddpm
+from ditkit.objectives.flow import FlowMatching
 from ditkit.train.ema import update_ema
 from ditkit.train.trainer import gradient_norm, train_step
 from ditkit.utils.sdpa import SDPA_CHOICES, use_sdpa_backend
@@ -288,9 +293,10 @@ def bench_sample(name: str, batch: int, variant: str, args, device: torch.device
     row = {"cfg_scale": args.cfg_scale}
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         row["first_s"] = times_ms(lambda: objective.sample(fn, noise, steps=max(args.warmup, 2)), 1, device, warmup=0)[0] / 1e3
-        for sampler, steps in (("ddpm", 250), ("ddim", 50)):
+        flow = FlowMatching()  # the same network: flow reads the first C output channels
+        for sampler, steps, process in (("ddpm", 250, objective), ("ddim", 50, objective), ("euler", 50, flow), ("heun", 25, flow)):
             stamps.clear()
-            x0, nfe = objective.sample(timed_fn, noise, sampler=sampler, steps=args.sample_steps)
+            x0, nfe = process.sample(timed_fn, noise, sampler=sampler, steps=args.sample_steps)
             ms = intervals_ms(stamps + [stamp(device)], device)
             row[sampler] = {"timed_steps": nfe, "ms_per_step_all": ms, "ms_per_nfe": statistics.median(ms), "steps": steps,
                             "s_per_img": steps * statistics.median(ms) / 1e3 / batch, "finite": bool(torch.isfinite(x0).all())}
@@ -325,8 +331,8 @@ def fmt(v, spec: str = ".1f") -> str:
 
 
 TRAIN_HEAD = "| model | batch | variant | img/s | ms/step | TFLOP/s | % peak | mem GiB | tail ms | first s | status |"
-SAMPLE_HEAD = ("| sampling | batch | variant | DDPM-250 s/img | ms/step | DDIM-50 s/img | DDIM ms/NFE | TFLOP/s | % peak "
-               "| mem GiB | first s | status |")
+SAMPLE_HEAD = ("| sampling | batch | variant | DDPM-250 s/img | ms/step | DDIM-50 s/img | DDIM ms/NFE | Euler ms/NFE "
+               "| Heun ms/NFE | TFLOP/s | % peak | mem GiB | first s | status |")
 
 
 def table_row(r: dict) -> str:
@@ -337,7 +343,8 @@ def table_row(r: dict) -> str:
     else:
         d, i = r.get("ddpm", {}), r.get("ddim", {})
         cells = [f"{r['model']} cfg {r.get('cfg_scale', '')}", r["batch"], r["variant"], fmt(r.get("s_per_img"), ".3f"),
-                 fmt(d.get("ms_per_nfe")), fmt(i.get("s_per_img"), ".3f"), fmt(i.get("ms_per_nfe")), *tail]
+                 fmt(d.get("ms_per_nfe")), fmt(i.get("s_per_img"), ".3f"), fmt(i.get("ms_per_nfe")),
+                 fmt(r.get("euler", {}).get("ms_per_nfe")), fmt(r.get("heun", {}).get("ms_per_nfe")), *tail]
     return "| " + " | ".join(str(c) for c in [*cells, fmt(r.get("first_s")), r["status"]]) + " |"
 
 
@@ -453,9 +460,10 @@ def main(argv=None) -> dict:
     res["meta"]["wall_s"] = time.perf_counter() - t_start
     save()
     say("\n" + "\n".join([TRAIN_HEAD, "|---" * 11 + "|", *map(table_row, res["train"])]))
-    say("\n" + "\n".join([SAMPLE_HEAD, "|---" * 12 + "|", *map(table_row, res["sample"])]))
+    say("\n" + "\n".join([SAMPLE_HEAD, "|---" * 14 + "|", *map(table_row, res["sample"])]))
     if res["sample"]:
-        say(f"(sampling: {args.sample_steps} steps timed per sampler, EXTRAPOLATED to 250 DDPM / 50 DDIM steps; 2 × batch rows per call)")
+        say(f"(sampling: {args.sample_steps} steps timed per sampler, EXTRAPOLATED to 250 DDPM / 50 DDIM steps; "
+            "Euler/Heun: flow matching's samplers on the same network; 2 × batch rows per call)")
     say(f"total wall time {res['meta']['wall_s']:.0f} s" + (f"; JSON in {args.out}" if args.out else ""))
     return res
 

@@ -54,9 +54,10 @@ def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
     assert [r["variant"] for r in res["sample"]] == ["fp32", "bf16", "bf16+compile", "bf16+fp8+compile"]
     for r in res["sample"]:
         assert r["status"] == "ok" and r["extrapolated"], r
-        for sampler, steps in (("ddpm", 250), ("ddim", 50)):
+        for sampler, steps in (("ddpm", 250), ("ddim", 50), ("euler", 50), ("heun", 25)):
             s = r[sampler]
-            assert s["finite"] and s["timed_steps"] == len(s["ms_per_step_all"]) == 3
+            nfe = 6 if sampler == "heun" else 3  # Heun: two evaluations per step
+            assert s["finite"] and s["timed_steps"] == len(s["ms_per_step_all"]) == nfe, (sampler, s["timed_steps"])
             assert s["s_per_img"] == pytest.approx(steps * s["ms_per_nfe"] / 1e3 / 2)
 
 
