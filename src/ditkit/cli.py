@@ -59,9 +59,16 @@ def cmd_sample(args) -> None:
     info = setup_distributed(args.device)
     model, cfg, stored = load_run(args.ckpt, use_ema=not args.no_ema, device=info.device)
     if args.fp8:
-        from ditkit.models.fp8 import convert_to_fp8
+        from ditkit.models.fp8 import convert_to_fp8, fp8_matmul_supported
 
-        print(f"fp8: {convert_to_fp8(model)} block linears quantized to float8_e4m3fn (row-wise scales)")
+        if info.device.type == "cuda" and not fp8_matmul_supported(info.device):
+            print("fp8: warning: this GPU has no FP8 tensor cores (compute capability < 8.9); the FP8 products "
+                  "are emulated in float32, slower than without --fp8", file=sys.stderr)
+        converted = convert_to_fp8(model)
+        print(f"fp8: {converted} block linears quantized to float8_e4m3fn (row-wise scales)")
+        if not converted:
+            print("fp8: warning: no layer has sizes that are multiples of 16; sampling without FP8", file=sys.stderr)
+            args.fp8 = False
     if cfg.model.num_params or cfg.model.cond_channels:
         return _sample_fields(args, model, cfg, stored, info.device)
     overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
@@ -80,7 +87,8 @@ def cmd_sample(args) -> None:
     out = Path(args.out)
     path = sample_to_npz(model, objective, cfg, args.num_samples, out, args.batch_size, seed=args.seed, labels=labels,
                          decode=decode, rank=info.rank, world_size=info.world_size, device=info.device,
-                         barrier=lambda: barrier(info), source=f"{Path(args.ckpt).resolve()} ema={not args.no_ema}")
+                         barrier=lambda: barrier(info),
+                         source=f"{Path(args.ckpt).resolve()} ema={not args.no_ema}" + (" fp8" if args.fp8 else ""))
     if path is not None:
         import numpy as np
 

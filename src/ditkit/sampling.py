@@ -14,7 +14,7 @@ from ditkit.guidance import NFECounter, conditional_fn, guided_fn
 from ditkit.models.dit import as_pair
 from ditkit.utils.images import save_grid, to_uint8
 from ditkit.utils.io import atomic_save_npz
-from ditkit.utils.sdpa import use_sdpa_backend
+from ditkit.utils.sdpa import sdpa_backend
 
 
 def grid_labels(num_classes: int, per_class: int, max_total: int | None = None) -> torch.Tensor:
@@ -29,7 +29,6 @@ def grid_labels(num_classes: int, per_class: int, max_total: int | None = None) 
 def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dict, cfg: SampleConfig,
              progress: bool = True) -> tuple[torch.Tensor, int]:
     """Samples from ``noise`` with the sampler, steps and guidance of ``cfg``; returns (x0, NFE)."""
-    use_sdpa_backend(cfg.sdpa)
     counter = NFECounter()
     if cfg.cfg_scale != 1.0:
         interval = tuple(cfg.guidance_interval) if cfg.guidance_interval else None
@@ -39,7 +38,8 @@ def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dic
         fn = conditional_fn(model, model_kwargs, counter)
     opts = {"ddim": {"eta": cfg.eta}, "euler": {"grid": cfg.grid}, "heun": {"grid": cfg.grid},
             "sde": {"grid": cfg.grid, "diffusion": cfg.sde_diffusion}}.get(cfg.sampler, {})
-    x, _ = objective.sample(fn, noise, sampler=cfg.sampler, steps=cfg.steps, progress=progress, **opts)
+    with sdpa_backend(cfg.sdpa):
+        x, _ = objective.sample(fn, noise, sampler=cfg.sampler, steps=cfg.steps, progress=progress, **opts)
     return x, counter.nfe
 
 
@@ -110,7 +110,7 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     out_dir = Path(out_dir)
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    _check_settings(parts, {"source": source, "sample": dataclasses.asdict(cfg.sample), "seed": seed,
+    _check_settings(parts, {"source": source, "sample": {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "sdpa"},  # the kernel changes no sample "seed": seed,
                             "labels": labels, "num_samples": num_samples, "batch_size": batch_size})
     shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
     n_batches = -(-num_samples // batch_size)

@@ -91,13 +91,16 @@ def test_reported_floor_is_the_oracles_score_and_falls_with_more_samples():
     """*_floor is what the benchmark's own generator scores under the same settings (the same
     statistics, not the same draws), and it shrinks about as 1/sqrt(samples)."""
     g = torch.Generator().manual_seed(3)
-    oracle = [score(lambda p, c: BENCH.sample_x(p, c, g)) for _ in range(3)]
-    floor = sum(r["target_spectrum_err_floor"] for r in oracle) / 3
-    got = sum(r["target_spectrum_err"] for r in oracle) / 3
-    assert 0.6 < got / floor < 1.6
-    assert 0.6 < (sum(r["lognormal_spectrum_err"] for r in oracle) / sum(r["lognormal_spectrum_err_floor"] for r in oracle)) < 1.6
-    more = evaluate_benchmark(lambda p, c: BENCH.sample_x(p, c, g), BENCH, points=4, samples=64, seed=11)
-    assert more["target_spectrum_err_floor"] < 0.6 * floor  # 8× the samples: ≈ 0.35×
+    oracle = [evaluate_benchmark(lambda p, c: BENCH.sample_x(p, c, g), BENCH, points=4, samples=8, seed=seed)
+              for seed in range(20, 28)]  # 8 independent evaluations: the ratio of means is stable
+    floor = sum(r["target_spectrum_err_floor"] for r in oracle) / len(oracle)
+    got = sum(r["target_spectrum_err"] for r in oracle) / len(oracle)
+    assert 0.75 < got / floor < 1.33
+    ratio = sum(r["lognormal_spectrum_err"] for r in oracle) / sum(r["lognormal_spectrum_err_floor"] for r in oracle)
+    assert 0.75 < ratio < 1.33
+    more = [evaluate_benchmark(lambda p, c: BENCH.sample_x(p, c, g), BENCH, points=4, samples=64, seed=seed)
+            for seed in (20, 21)]
+    assert sum(r["target_spectrum_err_floor"] for r in more) / 2 < 0.6 * floor  # 8× the samples: ≈ 0.35×
 
 
 def test_wrong_generators_are_told_apart():

@@ -101,3 +101,10 @@ def test_calibration_needs_converted_layers():
 
     with pytest.raises(ValueError, match="convert_to_fp8 first"):
         calibrate_fp8(nn.Linear(16, 16), lambda: None)
+
+
+def test_names_match_whole_components_so_cross_attention_is_kept():
+    model = build_model("custom", depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=2,
+                        num_classes=0, cond_channels=1, field_mode="cross_attention")
+    assert convert_to_fp8(model) == 2 * 4
+    assert isinstance(model.blocks[0].cross_attn.proj, nn.Linear) and isinstance(model.blocks[0].attn.proj, Float8Linear)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ditkit.config import load_config
-from ditkit.utils.sdpa import SDPA_CHOICES, use_sdpa_backend
+from ditkit.utils.sdpa import SDPA_CHOICES, sdpa_backend, use_sdpa_backend
 
 FLAGS = ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "cudnn_sdp_enabled", "math_sdp_enabled")
 
@@ -25,7 +25,20 @@ def test_each_choice_sets_the_backend_flags(name, expected):
     assert tuple(getattr(torch.backends.cuda, f)() for f in FLAGS) == expected
 
 
+def test_context_manager_restores_the_callers_choice():
+    """Sampling a grid mid-training (sample.sdpa) must leave the run's train.sdpa in force."""
+    use_sdpa_backend("flash")
+    with sdpa_backend("cudnn"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert tuple(getattr(torch.backends.cuda, f)() for f in FLAGS) == (True, True, False, True)
+    with pytest.raises(ValueError):
+        with sdpa_backend("nope"):
+            pass
+    assert tuple(getattr(torch.backends.cuda, f)() for f in FLAGS) == (True, True, False, True)
+
+
 def test_results_do_not_depend_on_the_choice():
+    """On a CPU the flags select nothing; on a GPU this checks the kernels agree."""
     q, k, v = torch.randn(3, 2, 4, 16, 8).unbind(0)
     outs = []
     for name in SDPA_CHOICES:

@@ -103,9 +103,14 @@ class Float8Linear(nn.Module):
 def convert_to_fp8(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, fast_accum: bool = True) -> int:
     """Replace, in place, every ``nn.Linear`` whose qualified name ends with one of ``names`` by a
     ``Float8Linear``; returns how many were replaced.  For sampling: the result cannot be trained.
-    Layers whose sizes are not multiples of 16 (a requirement of the FP8 tensor-core kernel) are kept."""
+    Names match whole components (``attn.proj`` is not ``cross_attn.proj``).  Layers whose sizes are
+    not multiples of 16 (a requirement of the FP8 tensor-core kernel) are kept.  Convert the model
+    after moving it to its device and dtype: ``.to(dtype)`` afterwards would cast the FP8 weights.
+    The calibrated ``static`` flag is a Python attribute, not saved in a state dict: calibrate
+    after loading."""
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.endswith(names) and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+               if isinstance(m, nn.Linear) and (name in names or name.endswith(tuple("." + n for n in names)))
+               and m.in_features % 16 == 0 and m.out_features % 16 == 0]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, Float8Linear.from_linear(linear, fast_accum))

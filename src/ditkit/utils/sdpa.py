@@ -10,6 +10,9 @@ no-op on the CPU.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 SDPA_CHOICES = ("auto", "flash", "cudnn", "efficient", "math")
@@ -28,3 +31,20 @@ def use_sdpa_backend(name: str) -> None:
     b.enable_mem_efficient_sdp("efficient" in on)
     b.enable_cudnn_sdp("cudnn" in on)
     b.enable_math_sdp(True)
+
+
+_FLAGS = ("flash_sdp", "mem_efficient_sdp", "cudnn_sdp", "math_sdp")
+
+
+@contextmanager
+def sdpa_backend(name: str) -> Iterator[None]:
+    """``use_sdpa_backend(name)`` inside the block, the previous flags restored after it (so that
+    sampling a grid mid-training leaves the training run's choice in place)."""
+    b = torch.backends.cuda
+    saved = [getattr(b, f"{f}_enabled")() for f in _FLAGS]
+    try:
+        use_sdpa_backend(name)
+        yield
+    finally:
+        for f, on in zip(_FLAGS, saved):
+            getattr(b, f"enable_{f}")(on)
