@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="a packaged config: digits, imagenet256, imagenet512, fields64")
+    p.add_argument("--preset", help="a packaged config: digits, imagenet256, imagenet512, fields64, cosmo128")
     p.add_argument("--config", help="a YAML config file (applied after the preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. --set train.lr=3e-4 (repeatable)")

@@ -84,6 +84,9 @@ def test_normalizer_round_trip_with_log_and_through_a_weights_only_checkpoint(fi
     torch.testing.assert_close(norm.denormalize(norm.normalize(p, "params"), "params"), p)
     z32 = norm.normalize(phys.float())  # float32 batches (the sampler's) come back within float32 precision
     torch.testing.assert_close(norm.denormalize(z32), phys.float(), rtol=1e-5, atol=1e-5)
+    below = z.clone()
+    below[:, 1] = -1e3  # a generated value under log(eps): 0 in physical units, never negative
+    assert (norm.denormalize(below)[:, 1] == 0).all()
     with pytest.raises(KeyError, match="no statistics for 'field'"):
         norm.normalize(phys, "field")
     with pytest.raises(ValueError, match="normalizer's 3 channels"):

@@ -192,12 +192,14 @@ class FieldNormalizer:
         return (value - mean) / std
 
     def denormalize(self, value: torch.Tensor, key: str = "x") -> torch.Tensor:
-        """Standardised -> physical units (the exact inverse of ``normalize``)."""
+        """Standardised -> physical units (the exact inverse of ``normalize`` on non-negative data).
+        Log-transformed channels come back non-negative: a value below log(eps), which no
+        training sample has, maps to 0 rather than to a slightly negative density."""
         s = self._stats(key)
         value = value * self._shaped(s["std"], value, key) + self._shaped(s["mean"], value, key)
         if "log" in s and any(s["log"]):
             log = self._shaped(torch.tensor(s["log"]), value, key)
-            value = torch.where(log, torch.exp(value) - s["eps"], value)
+            value = torch.where(log, (torch.exp(value) - s["eps"]).clamp_min(0), value)
         return value
 
     def _stats(self, key: str) -> dict:
