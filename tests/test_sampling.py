@@ -63,3 +63,8 @@ def test_rerun_with_other_settings_is_refused(tmp_path, setup):
     cfg2.sample = type(cfg.sample)(**{**cfg.sample.__dict__, "cfg_scale": 6.0})
     with pytest.raises(ValueError, match="other settings"):
         sample_to_npz(model, objective, cfg2, 4, tmp_path, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="other settings"):  # another seed would mix two noise streams
+        sample_to_npz(model, objective, cfg, 4, tmp_path, batch_size=4, seed=1, progress=False)
+    cfg3 = type(cfg)(**{**cfg.__dict__})
+    cfg3.sample = type(cfg.sample)(**{**cfg.sample.__dict__, "sdpa": "math"})  # the attention kernel changes no sample
+    sample_to_npz(model, objective, cfg3, 4, tmp_path, batch_size=4, progress=False)

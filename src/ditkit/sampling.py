@@ -110,8 +110,9 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     out_dir = Path(out_dir)
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    _check_settings(parts, {"source": source, "sample": {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "sdpa"},  # the kernel changes no sample "seed": seed,
-                            "labels": labels, "num_samples": num_samples, "batch_size": batch_size})
+    sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "sdpa"}  # the kernel changes no sample
+    _check_settings(parts, {"source": source, "sample": sample, "seed": seed, "labels": labels,
+                            "num_samples": num_samples, "batch_size": batch_size})
     shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
     n_batches = -(-num_samples // batch_size)
     mine = [b for b in range(rank, n_batches, world_size) if not (parts / f"part_{b:06d}.npz").exists()]
