@@ -58,37 +58,29 @@ def cmd_sample(args) -> None:
 
     info = setup_distributed(args.device)
     model, cfg, stored = load_run(args.ckpt, use_ema=not args.no_ema, device=info.device)
-    if args.fp8:
-        from ditkit.models.fp8 import convert_to_fp8, fp8_matmul_supported
-
-        if info.device.type == "cuda" and not fp8_matmul_supported(info.device):
-            print("fp8: warning: this GPU has no FP8 tensor cores (compute capability < 8.9); the FP8 products "
-                  "are emulated in float32, slower than without --fp8", file=sys.stderr)
-        converted = convert_to_fp8(model)
-        print(f"fp8: {converted} block linears quantized to float8_e4m3fn (row-wise scales)")
-        if not converted:
-            print("fp8: warning: no layer has sizes that are multiples of 16; sampling without FP8", file=sys.stderr)
-            args.fp8 = False
-    if cfg.model.num_params or cfg.model.cond_channels:
-        return _sample_fields(args, model, cfg, stored, info.device)
     overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                                    "eta": args.eta, "guided_channels": args.guided_channels, "grid": args.grid,
                                    "sde_diffusion": args.sde_diffusion,
                                    "guidance_interval": args.guidance_interval}.items() if v is not None}
     cfg = from_dict({"sample": overrides}, cfg).validate()
+    fp8 = args.fp8 and _convert_fp8(model, info.device)
+    if cfg.model.num_params or cfg.model.cond_channels:
+        return _sample_fields(args, model, cfg, stored, info.device, fp8)
     objective = build_objective(cfg)
-    if args.fp8:
-        import torch
+    if fp8:
+        from ditkit.sampling import generate, sample_labels, sample_noise
 
-        _calibrate_fp8(model, lambda n: {"y": torch.randint(0, cfg.model.num_classes, (n,))} if cfg.model.num_classes else {},
-                       objective, cfg, info.device)
+        idx = range(8)  # a calibration run on 8 samples of their own (seed 12345), not the ones written
+        noise = sample_noise(idx, (cfg.model.in_channels, *model.input_size), 12345).to(info.device)
+        kwargs = {"y": sample_labels(idx, cfg.model.num_classes, "random", 12345).to(info.device)} if cfg.model.num_classes else {}
+        _calibrate_fp8(model, lambda: generate(model, objective, noise, kwargs, cfg.sample, progress=False), cfg, len(idx))
     decode = _decoder(cfg, args.vae, info.device)
     labels = args.labels if args.labels in ("balanced", "random") else _class_ids(args.labels, cfg.model.num_classes)
     out = Path(args.out)
     path = sample_to_npz(model, objective, cfg, args.num_samples, out, args.batch_size, seed=args.seed, labels=labels,
                          decode=decode, rank=info.rank, world_size=info.world_size, device=info.device,
                          barrier=lambda: barrier(info),
-                         source=f"{Path(args.ckpt).resolve()} ema={not args.no_ema}" + (" fp8" if args.fp8 else ""))
+                         source=f"{Path(args.ckpt).resolve()} ema={not args.no_ema}" + (" fp8" if fp8 else ""))
     if path is not None:
         import numpy as np
 
@@ -107,7 +99,7 @@ def cmd_sample(args) -> None:
     cleanup(info)
 
 
-def _sample_fields(args, model, cfg, stored: dict, device) -> None:
+def _sample_fields(args, model, cfg, stored: dict, device, fp8: bool) -> None:
     """A model conditioned on parameters and/or fields: one sample per condition of --cond, all in
     physical units (the run's normaliser is applied on the way in and undone on the way out)."""
     import numpy as np
@@ -121,21 +113,17 @@ def _sample_fields(args, model, cfg, stored: dict, device) -> None:
         raise ValueError(f"{args.ckpt} is conditioned on parameters/fields: give --cond FILE.npz with 'params' "
                          "(N, P) and/or 'field' (N, C, H, W) in physical units")
     norm = field_normalizer(args.ckpt, stored)
-    for key, value in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale)):
-        if value is not None:
-            setattr(cfg.sample, key, value)
-    cfg.validate()
     with np.load(args.cond) as cond:
         need = [k for k, on in (("params", cfg.model.num_params), ("field", cfg.model.cond_channels)) if on]
         missing = [k for k in need if k not in cond.files]
         if missing:
             raise ValueError(f"{args.cond} lacks {', '.join(missing)} (it has: {', '.join(cond.files)})")
         arrays = {k: torch.from_numpy(np.asarray(cond[k], dtype=np.float64)) for k in need}
-    if args.fp8:
-        from ditkit.objectives import build_objective
-
-        conditions = {k: norm.normalize(v, k).float() for k, v in arrays.items()}
-        _calibrate_fp8(model, lambda n: {k: v[:n] for k, v in conditions.items()}, build_objective(cfg), cfg, device)
+    if fp8:  # calibrated on the first 8 conditions, with noise of its own (seed 12345)
+        first = {k: v[:8] for k, v in arrays.items()}
+        calibration = field_generator(model, cfg, norm, device, batch_size=8, seed=12345)
+        _calibrate_fp8(model, lambda: calibration(first.get("params"), first.get("field")),
+                       cfg, len(next(iter(first.values()))))
     generate_fields = field_generator(model, cfg, norm, device, batch_size=args.batch_size, seed=args.seed)
     x = generate_fields(arrays.get("params"), arrays.get("field")).float()
     out = Path(args.out)
@@ -144,18 +132,25 @@ def _sample_fields(args, model, cfg, stored: dict, device) -> None:
     print(f"{len(x)} fields in physical units ({cfg.sample.sampler}, {cfg.sample.steps} steps) -> {out / 'samples.npz'}")
 
 
-def _calibrate_fp8(model, conditions, objective, cfg, device, n: int = 8) -> None:
-    """Static FP8 activation scales from one run of the sampler on n samples (ditkit.models.fp8):
-    ``conditions(n)`` gives the model kwargs (labels, params, fields) of that run."""
-    import torch
+def _convert_fp8(model, device) -> bool:
+    """``ditkit sample --fp8``: the block linears to FP8 (ditkit.models.fp8); False if none fit."""
+    from ditkit.models.fp8 import convert_to_fp8, fp8_matmul_supported
 
+    if device.type == "cuda" and not fp8_matmul_supported(device):
+        print("fp8: warning: this GPU has no FP8 tensor cores (compute capability < 8.9); the FP8 products "
+              "are emulated in float32, slower than without --fp8", file=sys.stderr)
+    converted = convert_to_fp8(model)
+    print(f"fp8: {converted} block linears quantized to float8_e4m3fn (row-wise scales)")
+    if not converted:
+        print("fp8: warning: no layer has sizes that are multiples of 16; sampling without FP8", file=sys.stderr)
+    return converted > 0
+
+
+def _calibrate_fp8(model, run, cfg, n: int) -> None:
+    """Static FP8 activation scales from ``run()``, one run of the sampler on n samples."""
     from ditkit.models.fp8 import calibrate_fp8
-    from ditkit.sampling import generate
 
-    kwargs = {k: v.to(device) for k, v in conditions(n).items()}
-    n = len(next(iter(kwargs.values()))) if kwargs else n
-    noise = torch.randn((n, cfg.model.in_channels, *model.input_size), generator=torch.Generator().manual_seed(12345))
-    layers = calibrate_fp8(model, lambda: generate(model, objective, noise.to(device), kwargs, cfg.sample, progress=False))
+    layers = calibrate_fp8(model, run)
     print(f"fp8: static activation scales of {layers} layers calibrated on {n} samples ({cfg.sample.sampler}, "
           f"{cfg.sample.steps} steps)")
 
