@@ -178,8 +178,9 @@ def sdpa_check(heads: int, head_dim: int, tokens: int, batch: int, dtype: torch.
     return row
 
 
-def make_model(name: str, args, device: torch.device) -> nn.Module:
-    kwargs = {"input_size": args.input_size, "in_channels": 4, "num_classes": 1000}
+def make_model(name: str, input_size: int, device: torch.device | str) -> nn.Module:
+    """A class-conditional DiT on 4-channel latents ("tiny": 2 narrow blocks), every weight non-zero."""
+    kwargs = {"input_size": input_size, "in_channels": 4, "num_classes": 1000}
     with torch.device(device):
         model = build_model("custom", **TINY, **kwargs) if name == "tiny" else build_model(name, **kwargs)
     # adaLN-Zero starts every gate and the output layer at zero, so the backward pass through the
@@ -242,7 +243,7 @@ def prepare(model: nn.Module, variant: str, args) -> tuple[nn.Module, torch.dtyp
 
 def bench_train(name: str, batch: int, variant: str, args, device: torch.device, flops: dict) -> dict:
     torch.manual_seed(0)
-    model = make_model(name, args, device).train()
+    model = make_model(name, args.input_size, device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True) if args.fused_adamw
@@ -276,7 +277,7 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
 
 def bench_sample(name: str, batch: int, variant: str, args, device: torch.device, flops: dict) -> dict:
     torch.manual_seed(0)
-    model, objective = make_model(name, args, device).eval(), create_ddpm()
+    model, objective = make_model(name, args.input_size, device).eval(), create_ddpm()
     noise, y = random_batch(batch, args, device)
     if "fp8" in levers(variant):  # static activation scales from one 25-step run on other noise, before compiling
         convert_to_fp8(model)
@@ -432,7 +433,7 @@ def main(argv=None) -> dict:
             f"fp32 (tf32 {args.tf32}) {res['peak']['fp32_tflops']:.1f} TFLOP/s")
     shapes = {}
     for name in sorted({r[1] for r in args.rows}):
-        model = make_model(name, args, device).train()
+        model = make_model(name, args.input_size, device).train()
         shapes[name] = (model.num_heads, model.blocks[0].attn.qkv.in_features // model.num_heads, len(model.pos_embed[0]))
         res["flops"][name] = f = count_flops(model, args, device)
         del model

@@ -20,28 +20,23 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ditkit.checkpoints import load_for_sampling
 from ditkit.config import load_config
 from ditkit.eval.digits import evaluate_digits, to_digit_pixels
-from ditkit.models.dit import build_model
-from ditkit.models.fp8 import FP8_MAX, calibrate_fp8, convert_to_fp8
+from ditkit.models.fp8 import calibrate_fp8, convert_to_fp8, quantize
 from ditkit.objectives import build_objective
 from ditkit.sampling import generate, sample_labels, sample_noise
 from ditkit.train.trainer import train
+
+from bench import make_model  # benchmarks/ is the script's folder, so on sys.path
 
 PRECISIONS = ("fp32", "bf16", "bf16+fp8")
 
 
 def network_error(device: str) -> dict:
     torch.manual_seed(0)
-    with torch.device(device):
-        model = build_model("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and not m.weight.any():
-                nn.init.normal_(m.weight, std=0.02)
+    model = make_model("DiT-XL/2", 32, device).eval()  # benchmarks/bench.py's: adaLN gates non-zero
     x = torch.randn(8, 4, 32, 32, device=device)
     t, y = torch.randint(0, 1000, (8,), device=device), torch.randint(0, 1000, (8,), device=device)
     fp8 = copy.deepcopy(model)
@@ -59,7 +54,7 @@ def network_error(device: str) -> dict:
         h = torch.randn(2048, layer.in_features, device=device)
         kernel = layer(h).float()
         s_in = layer.input_scale  # the layer's static scale: the same quantized operands, multiplied in fp32
-        q = (h / s_in).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        q = quantize(h, s_in)
         emulated = (q.float() * s_in) @ layer.dequantized_weight().t() + layer.bias
     return {"bf16_vs_fp32": rel(bf16), "fp8_vs_fp32": rel(f8),
             "kernel_vs_emulation": ((kernel - emulated).norm() / emulated.norm()).item()}
@@ -74,6 +69,7 @@ def digits(out: Path, device: str, n: int) -> list[dict]:
         for precision in PRECISIONS:
             model, cfg = load_for_sampling(run / "checkpoints" / "last.pt", device=device)
             cfg.sample.sampler, cfg.sample.steps = sampler, steps
+            objective = build_objective(cfg)
             idx = range(n)
             noise, y = sample_noise(idx, (1, 8, 8), 0).to(device), sample_labels(idx, 10, "balanced", 0)
             amp = torch.autocast(device, dtype=torch.bfloat16) if precision.startswith("bf16") else nullcontext()
@@ -81,12 +77,11 @@ def digits(out: Path, device: str, n: int) -> list[dict]:
                 convert_to_fp8(model)
                 cal_noise, cal_y = torch.randn(8, 1, 8, 8, device=device), torch.arange(8, device=device)
                 with amp:
-                    calibrate_fp8(model, lambda: generate(model, build_objective(cfg), cal_noise, {"y": cal_y}, cfg.sample,
-                                                          progress=False))
+                    calibrate_fp8(model, lambda: generate(model, objective, cal_noise, {"y": cal_y}, cfg.sample, progress=False))
             torch.manual_seed(0)
             t0 = time.perf_counter()
             with amp:
-                x, _ = generate(model, build_objective(cfg), noise, {"y": y.to(device)}, cfg.sample, progress=False)
+                x, _ = generate(model, objective, noise, {"y": y.to(device)}, cfg.sample, progress=False)
             m = evaluate_digits(to_digit_pixels(x.float().cpu().numpy()), y.numpy())
             rows.append({"sampler": sampler, "steps": steps, "precision": precision, "agreement": m["classifier_agreement"],
                          "digits_fd": m["digits_fd"], "seconds": time.perf_counter() - t0})

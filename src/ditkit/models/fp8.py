@@ -35,11 +35,15 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to float8_e4m3fn, saturating at ±448 (scale broadcasts against x)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> (q (M, K) float8_e4m3fn, scale (M, 1) float32) with x ≈ q · scale per row."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-    scale = amax / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return quantize(x, scale), scale
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
@@ -80,7 +84,7 @@ class Float8Linear(nn.Module):
         if self.observed_amax is not None:  # calibrating: record the range, compute as dynamic
             self.observed_amax = torch.maximum(self.observed_amax, x2.detach().abs().amax().float())
         if self.static and self.observed_amax is None:
-            q = (x2.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            q = quantize(x2, self.input_scale)
             scale = self.input_scale.expand(x2.shape[0], 1).contiguous()  # _scaled_mm's row-wise form of one scale
         else:
             q, scale = quantize_rows(x2)
