@@ -16,6 +16,14 @@ from typing import Iterator
 import torch
 
 SDPA_CHOICES = ("auto", "flash", "cudnn", "efficient", "math")
+_FLAGS = ("flash_sdp", "mem_efficient_sdp", "cudnn_sdp", "math_sdp")  # torch.backends.cuda.enable_<flag>
+_FUSED = {"auto": {"flash_sdp", "mem_efficient_sdp", "cudnn_sdp"}, "flash": {"flash_sdp", "mem_efficient_sdp"},
+          "cudnn": {"cudnn_sdp"}, "efficient": {"mem_efficient_sdp"}, "math": set()}
+
+
+def _set_flags(values) -> None:
+    for flag, on in zip(_FLAGS, values):
+        getattr(torch.backends.cuda, f"enable_{flag}")(on)
 
 
 def use_sdpa_backend(name: str) -> None:
@@ -24,27 +32,16 @@ def use_sdpa_backend(name: str) -> None:
     stays on as the fallback every input accepts)."""
     if name not in SDPA_CHOICES:
         raise ValueError(f"unknown SDPA backend {name!r}; choose one of {', '.join(SDPA_CHOICES)}")
-    b = torch.backends.cuda
-    on = {"flash": ("flash", "efficient"), "auto": ("flash", "efficient", "cudnn"), "cudnn": ("cudnn",),
-          "efficient": ("efficient",), "math": ()}[name]
-    b.enable_flash_sdp("flash" in on)
-    b.enable_mem_efficient_sdp("efficient" in on)
-    b.enable_cudnn_sdp("cudnn" in on)
-    b.enable_math_sdp(True)
-
-
-_FLAGS = ("flash_sdp", "mem_efficient_sdp", "cudnn_sdp", "math_sdp")
+    _set_flags(flag in _FUSED[name] or flag == "math_sdp" for flag in _FLAGS)
 
 
 @contextmanager
 def sdpa_backend(name: str) -> Iterator[None]:
     """``use_sdpa_backend(name)`` inside the block, the previous flags restored after it (so that
     sampling a grid mid-training leaves the training run's choice in place)."""
-    b = torch.backends.cuda
-    saved = [getattr(b, f"{f}_enabled")() for f in _FLAGS]
+    saved = [getattr(torch.backends.cuda, f"{flag}_enabled")() for flag in _FLAGS]
     try:
         use_sdpa_backend(name)
         yield
     finally:
-        for f, on in zip(_FLAGS, saved):
-            getattr(b, f"enable_{f}")(on)
+        _set_flags(saved)
