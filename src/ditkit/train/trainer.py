@@ -279,6 +279,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         n_acc += 1
         bar.update(1)
         done = step + 1
+        time_up = False
         if done % cfg.train.log_every == 0 or done == end_step:
             # The one host read per logging interval.  'bad' follows the all-reduced gradient norm
             # (or, with a scaler, the loss, which is then averaged like the loss itself).
@@ -313,10 +314,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
             for acc in (loss_acc, norm_acc, bad_acc, worst_run):
                 acc.zero_()
             n_acc, t_last = 0, time.perf_counter()
-        time_up = done % cfg.train.log_every == 0 and stats[4] > 0
-        if time_up:
-            end_step = done  # the end of this run: final checkpoint, EMA weights; --resume goes on to train.steps
-            log.info(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {done}: checkpointing and stopping")
+            time_up = stats[4] > 0 and done < end_step
+            if time_up:
+                end_step = done  # the end of this run: final checkpoint, EMA weights; --resume goes on to train.steps
+                log.info(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {done}: checkpointing and stopping")
         if done % cfg.train.ckpt_every == 0 or done == end_step:
             checkpoint(done)
         if fixed is not None and done % cfg.train.sample_every == 0:
