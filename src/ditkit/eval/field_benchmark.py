@@ -49,7 +49,7 @@ def field_generator(model, cfg, norm: FieldNormalizer, device: str | torch.devic
 
 
 def evaluate_field_checkpoint(ckpt: str | Path, data_dir: str | Path, out_dir: str | Path, points: int = 8,
-                              samples: int = 16, device: str = "cpu") -> dict:
+                              samples: int = 64, device: str = "cpu") -> dict:
     meta = Path(data_dir) / "benchmark.json"
     if not meta.is_file():
         raise FileNotFoundError(f"{meta} not found: --data must be a folder written by `ditkit fields-benchmark`")

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ditkit.data.random_fields import FieldBenchmark
+from ditkit.data.random_fields import FieldBenchmark, field_variance
 
 
 def radial_bins(shape: tuple[int, int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,7 +120,7 @@ def evaluate_benchmark(
     target_floor = relative_error(p_oracle_target.mean(1), p_true.mean(1)).abs().mean().item()
     lognormal_floor = relative_error(p_oracle_lognormal.mean(1), p_exact).abs().mean().item()
 
-    variance = bench.spectrum(params).sum(dim=(-2, -1))  # σ² of g per point, (G,)
+    variance = field_variance(bench.spectrum(params))  # σ² of g per point, (G,)
     signal = r_ceiling.mean(0) > 0.5  # (K,) bins where S_σ c outweighs the white noise
     y = gen[:, :, 1]
     return {
