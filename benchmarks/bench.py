@@ -13,9 +13,11 @@ and labels (hybrid DDPM loss, backward, AdamW lr 1e-4 wd 0, EMA 0.9999) through 
 adds a gradient norm); warm-up and compilation excluded.  sample: DDPM with classifier-free guidance
 (2 × batch rows per call) via ``objective.sample`` and ``guided_fn``; --sample-steps steps are timed
 one by one (each does the same work whatever its t) and EXTRAPOLATED to 250 (DDIM: 50); flow
-matching's Euler and Heun samplers run on the same network (ms per network evaluation).  Sampling
-variants may add +fp8 (FP8 block linears with static scales from a 25-step calibration run on
-other noise, ``ditkit.models.fp8``) and +cudagraphs (compile mode reduce-overhead).  --profile:
+matching's Euler and Heun samplers run on the same network (ms per network evaluation).  Variants are
+fp32 or bf16 (autocast) plus levers (LEVERS): +compile, +cudagraphs (compile mode reduce-overhead),
+for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.adamw_ema``), for
+sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on other noise,
+``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
 Columns: img/s (training images/s); ms/step (median, CUDA events); TFLOP/s (counted FLOPs/s); % peak
@@ -48,8 +50,10 @@ from ditkit.config import Config
 from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
 from ditkit.models.fp8 import calibrate_fp8, convert_to_fp8
+from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
+from ditkit.train.adamw_ema import AdamWEMA
 from ditkit.train.ema import update_ema
 from ditkit.train.trainer import gradient_norm, train_step
 from ditkit.utils.sdpa import SDPA_CHOICES, use_sdpa_backend
@@ -59,7 +63,13 @@ TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 VARIANTS = ("fp32", "bf16", "fp32+compile", "bf16+compile")  # and, for sampling, +fp8 and +cudagraphs
-LEVERS = ("compile", "fp8", "cudagraphs")  # torch.compile; FP8 block linears, static scales; compile mode reduce-overhead
+LEVERS = {  # what each +lever adds, and where it applies
+    "compile": ("train", "sample"),  # torch.compile (inductor) of the network
+    "cudagraphs": ("train", "sample"),  # compile mode reduce-overhead: replayed CUDA graphs
+    "tail": ("train",),  # gradient norm, AdamW and EMA in one compiled pass (ditkit.train.adamw_ema)
+    "fp8": ("sample",),  # FP8 block linears with static activation scales (ditkit.models.fp8)
+    "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
+}
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),
                ("DiT-XL/2", 32, "bf16+compile"), ("DiT-XL/2", 128, "bf16+compile"), ("DiT-B/2", 128, "bf16+compile")]
@@ -134,16 +144,16 @@ def profile_kernels(fn, device: torch.device, calls: int = 3) -> dict:
     for name, ms in kernels.items():
         cls = next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
         classes[cls] = classes.get(cls, 0.0) + ms
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
     return {"gpu_ms": sum(kernels.values()), "classes": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
-            "top": [[name[:110], ms] for name, ms in top]}
+            "top": [[name[:160], ms] for name, ms in top]}
 
 
 def format_profile(p: dict) -> str:
     total = p["gpu_ms"]
     lines = [f"  profile: {total:.1f} GPU-ms per call; " + ", ".join(f"{c} {ms:.1f} ({100 * ms / total:.0f}%)"
                                                                   for c, ms in p["classes"].items())]
-    lines += [f"    {ms:7.2f} ms  {name}" for name, ms in p["top"]]
+    lines += [f"    {ms:7.2f} ms  {name[:110]}" for name, ms in p["top"][:15]]
     return "\n".join(lines)
 
 
@@ -246,17 +256,27 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     model = make_model(name, args.input_size, device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True) if args.fused_adamw
-           else ForeachAdamW(params, lr=1e-4, weight_decay=0, foreach=device.type == "cuda"))
+    tail = "tail" in levers(variant)
+    if tail:  # compiled on a GPU; the CPU smoke test runs its eager form
+        ema_params = [e for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]  # not pos_embed
+        opt = AdamWEMA(params, ema_params, lr=1e-4, weight_decay=0, compile=device.type == "cuda")
+        opt.ema_decay = 0.9999
+    else:
+        opt = (torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True) if args.fused_adamw
+               else ForeachAdamW(params, lr=1e-4, weight_decay=0, foreach=device.type == "cuda"))
     ema_update = update_ema if args.foreach_ema else ema_loop
+    graphs = "cudagraphs" in levers(variant)
     objective, cfg = create_ddpm(), Config()  # cfg.train: seed 0, grad_clip 0 (off): the official recipe
     net, amp_dtype = prepare(model, variant, args)
     x, y = random_batch(batch, args, device)
     state = {"step": 0}
 
     def one_step() -> None:
+        if graphs:  # a new training iteration: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         state["loss"], _, _ = train_step(net, objective, opt, [{"x": x, "y": y}], state["step"], 0, cfg, amp_dtype, None, device, params)
-        ema_update(ema, model, 0.9999)
+        if not tail:
+            ema_update(ema, model, 0.9999)
         state["step"] += 1
 
     reset_memory(device)
@@ -265,8 +285,11 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None  # before the extra passes below
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         objective.loss(net, x, {"y": y})["loss"].mean().backward()  # gradients for timing the tail alone
-    tail = {"opt_ms": median_ms(opt.step, 5, device), "ema_ms": median_ms(lambda: ema_update(ema, model, 0.9999), 5, device),
-            "grad_norm_ms": median_ms(lambda: gradient_norm(params, 0.0), 5, device)}
+    if tail:  # the norm and the EMA are inside opt.step
+        tail = {"opt_ms": median_ms(opt.step, 5, device), "ema_ms": 0.0, "grad_norm_ms": 0.0}
+    else:
+        tail = {"opt_ms": median_ms(opt.step, 5, device), "ema_ms": median_ms(lambda: ema_update(ema, model, 0.9999), 5, device),
+                "grad_norm_ms": median_ms(lambda: gradient_norm(params, 0.0), 5, device)}
     img_s = batch / (statistics.median(ms) * 1e-3)
     opt.zero_grad(set_to_none=True)  # the tail's gradients must not sit in memory during the profiled steps
     profiled = {"profile": profile_kernels(one_step, device)} if args.profile and device.type == "cuda" else {}
@@ -279,12 +302,13 @@ def bench_sample(name: str, batch: int, variant: str, args, device: torch.device
     torch.manual_seed(0)
     model, objective = make_model(name, args.input_size, device).eval(), create_ddpm()
     noise, y = random_batch(batch, args, device)
+    precision = "fp32" if variant.startswith("fp32") else "bf16" if "bf16w" in levers(variant) else "amp-bf16"
+    net = for_inference(model, precision)  # as `ditkit sample --precision`: casts, then FP8 quantizes what it finds
     if "fp8" in levers(variant):  # static activation scales from one 25-step run on other noise, before compiling
         convert_to_fp8(model)
-        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.startswith("bf16"))
-        with torch.no_grad(), amp:
-            calibrate_fp8(model, lambda: objective.sample(guided_fn(model, {"y": y}, args.cfg_scale), torch.randn_like(noise), steps=25))
-    net, amp_dtype = prepare(model, variant, args)
+        with torch.no_grad():
+            calibrate_fp8(model, lambda: objective.sample(guided_fn(net, {"y": y}, args.cfg_scale), torch.randn_like(noise), steps=25))
+    net, _ = prepare(net, variant, args)
     fn = guided_fn(net, {"y": y}, args.cfg_scale)
     stamps = []
 
@@ -294,7 +318,7 @@ def bench_sample(name: str, batch: int, variant: str, args, device: torch.device
 
     reset_memory(device)
     row = {"cfg_scale": args.cfg_scale}
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.no_grad():
         row["first_s"] = times_ms(lambda: objective.sample(fn, noise, steps=max(args.warmup, 2)), 1, device, warmup=0)[0] / 1e3
         flow = FlowMatching()  # the same network: flow reads the first C output channels
         for sampler, steps, process in (("ddpm", 250, objective), ("ddim", 50, objective), ("euler", 50, flow), ("heun", 25, flow)):
@@ -398,9 +422,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rows += [("sample", args.sample_model, args.sample_batch, v) for v in args.sample_variants.split(",") if v and "sample" in parts]
     for kind, _, _, variant in args.rows:
         base, extra = variant.split("+")[0], levers(variant)
-        if base not in ("fp32", "bf16") or not extra <= set(LEVERS) or (kind == "train" and extra - {"compile"}):
-            raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of +{', +'.join(LEVERS)} "
-                             "(+fp8 and +cudagraphs for sampling only); e.g. " + ", ".join(VARIANTS))
+        if base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra):
+            raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of "
+                             + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + "; e.g. " + ", ".join(VARIANTS))
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.
     args.rows = sorted((r for r in args.rows if args.compile or not compiled(r[3])), key=lambda r: compiled(r[3]))
     return args

@@ -91,6 +91,23 @@ def test_fp8_sampling_from_the_cli(tmp_path, ckpt, capsys):
     assert np.load(tmp_path / "samples.npz")["samples"].shape[0] == 4
 
 
+def test_bf16_compiled_sampling_from_the_cli_is_part_of_the_run_identity(tmp_path, ckpt, capsys):
+    """--precision changes the samples, so a rerun into the same folder with another one is refused;
+    --compile does not (a kernel choice), so it may change between reruns."""
+    import numpy as np
+
+    common = ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-samples", "4", "--steps", "2"]
+    main([*common, "--precision", "bf16"])
+    bf16 = np.load(tmp_path / "samples.npz")["samples"]
+    main([*common, "--precision", "bf16", "--compile", "none"])  # same identity: the parts are reused
+    assert np.array_equal(np.load(tmp_path / "samples.npz")["samples"], bf16)
+    capsys.readouterr()
+    one_line_error(capsys, [*common, "--precision", "fp32"], "differing: sample.precision")
+    main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "fp32"), "--num-samples", "4", "--steps", "2"])
+    fp32 = np.load(tmp_path / "fp32" / "samples.npz")["samples"]
+    assert bf16.shape == fp32.shape and np.abs(bf16.astype(float) - fp32.astype(float)).mean() < 0.05 * np.abs(fp32).mean() + 1
+
+
 def test_export_to_safetensors_and_diffusers_then_sample_from_it(tmp_path, ckpt):
     main(["export", "--ckpt", str(ckpt), "--to", "safetensors", "--out", str(tmp_path / "m.safetensors")])
     main(["export", "--ckpt", str(ckpt), "--to", "diffusers", "--out", str(tmp_path / "diffusers")])

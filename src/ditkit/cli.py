@@ -52,6 +52,7 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     from ditkit.checkpoints import load_run
     from ditkit.config import from_dict
+    from ditkit.models.inference import compiled, for_inference
     from ditkit.objectives import build_objective
     from ditkit.sampling import grid_labels, sample_to_npz
     from ditkit.train.distributed import barrier, cleanup, setup_distributed
@@ -61,11 +62,13 @@ def cmd_sample(args) -> None:
     overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                                    "eta": args.eta, "guided_channels": args.guided_channels, "grid": args.grid,
                                    "sde_diffusion": args.sde_diffusion,
-                                   "guidance_interval": args.guidance_interval}.items() if v is not None}
+                                   "guidance_interval": args.guidance_interval, "precision": args.precision,
+                                   "compile": args.compile}.items() if v is not None}
     cfg = from_dict({"sample": overrides}, cfg).validate()
+    net = for_inference(model, cfg.sample.precision)  # casts the weights first: FP8 quantizes what it finds
     fp8 = args.fp8 and _convert_fp8(model, info.device)
     if cfg.model.num_params or cfg.model.cond_channels:
-        return _sample_fields(args, model, cfg, stored, info.device, fp8)
+        return _sample_fields(args, model, net, cfg, stored, info.device, fp8)
     objective = build_objective(cfg)
     if fp8:
         from ditkit.sampling import generate, sample_labels, sample_noise
@@ -73,11 +76,12 @@ def cmd_sample(args) -> None:
         idx = range(8)  # a calibration run on 8 samples of their own (seed 12345), not the ones written
         noise = sample_noise(idx, (cfg.model.in_channels, *model.input_size), 12345).to(info.device)
         kwargs = {"y": sample_labels(idx, cfg.model.num_classes, "random", 12345).to(info.device)} if cfg.model.num_classes else {}
-        _calibrate_fp8(model, lambda: generate(model, objective, noise, kwargs, cfg.sample, progress=False), cfg, len(idx))
+        _calibrate_fp8(model, lambda: generate(net, objective, noise, kwargs, cfg.sample, progress=False), cfg, len(idx))
+    net = compiled(net, cfg.sample.compile)
     decode = _decoder(cfg, args.vae, info.device)
     labels = args.labels if args.labels in ("balanced", "random") else _class_ids(args.labels, cfg.model.num_classes)
     out = Path(args.out)
-    path = sample_to_npz(model, objective, cfg, args.num_samples, out, args.batch_size, seed=args.seed, labels=labels,
+    path = sample_to_npz(net, objective, cfg, args.num_samples, out, args.batch_size, seed=args.seed, labels=labels,
                          decode=decode, rank=info.rank, world_size=info.world_size, device=info.device,
                          barrier=lambda: barrier(info),
                          source=f"{Path(args.ckpt).resolve()} ema={not args.no_ema}" + (" fp8" if fp8 else ""))
@@ -99,13 +103,14 @@ def cmd_sample(args) -> None:
     cleanup(info)
 
 
-def _sample_fields(args, model, cfg, stored: dict, device, fp8: bool) -> None:
+def _sample_fields(args, model, net, cfg, stored: dict, device, fp8: bool) -> None:
     """A model conditioned on parameters and/or fields: one sample per condition of --cond, all in
     physical units (the run's normaliser is applied on the way in and undone on the way out)."""
     import numpy as np
     import torch
 
     from ditkit.eval.field_benchmark import field_generator, field_normalizer
+    from ditkit.models.inference import compiled
     from ditkit.sampling import save_sample_grid
     from ditkit.utils.io import atomic_save_npz
 
@@ -121,10 +126,11 @@ def _sample_fields(args, model, cfg, stored: dict, device, fp8: bool) -> None:
         arrays = {k: torch.from_numpy(np.asarray(cond[k], dtype=np.float64)) for k in need}
     if fp8:  # calibrated on the first 8 conditions, with noise of its own (seed 12345)
         first = {k: v[:8] for k, v in arrays.items()}
-        calibration = field_generator(model, cfg, norm, device, batch_size=8, seed=12345)
+        calibration = field_generator(net, cfg, norm, device, batch_size=8, seed=12345)
         _calibrate_fp8(model, lambda: calibration(first.get("params"), first.get("field")),
                        cfg, len(next(iter(first.values()))))
-    generate_fields = field_generator(model, cfg, norm, device, batch_size=args.batch_size, seed=args.seed)
+    generate_fields = field_generator(compiled(net, cfg.sample.compile), cfg, norm, device, batch_size=args.batch_size,
+                                      seed=args.seed)
     x = generate_fields(arrays.get("params"), arrays.get("field")).float()
     out = Path(args.out)
     atomic_save_npz(out / "samples.npz", samples=x.numpy(), **{k: v.numpy() for k, v in arrays.items()})
@@ -272,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("A", "B"), help="guide only for noise level in [A, B]")
     p.add_argument("--fp8", action="store_true", help="FP8 (e4m3) matrix products in the transformer blocks "
                    "(ditkit.models.fp8; fastest on Hopper/Ada GPUs, emulated elsewhere)")
+    p.add_argument("--precision", choices=["fp32", "amp-bf16", "bf16"], help="fp32 (default: the official numerics), "
+                   "amp-bf16 (autocast) or bf16 (weights and activations; fastest)")
+    p.add_argument("--compile", choices=["none", "default", "cudagraphs"], help="torch.compile the network; cudagraphs: "
+                   "also replay each step as a CUDA graph (GPU)")
     p.add_argument("--labels", default="balanced", help="balanced, random, or a comma-separated list of class ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="local VAE (folder or file) to decode latents")

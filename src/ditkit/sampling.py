@@ -110,7 +110,7 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     out_dir = Path(out_dir)
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "sdpa"}  # the kernel changes no sample
+    sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k not in ("sdpa", "compile")}  # kernels change no sample
     _check_settings(parts, {"source": source, "sample": sample, "seed": seed, "labels": labels,
                             "num_samples": num_samples, "batch_size": batch_size})
     shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
@@ -148,9 +148,23 @@ def _check_settings(parts: Path, settings: dict) -> None:
     path = parts / "settings.json"
     text = json.dumps(settings, sort_keys=True)
     if path.exists() and path.read_text() != text:
-        raise ValueError(f"{parts} holds samples made with other settings ({path}); choose another --out "
-                         "or delete that folder to start over")
+        old = json.loads(path.read_text())
+        differ = sorted(_differing_keys(old, json.loads(text)))
+        raise ValueError(f"{parts} holds samples made with other settings ({path}; differing: {', '.join(differ)}); "
+                         "choose another --out or delete that folder to start over")
     atomic_write_text(path, text)  # every rank writes the same text
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two nested dicts."""
+    out = []
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix + key)
+    return out
 
 
 def merge_parts(out_dir: Path, num_samples: int, n_batches: int) -> Path:

@@ -22,6 +22,7 @@ from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import as_pair, build_model
 from ditkit.objectives import build_objective
+from ditkit.train.adamw_ema import AdamWEMA
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.train.ema import ema_decay_at, update_ema
@@ -67,6 +68,10 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
                 loss = objective.loss(model, x0, model_kwargs)["loss"].mean() / accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
+    if isinstance(opt, AdamWEMA):  # norm, clip, skip, AdamW and EMA in one pass
+        grad_norm = opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm, ~torch.isfinite(grad_norm)
     if scaler is not None:
         scaler.unscale_(opt)
     grad_norm = gradient_norm(params, cfg.train.grad_clip)
@@ -93,10 +98,28 @@ def gradient_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
 
 
-def _make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                             weight_decay=cfg.train.weight_decay, fused=True)
+def use_fused_tail(cfg: Config, device: torch.device) -> bool:
+    """``train.fused_tail``: auto = on a GPU with a compiled model (the tail is compiled with it),
+    except under FSDP (sharded DTensor parameters) and fp16 (its GradScaler owns the skip)."""
+    if cfg.train.fused_tail == "never" or cfg.train.precision == "fp16":
+        return False
+    if cfg.train.fused_tail == "always":
+        return True
+    return device.type == "cuda" and cfg.train.compile and cfg.train.distributed != "fsdp"
+
+
+def _make_optimizer(model: nn.Module, ema: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.adam_betas), "weight_decay": cfg.train.weight_decay}
+    if not use_fused_tail(cfg, device):
+        return torch.optim.AdamW(params, **kwargs, fused=True)
+    if any(hasattr(p, "placements") for p in params):
+        raise ConfigError("train.fused_tail=always does not support sharded (FSDP) parameters; use train.fused_tail=auto")
+    ema_named = dict(ema.named_parameters())
+    ema_params = [ema_named[n.removeprefix("module.")] for n, _ in named]  # DDP's wrapper adds "module."
+    return AdamWEMA(params, ema_params, **kwargs, max_norm=cfg.train.grad_clip,
+                    compile=cfg.train.compile and device.type == "cuda")
 
 
 def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool = False) -> nn.Module:
@@ -205,7 +228,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     train_model = _wrap_distributed(model, cfg, info)
     _wrap_distributed(ema, cfg, info, ema=True)
     params = [p for p in train_model.parameters() if p.requires_grad]
-    opt = _make_optimizer(train_model, cfg, dev)
+    opt = _make_optimizer(train_model, ema, cfg, dev)
+    fused_tail = isinstance(opt, AdamWEMA)
     amp_dtype = autocast_dtype(cfg.train.precision, dev)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     if state is not None:
@@ -267,9 +291,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.train.lr, cfg.train.warmup_steps)
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        decay = ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup)
+        if fused_tail:
+            opt.ema_decay = decay
         loss, grad_norm, bad = train_step(step_model, objective, opt, micro, step, info.rank * cfg.train.grad_accum,
                                           cfg, amp_dtype, scaler, dev, params)
-        update_ema(ema, model, ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup))
+        if not fused_tail:
+            update_ema(ema, model, decay)
         finite_norm = torch.isfinite(grad_norm)
         consecutive_bad = torch.where(bad, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
         worst_run = torch.maximum(worst_run, consecutive_bad)

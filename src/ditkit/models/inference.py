@@ -1,0 +1,68 @@
+"""A network prepared for sampling: its precision and its compilation.
+
+``sample.precision`` (the samplers always keep x_t and their arithmetic in float32):
+
+- ``fp32``: the official sample.py's numerics (TF32 matrix products where torch allows them).
+- ``amp-bf16``: autocast; bf16 matrix products, float32 weights, LayerNorm and residual stream.
+- ``bf16``: the weights and every activation in bf16, as diffusers runs DiT in half precision.
+  Against amp-bf16 the residual stream moves half the bytes; inputs are cast in, outputs back out.
+
+``sample.compile``: ``none``; ``default`` (torch.compile); ``cudagraphs`` (torch.compile's
+reduce-overhead mode: the fixed-shape network call replayed as one CUDA graph).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "amp-bf16", "bf16")
+COMPILE_MODES = ("none", "default", "cudagraphs")
+
+
+class InferenceNetwork(nn.Module):
+    """net(x, t, **kwargs) in the chosen precision, returning float32.  ``t`` and integer inputs
+    pass unchanged (the timestep embedding computes its sinusoids in float32 itself)."""
+
+    def __init__(self, net: nn.Module, precision: str):
+        super().__init__()
+        self.net, self.precision = net, precision
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.precision == "bf16":
+            x = x.to(torch.bfloat16)
+            kwargs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "amp-bf16"):
+            return self.net(x, t, **kwargs).float()
+
+
+def for_inference(model: nn.Module, precision: str) -> InferenceNetwork:
+    """Wraps ``model`` (eval mode) to run in ``precision``; ``bf16`` casts its weights in place, so
+    FP8 conversion (ditkit.models.fp8), which quantizes the weights it finds, comes after this."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    return InferenceNetwork(model.eval(), precision)
+
+
+class _Copied(nn.Module):
+    """A CUDA graph's output lives in memory its next replay overwrites; a sampler that keeps one
+    evaluation while taking the next (Heun, dopri5) needs its own copy (a few MB per call)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.net(*args, **kwargs).clone()
+
+
+def compiled(net: nn.Module, mode: str) -> nn.Module:
+    """``sample.compile``: the network through torch.compile, or unchanged for ``none``."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"sample.compile must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+    if mode == "none":
+        return net
+    if mode == "cudagraphs":
+        return _Copied(torch.compile(net, mode="reduce-overhead"))
+    return torch.compile(net)

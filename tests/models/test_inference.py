@@ -1,0 +1,80 @@
+"""Sampling precisions (ditkit.models.inference) against the float32 network they wrap."""
+import pytest
+import torch
+from torch import nn
+
+from ditkit.models.dit import build_model
+from ditkit.models.fp8 import convert_to_fp8
+from ditkit.models.inference import compiled, for_inference
+
+
+def _model(**extra) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("custom", depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=4,
+                        num_classes=10, **extra)
+    with torch.no_grad():  # adaLN-Zero starts at an identity; give every gate and the output layer weights
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not m.weight.any():
+                nn.init.normal_(m.weight, std=0.05)
+    return model.eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0, 990.0]), torch.tensor([1, 2, 3])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+def test_fp32_is_the_model_itself():
+    model = _model()
+    x, t, y = _inputs()
+    ref = model(x, t, y)
+    out = for_inference(model, "fp32")(x, t, y=y)
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["amp-bf16", "bf16"])
+def test_bf16_precisions_stay_within_bf16_error(precision):
+    model = _model()
+    x, t, y = _inputs()
+    ref = model(x, t, y)
+    net = for_inference(model, precision)
+    out = net(x, t, y=y)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    err = _rel(out, ref)
+    assert 0 < err < 0.02, err  # bf16 keeps 8 bits: ~0.4% per rounding, a few roundings deep
+    assert (next(model.parameters()).dtype == torch.bfloat16) == (precision == "bf16")
+
+
+@torch.no_grad()
+def test_bf16_casts_floating_conditioning_and_keeps_labels():
+    model = _model(num_params=3)
+    x, t, y = _inputs()
+    params = torch.randn(3, 3)
+    ref = model(x, t, y, params=params)
+    out = for_inference(model, "bf16")(x, t, y=y, params=params)
+    assert _rel(out, ref) < 0.02
+
+
+@torch.no_grad()
+def test_fp8_after_bf16_quantizes_the_bf16_weights():
+    model = _model()
+    x, t, y = _inputs()
+    ref = model(x, t, y)
+    net = for_inference(model, "bf16")
+    assert convert_to_fp8(model) > 0
+    assert _rel(net(x, t, y=y), ref) < 0.08  # e4m3 keeps 3 bits (emulated in float32 on the CPU)
+
+
+def test_bad_choices_are_named():
+    with pytest.raises(ValueError, match="sample.precision must be one of fp32, amp-bf16, bf16; got 'fp16'"):
+        for_inference(_model(), "fp16")
+    with pytest.raises(ValueError, match="sample.compile must be one of none, default, cudagraphs"):
+        compiled(_model(), "fast")
+    net = for_inference(_model(), "fp32")
+    assert compiled(net, "none") is net
