@@ -22,7 +22,8 @@ CUDA time per step by kernel class and the longest kernels.
 
 Columns: img/s (training images/s); ms/step (median, CUDA events); TFLOP/s (counted FLOPs/s); % peak
 (of the bf16 peak); mem GiB (max_memory_allocated, reset per row); tail ms (optimizer + EMA +
-gradient norm timed alone: the memory-bound end of a step); first s (first step or sampler call:
+gradient norm timed alone: the memory-bound end of a step); host ms (``host_ms``: the CPU's time to
+issue one step on an idle GPU); first s (first step or sampler call:
 compilation).  Markdown on stdout; JSON, every step time included, to --out (default $OUT/bench.json)
 after each row.  A failed row (OOM) says so and the run goes on.
 """
@@ -49,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditkit.config import Config
 from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
-from ditkit.models.fp8 import calibrate_fp8, convert_to_fp8
+from ditkit.models.fp8 import calibrate_fp8
 from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
@@ -104,6 +105,20 @@ def times_ms(fn, reps: int, device: torch.device, warmup: int = 2) -> list[float
         fn()
         stamps.append(stamp(device))
     return intervals_ms(stamps, device)
+
+
+def host_ms(fn, reps: int, device: torch.device) -> float:
+    """Median host time of one call of fn started on an idle device: what it costs the CPU to issue
+    the work (plus any wait for the device inside it).  Near the device time: the step is host-bound
+    or synchronises; far below it: the host runs ahead and the device never waits."""
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
 
 
 def median_ms(fn, reps: int, device: torch.device, warmup: int = 2) -> float:
@@ -283,6 +298,7 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     first_s = times_ms(one_step, 1, device, warmup=0)[0] / 1e3
     ms = times_ms(one_step, args.steps, device, warmup=args.warmup - 1)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None  # before the extra passes below
+    host = host_ms(one_step, 3, device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         objective.loss(net, x, {"y": y})["loss"].mean().backward()  # gradients for timing the tail alone
     if tail:  # the norm and the EMA are inside opt.step
@@ -293,7 +309,8 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     img_s = batch / (statistics.median(ms) * 1e-3)
     opt.zero_grad(set_to_none=True)  # the tail's gradients must not sit in memory during the profiled steps
     profiled = {"profile": profile_kernels(one_step, device)} if args.profile and device.type == "cuda" else {}
-    return {**profiled, "peak_mem_gib": peak_mem, "img_per_s": img_s, "step_ms": statistics.median(ms), "step_ms_all": ms, "first_s": first_s,
+    return {**profiled, "peak_mem_gib": peak_mem, "img_per_s": img_s, "step_ms": statistics.median(ms), "step_ms_all": ms,
+            "host_ms": host, "first_s": first_s,
             "tflops": flops[name]["fwd_bwd_gflop_per_img"] * img_s / 1e3, "tail_ms": sum(tail.values()), **tail,
             "loss": state["loss"].item(), "finite": bool(torch.isfinite(state["loss"]))}
 
@@ -303,9 +320,8 @@ def bench_sample(name: str, batch: int, variant: str, args, device: torch.device
     model, objective = make_model(name, args.input_size, device).eval(), create_ddpm()
     noise, y = random_batch(batch, args, device)
     precision = "fp32" if variant.startswith("fp32") else "bf16" if "bf16w" in levers(variant) else "amp-bf16"
-    net = for_inference(model, precision)  # as `ditkit sample --precision`: casts, then FP8 quantizes what it finds
+    net = for_inference(model, precision, fp8="fp8" in levers(variant))  # as `ditkit sample --precision P [--fp8]`
     if "fp8" in levers(variant):  # static activation scales from one 25-step run on other noise, before compiling
-        convert_to_fp8(model)
         with torch.no_grad():
             calibrate_fp8(model, lambda: objective.sample(guided_fn(net, {"y": y}, args.cfg_scale), torch.randn_like(noise), steps=25))
     net, _ = prepare(net, variant, args)
@@ -327,8 +343,10 @@ def bench_sample(name: str, batch: int, variant: str, args, device: torch.device
             ms = intervals_ms(stamps + [stamp(device)], device)
             row[sampler] = {"timed_steps": nfe, "ms_per_step_all": ms, "ms_per_nfe": statistics.median(ms), "steps": steps,
                             "s_per_img": steps * statistics.median(ms) / 1e3 / batch, "finite": bool(torch.isfinite(x0).all())}
+        t_mid = torch.full((batch,), 500, device=device)
+        row["host_ms_per_nfe"] = host_ms(lambda: fn(noise, t_mid), 3, device)
         if args.profile and device.type == "cuda":
-            row["profile"] = profile_kernels(lambda: fn(noise, torch.full((batch,), 500, device=device)), device)
+            row["profile"] = profile_kernels(lambda: fn(noise, t_mid), device)
     rows_per_s = 2 * batch / (row["ddpm"]["ms_per_nfe"] * 1e-3)  # guidance doubles the rows
     return {**row, "s_per_img": row["ddpm"]["s_per_img"], "extrapolated": args.sample_steps != 250,
             "tflops": flops[name]["fwd_gflop_per_img"] * rows_per_s / 1e3}
@@ -357,7 +375,7 @@ def fmt(v, spec: str = ".1f") -> str:
     return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
-TRAIN_HEAD = "| model | batch | variant | img/s | ms/step | TFLOP/s | % peak | mem GiB | tail ms | first s | status |"
+TRAIN_HEAD = "| model | batch | variant | img/s | ms/step | host ms | TFLOP/s | % peak | mem GiB | tail ms | first s | status |"
 SAMPLE_HEAD = ("| sampling | batch | variant | DDPM-250 s/img | ms/step | DDIM-50 s/img | DDIM ms/NFE | Euler ms/NFE "
                "| Heun ms/NFE | TFLOP/s | % peak | mem GiB | first s | status |")
 
@@ -366,7 +384,8 @@ def table_row(r: dict) -> str:
     share = r.get("share_of_peak") and 100 * r["share_of_peak"]
     tail = [fmt(r.get("tflops")), fmt(share), fmt(r.get("peak_mem_gib"), ".2f")]
     if r["kind"] == "train":
-        cells = [r["model"], r["batch"], r["variant"], fmt(r.get("img_per_s")), fmt(r.get("step_ms")), *tail, fmt(r.get("tail_ms"))]
+        cells = [r["model"], r["batch"], r["variant"], fmt(r.get("img_per_s")), fmt(r.get("step_ms")), fmt(r.get("host_ms")),
+                 *tail, fmt(r.get("tail_ms"))]
     else:
         d, i = r.get("ddpm", {}), r.get("ddim", {})
         cells = [f"{r['model']} cfg {r.get('cfg_scale', '')}", r["batch"], r["variant"], fmt(r.get("s_per_img"), ".3f"),
@@ -486,7 +505,7 @@ def main(argv=None) -> dict:
         save()
     res["meta"]["wall_s"] = time.perf_counter() - t_start
     save()
-    say("\n" + "\n".join([TRAIN_HEAD, "|---" * 11 + "|", *map(table_row, res["train"])]))
+    say("\n" + "\n".join([TRAIN_HEAD, "|---" * 12 + "|", *map(table_row, res["train"])]))
     say("\n" + "\n".join([SAMPLE_HEAD, "|---" * 14 + "|", *map(table_row, res["sample"])]))
     if res["sample"]:
         say(f"(sampling: {args.sample_steps} steps timed per sampler, EXTRAPOLATED to 250 DDPM / 50 DDIM steps; "

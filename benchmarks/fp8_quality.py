@@ -25,7 +25,7 @@ import torch
 from ditkit.checkpoints import load_for_sampling
 from ditkit.config import load_config
 from ditkit.eval.digits import evaluate_digits, to_digit_pixels
-from ditkit.models.fp8 import calibrate_fp8, convert_to_fp8, quantize
+from ditkit.models.fp8 import calibrate_fp8, quantize
 from ditkit.models.inference import for_inference
 from ditkit.objectives import build_objective
 from ditkit.sampling import generate, sample_labels, sample_noise
@@ -39,9 +39,8 @@ PRECISIONS = ("fp32", "amp-bf16", "amp-bf16+fp8", "bf16", "bf16+fp8")
 def prepared(model, precision: str, calibration) -> torch.nn.Module:
     """``model`` as `ditkit sample --precision P [--fp8]` runs it: cast, then FP8 with static
     scales from ``calibration(net)`` (a run on other inputs)."""
-    net = for_inference(model, precision.split("+")[0])
+    net = for_inference(model, precision.split("+")[0], fp8=precision.endswith("+fp8"))
     if precision.endswith("+fp8"):
-        convert_to_fp8(model)
         with torch.no_grad():
             calibrate_fp8(model, lambda: calibration(net))
     return net

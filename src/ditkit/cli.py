@@ -52,7 +52,7 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     from ditkit.checkpoints import load_run
     from ditkit.config import from_dict
-    from ditkit.models.inference import compiled, for_inference
+    from ditkit.models.inference import compiled
     from ditkit.objectives import build_objective
     from ditkit.sampling import grid_labels, sample_to_npz
     from ditkit.train.distributed import barrier, cleanup, setup_distributed
@@ -65,8 +65,7 @@ def cmd_sample(args) -> None:
                                    "guidance_interval": args.guidance_interval, "precision": args.precision,
                                    "compile": args.compile}.items() if v is not None}
     cfg = from_dict({"sample": overrides}, cfg).validate()
-    net = for_inference(model, cfg.sample.precision)  # casts the weights first: FP8 quantizes what it finds
-    fp8 = args.fp8 and _convert_fp8(model, info.device)
+    net, fp8 = _inference_network(model, cfg.sample.precision, args.fp8, info.device)
     if cfg.model.num_params or cfg.model.cond_channels:
         return _sample_fields(args, model, net, cfg, stored, info.device, fp8)
     objective = build_objective(cfg)
@@ -138,18 +137,21 @@ def _sample_fields(args, model, net, cfg, stored: dict, device, fp8: bool) -> No
     print(f"{len(x)} fields in physical units ({cfg.sample.sampler}, {cfg.sample.steps} steps) -> {out / 'samples.npz'}")
 
 
-def _convert_fp8(model, device) -> bool:
-    """``ditkit sample --fp8``: the block linears to FP8 (ditkit.models.fp8); False if none fit."""
-    from ditkit.models.fp8 import convert_to_fp8, fp8_matmul_supported
+def _inference_network(model, precision: str, fp8: bool, device):
+    """``--precision`` and ``--fp8`` (block linears to FP8, ditkit.models.fp8): the network to sample
+    with, and whether any layer became FP8."""
+    from ditkit.models.fp8 import fp8_matmul_supported
+    from ditkit.models.inference import for_inference
 
-    if device.type == "cuda" and not fp8_matmul_supported(device):
+    if fp8 and device.type == "cuda" and not fp8_matmul_supported(device):
         print("fp8: warning: this GPU has no FP8 tensor cores (compute capability < 8.9); the FP8 products "
               "are emulated in float32, slower than without --fp8", file=sys.stderr)
-    converted = convert_to_fp8(model)
-    print(f"fp8: {converted} block linears quantized to float8_e4m3fn (row-wise scales)")
-    if not converted:
-        print("fp8: warning: no layer has sizes that are multiples of 16; sampling without FP8", file=sys.stderr)
-    return converted > 0
+    net = for_inference(model, precision, fp8=fp8)
+    if fp8:
+        print(f"fp8: {net.fp8_layers} block linears quantized to float8_e4m3fn (row-wise scales)")
+        if not net.fp8_layers:
+            print("fp8: warning: no layer has sizes that are multiples of 16; sampling without FP8", file=sys.stderr)
+    return net, net.fp8_layers > 0
 
 
 def _calibrate_fp8(model, run, cfg, n: int) -> None:

@@ -111,7 +111,8 @@ class TrainConfig:
     seed: int = 0
     distributed: str = "ddp"  # ddp | fsdp (when launched with torchrun)
     compile: bool = False
-    fused_tail: str = "auto"  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema): auto | always | never
+    compile_mode: str = "default"  # default | cudagraphs (torch.compile's reduce-overhead: each step's graphs replayed)
+    fused_tail: bool = False  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema); slower on an H100, see README
     activation_checkpointing: bool = False
     log_every: int = 100
     ckpt_every: int = 50_000
@@ -156,10 +157,10 @@ class Config:
             (self.data.kind in ("digits", "images", "latents", "fields"), "data.kind", "digits, images, latents or fields"),
             (self.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto, fp32, bf16 or fp16"),
             (self.train.distributed in ("ddp", "fsdp"), "train.distributed", "ddp or fsdp"),
-            (self.train.fused_tail in ("auto", "always", "never"), "train.fused_tail", "auto, always or never"),
             (self.train.ckpt_format in ("pt", "safetensors"), "train.ckpt_format", "pt or safetensors"),
             (self.sample.sampler in ("ddpm", "ddim", "euler", "heun", "dopri5", "sde"), "sample.sampler",
              "ddpm, ddim, euler, heun, dopri5 or sde"),
+            (self.train.compile_mode in ("default", "cudagraphs"), "train.compile_mode", "default or cudagraphs"),
             (self.sample.precision in ("fp32", "amp-bf16", "bf16"), "sample.precision", "fp32, amp-bf16 or bf16"),
             (self.sample.compile in ("none", "default", "cudagraphs"), "sample.compile", "none, default or cudagraphs"),
             (self.train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ditkit.models.dit import build_model
-from ditkit.models.fp8 import convert_to_fp8
+from ditkit.models.fp8 import Float8Linear, quantize_rows
 from ditkit.models.inference import compiled, for_inference
 
 
@@ -62,12 +62,32 @@ def test_bf16_casts_floating_conditioning_and_keeps_labels():
 
 
 @torch.no_grad()
-def test_fp8_after_bf16_quantizes_the_bf16_weights():
+def test_amp_bf16_casts_once_what_autocast_casts_every_call():
+    """The weights are stored in bf16 up front; the output is bit for bit autocast's on the
+    untouched float32 model (autocast rounds the same weights to the same bf16 values)."""
     model = _model()
     x, t, y = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x, t, y).float()
+    net = for_inference(model, "amp-bf16")
+    assert model.blocks[0].adaLN_modulation[1].weight.dtype == torch.bfloat16
+    assert model.y_embedder.embedding_table.weight.dtype == torch.float32  # autocast leaves embeddings alone
+    assert torch.equal(net(x, t, y=y), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["amp-bf16", "bf16"])
+def test_fp8_quantizes_the_weights_before_any_bf16_cast_of_the_rest(precision):
+    model, twin = _model(), _model()
+    x, t, y = _inputs()
     ref = model(x, t, y)
-    net = for_inference(model, "bf16")
-    assert convert_to_fp8(model) > 0
+    net = for_inference(model, precision, fp8=True)
+    assert net.fp8_layers == 2 * 4  # qkv, proj, fc1, fc2 in each of the 2 blocks
+    fc1 = model.blocks[0].mlp.fc1
+    assert isinstance(fc1, Float8Linear)
+    source = twin.blocks[0].mlp.fc1.weight.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    expected_q, _ = quantize_rows(source)  # amp-bf16: from the float32 weight, not a bf16 rounding of it
+    assert torch.equal(fc1.weight_fp8.float(), expected_q.float())
     assert _rel(net(x, t, y=y), ref) < 0.08  # e4m3 keeps 3 bits (emulated in float32 on the CPU)
 
 

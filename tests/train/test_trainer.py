@@ -87,7 +87,7 @@ def test_existing_run_needs_resume_flag(tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, mode):
     common = ["train", "--preset", "digits", "--steps", "4", "--device", "cpu"]
-    tail = "always" if mode == "ddp" else "never"  # DDP also runs the one-pass AdamW+EMA tail (ditkit.train.adamw_ema)
+    tail = "true" if mode == "ddp" else "false"  # DDP also runs the one-pass AdamW+EMA tail (ditkit.train.adamw_ema)
     torchrun(2, *common, "--run-dir", str(tmp_path / "two"),
              *overrides(f"train.distributed={mode}", "train.sample_every=2", "sample.steps=2", f"train.fused_tail={tail}"))
     assert (tmp_path / "two" / "samples" / "step_00000004.png").exists()  # grids on every rank, FSDP included
@@ -101,26 +101,26 @@ def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, mode):
 
 
 def test_fused_tail_trains_like_the_separate_steps(tmp_path, monkeypatch):
-    """train.fused_tail=always (clipping, AdamW and EMA in one pass) against the default path on the CPU:
+    """train.fused_tail=true (clipping, AdamW and EMA in one pass) against the default path on the CPU:
     the same losses and weights to float rounding, a NaN step skipped the same way, and its
     optimizer state resumes a run of the other kind."""
     _patch_objective(monkeypatch, {2})
     runs = {}
-    for tail in ("never", "always"):
+    for tail in ("false", "true"):
         cfg = load_config("digits", overrides=[*TINY, "train.steps=5", "train.grad_clip=0.05", f"train.fused_tail={tail}"])
         train(cfg, tmp_path / tail, device="cpu")
         runs[tail] = final_weights(tmp_path / tail)
         _patch_objective(monkeypatch, {2})
-    a, b = runs["never"], runs["always"]
+    a, b = runs["false"], runs["true"]
     assert int(a["extra"]["nonfinite_total"]) == int(b["extra"]["nonfinite_total"]) == 1
     for part in ("model", "ema"):
         for k in a[part]:
             torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-4, atol=1e-6, msg=f"{part}.{k}")
-    la, lb = losses(tmp_path / "never"), losses(tmp_path / "always")
+    la, lb = losses(tmp_path / "false"), losses(tmp_path / "true")
     assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) <= 1e-4 * abs(la[k]) for k in la)
-    cfg = load_config("digits", overrides=[*TINY, "train.steps=7", "train.grad_clip=0.05", "train.fused_tail=always"])
-    train(cfg, tmp_path / "never", device="cpu", resume=True)  # an unfused run's AdamW state into AdamWEMA
-    assert final_weights(tmp_path / "never")["step"] == 7
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=7", "train.grad_clip=0.05", "train.fused_tail=true"])
+    train(cfg, tmp_path / "false", device="cpu", resume=True)  # an unfused run's AdamW state into AdamWEMA
+    assert final_weights(tmp_path / "false")["step"] == 7
 
 
 class NaNAt:

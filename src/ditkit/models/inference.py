@@ -3,7 +3,10 @@
 ``sample.precision`` (the samplers always keep x_t and their arithmetic in float32):
 
 - ``fp32``: the official sample.py's numerics (TF32 matrix products where torch allows them).
-- ``amp-bf16``: autocast; bf16 matrix products, float32 weights, LayerNorm and residual stream.
+- ``amp-bf16``: autocast; bf16 matrix products, float32 LayerNorm and residual stream.  The
+  weights autocast would cast to bf16 on every call (linears, the patch convolution) are cast
+  once instead: the same numbers, without re-reading 0.9 GB of float32 adaLN weights per DiT-XL/2
+  call (0.5 ms on an H100).
 - ``bf16``: the weights and every activation in bf16, as diffusers runs DiT in half precision.
   Against amp-bf16 the residual stream moves half the bytes; inputs are cast in, outputs back out.
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditkit.models.fp8 import convert_to_fp8
+
 PRECISIONS = ("fp32", "amp-bf16", "bf16")
 COMPILE_MODES = ("none", "default", "cudagraphs")
 
@@ -23,9 +28,9 @@ class InferenceNetwork(nn.Module):
     """net(x, t, **kwargs) in the chosen precision, returning float32.  ``t`` and integer inputs
     pass unchanged (the timestep embedding computes its sinusoids in float32 itself)."""
 
-    def __init__(self, net: nn.Module, precision: str):
+    def __init__(self, net: nn.Module, precision: str, fp8_layers: int = 0):
         super().__init__()
-        self.net, self.precision = net, precision
+        self.net, self.precision, self.fp8_layers = net, precision, fp8_layers
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.precision == "bf16":
@@ -35,14 +40,21 @@ class InferenceNetwork(nn.Module):
             return self.net(x, t, **kwargs).float()
 
 
-def for_inference(model: nn.Module, precision: str) -> InferenceNetwork:
-    """Wraps ``model`` (eval mode) to run in ``precision``; ``bf16`` casts its weights in place, so
-    FP8 conversion (ditkit.models.fp8), which quantizes the weights it finds, comes after this."""
+def for_inference(model: nn.Module, precision: str, fp8: bool = False) -> InferenceNetwork:
+    """Wraps ``model`` (eval mode, changed in place) to run in ``precision``, with its block
+    linears in FP8 if ``fp8`` (ditkit.models.fp8; calibrate static scales afterwards).  Order
+    matters: FP8 quantizes the weights it finds (float32, or bf16 for ``bf16``), then autocast's
+    casts are done once on what is left.  ``.fp8_layers``: how many linears became FP8."""
     if precision not in PRECISIONS:
         raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "bf16":
         model.to(torch.bfloat16)
-    return InferenceNetwork(model.eval(), precision)
+    fp8_layers = convert_to_fp8(model) if fp8 else 0
+    if precision == "amp-bf16":
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):  # autocast runs these in bf16: cast them once
+                m.to(torch.bfloat16)
+    return InferenceNetwork(model.eval(), precision, fp8_layers)
 
 
 class _Copied(nn.Module):

@@ -98,24 +98,14 @@ def gradient_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
 
 
-def use_fused_tail(cfg: Config, device: torch.device) -> bool:
-    """``train.fused_tail``: auto = on a GPU with a compiled model (the tail is compiled with it),
-    except under FSDP (sharded DTensor parameters) and fp16 (its GradScaler owns the skip)."""
-    if cfg.train.fused_tail == "never" or cfg.train.precision == "fp16":
-        return False
-    if cfg.train.fused_tail == "always":
-        return True
-    return device.type == "cuda" and cfg.train.compile and cfg.train.distributed != "fsdp"
-
-
 def _make_optimizer(model: nn.Module, ema: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.adam_betas), "weight_decay": cfg.train.weight_decay}
-    if not use_fused_tail(cfg, device):
+    if not cfg.train.fused_tail:
         return torch.optim.AdamW(params, **kwargs, fused=True)
-    if any(hasattr(p, "placements") for p in params):
-        raise ConfigError("train.fused_tail=always does not support sharded (FSDP) parameters; use train.fused_tail=auto")
+    if cfg.train.precision == "fp16" or any(hasattr(p, "placements") for p in params):
+        raise ConfigError("train.fused_tail=true works without fp16's gradient scaler and without FSDP's sharded parameters")
     ema_named = dict(ema.named_parameters())
     ema_params = [ema_named[n.removeprefix("module.")] for n, _ in named]  # DDP's wrapper adds "module."
     return AdamWEMA(params, ema_params, **kwargs, max_norm=cfg.train.grad_clip,
@@ -236,7 +226,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         _load_optimizer_state(train_model, opt, state["opt"], cfg, info)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-    step_model = torch.compile(train_model) if cfg.train.compile else train_model
+    graphs = cfg.train.compile and cfg.train.compile_mode == "cudagraphs"
+    step_model = torch.compile(train_model, **({"mode": "reduce-overhead"} if graphs else {})) if cfg.train.compile else train_model
 
     dataset = build_dataset(cfg)
     sampler = ShardBatchSampler(len(dataset), cfg.train.global_batch_size, info.rank, info.world_size,
@@ -288,6 +279,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
 
     step = start_step
     for step in range(start_step, end_step):
+        if graphs:  # a new iteration: the CUDA graphs may reuse the memory of the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.train.lr, cfg.train.warmup_steps)
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
