@@ -302,16 +302,16 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         objective.loss(net, x, {"y": y})["loss"].mean().backward()  # gradients for timing the tail alone
     if tail:  # the norm and the EMA are inside opt.step
-        tail = {"opt_ms": median_ms(opt.step, 5, device), "ema_ms": 0.0, "grad_norm_ms": 0.0}
+        tail_times = {"opt_ms": median_ms(opt.step, 5, device), "ema_ms": 0.0, "grad_norm_ms": 0.0}
     else:
-        tail = {"opt_ms": median_ms(opt.step, 5, device), "ema_ms": median_ms(lambda: ema_update(ema, model, 0.9999), 5, device),
-                "grad_norm_ms": median_ms(lambda: gradient_norm(params, 0.0), 5, device)}
+        tail_times = {"opt_ms": median_ms(opt.step, 5, device), "ema_ms": median_ms(lambda: ema_update(ema, model, 0.9999), 5, device),
+                      "grad_norm_ms": median_ms(lambda: gradient_norm(params, 0.0), 5, device)}
     img_s = batch / (statistics.median(ms) * 1e-3)
     opt.zero_grad(set_to_none=True)  # the tail's gradients must not sit in memory during the profiled steps
     profiled = {"profile": profile_kernels(one_step, device)} if args.profile and device.type == "cuda" else {}
     return {**profiled, "peak_mem_gib": peak_mem, "img_per_s": img_s, "step_ms": statistics.median(ms), "step_ms_all": ms,
             "host_ms": host, "first_s": first_s,
-            "tflops": flops[name]["fwd_bwd_gflop_per_img"] * img_s / 1e3, "tail_ms": sum(tail.values()), **tail,
+            "tflops": flops[name]["fwd_bwd_gflop_per_img"] * img_s / 1e3, "tail_ms": sum(tail_times.values()), **tail_times,
             "loss": state["loss"].item(), "finite": bool(torch.isfinite(state["loss"]))}
 
 
@@ -441,7 +441,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rows += [("sample", args.sample_model, args.sample_batch, v) for v in args.sample_variants.split(",") if v and "sample" in parts]
     for kind, _, _, variant in args.rows:
         base, extra = variant.split("+")[0], levers(variant)
-        if base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra):
+        if (base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra)
+                or (base == "fp32" and "bf16w" in extra)):
             raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of "
                              + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + "; e.g. " + ", ".join(VARIANTS))
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.

@@ -77,6 +77,8 @@ def test_unknown_variant_is_refused_at_the_boundary(bench):
         bench.parse_args(["--tiny", "--variants", "bf8"])
     with pytest.raises(ValueError, match="unknown train variant 'bf16\\+fp8'"):  # FP8 is for sampling only
         bench.parse_args(["--tiny", "--variants", "bf16+fp8"])
+    with pytest.raises(ValueError, match="unknown sample variant 'fp32\\+bf16w'"):  # bf16 weights on an fp32 base
+        bench.parse_args(["--tiny", "--sample-variants", "fp32+bf16w"])
     with pytest.raises(ValueError, match="unknown sample variant 'bf16\\+tail'"):  # the optimizer tail is for training
         bench.parse_args(["--tiny", "--sample-variants", "bf16+tail"])
     assert bench.parse_args(["--tiny", "--sample-variants", "bf16+fp8+cudagraphs"]).rows[-1][3] == "bf16+fp8+cudagraphs"

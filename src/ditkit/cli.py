@@ -253,6 +253,8 @@ def cmd_eval_fields(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ditkit.config import COMPILE_MODES, PRECISIONS
+
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -280,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("A", "B"), help="guide only for noise level in [A, B]")
     p.add_argument("--fp8", action="store_true", help="FP8 (e4m3) matrix products in the transformer blocks "
                    "(ditkit.models.fp8; fastest on Hopper/Ada GPUs, emulated elsewhere)")
-    p.add_argument("--precision", choices=["fp32", "amp-bf16", "bf16"], help="fp32 (default: the official numerics), "
-                   "amp-bf16 (autocast) or bf16 (weights and activations; fastest)")
-    p.add_argument("--compile", choices=["none", "default", "cudagraphs"], help="torch.compile the network; cudagraphs: "
-                   "also replay each step as a CUDA graph (GPU)")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default: the official numerics), amp-bf16 "
+                   "(autocast; the fast path, with --fp8 and --compile cudagraphs) or bf16 (weights too: less memory, "
+                   "more error, not faster)")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network; cudagraphs: also replay each "
+                   "call as a CUDA graph (GPU)")
     p.add_argument("--labels", default="balanced", help="balanced, random, or a comma-separated list of class ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="local VAE (folder or file) to decode latents")

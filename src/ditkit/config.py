@@ -19,6 +19,9 @@ import yaml
 
 from ditkit.utils.sdpa import SDPA_CHOICES
 
+PRECISIONS = ("fp32", "amp-bf16", "bf16")  # sample.precision (ditkit.models.inference)
+COMPILE_MODES = ("none", "default", "cudagraphs")  # sample.compile
+
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -161,8 +164,10 @@ class Config:
             (self.sample.sampler in ("ddpm", "ddim", "euler", "heun", "dopri5", "sde"), "sample.sampler",
              "ddpm, ddim, euler, heun, dopri5 or sde"),
             (self.train.compile_mode in ("default", "cudagraphs"), "train.compile_mode", "default or cudagraphs"),
-            (self.sample.precision in ("fp32", "amp-bf16", "bf16"), "sample.precision", "fp32, amp-bf16 or bf16"),
-            (self.sample.compile in ("none", "default", "cudagraphs"), "sample.compile", "none, default or cudagraphs"),
+            (self.train.compile or self.train.compile_mode == "default", "train.compile_mode",
+             "default unless train.compile=true (CUDA graphs come with compilation)"),
+            (self.sample.precision in PRECISIONS, "sample.precision", f"one of {', '.join(PRECISIONS)}"),
+            (self.sample.compile in COMPILE_MODES, "sample.compile", f"one of {', '.join(COMPILE_MODES)}"),
             (self.train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),
             (self.train.grad_accum > 0, "train.grad_accum", "a positive integer"),
             (self.train.steps >= 0, "train.steps", "a non-negative integer"),

@@ -111,6 +111,8 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k not in ("sdpa", "compile")}  # kernels change no sample
+    if sample["precision"] == "fp32":  # the default, and what folders written before the option meant
+        del sample["precision"]
     _check_settings(parts, {"source": source, "sample": sample, "seed": seed, "labels": labels,
                             "num_samples": num_samples, "batch_size": batch_size})
     shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
@@ -157,12 +159,12 @@ def _check_settings(parts: Path, settings: dict) -> None:
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted names of the entries that differ between two nested dicts."""
-    out = []
+    out, absent = [], object()
     for key in a.keys() | b.keys():
-        x, y = a.get(key), b.get(key)
+        x, y = a.get(key, absent), b.get(key, absent)
         if isinstance(x, dict) and isinstance(y, dict):
             out += _differing_keys(x, y, f"{prefix}{key}.")
-        elif x != y:
+        elif x is absent or y is absent or x != y:
             out.append(prefix + key)
     return out
 

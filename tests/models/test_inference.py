@@ -76,6 +76,17 @@ def test_amp_bf16_casts_once_what_autocast_casts_every_call():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("field_mode", ["cross_attention", "concat"])
+def test_amp_bf16_is_autocast_for_field_conditioned_models_too(field_mode):
+    model = _model(num_params=3, cond_channels=2, field_mode=field_mode)
+    x, t, y = _inputs()
+    kw = {"y": y, "params": torch.randn(3, 3), "field": torch.randn(3, 2, 8, 8)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x, t, **kw).float()
+    assert torch.equal(for_inference(model, "amp-bf16")(x, t, **kw), ref)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("precision", ["amp-bf16", "bf16"])
 def test_fp8_quantizes_the_weights_before_any_bf16_cast_of_the_rest(precision):
     model, twin = _model(), _model()
@@ -85,8 +96,7 @@ def test_fp8_quantizes_the_weights_before_any_bf16_cast_of_the_rest(precision):
     assert net.fp8_layers == 2 * 4  # qkv, proj, fc1, fc2 in each of the 2 blocks
     fc1 = model.blocks[0].mlp.fc1
     assert isinstance(fc1, Float8Linear)
-    source = twin.blocks[0].mlp.fc1.weight.to(torch.bfloat16 if precision == "bf16" else torch.float32)
-    expected_q, _ = quantize_rows(source)  # amp-bf16: from the float32 weight, not a bf16 rounding of it
+    expected_q, _ = quantize_rows(twin.blocks[0].mlp.fc1.weight)  # from float32, not a bf16 rounding of it
     assert torch.equal(fc1.weight_fp8.float(), expected_q.float())
     assert _rel(net(x, t, y=y), ref) < 0.08  # e4m3 keeps 3 bits (emulated in float32 on the CPU)
 

@@ -118,9 +118,17 @@ def test_fused_tail_trains_like_the_separate_steps(tmp_path, monkeypatch):
             torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-4, atol=1e-6, msg=f"{part}.{k}")
     la, lb = losses(tmp_path / "false"), losses(tmp_path / "true")
     assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) <= 1e-4 * abs(la[k]) for k in la)
-    cfg = load_config("digits", overrides=[*TINY, "train.steps=7", "train.grad_clip=0.05", "train.fused_tail=true"])
-    train(cfg, tmp_path / "false", device="cpu", resume=True)  # an unfused run's AdamW state into AdamWEMA
-    assert final_weights(tmp_path / "false")["step"] == 7
+    seven = [*TINY, "train.steps=7", "train.grad_clip=0.05"]
+    train(load_config("digits", overrides=seven), tmp_path / "ref7", device="cpu")  # uninterrupted, unfused
+    train(load_config("digits", overrides=[*seven, "train.fused_tail=true"]), tmp_path / "false", device="cpu", resume=True)
+    train(load_config("digits", overrides=[*seven, "train.fused_tail=false"]), tmp_path / "true", device="cpu", resume=True)
+    ref = final_weights(tmp_path / "ref7")
+    for switched in ("false", "true"):  # AdamW state into AdamWEMA, and back (fused AdamW again, found_inf and all)
+        got = final_weights(tmp_path / switched)
+        assert got["step"] == 7
+        for part in ("model", "ema"):
+            for k in ref[part]:
+                torch.testing.assert_close(got[part][k], ref[part][k], rtol=1e-4, atol=1e-6, msg=f"{switched} {part}.{k}")
 
 
 class NaNAt:

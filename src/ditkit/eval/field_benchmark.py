@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ditkit.models.dit import as_pair
-
 from ditkit.checkpoints import load_run
 from ditkit.data.fields import FieldNormalizer
 from ditkit.data.random_fields import FieldBenchmark
 from ditkit.eval.fields import evaluate_benchmark, plot_benchmark
+from ditkit.models.dit import as_pair
 from ditkit.objectives import build_objective
 from ditkit.sampling import generate
 

@@ -80,7 +80,8 @@ class ConditionEmbedders(nn.Module):
 
     def embed_field(self, field: torch.Tensor | None, train: bool, force_drop_ids: torch.Tensor | None) -> torch.Tensor:
         w = self.field_embedder.weight
-        tokens = self.field_embedder(field.to(w.dtype)).flatten(2).transpose(1, 2) + self.field_pos_embed.to(w.dtype)  # (B, M, D)
+        # the position table is added in its own dtype: as autocast would, whatever dtype w is stored in
+        tokens = self.field_embedder(field.to(w.dtype)).flatten(2).transpose(1, 2) + self.field_pos_embed  # (B, M, D)
         drop = self._drop_mask(len(tokens), tokens.device, train, force_drop_ids)
         return tokens if drop is None else torch.where(drop[:, None, None], self.field_null.to(tokens.dtype), tokens)
 

@@ -26,7 +26,6 @@ final layers stay in the model's precision.  Training is unchanged; this is a sa
 from __future__ import annotations
 
 import functools
-
 from typing import Any, Callable
 
 import torch
@@ -61,12 +60,12 @@ def scaled_mm_takes_bias(device: torch.device) -> bool:
         return False
     a = torch.ones(16, 16, device=device).to(FP8)
     ones = torch.ones(16, 1, device=device)
+    bias = torch.arange(16, device=device, dtype=torch.bfloat16)
     try:
-        torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16,
-                         bias=torch.zeros(16, device=device, dtype=torch.bfloat16))
+        y = torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16, bias=bias)
     except RuntimeError:
         return False
-    return True
+    return bool(torch.equal(y.float(), 16 + bias.float().expand(16, 16)))  # accepted and actually added
 
 
 class Float8Linear(nn.Module):
@@ -109,14 +108,16 @@ class Float8Linear(nn.Module):
             scale = self.input_scale.expand(x2.shape[0], 1).contiguous()  # _scaled_mm's row-wise form of one scale
         else:
             q, scale = quantize_rows(x2)
-        if fp8_matmul_supported(x.device):
+        gemm = fp8_matmul_supported(x.device)
+        bias_in_gemm = gemm and self.bias_in_gemm  # not after a move to a device without the FP8 kernel
+        if gemm:
             # mat2 column-major: the (N, K) row-major weight, transposed; row-wise scales need bf16 out.
-            bias = self.bias.to(torch.bfloat16) if self.bias_in_gemm else None
+            bias = self.bias.to(torch.bfloat16) if bias_in_gemm else None
             y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
                                  out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
         else:
             y = (q.float() * scale) @ self.dequantized_weight().t()
-        if self.bias is not None and not self.bias_in_gemm:
+        if self.bias is not None and not bias_in_gemm:
             y = y + self.bias.to(y.dtype)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return y.to(out_dtype).reshape(*lead, self.out_features)

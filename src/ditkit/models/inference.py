@@ -4,7 +4,7 @@
 
 - ``fp32``: the official sample.py's numerics (TF32 matrix products where torch allows them).
 - ``amp-bf16``: autocast; bf16 matrix products, float32 LayerNorm and residual stream.  The
-  weights autocast would cast to bf16 on every call (linears, the patch convolution) are cast
+  weights autocast would cast to bf16 on every call (linears, the patch convolutions) are cast
   once instead: the same numbers, without re-reading 0.9 GB of float32 adaLN weights per DiT-XL/2
   call (0.5 ms on an H100).
 - ``bf16``: the weights and every activation in bf16, as diffusers runs DiT in half precision.
@@ -18,10 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditkit.models.fp8 import convert_to_fp8
-
-PRECISIONS = ("fp32", "amp-bf16", "bf16")
-COMPILE_MODES = ("none", "default", "cudagraphs")
+from ditkit.config import COMPILE_MODES, PRECISIONS
+from ditkit.models.fp8 import Float8Linear, convert_to_fp8
 
 
 class InferenceNetwork(nn.Module):
@@ -43,17 +41,18 @@ class InferenceNetwork(nn.Module):
 def for_inference(model: nn.Module, precision: str, fp8: bool = False) -> InferenceNetwork:
     """Wraps ``model`` (eval mode, changed in place) to run in ``precision``, with its block
     linears in FP8 if ``fp8`` (ditkit.models.fp8; calibrate static scales afterwards).  Order
-    matters: FP8 quantizes the weights it finds (float32, or bf16 for ``bf16``), then autocast's
-    casts are done once on what is left.  ``.fp8_layers``: how many linears became FP8."""
+    matters: FP8 quantizes the float32 weights first, then the rest is cast to bf16 (all of it for
+    ``bf16``; for ``amp-bf16`` what autocast would cast on every call).  ``.fp8_layers``: how many
+    linears became FP8."""
     if precision not in PRECISIONS:
         raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "bf16":
-        model.to(torch.bfloat16)
     fp8_layers = convert_to_fp8(model) if fp8 else 0
-    if precision == "amp-bf16":
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):  # autocast runs these in bf16: cast them once
-                m.to(torch.bfloat16)
+    cast = {"bf16": nn.Module, "amp-bf16": (nn.Linear, nn.Conv2d)}.get(precision)
+    for m in model.modules() if cast else []:
+        if isinstance(m, cast) and not isinstance(m, Float8Linear):  # FP8 layers keep their own dtypes
+            for name, v in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                if v is not None and v.is_floating_point():
+                    v.data = v.data.to(torch.bfloat16)
     return InferenceNetwork(model.eval(), precision, fp8_layers)
 
 

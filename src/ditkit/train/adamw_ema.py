@@ -42,7 +42,7 @@ def adamw_ema_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
     EMA still moves toward the unchanged p, as it does after a skipped step in the trainer."""
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     ok = torch.isfinite(norm)
-    coef = torch.where(ok, clip_coefficient(norm, max_norm), torch.zeros_like(norm))  # keeps NaN out of m, v
+    coef = torch.where(ok, clip_coefficient(norm, max_norm), torch.zeros_like(norm))  # the torch.where below guards the state
     keep = ok.to(params[0].dtype)  # 1: apply the update, 0: skip it
     torch._foreach_add_(steps, keep)
     g = torch._foreach_mul(grads, coef)
@@ -104,4 +104,3 @@ class AdamWEMA(torch.optim.AdamW):
             [s["step"] for s in states], self.ema_params,
             torch.full((), group["lr"], device=device), torch.full((), self.ema_decay, device=device),  # no recompile per value
             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], max_norm=self.max_norm)
-

@@ -104,7 +104,7 @@ def _make_optimizer(model: nn.Module, ema: nn.Module, cfg: Config, device: torch
     kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.adam_betas), "weight_decay": cfg.train.weight_decay}
     if not cfg.train.fused_tail:
         return torch.optim.AdamW(params, **kwargs, fused=True)
-    if cfg.train.precision == "fp16" or any(hasattr(p, "placements") for p in params):
+    if cfg.train.precision == "fp16" or any(hasattr(p, "placements") for p in params):  # scaler's skip; DTensors
         raise ConfigError("train.fused_tail=true works without fp16's gradient scaler and without FSDP's sharded parameters")
     ema_named = dict(ema.named_parameters())
     ema_params = [ema_named[n.removeprefix("module.")] for n, _ in named]  # DDP's wrapper adds "module."
@@ -152,7 +152,10 @@ def _load_optimizer_state(model: nn.Module, opt, state: dict, cfg: Config, info:
 
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
     else:
+        impl = [{k: g[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in g} for g in opt.param_groups]
         opt.load_state_dict(state)
+        for group, flags in zip(opt.param_groups, impl):  # the saved run may have used the other optimizer
+            group.update(flags)
 
 
 def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
