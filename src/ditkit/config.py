@@ -139,8 +139,8 @@ class SampleConfig:
     grid: str = "uniform"  # euler/heun/sde time grid: uniform | shifted (objective.shift)
     sde_diffusion: str = "sigma"  # sde: sigma | constant | SBDM | linear | decreasing | increasing-decreasing
     sdpa: str = "auto"  # attention kernel on CUDA (ditkit.utils.sdpa)
-    precision: str = "fp32"  # fp32 | amp-bf16 | bf16 (ditkit.models.inference)
-    compile: str = "none"  # none | default | cudagraphs (torch.compile's reduce-overhead mode)
+    precision: str = "fp32"  # fp32 | amp-bf16 | bf16 (ditkit.models.inference), for `ditkit sample`
+    compile: str = "none"  # none | default | cudagraphs (torch.compile's reduce-overhead mode), for `ditkit sample`
 
 
 @dataclass
