@@ -108,3 +108,19 @@ def test_names_match_whole_components_so_cross_attention_is_kept():
                         num_classes=0, cond_channels=1, field_mode="cross_attention")
     assert convert_to_fp8(model) == 2 * 4
     assert isinstance(model.blocks[0].cross_attn.proj, nn.Linear) and isinstance(model.blocks[0].attn.proj, Float8Linear)
+
+
+@torch.no_grad()
+def test_bias_is_added_where_the_fp8_kernel_cannot_take_it():
+    """A layer converted on an FP8 GPU puts its bias into the product (``bias_in_gemm``); moved to
+    a device without the FP8 kernel (here the CPU's emulation) it must add the bias itself."""
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16)
+    nn.init.constant_(linear.bias, 5.0)
+    layer = Float8Linear.from_linear(linear)
+    assert not layer.bias_in_gemm  # no FP8 kernel on the CPU: probed, not assumed
+    x = torch.randn(8, 32)
+    plain = layer(x)
+    layer.bias_in_gemm = True  # as if converted on a Hopper GPU, then moved here
+    torch.testing.assert_close(layer(x), plain)
+    assert abs(plain.mean().item() - (linear(x)).mean().item()) < 0.1  # the bias of 5 is in
