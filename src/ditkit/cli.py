@@ -254,6 +254,7 @@ def cmd_eval_fields(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ditkit.config import COMPILE_MODES, PRECISIONS
+    from ditkit.samplers.sde import DIFFUSION_FORMS
 
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--eta", type=float, help="DDIM eta")
     p.add_argument("--grid", choices=["uniform", "shifted"], help="euler/heun/sde time grid (shifted: the objective's shift)")
-    p.add_argument("--sde-diffusion", choices=["sigma", "constant", "SBDM", "linear", "decreasing", "increasing-decreasing"],
+    p.add_argument("--sde-diffusion", choices=DIFFUSION_FORMS,
                    help="diffusion coefficient of the sde sampler (SiT's forms)")
     p.add_argument("--guided-channels", type=int, help="guide only the first N channels (3: the official code)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("A", "B"), help="guide only for noise level in [A, B]")

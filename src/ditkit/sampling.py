@@ -149,9 +149,9 @@ def _check_settings(parts: Path, settings: dict) -> None:
 
     path = parts / "settings.json"
     text = json.dumps(settings, sort_keys=True)
-    if path.exists() and path.read_text() != text:
-        old = json.loads(path.read_text())
-        differ = sorted(_differing_keys(old, json.loads(text)))
+    old = path.read_text() if path.exists() else text
+    if old != text:
+        differ = sorted(_differing_keys(json.loads(old), json.loads(text)))
         raise ValueError(f"{parts} holds samples made with other settings ({path}; differing: {', '.join(differ)}); "
                          "choose another --out or delete that folder to start over")
     atomic_write_text(path, text)  # every rank writes the same text
