@@ -54,7 +54,7 @@ from ditkit.models.fp8 import calibrate_fp8
 from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
-from ditkit.train.adamw_ema import AdamWEMA
+from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.ema import update_ema
 from ditkit.train.trainer import gradient_norm, train_step
 from ditkit.utils.sdpa import SDPA_CHOICES, use_sdpa_backend
@@ -273,8 +273,7 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     params = [p for p in model.parameters() if p.requires_grad]
     tail = "tail" in levers(variant)
     if tail:  # compiled on a GPU; the CPU smoke test runs its eager form
-        ema_params = [e for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]  # not pos_embed
-        opt = AdamWEMA(params, ema_params, lr=1e-4, weight_decay=0, compile=device.type == "cuda")
+        opt = AdamWEMA(*ema_counterparts(model, ema), lr=1e-4, weight_decay=0, compile=device.type == "cuda")
         opt.ema_decay = 0.9999
     else:
         opt = (torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True) if args.fused_adamw

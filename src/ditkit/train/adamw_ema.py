@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -58,6 +59,14 @@ def adamw_ema_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
         torch._foreach_copy_(dst, [torch.where(ok, n, d) for n, d in zip(new, dst)])
     torch._foreach_lerp_(ema_params, params, 1 - ema_decay)
     return norm
+
+
+def ema_counterparts(model: nn.Module, ema: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The trained parameters of ``model`` (frozen ones such as pos_embed left out) and, in the same
+    order, the EMA copy's parameter of the same name (a DDP wrapper's "module." prefix ignored)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ema_named = dict(ema.named_parameters())
+    return [p for _, p in named], [ema_named[n.removeprefix("module.")] for n, _ in named]
 
 
 class AdamWEMA(torch.optim.AdamW):

@@ -22,7 +22,7 @@ from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import as_pair, build_model
 from ditkit.objectives import build_objective
-from ditkit.train.adamw_ema import AdamWEMA
+from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.train.ema import ema_decay_at, update_ema
@@ -99,15 +99,12 @@ def gradient_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
 
 
 def _make_optimizer(model: nn.Module, ema: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
     kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.adam_betas), "weight_decay": cfg.train.weight_decay}
     if not cfg.train.fused_tail:
-        return torch.optim.AdamW(params, **kwargs, fused=True)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs, fused=True)
+    params, ema_params = ema_counterparts(model, ema)
     if cfg.train.precision == "fp16" or any(hasattr(p, "placements") for p in params):  # scaler's skip; DTensors
         raise ConfigError("train.fused_tail=true works without fp16's gradient scaler and without FSDP's sharded parameters")
-    ema_named = dict(ema.named_parameters())
-    ema_params = [ema_named[n.removeprefix("module.")] for n, _ in named]  # DDP's wrapper adds "module."
     return AdamWEMA(params, ema_params, **kwargs, max_norm=cfg.train.grad_clip,
                     compile=cfg.train.compile and device.type == "cuda")
 
