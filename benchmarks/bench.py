@@ -7,6 +7,7 @@
 In one process, so that shares are of the peak measured in the same run.  peak: a random 8192³
 matmul in bf16 and fp32 (TF32 per --tf32).  flops: matrix FLOPs per image of the network's forward
 and forward+backward (FlopCounterMode; the issue quotes 716 GFLOP per training image for XL/2).
+gemm (GPU): the block linears' forward, ∂x and ∂W products at the largest batch, bf16 against FP8.
 sdpa: the op SDPA dispatches to at each model's head dim (72 for XL/2), fwd+bwd ms of each backend
 forced, or why it refuses.  train: the official train.py's work per step on random 32×32×4 latents
 and labels (hybrid DDPM loss, backward, AdamW lr 1e-4 wd 0, EMA 0.9999) through ``train_step`` (which
@@ -15,9 +16,10 @@ adds a gradient norm); warm-up and compilation excluded.  sample: DDPM with clas
 one by one (each does the same work whatever its t) and EXTRAPOLATED to 250 (DDIM: 50); flow
 matching's Euler and Heun samplers run on the same network (ms per network evaluation).  Variants are
 fp32 or bf16 (autocast) plus levers (LEVERS): +compile, +cudagraphs (compile mode reduce-overhead),
-for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.adamw_ema``), for
-sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on other noise,
-``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
+for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.adamw_ema``), +fp8 (the
+block linears' three products in FP8, ``ditkit.models.fp8_training``) and +bf16res (a bf16 residual
+stream), for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
 Columns: img/s (training images/s); ms/step (median, CUDA events); TFLOP/s (counted FLOPs/s); % peak
@@ -51,6 +53,7 @@ from ditkit.config import Config
 from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
 from ditkit.models.fp8 import calibrate_fp8
+from ditkit.models.fp8_training import E4M3, E5M2, convert_for_fp8_training, tensor_scale, to_fp8
 from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
@@ -68,7 +71,9 @@ LEVERS = {  # what each +lever adds, and where it applies
     "compile": ("train", "sample"),  # torch.compile (inductor) of the network
     "cudagraphs": ("train", "sample"),  # compile mode reduce-overhead: replayed CUDA graphs
     "tail": ("train",),  # gradient norm, AdamW and EMA in one compiled pass (ditkit.train.adamw_ema)
-    "fp8": ("sample",),  # FP8 block linears with static activation scales (ditkit.models.fp8)
+    "fp8": ("train", "sample"),  # FP8 block linears: training's three products with tensorwise dynamic scales
+    # (ditkit.models.fp8_training); sampling's with static activation scales (ditkit.models.fp8)
+    "bf16res": ("train",),  # the residual stream (block inputs and outputs) in bf16 instead of float32
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
 }
 say = functools.partial(print, flush=True)
@@ -203,6 +208,33 @@ def sdpa_check(heads: int, head_dim: int, tokens: int, batch: int, dtype: torch.
     return row
 
 
+def gemm_check(model: nn.Module, batch: int, device: torch.device) -> list[dict]:
+    """The block linears' three training products (forward x Wᵀ, ∂x = ∂y W, ∂W = ∂yᵀ x) at this batch,
+    in bf16 (torch.mm, the layouts autograd uses) and in FP8 (``torch._scaled_mm`` on operands
+    quantized beforehand, in the layouts ``fp8_training`` hands it): ms and TFLOP/s of each."""
+    block, tokens = model.blocks[0], model.pos_embed.shape[1]
+    M, rows = batch * tokens, []
+    for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        N, K = block.get_submodule(name).weight.shape
+        x, w, g = (torch.randn(*s, device=device, dtype=torch.bfloat16) for s in ((M, K), (N, K), (M, N)))
+        q = {k: to_fp8(t, tensor_scale(t, d), d) for k, t, d in (("x", x, E4M3), ("w", w, E4M3), ("g", g, E5M2))}
+        one = torch.ones((), device=device)
+        gt, xt, wt = q["g"].t().contiguous(), q["x"].t().contiguous(), q["w"].t().contiguous()
+        products = {  # name: (bf16 call, fp8 call)
+            "fwd": (lambda: torch.mm(x, w.t()), lambda: torch._scaled_mm(q["x"], q["w"].t(), one, one, out_dtype=torch.bfloat16,
+                                                                         use_fast_accum=True)),
+            "dgrad": (lambda: torch.mm(g, w), lambda: torch._scaled_mm(q["g"], wt.t(), one, one, out_dtype=torch.bfloat16)),
+            "wgrad": (lambda: torch.mm(g.t(), x), lambda: torch._scaled_mm(gt, xt.t(), one, one, out_dtype=torch.float32)),
+        }
+        for op, (bf16, fp8) in products.items():
+            row = {"layer": name, "op": op, "M": M, "N": N, "K": K, "bf16_ms": median_ms(bf16, 20, device),
+                   "fp8_ms": median_ms(fp8, 20, device)}
+            flop = 2 * M * N * K
+            row.update(bf16_tflops=flop / row["bf16_ms"] / 1e9, fp8_tflops=flop / row["fp8_ms"] / 1e9)
+            rows.append(row)
+    return rows
+
+
 def make_model(name: str, input_size: int, device: torch.device | str) -> nn.Module:
     """A class-conditional DiT on 4-channel latents ("tiny": 2 narrow blocks), every weight non-zero."""
     kwargs = {"input_size": input_size, "in_channels": 4, "num_classes": 1000}
@@ -270,6 +302,10 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     torch.manual_seed(0)
     model = make_model(name, args.input_size, device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if "fp8" in levers(variant):
+        convert_for_fp8_training(model)
+    if "bf16res" in levers(variant):  # autocast keeps x + gate·f(x) in float32; cast the blocks' input once
+        model.blocks[0].register_forward_pre_hook(lambda _, args: (args[0].to(torch.bfloat16), *args[1:]))
     params = [p for p in model.parameters() if p.requires_grad]
     tail = "tail" in levers(variant)
     if tail:  # compiled on a GPU; the CPU smoke test runs its eager form
@@ -399,7 +435,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--device", default="cuda")
     add("--quick", action="store_true", help="the rows of QUICK_TRAIN and fewer timed steps")
     add("--tiny", action="store_true", help="a 2-block model on 8×8 latents: every code path in seconds")
-    add("--parts", default="peak,sdpa,train,sample", help="comma list of peak, sdpa, train, sample")
+    add("--parts", default="peak,sdpa,train,sample", help="comma list of peak, gemm, sdpa, train, sample")
     add("--models", help="default DiT-XL/2,DiT-B/2; any of --models/--batches/--variants: their product is run")
     add("--batches", help="per-GPU batch sizes, default 32,128")
     add("--variants", help=f"of {', '.join(VARIANTS)}; default fp32,bf16,bf16+compile")
@@ -428,8 +464,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.models, args.batches, args.steps, args.sample_steps = args.models or "tiny", args.batches or "2,4", args.steps or 3, args.sample_steps or 3
     args.steps = args.steps or (10 if args.quick else 20)
     args.sample_steps = args.sample_steps or (10 if args.quick else 25)
-    if not (parts := set(args.parts.split(","))) <= {"peak", "sdpa", "train", "sample"}:
-        raise ValueError(f"--parts takes peak, sdpa, train, sample; got {args.parts!r}")
+    if not (parts := set(args.parts.split(","))) <= {"peak", "gemm", "sdpa", "train", "sample"}:
+        raise ValueError(f"--parts takes peak, gemm, sdpa, train, sample; got {args.parts!r}")
     args.parts = parts
     if args.quick and not (args.models or args.batches or args.variants):
         train = QUICK_TRAIN
@@ -441,7 +477,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for kind, _, _, variant in args.rows:
         base, extra = variant.split("+")[0], levers(variant)
         if (base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra)
-                or (base == "fp32" and "bf16w" in extra)):
+                or (base == "fp32" and extra & {"bf16w", "bf16res"})):
             raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of "
                              + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + "; e.g. " + ", ".join(VARIANTS))
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.
@@ -460,7 +496,7 @@ def main(argv=None) -> dict:
                                            "steps", "warmup", "sample_steps", "input_size")}
     res = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
                     "cuda": torch.version.cuda, "argv": sys.argv[1:] if argv is None else list(argv), "flags": flags,
-                    "issue_xl2_gflop": ISSUE_XL2_GFLOP}, "peak": {}, "flops": {}, "sdpa": [], "train": [], "sample": []}
+                    "issue_xl2_gflop": ISSUE_XL2_GFLOP}, "peak": {}, "flops": {}, "gemm": [], "sdpa": [], "train": [], "sample": []}
 
     def save() -> None:
         if args.out:
@@ -482,6 +518,16 @@ def main(argv=None) -> dict:
         del model
         issue = f" (issue: {ISSUE_XL2_GFLOP:.0f}; ratio {f['fwd_bwd_gflop_per_img'] / ISSUE_XL2_GFLOP:.3f})" if name == "DiT-XL/2" else ""
         say(f"flops {name}: fwd {f['fwd_gflop_per_img']:.1f} GFLOP/img, fwd+bwd {f['fwd_bwd_gflop_per_img']:.1f} GFLOP/img{issue}")
+    for name in sorted({r[1] for r in args.rows}) if "gemm" in args.parts and device.type == "cuda" else []:
+        model = make_model(name, args.input_size, device)
+        batch = max(r[2] for r in args.rows if r[1] == name)
+        res["gemm"] += [{"model": name, "batch": batch, **r} for r in gemm_check(model, batch, device)]
+        del model
+        rows = [r for r in res["gemm"] if r["model"] == name]
+        total = {k: sum(r[k] for r in rows) for k in ("bf16_ms", "fp8_ms")}
+        say(f"gemm {name} batch {batch}, one block's 12 products: bf16 {total['bf16_ms']:.3f} ms, fp8 {total['fp8_ms']:.3f} ms "
+            f"(×{total['bf16_ms'] / total['fp8_ms']:.2f}); " + ", ".join(
+                f"{r['layer']} {r['op']} {r['bf16_tflops']:.0f}/{r['fp8_tflops']:.0f}" for r in rows) + " TFLOP/s bf16/fp8")
     use_sdpa_backend("auto")  # the sdpa part reports PyTorch's own choice, then forces each kernel
     for name, (heads, head_dim, tokens) in shapes.items() if "sdpa" in args.parts else []:
         for dtype in (torch.bfloat16, torch.float32):

@@ -33,7 +33,7 @@ def dit_flops(tokens: int, dim: int, depth: int, in_ch: int, out_ch: int, patch:
 def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
     out = tmp_path / "bench.json"
     res = bench.main(["--device", "cpu", "--tiny", "--batches", "2", "--compile-backend", "eager", "--out", str(out),
-                      "--variants", "fp32,bf16,bf16+compile,bf16+tail",
+                      "--variants", "fp32,bf16,bf16+compile,bf16+tail,bf16+fp8+bf16res",
                       "--sample-variants", "fp32,bf16,bf16+compile,bf16+fp8+compile,bf16+bf16w+fp8"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
 
@@ -47,7 +47,7 @@ def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
         assert r["default_ops"] and isinstance(r["math"], float)
         assert all(isinstance(r[b], float) or r[b].startswith("refused") for b in bench.BACKENDS)
 
-    assert [r["variant"] for r in res["train"]] == ["fp32", "bf16", "bf16+tail", "bf16+compile"]
+    assert [r["variant"] for r in res["train"]] == ["fp32", "bf16", "bf16+tail", "bf16+fp8+bf16res", "bf16+compile"]
     for r in res["train"]:
         assert r["status"] == "ok" and r["finite"], r
         assert len(r["step_ms_all"]) == 3 and r["img_per_s"] == pytest.approx(2e3 / r["step_ms"])
@@ -75,8 +75,10 @@ def test_failing_row_is_reported_and_the_run_goes_on(bench, capsys):
 def test_unknown_variant_is_refused_at_the_boundary(bench):
     with pytest.raises(ValueError, match="unknown train variant 'bf8'"):
         bench.parse_args(["--tiny", "--variants", "bf8"])
-    with pytest.raises(ValueError, match="unknown train variant 'bf16\\+fp8'"):  # FP8 is for sampling only
-        bench.parse_args(["--tiny", "--variants", "bf16+fp8"])
+    with pytest.raises(ValueError, match="unknown train variant 'fp32\\+bf16res'"):  # a bf16 residual on an fp32 base
+        bench.parse_args(["--tiny", "--variants", "fp32+bf16res"])
+    with pytest.raises(ValueError, match="unknown sample variant 'bf16\\+bf16res'"):  # a training lever
+        bench.parse_args(["--tiny", "--sample-variants", "bf16+bf16res"])
     with pytest.raises(ValueError, match="unknown sample variant 'fp32\\+bf16w'"):  # bf16 weights on an fp32 base
         bench.parse_args(["--tiny", "--sample-variants", "fp32+bf16w"])
     with pytest.raises(ValueError, match="unknown sample variant 'bf16\\+tail'"):  # the optimizer tail is for training

@@ -368,3 +368,21 @@ def test_cosmo128_preset_trains_and_samples_seed_000_shapes(tmp_path):
     out = np.load(tmp_path / "s" / "samples.npz")["samples"]
     # One training step: the values are noise, but in physical units, densities never negative.
     assert out.shape == (2, 3, 128, 128) and not np.isnan(out).any() and (out >= 0).all()
+
+
+def test_fp8_training_follows_the_float_run_and_writes_plain_checkpoints(tmp_path):
+    """train.fp8=true (block linears' products in FP8, emulated on the CPU) against the same run in
+    float32: the losses stay within quantization noise, the checkpoint has the same keys and loads
+    into a plain model, and the run resumes."""
+    common = [*TINY, "train.steps=30", "train.log_every=5"]
+    for fp8 in ("false", "true"):
+        train(load_config("digits", overrides=[*common, f"train.fp8={fp8}"]), tmp_path / fp8, device="cpu")
+    ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
+    assert ref.keys() == got.keys()
+    assert ref != got  # FP8 did run
+    assert all(abs(got[k] - ref[k]) < 0.05 * ref[k] for k in ref), (ref, got)
+    assert got[30] < 0.8 * got[5]  # and it learns
+    a, b = final_weights(tmp_path / "false"), final_weights(tmp_path / "true")
+    assert a["model"].keys() == b["model"].keys() and a["ema"].keys() == b["ema"].keys()
+    train(load_config("digits", overrides=[*TINY, "train.steps=32", "train.fp8=true"]), tmp_path / "true", device="cpu", resume=True)
+    assert final_weights(tmp_path / "true")["step"] == 32

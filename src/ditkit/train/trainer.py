@@ -21,6 +21,7 @@ from ditkit.config import Config, ConfigError, save_config
 from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import as_pair, build_model
+from ditkit.models.fp8_training import convert_for_fp8_training
 from ditkit.objectives import build_objective
 from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -213,6 +214,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         ema.load_state_dict(state["ema"])
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing = True
+    if cfg.train.fp8:  # after the EMA copy: the EMA (and everything sampling from it) keeps the plain layers
+        convert_for_fp8_training(model)
     model.train()
     ema.eval()
     train_model = _wrap_distributed(model, cfg, info)
