@@ -17,8 +17,8 @@ one by one (each does the same work whatever its t) and EXTRAPOLATED to 250 (DDI
 matching's Euler and Heun samplers run on the same network (ms per network evaluation).  Variants are
 fp32 or bf16 (autocast) plus levers (LEVERS): +compile, +cudagraphs (compile mode reduce-overhead),
 for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.adamw_ema``), +fp8 (the
-block linears' three products in FP8, ``ditkit.models.fp8_training``) and +bf16res (a bf16 residual
-stream), for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+block linears' forward and ∂x products in FP8, ``ditkit.models.fp8_training``) and +bf16res (a bf16
+residual stream, ``train.bf16_residual``), for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
@@ -53,7 +53,7 @@ from ditkit.config import Config
 from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
 from ditkit.models.fp8 import calibrate_fp8
-from ditkit.models.fp8_training import E4M3, E5M2, convert_for_fp8_training, tensor_scale, to_fp8
+from ditkit.models.fp8_training import convert_for_fp8_training, row_scales, to_e4m3
 from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
@@ -71,8 +71,8 @@ LEVERS = {  # what each +lever adds, and where it applies
     "compile": ("train", "sample"),  # torch.compile (inductor) of the network
     "cudagraphs": ("train", "sample"),  # compile mode reduce-overhead: replayed CUDA graphs
     "tail": ("train",),  # gradient norm, AdamW and EMA in one compiled pass (ditkit.train.adamw_ema)
-    "fp8": ("train", "sample"),  # FP8 block linears: training's three products with tensorwise dynamic scales
-    # (ditkit.models.fp8_training); sampling's with static activation scales (ditkit.models.fp8)
+    "fp8": ("train", "sample"),  # FP8 block linears: in training forward and ∂x with row-wise dynamic scales
+    # (ditkit.models.fp8_training); in sampling with static activation scales (ditkit.models.fp8)
     "bf16res": ("train",),  # the residual stream (block inputs and outputs) in bf16 instead of float32
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
 }
@@ -210,25 +210,25 @@ def sdpa_check(heads: int, head_dim: int, tokens: int, batch: int, dtype: torch.
 
 def gemm_check(model: nn.Module, batch: int, device: torch.device) -> list[dict]:
     """The block linears' three training products (forward x Wᵀ, ∂x = ∂y W, ∂W = ∂yᵀ x) at this batch,
-    in bf16 (torch.mm, the layouts autograd uses) and in FP8 (``torch._scaled_mm`` on operands
-    quantized beforehand, in the layouts ``fp8_training`` hands it): ms and TFLOP/s of each."""
+    in bf16 (torch.mm, the layouts autograd uses) and in FP8 (``torch._scaled_mm`` with row-wise
+    scales on operands quantized beforehand, in the layouts the kernel needs; ``fp8_training`` runs
+    the first two): ms and TFLOP/s of each."""
     block, tokens = model.blocks[0], model.pos_embed.shape[1]
     M, rows = batch * tokens, []
     for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
         N, K = block.get_submodule(name).weight.shape
         x, w, g = (torch.randn(*s, device=device, dtype=torch.bfloat16) for s in ((M, K), (N, K), (M, N)))
-        q = {k: to_fp8(t, tensor_scale(t, d), d) for k, t, d in (("x", x, E4M3), ("w", w, E4M3), ("g", g, E5M2))}
-        one = torch.ones((), device=device)
-        gt, xt, wt = q["g"].t().contiguous(), q["x"].t().contiguous(), q["w"].t().contiguous()
-        products = {  # name: (bf16 call, fp8 call)
-            "fwd": (lambda: torch.mm(x, w.t()), lambda: torch._scaled_mm(q["x"], q["w"].t(), one, one, out_dtype=torch.bfloat16,
-                                                                         use_fast_accum=True)),
-            "dgrad": (lambda: torch.mm(g, w), lambda: torch._scaled_mm(q["g"], wt.t(), one, one, out_dtype=torch.bfloat16)),
-            "wgrad": (lambda: torch.mm(g.t(), x), lambda: torch._scaled_mm(gt, xt.t(), one, one, out_dtype=torch.float32)),
-        }
-        for op, (bf16, fp8) in products.items():
+
+        def fp8(a, b):  # a (m, k) row-major @ b (k, n) column-major, each scaled along k
+            sa, sb = row_scales(a, 1), row_scales(b, 0)
+            a8, b8 = to_e4m3(a, sa), to_e4m3(b, sb).t().contiguous().t()
+            return lambda: torch._scaled_mm(a8, b8, sa, sb, out_dtype=torch.bfloat16)
+
+        products = {"fwd": (lambda: torch.mm(x, w.t()), fp8(x, w.t())), "dgrad": (lambda: torch.mm(g, w), fp8(g, w)),
+                    "wgrad": (lambda: torch.mm(g.t(), x), fp8(g.t(), x))}
+        for op, (bf16, fp8_call) in products.items():
             row = {"layer": name, "op": op, "M": M, "N": N, "K": K, "bf16_ms": median_ms(bf16, 20, device),
-                   "fp8_ms": median_ms(fp8, 20, device)}
+                   "fp8_ms": median_ms(fp8_call, 20, device)}
             flop = 2 * M * N * K
             row.update(bf16_tflops=flop / row["bf16_ms"] / 1e9, fp8_tflops=flop / row["fp8_ms"] / 1e9)
             rows.append(row)
@@ -304,8 +304,8 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if "fp8" in levers(variant):
         convert_for_fp8_training(model)
-    if "bf16res" in levers(variant):  # autocast keeps x + gate·f(x) in float32; cast the blocks' input once
-        model.blocks[0].register_forward_pre_hook(lambda _, args: (args[0].to(torch.bfloat16), *args[1:]))
+    if "bf16res" in levers(variant):  # autocast keeps x + gate·f(x) in float32 (train.bf16_residual)
+        model.residual_dtype = torch.bfloat16
     params = [p for p in model.parameters() if p.requires_grad]
     tail = "tail" in levers(variant)
     if tail:  # compiled on a GPU; the CPU smoke test runs its eager form

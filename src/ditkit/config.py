@@ -115,7 +115,8 @@ class TrainConfig:
     distributed: str = "ddp"  # ddp | fsdp (when launched with torchrun)
     compile: bool = False
     compile_mode: str = "default"  # default | cudagraphs (torch.compile's reduce-overhead: each step's graphs replayed)
-    fp8: bool = False  # block linears' three products in FP8, tensorwise scales (ditkit.models.fp8_training)
+    fp8: bool = False  # block linears' forward and ∂x products in FP8, row-wise scales (ditkit.models.fp8_training)
+    bf16_residual: bool = False  # under bf16 autocast, the residual stream in bf16 instead of float32 (Megatron's default)
     fused_tail: bool = False  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema); slower on an H100, see README
     activation_checkpointing: bool = False
     log_every: int = 100

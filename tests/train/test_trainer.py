@@ -386,3 +386,13 @@ def test_fp8_training_follows_the_float_run_and_writes_plain_checkpoints(tmp_pat
     assert a["model"].keys() == b["model"].keys() and a["ema"].keys() == b["ema"].keys()
     train(load_config("digits", overrides=[*TINY, "train.steps=32", "train.fp8=true"]), tmp_path / "true", device="cpu", resume=True)
     assert final_weights(tmp_path / "true")["step"] == 32
+
+
+def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
+    from ditkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.bf16_residual=true needs bf16 autocast"):
+        train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.bf16_residual=true"]), tmp_path / "a", device="cpu")
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.precision=bf16", "train.bf16_residual=true"])
+    train(cfg, tmp_path / "b", device="cpu")
+    assert all(v == v for v in losses(tmp_path / "b").values())

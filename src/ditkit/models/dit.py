@@ -257,6 +257,9 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
+        # None: the residual stream takes the embedding's dtype (float32 under autocast, which keeps
+        # x + α·f(x) in float32); torch.bfloat16 halves its memory traffic (train.bf16_residual).
+        self.residual_dtype: torch.dtype | None = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -342,6 +345,8 @@ class DiT(nn.Module):
             field = self.cond.drop_field(field, self.training, force_drop_ids)  # dropped -> zeros, the null field
             x = torch.cat([x, field.to(x.dtype)], dim=1)
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        if self.residual_dtype is not None:
+            tokens = tokens.to(self.residual_dtype)
         t_emb = self.t_embedder(t)  # (B, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids) if self.num_classes > 0 else None
         p_emb = self.cond.embed_params(params, self.training, force_drop_ids)

@@ -3,26 +3,29 @@
 Each ``Float8TrainingLinear`` keeps its ``weight`` and ``bias`` Parameters (float32, same names,
 same state dict, same optimizer and EMA); only the products of a step change:
 
-    forward   y  = x Wᵀ + b       x: e4m3, W: e4m3
-    backward  ∂x = ∂y W           ∂y: e5m2, W: e4m3
+    forward   y  = x Wᵀ + b       x: e4m3, one scale per token;  W: e4m3, one per output row
+    backward  ∂x = ∂y W           ∂y: e4m3, one scale per token; W: e4m3, one per input column
               ∂W = ∂yᵀ x          in the compute dtype (bf16 under autocast), as the plain linear
 
-Why not ∂W in FP8 too: Hopper's FP8 kernel takes both operands with the reduced dimension
-contiguous, and for ∂W that dimension is the tokens, so ∂y and x would need transposed FP8 copies.
-Measured on an H100 (DiT-XL/2, batch 128) those transposes, fused by compile into the kernels
-around them, cost more than all three FP8 products saved (README, Speed).
+with s = amax(|row|) / 448 and q = round(t / s) (torchao's "rowwise" recipe).  Scales per token,
+not per tensor, because a per-tensor amax is a reduction over the whole activation that must
+finish before the cast can start: a second pass over every operand.  A row's amax is reduced in
+the same kernel that produces the row (LayerNorm, GELU and their gradients already reduce or
+hold whole rows), and the cast follows in that kernel.  Measured on an H100 (DiT-XL/2, batch 128)
+the per-tensor recipe was 8% slower than bf16 (README, Speed).
 
-Every operand is scaled per tensor from its current absolute maximum (dynamic "tensorwise"
-scaling, the recipe of torchao's float8 training): s = amax(|t|) / fp8_max, q = round(t / s).  The
-gradient uses e5m2 (range to 57344) for its wider range; activations and weights use e4m3
-(448, one more mantissa bit).  The products accumulate in float32; the forward result is the
-autocast dtype (bf16), ∂x the input's dtype, and ∂b is the float32 sum of ∂y.  The forward
+Why ∂W is not in FP8: Hopper's FP8 kernel takes both operands with the reduced dimension
+contiguous, and for ∂W that dimension is the tokens, so ∂y and x would need transposed FP8 copies;
+measured, those transposes cost more than the FP8 products saved.
+
+The products accumulate in float32 and return bf16 (the row-wise kernel's result), cast to the
+autocast dtype for y and to the input's dtype for ∂x; ∂b is the float32 sum of ∂y.  The forward
 product uses the tensor cores' fast accumulation, ∂x does not (as torchao).
 
 On a GPU with FP8 tensor cores (compute capability ≥ 8.9) each product is one ``torch._scaled_mm``;
 elsewhere the same quantized operands are multiplied in float32 (an emulation with identical
 rounding of the operands, which the CPU tests check against a direct computation).  Under
-``torch.compile`` the amax reductions and the casts are fused into the kernels around them.
+``torch.compile`` the row amaxes and the casts are fused into the kernels around them.
 
 Only the block linears (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``) are converted, and only
 where both sizes are multiples of 16 (the FP8 kernel's requirement); a call whose token count is
@@ -31,54 +34,39 @@ its checkpoints are unchanged, so the EMA and any sampler use the ordinary layer
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.models.fp8 import BLOCK_LINEARS, fp8_matmul_supported
+from ditkit.models.fp8 import BLOCK_LINEARS, fp8_matmul_supported, scaled_mm_takes_bias
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-
-
-def tensor_scale(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float32 scalar s with t ≈ s · q, q in ``dtype``: amax(|t|) / the dtype's largest value."""
-    return t.detach().abs().amax().float().clamp_min(1e-12) / torch.finfo(dtype).max
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 
 
-def to_fp8(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    fmax = torch.finfo(dtype).max
-    return (t.float() / scale).clamp(-fmax, fmax).to(dtype)
+def row_scales(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Float32 scales s with t ≈ s · q, q in e4m3: amax(|t|) along ``dim`` (kept) / 448."""
+    return t.detach().abs().amax(dim=dim, keepdim=True).float().clamp_min(1e-12) / E4M3_MAX
 
 
-@functools.cache
-def scaled_mm_takes_tensorwise_bias(device: torch.device) -> bool:
-    """Whether this torch/GPU adds a bf16 bias inside the tensorwise-scaled FP8 product."""
-    if not fp8_matmul_supported(device):
-        return False
-    a = torch.ones(16, 16, device=device).to(E4M3)
-    one = torch.ones((), device=device)
-    bias = torch.arange(16, device=device, dtype=torch.bfloat16)
-    try:
-        y = torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16)
-    except RuntimeError:
-        return False
-    return bool(torch.equal(y.float(), 16 + bias.float().expand(16, 16)))
+def to_e4m3(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
            fast_accum: bool, bias: torch.Tensor | None = None, bias_in_gemm: bool = False) -> torch.Tensor:
-    """sa·sb · (a @ b) (+ bias) for FP8 a (M, K) row-major and b (K, N) column-major.  ``bias_in_gemm``:
-    the kernel adds a bf16 bias itself (``scaled_mm_takes_tensorwise_bias``, probed outside compiled code)."""
+    """(sa ⊙ a) @ (b ⊙ sb) (+ bias) for e4m3 a (M, K) row-major with row scales sa (M, 1) and b (K, N)
+    column-major with column scales sb (1, N).  ``bias_in_gemm``: the kernel adds a bf16 bias itself
+    (``fp8.scaled_mm_takes_bias``, probed outside compiled code)."""
     if fp8_matmul_supported(a.device):
-        # The bias in the kernel's epilogue where it takes one (bf16 results): a separate add after the
-        # qkv product would make compile write q, k and v out a second time.
-        in_gemm = bias is not None and out_dtype == torch.bfloat16 and bias_in_gemm
-        y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias.to(out_dtype) if in_gemm else None,
-                             out_dtype=out_dtype, use_fast_accum=fast_accum)
-        return y if bias is None or in_gemm else y + bias.to(out_dtype)
-    y = (a.float() @ b.float()) * (sa * sb)
+        # Row-wise scales need a bf16 result.  The bias in the kernel's epilogue where it takes one: a
+        # separate add after the qkv product would make compile write q, k and v out a second time.
+        in_gemm = bias is not None and bias_in_gemm
+        y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias.to(torch.bfloat16) if in_gemm else None,
+                             out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+        y = y if bias is None or in_gemm else y + bias.to(y.dtype)
+        return y.to(out_dtype)
+    y = (a.float() * sa) @ (b.float() * sb)
     return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
@@ -86,19 +74,19 @@ class _Float8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                 bias_in_gemm: bool):
-        sx, sw = tensor_scale(x2, E4M3), tensor_scale(weight, E4M3)
-        xq, wq = to_fp8(x2, sx, E4M3), to_fp8(weight, sw, E4M3)
-        y = fp8_mm(xq, sx, wq.t(), sw, out_dtype, fast_accum=True, bias=bias, bias_in_gemm=bias_in_gemm)  # (M, K)(K, N)
-        ctx.save_for_backward(x2.to(out_dtype), wq, sw)  # x as the plain linear saves it, for ∂W
+        sx, sw = row_scales(x2, 1), row_scales(weight, 1)  # (M, 1) per token, (N, 1) per output
+        y = fp8_mm(to_e4m3(x2, sx), sx, to_e4m3(weight, sw).t(), sw.t(), out_dtype, fast_accum=True,
+                   bias=bias, bias_in_gemm=bias_in_gemm)  # (M, K)(K, N)
+        ctx.save_for_backward(x2.to(out_dtype), weight)  # x as the plain linear saves it, for ∂W
         ctx.x_dtype, ctx.has_bias = x2.dtype, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        x2, wq, sw = ctx.saved_tensors
-        sg = tensor_scale(gy, E5M2)
-        gq = to_fp8(gy, sg, E5M2)
-        gx = fp8_mm(gq, sg, wq.t().contiguous().t(), sw, ctx.x_dtype, fast_accum=False)  # (M, N)(N, K)
+        x2, weight = ctx.saved_tensors
+        sg, sw = row_scales(gy, 1), row_scales(weight, 0)  # (M, 1) per token, (1, K) per input feature
+        wq = to_e4m3(weight, sw).t().contiguous().t()  # (N, K) column-major: the kernel's layout for b
+        gx = fp8_mm(to_e4m3(gy, sg), sg, wq, sw, ctx.x_dtype, fast_accum=False)  # (M, N)(N, K)
         gw = (gy.t() @ x2).float()  # (N, M)(M, K) in the compute dtype, as the plain linear
         gb = gy.float().sum(0) if ctx.has_bias else None
         return gx, gw, gb, None, None
@@ -134,7 +122,7 @@ def convert_for_fp8_training(model: nn.Module, names: tuple[str, ...] = BLOCK_LI
         if (type(m) is nn.Linear and (name in names or name.endswith(tuple("." + s for s in names)))
                 and m.in_features % 16 == 0 and m.out_features % 16 == 0):
             m.__class__ = Float8TrainingLinear
-            m.bias_in_gemm = m.bias is not None and scaled_mm_takes_tensorwise_bias(m.weight.device)
+            m.bias_in_gemm = m.bias is not None and scaled_mm_takes_bias(m.weight.device)
             n += 1
     return n
 

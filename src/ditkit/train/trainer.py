@@ -214,6 +214,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         ema.load_state_dict(state["ema"])
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing = True
+    amp_dtype = autocast_dtype(cfg.train.precision, dev)
+    if cfg.train.bf16_residual:
+        if amp_dtype != torch.bfloat16:
+            raise ConfigError("train.bf16_residual=true needs bf16 autocast: train.precision=bf16 (or auto on a GPU)")
+        model.residual_dtype = torch.bfloat16  # the EMA, copied above, samples with the float32 stream
     if cfg.train.fp8:  # after the EMA copy: the EMA (and everything sampling from it) keeps the plain layers
         convert_for_fp8_training(model)
     model.train()
@@ -223,7 +228,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     params = [p for p in train_model.parameters() if p.requires_grad]
     opt = _make_optimizer(train_model, ema, cfg, dev)
     fused_tail = isinstance(opt, AdamWEMA)
-    amp_dtype = autocast_dtype(cfg.train.precision, dev)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     if state is not None:
         _load_optimizer_state(train_model, opt, state["opt"], cfg, info)
