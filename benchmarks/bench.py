@@ -221,7 +221,7 @@ def gemm_check(model: nn.Module, batch: int, device: torch.device) -> list[dict]
 
         def fp8(a, b):  # a (m, k) row-major @ b (k, n) column-major, each scaled along k
             sa, sb = row_scales(a, 1), row_scales(b, 0)
-            a8, b8 = to_e4m3(a, sa), to_e4m3(b, sb).t().contiguous().t()
+            a8, b8 = to_e4m3(a, sa).contiguous(), to_e4m3(b, sb).t().contiguous().t()
             return lambda: torch._scaled_mm(a8, b8, sa, sb, out_dtype=torch.bfloat16)
 
         products = {"fwd": (lambda: torch.mm(x, w.t()), fp8(x, w.t())), "dgrad": (lambda: torch.mm(g, w), fp8(g, w)),

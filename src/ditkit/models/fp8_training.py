@@ -62,7 +62,7 @@ def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
         # Row-wise scales need a bf16 result.  The bias in the kernel's epilogue where it takes one: a
         # separate add after the qkv product would make compile write q, k and v out a second time.
         in_gemm = bias is not None and bias_in_gemm
-        y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias.to(torch.bfloat16) if in_gemm else None,
+        y = torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, bias=bias.to(torch.bfloat16) if in_gemm else None,
                              out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
         y = y if bias is None or in_gemm else y + bias.to(y.dtype)
         return y.to(out_dtype)
