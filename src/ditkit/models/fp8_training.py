@@ -77,16 +77,19 @@ class _Float8Linear(torch.autograd.Function):
         sx, sw = row_scales(x2, 1), row_scales(weight, 1)  # (M, 1) per token, (N, 1) per output
         y = fp8_mm(to_e4m3(x2, sx), sx, to_e4m3(weight, sw).t(), sw.t(), out_dtype, fast_accum=True,
                    bias=bias, bias_in_gemm=bias_in_gemm)  # (M, K)(K, N)
-        ctx.save_for_backward(x2.to(out_dtype), weight)  # x as the plain linear saves it, for ∂W
+        # For ∂x, W scaled per input column, (N, K) column-major: the kernel's layout for b.  Derived
+        # tensors only: saving the weight Parameter itself lost ∂W under compile on a GPU (torch 2.11).
+        sw_cols = row_scales(weight, 0)  # (1, K)
+        wq_cols = to_e4m3(weight, sw_cols).t().contiguous().t()
+        ctx.save_for_backward(x2.to(out_dtype), wq_cols, sw_cols)  # x as the plain linear saves it, for ∂W
         ctx.x_dtype, ctx.has_bias = x2.dtype, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        x2, weight = ctx.saved_tensors
-        sg, sw = row_scales(gy, 1), row_scales(weight, 0)  # (M, 1) per token, (1, K) per input feature
-        wq = to_e4m3(weight, sw).t().contiguous().t()  # (N, K) column-major: the kernel's layout for b
-        gx = fp8_mm(to_e4m3(gy, sg), sg, wq, sw, ctx.x_dtype, fast_accum=False)  # (M, N)(N, K)
+        x2, wq_cols, sw_cols = ctx.saved_tensors
+        sg = row_scales(gy, 1)  # (M, 1) per token
+        gx = fp8_mm(to_e4m3(gy, sg), sg, wq_cols, sw_cols, ctx.x_dtype, fast_accum=False)  # (M, N)(N, K)
         gw = (gy.t() @ x2).float()  # (N, M)(M, K) in the compute dtype, as the plain linear
         gb = gy.float().sum(0) if ctx.has_bias else None
         return gx, gw, gb, None, None
