@@ -77,8 +77,7 @@ class _Float8Linear(torch.autograd.Function):
         sx, sw = row_scales(x2, 1), row_scales(weight, 1)  # (M, 1) per token, (N, 1) per output
         y = fp8_mm(to_e4m3(x2, sx), sx, to_e4m3(weight, sw).t(), sw.t(), out_dtype, fast_accum=True,
                    bias=bias, bias_in_gemm=bias_in_gemm)  # (M, K)(K, N)
-        # For ∂x, W scaled per input column, (N, K) column-major: the kernel's layout for b.  Derived
-        # tensors only: saving the weight Parameter itself lost ∂W under compile on a GPU (torch 2.11).
+        # For ∂x, W scaled per input column, (N, K) column-major: the kernel's layout for b.
         sw_cols = row_scales(weight, 0)  # (1, K)
         wq_cols = to_e4m3(weight, sw_cols).t().contiguous().t()
         ctx.save_for_backward(x2.to(out_dtype), wq_cols, sw_cols)  # x as the plain linear saves it, for ∂W
@@ -107,8 +106,9 @@ class Float8TrainingLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         autocast = torch.is_autocast_enabled(x.device.type)
         out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            y = _Float8Linear.apply(x2, self.weight, self.bias, out_dtype, self.bias_in_gemm)
+        # No autocast-disabling context around apply (none of the Function's ops is autocast's):
+        # under compile on a GPU such a context lost ∂x and ∂W (torch 2.11; benchmarks/fp8_training_check.py).
+        y = _Float8Linear.apply(x2, self.weight, self.bias, out_dtype, self.bias_in_gemm)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
