@@ -52,8 +52,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditkit.config import Config
 from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
-from ditkit.models.fp8 import calibrate_fp8
-from ditkit.models.fp8_training import convert_for_fp8_training, row_scales, to_e4m3
+from ditkit.models.fp8 import amax_scales, calibrate_fp8, quantize
+from ditkit.models.fp8_training import convert_for_fp8_training
 from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
@@ -220,8 +220,8 @@ def gemm_check(model: nn.Module, batch: int, device: torch.device) -> list[dict]
         x, w, g = (torch.randn(*s, device=device, dtype=torch.bfloat16) for s in ((M, K), (N, K), (M, N)))
 
         def fp8(a, b):  # a (m, k) row-major @ b (k, n) column-major, each scaled along k
-            sa, sb = row_scales(a, 1), row_scales(b, 0)
-            a8, b8 = to_e4m3(a, sa).contiguous(), to_e4m3(b, sb).t().contiguous().t()
+            sa, sb = amax_scales(a, 1), amax_scales(b, 0)
+            a8, b8 = quantize(a, sa).contiguous(), quantize(b, sb).t().contiguous().t()
             return lambda: torch._scaled_mm(a8, b8, sa, sb, out_dtype=torch.bfloat16)
 
         products = {"fwd": (lambda: torch.mm(x, w.t()), fp8(x, w.t())), "dgrad": (lambda: torch.mm(g, w), fp8(g, w)),

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ditkit.models.dit import build_model
-from ditkit.models.fp8_training import E4M3, Float8TrainingLinear, convert_for_fp8_training, revert_fp8_training
+from ditkit.models.fp8 import FP8
+from ditkit.models.fp8_training import Float8TrainingLinear, convert_for_fp8_training, revert_fp8_training
 
 G = torch.Generator().manual_seed(0)
 
@@ -15,7 +16,7 @@ G = torch.Generator().manual_seed(0)
 def _dequant(t: torch.Tensor, dim: int) -> torch.Tensor:
     """t rounded to e4m3 after scaling each slice along ``dim`` to the full range (±448), in float64."""
     s = t.detach().abs().amax(dim, keepdim=True).double() / 448
-    return (t.double() / s).to(E4M3).double() * s
+    return (t.double() / s).to(FP8).double() * s
 
 
 def _layer(i=96, o=160):

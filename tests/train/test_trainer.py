@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit.config import load_config
+from ditkit.config import ConfigError, load_config
 from ditkit.train.checkpoint import load_checkpoint
 from ditkit.train.ema import ema_decay_at
 from ditkit.train.trainer import TrainingStopped, lr_at, train
@@ -389,8 +389,6 @@ def test_fp8_training_follows_the_float_run_and_writes_plain_checkpoints(tmp_pat
 
 
 def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
-    from ditkit.config import ConfigError
-
     with pytest.raises(ConfigError, match="train.bf16_residual=true needs bf16 autocast"):
         train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.bf16_residual=true"]), tmp_path / "a", device="cpu")
     cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.precision=bf16", "train.bf16_residual=true"])
@@ -399,7 +397,5 @@ def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
 
 
 def test_fp8_training_with_compile_is_refused_by_name():
-    from ditkit.config import ConfigError
-
     with pytest.raises(ConfigError, match="train.fp8"):
         load_config("digits", overrides=["train.fp8=true", "train.compile=true"])

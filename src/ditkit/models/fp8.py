@@ -41,10 +41,24 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def amax_scales(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Float32 scales s = max |x| / 448 along ``dim`` (kept), so that x / s fills e4m3's range."""
+    return x.detach().abs().amax(dim=dim, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> (q (M, K) float8_e4m3fn, scale (M, 1) float32) with x ≈ q · scale per row."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    scale = amax_scales(x, -1)
     return quantize(x, scale), scale
+
+
+def block_linears(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` layers whose qualified name ends with one of ``names`` (whole components:
+    ``attn.proj`` is not ``cross_attn.proj``) and whose sizes are multiples of 16, the FP8
+    tensor-core kernel's requirement."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (name in names or name.endswith(tuple("." + n for n in names)))
+            and m.in_features % 16 == 0 and m.out_features % 16 == 0]
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
@@ -135,9 +149,7 @@ def convert_to_fp8(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, fas
     after moving it to its device and dtype: ``.to(dtype)`` afterwards would cast the FP8 weights.
     The calibrated ``static`` flag is a Python attribute, not saved in a state dict: calibrate
     after loading."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and (name in names or name.endswith(tuple("." + n for n in names)))
-               and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    targets = block_linears(model, names)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, Float8Linear.from_linear(linear, fast_accum))

@@ -38,19 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.models.fp8 import BLOCK_LINEARS, fp8_matmul_supported, scaled_mm_takes_bias
-
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
-
-
-def row_scales(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Float32 scales s with t ≈ s · q, q in e4m3: amax(|t|) along ``dim`` (kept) / 448."""
-    return t.detach().abs().amax(dim=dim, keepdim=True).float().clamp_min(1e-12) / E4M3_MAX
-
-
-def to_e4m3(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+from ditkit.models.fp8 import BLOCK_LINEARS, amax_scales, block_linears, fp8_matmul_supported, quantize, scaled_mm_takes_bias
 
 
 def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
@@ -74,12 +62,12 @@ class _Float8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                 bias_in_gemm: bool):
-        sx, sw = row_scales(x2, 1), row_scales(weight, 1)  # (M, 1) per token, (N, 1) per output
-        y = fp8_mm(to_e4m3(x2, sx), sx, to_e4m3(weight, sw).t(), sw.t(), out_dtype, fast_accum=True,
+        sx, sw = amax_scales(x2, 1), amax_scales(weight, 1)  # (M, 1) per token, (N, 1) per output
+        y = fp8_mm(quantize(x2, sx), sx, quantize(weight, sw).t(), sw.t(), out_dtype, fast_accum=True,
                    bias=bias, bias_in_gemm=bias_in_gemm)  # (M, K)(K, N)
         # For ∂x, W scaled per input column, (N, K) column-major: the kernel's layout for b.
-        sw_cols = row_scales(weight, 0)  # (1, K)
-        wq_cols = to_e4m3(weight, sw_cols).t().contiguous().t()
+        sw_cols = amax_scales(weight, 0)  # (1, K)
+        wq_cols = quantize(weight, sw_cols).t().contiguous().t()
         ctx.save_for_backward(x2.to(out_dtype), wq_cols, sw_cols)  # x as the plain linear saves it, for ∂W
         ctx.x_dtype, ctx.has_bias = x2.dtype, bias is not None
         return y
@@ -87,15 +75,15 @@ class _Float8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         x2, wq_cols, sw_cols = ctx.saved_tensors
-        sg = row_scales(gy, 1)  # (M, 1) per token
-        gx = fp8_mm(to_e4m3(gy, sg), sg, wq_cols, sw_cols, ctx.x_dtype, fast_accum=False)  # (M, N)(N, K)
+        sg = amax_scales(gy, 1)  # (M, 1) per token
+        gx = fp8_mm(quantize(gy, sg), sg, wq_cols, sw_cols, ctx.x_dtype, fast_accum=False)  # (M, N)(N, K)
         gw = (gy.t() @ x2).float()  # (N, M)(M, K) in the compute dtype, as the plain linear
         gb = gy.float().sum(0) if ctx.has_bias else None
         return gx, gw, gb, None, None
 
 
 class Float8TrainingLinear(nn.Linear):
-    """An ``nn.Linear`` whose three training products run in FP8 (see the module docstring)."""
+    """An ``nn.Linear`` whose forward and ∂x products run in FP8 (see the module docstring)."""
 
     bias_in_gemm = False  # set by convert_for_fp8_training for the device the weights are on
 
@@ -106,13 +94,11 @@ class Float8TrainingLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         autocast = torch.is_autocast_enabled(x.device.type)
         out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        # No autocast-disabling context around apply (none of the Function's ops is autocast's):
-        # under compile on a GPU such a context lost ∂x and ∂W (torch 2.11; benchmarks/fp8_training_check.py).
         y = _Float8Linear.apply(x2, self.weight, self.bias, out_dtype, self.bias_in_gemm)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", fp8 training (e4m3 forward, e5m2 gradients, tensorwise scales)"
+        return super().extra_repr() + ", fp8 training (e4m3 forward and ∂x, row-wise scales; ∂W unquantized)"
 
 
 def convert_for_fp8_training(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS) -> int:
@@ -120,14 +106,11 @@ def convert_for_fp8_training(model: nn.Module, names: tuple[str, ...] = BLOCK_LI
     sizes are multiples of 16) into a ``Float8TrainingLinear``; returns how many.  The Parameters
     are kept (same objects), so an optimizer built before or after sees the same tensors.  Convert
     after moving the model to its device: whether the kernel adds the bias is probed there."""
-    n = 0
-    for name, m in model.named_modules():
-        if (type(m) is nn.Linear and (name in names or name.endswith(tuple("." + s for s in names)))
-                and m.in_features % 16 == 0 and m.out_features % 16 == 0):
-            m.__class__ = Float8TrainingLinear
-            m.bias_in_gemm = m.bias is not None and scaled_mm_takes_bias(m.weight.device)
-            n += 1
-    return n
+    targets = [m for _, m in block_linears(model, names) if type(m) is nn.Linear]  # not those converted already
+    for m in targets:
+        m.__class__ = Float8TrainingLinear
+        m.bias_in_gemm = m.bias is not None and scaled_mm_takes_bias(m.weight.device)
+    return len(targets)
 
 
 def revert_fp8_training(model: nn.Module) -> int:
