@@ -477,8 +477,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for kind, _, _, variant in args.rows:
         base, extra = variant.split("+")[0], levers(variant)
         if (base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra)
-                or (base == "fp32" and extra & {"bf16w", "bf16res"})
-                or (kind == "train" and "fp8" in extra and compiled(variant))):  # train.fp8 is eager only (config.py)
+                or (base == "fp32" and extra & {"bf16w", "bf16res"})):
             raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of "
                              + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + "; e.g. " + ", ".join(VARIANTS))
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.

@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/fp8_training_check.py [--model DiT-S/2] [--batch 16]
 
 One training loss and its gradients on random latents and labels, under bf16 autocast: the bf16
-network eager is the reference; FP8 eager, FP8 compiled, and FP8 compiled with a bf16 residual
+network eager is the reference, bf16 compiled the control; FP8 eager, FP8 compiled, and FP8 compiled with a bf16 residual
 stream (also with CUDA graphs, on a GPU) are compared with it (relative L2 error of the loss and of each parameter group's
 gradient).  Errors of a few percent are FP8 rounding; a gradient error near 100% means a product
 is wrong or missing.  Also runs on the CPU (FP8 emulated): --device cpu.
@@ -50,6 +50,8 @@ def main() -> None:
     x = torch.randn(args.batch, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     ref_loss, ref = step(model, model, x, y, device)
+    # The control: bf16 compiled, no FP8 (how far compilation alone moves the gradients).
+    control = step(model, torch.compile(model), x, y, device)
     convert_for_fp8_training(model)
     runs = {"fp8 eager": (model, None), "fp8 compiled": (torch.compile(model), None),
             "fp8 compiled + bf16 residual": (torch.compile(model), torch.bfloat16),
@@ -57,9 +59,10 @@ def main() -> None:
     print(f"{args.model} batch {args.batch} on {device}: bf16 eager loss {ref_loss:.6f}")
     print("| run | loss rel err | " + " | ".join(GROUPS) + " |")
     print("|---" * (len(GROUPS) + 2) + "|")
-    for name, (net, residual) in runs.items() if device.type == "cuda" else list(runs.items())[:3]:
+    for name, (net, residual) in [("bf16 compiled (control)", (None, None)),
+                                  *(runs.items() if device.type == "cuda" else list(runs.items())[:3])]:
         model.residual_dtype = residual
-        loss, grads = step(model, net, x, y, device)
+        loss, grads = step(model, net, x, y, device) if net is not None else control
         errs = [((grads[g] - ref[g]).norm() / ref[g].norm()).item() for g in GROUPS]
         print(f"| {name} | {abs(loss - ref_loss) / abs(ref_loss):.2e} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
     model.residual_dtype = None

@@ -77,8 +77,6 @@ def test_unknown_variant_is_refused_at_the_boundary(bench):
         bench.parse_args(["--tiny", "--variants", "bf8"])
     with pytest.raises(ValueError, match="unknown train variant 'fp32\\+bf16res'"):  # a bf16 residual on an fp32 base
         bench.parse_args(["--tiny", "--variants", "fp32+bf16res"])
-    with pytest.raises(ValueError, match="unknown train variant 'bf16\\+compile\\+fp8'"):  # FP8 training is eager only
-        bench.parse_args(["--tiny", "--variants", "bf16+compile+fp8"])
     with pytest.raises(ValueError, match="unknown sample variant 'bf16\\+bf16res'"):  # a training lever
         bench.parse_args(["--tiny", "--sample-variants", "bf16+bf16res"])
     with pytest.raises(ValueError, match="unknown sample variant 'fp32\\+bf16w'"):  # bf16 weights on an fp32 base

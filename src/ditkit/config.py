@@ -115,7 +115,7 @@ class TrainConfig:
     distributed: str = "ddp"  # ddp | fsdp (when launched with torchrun)
     compile: bool = False
     compile_mode: str = "default"  # default | cudagraphs (torch.compile's reduce-overhead: each step's graphs replayed)
-    fp8: bool = False  # block linears' forward and ∂x products in FP8, row-wise scales (ditkit.models.fp8_training); eager only
+    fp8: bool = False  # block linears' forward and ∂x products in FP8, row-wise scales (ditkit.models.fp8_training)
     bf16_residual: bool = False  # under bf16 autocast, the residual stream in bf16 instead of float32 (Megatron's default)
     fused_tail: bool = False  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema); slower on an H100, see README
     activation_checkpointing: bool = False
@@ -168,9 +168,6 @@ class Config:
             (self.train.compile_mode in ("default", "cudagraphs"), "train.compile_mode", "default or cudagraphs"),
             (self.train.compile or self.train.compile_mode == "default", "train.compile_mode",
              "default unless train.compile=true (CUDA graphs come with compilation)"),
-            (not (self.train.fp8 and self.train.compile), "train.fp8",
-             "false with train.compile=true: compiled under CUDA autocast, torch 2.11 lost the FP8 layers' "
-             "gradients (benchmarks/fp8_training_check.py); FP8 training runs eager for now"),
             (self.sample.precision in PRECISIONS, "sample.precision", f"one of {', '.join(PRECISIONS)}"),
             (self.sample.compile in COMPILE_MODES, "sample.compile", f"one of {', '.join(COMPILE_MODES)}"),
             (self.train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),

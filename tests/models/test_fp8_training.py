@@ -116,3 +116,25 @@ def test_gradient_scale_far_from_one_keeps_its_precision(scale):
     exact = gy.double() @ f8.weight.double()
     rel = (x.grad.double() / scale - exact).norm() / exact.norm()
     assert rel < 0.05, rel
+
+
+def test_compiled_layer_under_autocast_has_the_eager_gradients():
+    """The layer's product is a torch.library operator with its backward registered: traced by
+    torch.compile (AOTAutograd, as inductor sees it) under bf16 autocast, the output and the
+    gradients of x, W and b are those of the eager layer."""
+    _, f8 = _layer()
+    x = torch.randn(2, 16, 96, generator=G)
+    gy = torch.randn(2, 16, 160, generator=G)
+
+    def run(layer):
+        f8.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+        y.backward(gy.to(y.dtype))
+        return y, xi.grad, f8.weight.grad, f8.bias.grad
+
+    torch._dynamo.reset()
+    for ref, got in zip(run(f8), run(torch.compile(f8, backend="aot_eager", fullgraph=True))):
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)

@@ -394,8 +394,3 @@ def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
     cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.precision=bf16", "train.bf16_residual=true"])
     train(cfg, tmp_path / "b", device="cpu")
     assert all(v == v for v in losses(tmp_path / "b").values())
-
-
-def test_fp8_training_with_compile_is_refused_by_name():
-    with pytest.raises(ConfigError, match="train.fp8"):
-        load_config("digits", overrides=["train.fp8=true", "train.compile=true"])

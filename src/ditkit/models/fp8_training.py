@@ -54,32 +54,49 @@ def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                              out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
         y = y if bias is None or in_gemm else y + bias.to(y.dtype)
         return y.to(out_dtype)
-    y = (a.float() * sa) @ (b.float() * sb)
+    with torch.autocast(a.device.type, enabled=False):  # the emulation multiplies in float32, autocast or not
+        y = (a.float() * sa) @ (b.float() * sb)
     return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
-class _Float8Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                bias_in_gemm: bool):
-        sx, sw = amax_scales(x2, 1), amax_scales(weight, 1)  # (M, 1) per token, (N, 1) per output
-        y = fp8_mm(quantize(x2, sx), sx, quantize(weight, sw).t(), sw.t(), out_dtype, fast_accum=True,
-                   bias=bias, bias_in_gemm=bias_in_gemm)  # (M, K)(K, N)
-        # For ∂x, W scaled per input column, (N, K) column-major: the kernel's layout for b.
-        sw_cols = amax_scales(weight, 0)  # (1, K)
-        wq_cols = quantize(weight, sw_cols).t().contiguous().t()
-        ctx.save_for_backward(x2.to(out_dtype), wq_cols, sw_cols)  # x as the plain linear saves it, for ∂W
-        ctx.x_dtype, ctx.has_bias = x2.dtype, bias is not None
-        return y
+# The forward product is an operator of its own whose backward is registered with it.  As an
+# autograd.Function, compiled under CUDA autocast (torch 2.11), ∂x and ∂W came back zero
+# (benchmarks/fp8_training_check.py).  The operator takes x and W only to carry their gradients;
+# it multiplies the quantized copies it is given, which are computed outside it, in traced code,
+# so that torch.compile fuses each row's amax and cast into the kernel that produces the row.
+# The backward below is traced too: ∂y's quantization fuses with the kernel producing ∂y.
+@torch.library.custom_op("ditkit::fp8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor xq, Tensor sx, Tensor wq, Tensor sw, "
+                                "bool bias_in_gemm) -> Tensor")
+def _fp8_linear(x, weight, bias, xq, sx, wq, sw, bias_in_gemm):
+    """y (M, N) = (sx ⊙ xq) (wq ⊙ sw)ᵀ + bias in x's dtype: xq (M, K) and wq (N, K) e4m3 with scales sx (M, 1)
+    per token and sw (N, 1) per output."""
+    return fp8_mm(xq, sx, wq.t(), sw.t(), x.dtype, fast_accum=True, bias=bias, bias_in_gemm=bias_in_gemm)
 
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):
-        x2, wq_cols, sw_cols = ctx.saved_tensors
-        sg = amax_scales(gy, 1)  # (M, 1) per token
-        gx = fp8_mm(quantize(gy, sg), sg, wq_cols, sw_cols, ctx.x_dtype, fast_accum=False)  # (M, N)(N, K)
-        gw = (gy.t() @ x2).float()  # (N, M)(M, K) in the compute dtype, as the plain linear
-        gb = gy.float().sum(0) if ctx.has_bias else None
-        return gx, gw, gb, None, None
+
+@_fp8_linear.register_fake
+def _(x, weight, bias, xq, sx, wq, sw, bias_in_gemm):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs[:3]
+    ctx.save_for_backward(x, weight)  # x in the compute dtype, as the plain linear saves it, for ∂W
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, gy):
+    x, weight = ctx.saved_tensors
+    sg = amax_scales(gy, 1)  # (M, 1) per token
+    sw_cols = amax_scales(weight, 0)  # (1, K): W scaled per input column, (N, K) column-major, the kernel's layout for b
+    wq_cols = quantize(weight.detach(), sw_cols).t().contiguous().t()
+    gx = fp8_mm(quantize(gy, sg), sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
+    gw = (gy.t() @ x).to(weight.dtype)  # (N, M)(M, K) in the compute dtype, as the plain linear
+    gb = gy.float().sum(0) if ctx.has_bias else None
+    return gx, gw, gb, None, None, None, None, None
+
+
+_fp8_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 class Float8TrainingLinear(nn.Linear):
@@ -93,32 +110,44 @@ class Float8TrainingLinear(nn.Linear):
         if x2.shape[0] % 16:  # the FP8 kernel needs every size a multiple of 16
             return F.linear(x, self.weight, self.bias)
         autocast = torch.is_autocast_enabled(x.device.type)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        y = _Float8Linear.apply(x2, self.weight, self.bias, out_dtype, self.bias_in_gemm)
+        x2 = x2.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)  # the compute dtype
+        sx, sw = amax_scales(x2, 1), amax_scales(self.weight, 1)  # (M, 1) per token, (N, 1) per output
+        xq, wq = quantize(x2.detach(), sx), quantize(self.weight.detach(), sw)
+        y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fp8 training (e4m3 forward and ∂x, row-wise scales; ∂W unquantized)"
 
 
+def _sharing(cls: type[nn.Linear], lin: nn.Linear) -> nn.Linear:
+    """A ``cls`` holding the same Parameter objects as ``lin`` (nothing copied)."""
+    new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+    new.weight, new.bias = lin.weight, lin.bias
+    return new.train(lin.training)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
 def convert_for_fp8_training(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS) -> int:
-    """Turn, in place, every ``nn.Linear`` whose qualified name ends with one of ``names`` (and whose
-    sizes are multiples of 16) into a ``Float8TrainingLinear``; returns how many.  The Parameters
-    are kept (same objects), so an optimizer built before or after sees the same tensors.  Convert
-    after moving the model to its device: whether the kernel adds the bias is probed there."""
-    targets = [m for _, m in block_linears(model, names) if type(m) is nn.Linear]  # not those converted already
-    for m in targets:
-        m.__class__ = Float8TrainingLinear
-        m.bias_in_gemm = m.bias is not None and scaled_mm_takes_bias(m.weight.device)
+    """Replace every ``nn.Linear`` whose qualified name ends with one of ``names`` (and whose sizes are
+    multiples of 16) by a ``Float8TrainingLinear`` holding the same Parameters; returns how many.
+    The Parameters are the same objects, so an optimizer built before or after sees the same tensors.
+    Convert after moving the model to its device: whether the kernel adds the bias is probed there."""
+    targets = [(n, m) for n, m in block_linears(model, names) if type(m) is nn.Linear]  # not those converted already
+    for name, m in targets:
+        new = _sharing(Float8TrainingLinear, m)
+        new.bias_in_gemm = m.bias is not None and scaled_mm_takes_bias(m.weight.device)
+        _replace(model, name, new)
     return len(targets)
 
 
 def revert_fp8_training(model: nn.Module) -> int:
-    """Undo ``convert_for_fp8_training`` (plain ``nn.Linear`` again); returns how many."""
-    n = 0
-    for m in model.modules():
-        if type(m) is Float8TrainingLinear:
-            m.__class__ = nn.Linear
-            vars(m).pop("bias_in_gemm", None)
-            n += 1
-    return n
+    """Undo ``convert_for_fp8_training`` (plain ``nn.Linear`` again, same Parameters); returns how many."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is Float8TrainingLinear]
+    for name, m in targets:
+        _replace(model, name, _sharing(nn.Linear, m))
+    return len(targets)
