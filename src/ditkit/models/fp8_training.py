@@ -67,33 +67,44 @@ def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
 # The backward below is traced too: ∂y's quantization fuses with the kernel producing ∂y.
 @torch.library.custom_op("ditkit::fp8_linear", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias, Tensor xq, Tensor sx, Tensor wq, Tensor sw, "
-                                "bool bias_in_gemm) -> Tensor")
-def _fp8_linear(x, weight, bias, xq, sx, wq, sw, bias_in_gemm):
+                                "bool bias_in_gemm, bool fp8_dgrad) -> Tensor")
+def _fp8_linear(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, fp8_dgrad):
     """y (M, N) = (sx ⊙ xq) (wq ⊙ sw)ᵀ + bias in x's dtype: xq (M, K) and wq (N, K) e4m3 with scales sx (M, 1)
     per token and sw (N, 1) per output."""
     return fp8_mm(xq, sx, wq.t(), sw.t(), x.dtype, fast_accum=True, bias=bias, bias_in_gemm=bias_in_gemm)
 
 
 @_fp8_linear.register_fake
-def _(x, weight, bias, xq, sx, wq, sw, bias_in_gemm):
+def _(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, fp8_dgrad):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+BIAS_GRAD_MM = False
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     ctx.save_for_backward(x, weight)  # x in the compute dtype, as the plain linear saves it, for ∂W
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.fp8_dgrad = bias is not None, inputs[-1]
 
 
 def _backward(ctx, gy):
     x, weight = ctx.saved_tensors
-    sg = amax_scales(gy, 1)  # (M, 1) per token
-    sw_cols = amax_scales(weight, 0)  # (1, K): W scaled per input column, (N, K) column-major, the kernel's layout for b
-    wq_cols = quantize(weight.detach(), sw_cols).t().contiguous().t()
-    gx = fp8_mm(quantize(gy, sg), sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
+    if ctx.fp8_dgrad:
+        sg = amax_scales(gy, 1)  # (M, 1) per token
+        sw_cols = amax_scales(weight, 0)  # (1, K): W scaled per input column, (N, K) column-major, the kernel's layout for b
+        wq_cols = quantize(weight.detach(), sw_cols).t().contiguous().t()
+        gx = fp8_mm(quantize(gy, sg), sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
+    else:
+        gx = gy @ weight.to(gy.dtype)
     gw = (gy.t() @ x).to(weight.dtype)  # (N, M)(M, K) in the compute dtype, as the plain linear
-    gb = gy.float().sum(0) if ctx.has_bias else None
-    return gx, gw, gb, None, None, None, None, None
+    if not ctx.has_bias:
+        gb = None
+    elif BIAS_GRAD_MM:
+        gb = (gy.new_ones(1, gy.shape[0]) @ gy).float().view(-1)
+    else:
+        gb = gy.float().sum(0)
+    return gx, gw, gb, None, None, None, None, None, None
 
 
 _fp8_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -103,6 +114,7 @@ class Float8TrainingLinear(nn.Linear):
     """An ``nn.Linear`` whose forward and ∂x products run in FP8 (see the module docstring)."""
 
     bias_in_gemm = False  # set by convert_for_fp8_training for the device the weights are on
+    fp8_dgrad = True  # ∂x in FP8 (else in the compute dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -113,7 +125,7 @@ class Float8TrainingLinear(nn.Linear):
         x2 = x2.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)  # the compute dtype
         sx, sw = amax_scales(x2, 1), amax_scales(self.weight, 1)  # (M, 1) per token, (N, 1) per output
         xq, wq = quantize(x2.detach(), sx), quantize(self.weight.detach(), sw)
-        y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm)
+        y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm, self.fp8_dgrad)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
