@@ -17,15 +17,16 @@ from torch import nn
 import ditkit.models.fp8_training as fp8t
 from ditkit.models.dit import DiTBlock
 
-VARIANTS = {  # name: (fp8, layers whose ∂x stays bf16, bias gradient by a GEMV, inductor persistent reductions)
-    "bf16": (False, (), False, True),
-    "bf16 looped-reductions": (False, (), False, False),
-    "fp8": (True, (), False, True),
-    "fp8 gb-mm": (True, (), True, True),
-    "fp8 fc1-dgrad-bf16": (True, ("mlp.fc1",), False, True),
-    "fp8 gb-mm fc1-dgrad-bf16": (True, ("mlp.fc1",), True, True),
-    "fp8 looped-reductions": (True, (), False, False),
-    "fp8 gb-mm looped-reductions": (True, (), True, False),
+ALL = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+VARIANTS = {  # name: (fp8, layers whose ∂x stays bf16, layers whose ∂y / x are quantized by the opaque operator)
+    "bf16": (False, (), (), ()),
+    "fp8": (True, (), (), ()),
+    "fp8 fc1-dgrad-bf16": (True, ("mlp.fc1",), (), ()),
+    "fp8 grad-op fc1": (True, (), ("mlp.fc1",), ()),
+    "fp8 grad-op all": (True, (), ALL, ()),
+    "fp8 grad-op fc1 input-op fc2": (True, (), ("mlp.fc1",), ("mlp.fc2",)),
+    "fp8 grad-op fc1 input-op proj,fc2": (True, (), ("mlp.fc1",), ("attn.proj", "mlp.fc2")),
+    "fp8 grad-op all input-op all": (True, (), ALL, ALL),
 }
 
 
@@ -48,12 +49,20 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--dump", help="write the generated kernels whose name contains this to --dump-to (first variant)")
+    p.add_argument("--dump-to", default="kernels.py")
     args = p.parse_args()
-    import torch._inductor.config as inductor_config
     dev = torch.device("cuda")
+    from ditkit.models.fp8 import quantize_rows
+    from ditkit.models.fp8_kernels import quantize_rows_op
+    for k in (1152, 4608, 1000):  # the Triton kernel against the traced quantization, bit for bit
+        t = torch.randn(4096, k, device=dev, dtype=torch.bfloat16) * torch.logspace(-8, 4, 4096, device=dev)[:, None]
+        (q, s), (q_ref, s_ref) = quantize_rows_op(t), quantize_rows(t)
+        same = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+        print(f"quantize_rows_op K={k}: {'bit-identical' if same else 'DIFFERS'} to the traced quantization")
     print("| variant | ms per block | × 28 blocks | top kernels (GPU-ms per block) |\n|---|---|---|---|")
     for name in args.variants.split(","):
-        fp8, bf16_dgrad, gb_mm, persistent = VARIANTS[name]
+        fp8, bf16_dgrad, grad_op, input_op = VARIANTS[name]
         torch.manual_seed(0)
         torch._dynamo.reset()
         blk = DiTBlock(args.hidden, args.heads).to(dev)
@@ -63,10 +72,7 @@ def main() -> None:
         if fp8:
             fp8t.convert_for_fp8_training(blk)
             for n, m in blk.named_modules():
-                if n in bf16_dgrad:
-                    m.fp8_dgrad = False
-        fp8t.BIAS_GRAD_MM = gb_mm
-        inductor_config.triton.persistent_reductions = persistent
+                m.fp8_dgrad, m.grad_op, m.input_op = n not in bf16_dgrad, n in grad_op, n in input_op
         x = torch.randn(args.batch, args.tokens, args.hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
         c = torch.randn(args.batch, args.hidden, device=dev)
         gout = torch.randn_like(x)
@@ -77,6 +83,15 @@ def main() -> None:
                 out = net(x, c)
             out.backward(gout)
 
+        if args.dump:
+            from torch._inductor.utils import run_and_get_code
+            _, codes = run_and_get_code(step)
+            with open(args.dump_to, "w") as f:
+                for code in codes:
+                    for part in code.split("\n\n\n"):
+                        if "def triton" in part and args.dump in part:
+                            f.write(part + "\n\n\n")
+            args.dump = None
         for _ in range(3):
             step()
         ms = median_ms(step, 20)
@@ -87,8 +102,6 @@ def main() -> None:
         kernels = sorted(((e.device_time_total / 3e3, e.key) for e in prof.key_averages()), reverse=True)[:6]
         top = "; ".join(f"{t:.2f} {k[:70]}" for t, k in kernels)
         print(f"| {name} | {ms:.3f} | {28 * ms:.1f} | {top} |", flush=True)
-    inductor_config.triton.persistent_reductions = True
-    fp8t.BIAS_GRAD_MM = False
 
 
 if __name__ == "__main__":

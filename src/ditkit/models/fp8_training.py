@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditkit.models.fp8 import BLOCK_LINEARS, amax_scales, block_linears, fp8_matmul_supported, quantize, scaled_mm_takes_bias
+from ditkit.models.fp8_kernels import quantize_rows_op
 
 
 def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
@@ -67,44 +68,43 @@ def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
 # The backward below is traced too: ∂y's quantization fuses with the kernel producing ∂y.
 @torch.library.custom_op("ditkit::fp8_linear", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias, Tensor xq, Tensor sx, Tensor wq, Tensor sw, "
-                                "bool bias_in_gemm, bool fp8_dgrad) -> Tensor")
-def _fp8_linear(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, fp8_dgrad):
+                                "bool bias_in_gemm, bool fp8_dgrad, bool grad_op) -> Tensor")
+def _fp8_linear(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, fp8_dgrad, grad_op):
     """y (M, N) = (sx ⊙ xq) (wq ⊙ sw)ᵀ + bias in x's dtype: xq (M, K) and wq (N, K) e4m3 with scales sx (M, 1)
     per token and sw (N, 1) per output."""
     return fp8_mm(xq, sx, wq.t(), sw.t(), x.dtype, fast_accum=True, bias=bias, bias_in_gemm=bias_in_gemm)
 
 
 @_fp8_linear.register_fake
-def _(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, fp8_dgrad):
+def _(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, fp8_dgrad, grad_op):
     return x.new_empty(x.shape[0], weight.shape[0])
-
-
-BIAS_GRAD_MM = False
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     ctx.save_for_backward(x, weight)  # x in the compute dtype, as the plain linear saves it, for ∂W
-    ctx.has_bias, ctx.fp8_dgrad = bias is not None, inputs[-1]
+    ctx.has_bias, (ctx.fp8_dgrad, ctx.grad_op) = bias is not None, inputs[-2:]
 
 
 def _backward(ctx, gy):
     x, weight = ctx.saved_tensors
     if ctx.fp8_dgrad:
-        sg = amax_scales(gy, 1)  # (M, 1) per token
+        if ctx.grad_op:
+            gq, sg = quantize_rows_op(gy)
+        else:
+            sg = amax_scales(gy, 1)  # (M, 1) per token
+            gq = quantize(gy, sg)
         sw_cols = amax_scales(weight, 0)  # (1, K): W scaled per input column, (N, K) column-major, the kernel's layout for b
         wq_cols = quantize(weight.detach(), sw_cols).t().contiguous().t()
-        gx = fp8_mm(quantize(gy, sg), sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
+        gx = fp8_mm(gq, sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
     else:
         gx = gy @ weight.to(gy.dtype)
     gw = (gy.t() @ x).to(weight.dtype)  # (N, M)(M, K) in the compute dtype, as the plain linear
     if not ctx.has_bias:
         gb = None
-    elif BIAS_GRAD_MM:
-        gb = (gy.new_ones(1, gy.shape[0]) @ gy).float().view(-1)
     else:
         gb = gy.float().sum(0)
-    return gx, gw, gb, None, None, None, None, None, None
+    return gx, gw, gb, None, None, None, None, None, None, None
 
 
 _fp8_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -115,6 +115,8 @@ class Float8TrainingLinear(nn.Linear):
 
     bias_in_gemm = False  # set by convert_for_fp8_training for the device the weights are on
     fp8_dgrad = True  # ∂x in FP8 (else in the compute dtype)
+    grad_op = False  # ∂y quantized by fp8_kernels.quantize_rows_op (else traced, fused by compile)
+    input_op = False  # x likewise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -123,9 +125,14 @@ class Float8TrainingLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         autocast = torch.is_autocast_enabled(x.device.type)
         x2 = x2.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)  # the compute dtype
-        sx, sw = amax_scales(x2, 1), amax_scales(self.weight, 1)  # (M, 1) per token, (N, 1) per output
-        xq, wq = quantize(x2.detach(), sx), quantize(self.weight.detach(), sw)
-        y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm, self.fp8_dgrad)
+        if self.input_op:
+            xq, sx = quantize_rows_op(x2.detach())
+        else:
+            sx = amax_scales(x2, 1)  # (M, 1) per token
+            xq = quantize(x2.detach(), sx)
+        sw = amax_scales(self.weight, 1)  # (N, 1) per output
+        wq = quantize(self.weight.detach(), sw)
+        y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm, self.fp8_dgrad, self.grad_op)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
