@@ -118,11 +118,15 @@ def test_gradient_scale_far_from_one_keeps_its_precision(scale):
     assert rel < 0.05, rel
 
 
-def test_compiled_layer_under_autocast_has_the_eager_gradients():
+@pytest.mark.parametrize("grad_op", [False, True])
+def test_compiled_layer_under_autocast_has_the_eager_gradients(grad_op):
     """The layer's product is a torch.library operator with its backward registered: traced by
     torch.compile (AOTAutograd, as inductor sees it) under bf16 autocast, the output and the
-    gradients of x, W and b are those of the eager layer."""
+    gradients of x, W and b are those of the eager layer, with ∂y quantized in traced code or by
+    the quantization operator."""
     _, f8 = _layer()
+    assert f8.grad_op  # mlp.fc1: fp8_training.GRAD_OP
+    f8.grad_op = grad_op
     x = torch.randn(2, 16, 96, generator=G)
     gy = torch.randn(2, 16, 160, generator=G)
 

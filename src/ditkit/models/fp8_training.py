@@ -68,43 +68,40 @@ def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
 # The backward below is traced too: ∂y's quantization fuses with the kernel producing ∂y.
 @torch.library.custom_op("ditkit::fp8_linear", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias, Tensor xq, Tensor sx, Tensor wq, Tensor sw, "
-                                "bool bias_in_gemm, bool fp8_dgrad, bool grad_op) -> Tensor")
-def _fp8_linear(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, fp8_dgrad, grad_op):
+                                "bool bias_in_gemm, bool grad_op) -> Tensor")
+def _fp8_linear(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, grad_op):
     """y (M, N) = (sx ⊙ xq) (wq ⊙ sw)ᵀ + bias in x's dtype: xq (M, K) and wq (N, K) e4m3 with scales sx (M, 1)
     per token and sw (N, 1) per output."""
     return fp8_mm(xq, sx, wq.t(), sw.t(), x.dtype, fast_accum=True, bias=bias, bias_in_gemm=bias_in_gemm)
 
 
 @_fp8_linear.register_fake
-def _(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, fp8_dgrad, grad_op):
+def _(x, weight, bias, xq, sx, wq, sw, bias_in_gemm, grad_op):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     ctx.save_for_backward(x, weight)  # x in the compute dtype, as the plain linear saves it, for ∂W
-    ctx.has_bias, (ctx.fp8_dgrad, ctx.grad_op) = bias is not None, inputs[-2:]
+    ctx.has_bias, ctx.grad_op = bias is not None, inputs[-1]
 
 
 def _backward(ctx, gy):
     x, weight = ctx.saved_tensors
-    if ctx.fp8_dgrad:
-        if ctx.grad_op:
-            gq, sg = quantize_rows_op(gy)
-        else:
-            sg = amax_scales(gy, 1)  # (M, 1) per token
-            gq = quantize(gy, sg)
-        sw_cols = amax_scales(weight, 0)  # (1, K): W scaled per input column, (N, K) column-major, the kernel's layout for b
-        wq_cols = quantize(weight.detach(), sw_cols).t().contiguous().t()
-        gx = fp8_mm(gq, sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
+    if ctx.grad_op:
+        gq, sg = quantize_rows_op(gy)
     else:
-        gx = gy @ weight.to(gy.dtype)
+        sg = amax_scales(gy, 1)  # (M, 1) per token
+        gq = quantize(gy, sg)
+    sw_cols = amax_scales(weight, 0)  # (1, K): W scaled per input column, (N, K) column-major, the kernel's layout for b
+    wq_cols = quantize(weight.detach(), sw_cols).t().contiguous().t()
+    gx = fp8_mm(gq, sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
     gw = (gy.t() @ x).to(weight.dtype)  # (N, M)(M, K) in the compute dtype, as the plain linear
     if not ctx.has_bias:
         gb = None
     else:
         gb = gy.float().sum(0)
-    return gx, gw, gb, None, None, None, None, None, None, None
+    return gx, gw, gb, None, None, None, None, None, None
 
 
 _fp8_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -114,9 +111,7 @@ class Float8TrainingLinear(nn.Linear):
     """An ``nn.Linear`` whose forward and ∂x products run in FP8 (see the module docstring)."""
 
     bias_in_gemm = False  # set by convert_for_fp8_training for the device the weights are on
-    fp8_dgrad = True  # ∂x in FP8 (else in the compute dtype)
-    grad_op = False  # ∂y quantized by fp8_kernels.quantize_rows_op (else traced, fused by compile)
-    input_op = False  # x likewise
+    grad_op = False  # ∂y quantized by fp8_kernels.quantize_rows_op (else traced, fused by compile); see GRAD_OP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -125,18 +120,20 @@ class Float8TrainingLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         autocast = torch.is_autocast_enabled(x.device.type)
         x2 = x2.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)  # the compute dtype
-        if self.input_op:
-            xq, sx = quantize_rows_op(x2.detach())
-        else:
-            sx = amax_scales(x2, 1)  # (M, 1) per token
-            xq = quantize(x2.detach(), sx)
-        sw = amax_scales(self.weight, 1)  # (N, 1) per output
-        wq = quantize(self.weight.detach(), sw)
-        y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm, self.fp8_dgrad, self.grad_op)
+        sx, sw = amax_scales(x2, 1), amax_scales(self.weight, 1)  # (M, 1) per token, (N, 1) per output
+        xq, wq = quantize(x2.detach(), sx), quantize(self.weight.detach(), sw)
+        y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm, self.grad_op)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fp8 training (e4m3 forward and ∂x, row-wise scales; ∂W unquantized)"
+
+
+# The layers whose ∂y is quantized by the opaque operator: the MLP's first linear, whose ∂y is GELU's
+# gradient.  Traced, its quantization became one slow mixed-order reduction (module fp8_kernels);
+# measured over one XL block's compiled step at batch 128 (benchmarks/fp8_block.py, H100), the
+# operator there took 8.70 → 8.26 ms, and on every layer 8.78 ms: elsewhere the fused form is faster.
+GRAD_OP = ("mlp.fc1",)
 
 
 def _sharing(cls: type[nn.Linear], lin: nn.Linear) -> nn.Linear:
@@ -160,6 +157,7 @@ def convert_for_fp8_training(model: nn.Module, names: tuple[str, ...] = BLOCK_LI
     for name, m in targets:
         new = _sharing(Float8TrainingLinear, m)
         new.bias_in_gemm = m.bias is not None and scaled_mm_takes_bias(m.weight.device)
+        new.grad_op = name.endswith(GRAD_OP)
         _replace(model, name, new)
     return len(targets)
 
