@@ -4,7 +4,10 @@ the data path is the real one, only the numbers are made up, since no ImageNet o
 be downloaded here).  img/s is the trainer's own `metrics.jsonl` figure for the last logging
 interval (the first interval holds start-up).
 
-    PYTHONPATH=src python benchmarks/train_throughput.py [--models DiT-B/2 DiT-XL/2] [--steps 30]
+    PYTHONPATH=src python benchmarks/train_throughput.py [--models DiT-B/2 DiT-XL/2] [--steps 30] [--nproc 2]
+
+With --nproc N the command runs under torchrun, one process per GPU (the trainer's img/s counts
+every process's images).
 """
 from __future__ import annotations
 
@@ -42,10 +45,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["DiT-B/2", "DiT-XL/2"])
     ap.add_argument("--batch", type=int, default=256, help="global batch (the paper's 256)")
-    ap.add_argument("--micro", type=int, default=128, help="per-step micro-batch (accumulation = batch / micro)")
+    ap.add_argument("--micro", type=int, default=128, help="per-process micro-batch (accumulation = batch / (micro · nproc))")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs), through torchrun")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--latent", type=int, default=32)
     ap.add_argument("--extra", nargs="*", default=[], help="more --set overrides, e.g. train.compile=true")
+    ap.add_argument("--tag", default="run", help="in the JSON file's name under $OUT")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
     cache = work / "latents"
@@ -53,10 +58,11 @@ def main() -> None:
     write_synthetic_cache(cache, count=max(4 * args.batch, 2048), latent=args.latent, num_classes=1000)
     rows = []
     for model in args.models:
-        cmd = [sys.executable, "-m", "ditkit", "train", "--preset", "imagenet256", "--model", model,
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)] if args.nproc > 1 else []
+        cmd = [sys.executable, *launch, "-m", "ditkit", "train", "--preset", "imagenet256", "--model", model,
                "--steps", str(args.steps), "--run-dir", str(work / model.replace("/", "_")),
                "--set", f"data.path={cache}", "--set", f"model.input_size={args.latent}",
-               "--set", f"train.global_batch_size={args.batch}", "--set", f"train.grad_accum={args.batch // args.micro}",
+               "--set", f"train.global_batch_size={args.batch}", "--set", f"train.grad_accum={args.batch // (args.micro * args.nproc)}",
                "--set", f"train.log_every={args.steps // 2}", "--set", "train.ckpt_every=1000000"]
         for e in args.extra:
             cmd += ["--set", e]
@@ -68,14 +74,15 @@ def main() -> None:
         record = json.loads((work / model.replace("/", "_") / "metrics.jsonl").read_text().splitlines()[-1])
         rows.append({"model": model, "status": "ok", **record})
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\n{device}; global batch {args.batch} (micro {args.micro}), {args.steps} steps, extra {args.extra}")
-    print("| model | img/s | GPU mem GiB | loss | status |\n| --- | --- | --- | --- | --- |")
+    print(f"\n{device} × {args.nproc}; global batch {args.batch} (micro {args.micro}), {args.steps} steps, extra {args.extra}")
+    print("| model | GPUs | img/s | img/s per GPU | GPU mem GiB | loss | status |\n| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r.get('img_per_s', 0):.1f} | {r.get('gpu_mem_gib', 0):.1f} | {r.get('loss', 0):.4f} | "
-              f"{r['status']} |")
+        r["nproc"] = args.nproc
+        print(f"| {r['model']} | {args.nproc} | {r.get('img_per_s', 0):.1f} | {r.get('img_per_s', 0) / args.nproc:.1f} | "
+              f"{r.get('gpu_mem_gib', 0):.1f} | {r.get('loss', 0):.4f} | {r['status']} |")
     out = os.environ.get("OUT")
     if out:
-        Path(out, "train_throughput.json").write_text(json.dumps(rows, indent=2))
+        Path(out, f"train_throughput_{args.nproc}gpu_{args.tag}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -394,3 +394,21 @@ def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
     cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.precision=bf16", "train.bf16_residual=true"])
     train(cfg, tmp_path / "b", device="cpu")
     assert all(v == v for v in losses(tmp_path / "b").values())
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path, mode):
+    """A run written by 2 processes continues on 1 (with 2 accumulation steps, the same global batch)
+    exactly as a 1-process run that never stopped: the checkpoint holds whole tensors, and the
+    batches and random draws depend on the step, not on the number of processes."""
+    common = ["train", "--preset", "digits", "--device", "cpu"]
+    torchrun(2, *common, "--steps", "3", "--run-dir", str(tmp_path / "two"), *overrides(f"train.distributed={mode}"))
+    resumed = ditkit(*common, "--steps", "5", "--run-dir", str(tmp_path / "two"), "--resume", *overrides("train.grad_accum=2"))
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()[-2000:]
+    one = ditkit(*common, "--steps", "5", "--run-dir", str(tmp_path / "one"), *overrides("train.grad_accum=2"))
+    assert one.wait(timeout=300) == 0, one.stdout.read()[-2000:]
+    a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    assert a["step"] == b["step"] == 5
+    for part in ("model", "ema"):
+        for k in b[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
