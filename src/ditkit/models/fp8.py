@@ -61,6 +61,12 @@ def block_linears(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS) -> l
             and m.in_features % 16 == 0 and m.out_features % 16 == 0]
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the qualified ``name`` points inside ``model``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
 def fp8_matmul_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -151,8 +157,7 @@ def convert_to_fp8(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS, fas
     after loading."""
     targets = block_linears(model, names)
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, Float8Linear.from_linear(linear, fast_accum))
+        replace_module(model, name, Float8Linear.from_linear(linear, fast_accum))
     return len(targets)
 
 

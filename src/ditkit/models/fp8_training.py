@@ -25,7 +25,8 @@ product uses the tensor cores' fast accumulation, ∂x does not (as torchao).
 On a GPU with FP8 tensor cores (compute capability ≥ 8.9) each product is one ``torch._scaled_mm``;
 elsewhere the same quantized operands are multiplied in float32 (an emulation with identical
 rounding of the operands, which the CPU tests check against a direct computation).  Under
-``torch.compile`` the row amaxes and the casts are fused into the kernels around them.
+``torch.compile`` the row amaxes and the casts are fused into the kernels around them, except for
+the gradient of GELU in the MLP, which one Triton kernel quantizes (``GRAD_OP``, module fp8_kernels).
 
 Only the block linears (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``) are converted, and only
 where both sizes are multiples of 16 (the FP8 kernel's requirement); a call whose token count is
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.models.fp8 import BLOCK_LINEARS, amax_scales, block_linears, fp8_matmul_supported, quantize, scaled_mm_takes_bias
+from ditkit.models.fp8 import (BLOCK_LINEARS, amax_scales, block_linears, fp8_matmul_supported, quantize, replace_module,
+                               scaled_mm_takes_bias)
 from ditkit.models.fp8_kernels import quantize_rows_op
 
 
@@ -65,7 +67,8 @@ def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
 # (benchmarks/fp8_training_check.py).  The operator takes x and W only to carry their gradients;
 # it multiplies the quantized copies it is given, which are computed outside it, in traced code,
 # so that torch.compile fuses each row's amax and cast into the kernel that produces the row.
-# The backward below is traced too: ∂y's quantization fuses with the kernel producing ∂y.
+# The backward below is traced too: ∂y's quantization fuses with the kernel producing ∂y, except in
+# the layers of GRAD_OP, where fp8_kernels' operator quantizes it.
 @torch.library.custom_op("ditkit::fp8_linear", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias, Tensor xq, Tensor sx, Tensor wq, Tensor sw, "
                                 "bool bias_in_gemm, bool grad_op) -> Tensor")
@@ -97,10 +100,7 @@ def _backward(ctx, gy):
     wq_cols = quantize(weight.detach(), sw_cols).t().contiguous().t()
     gx = fp8_mm(gq, sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
     gw = (gy.t() @ x).to(weight.dtype)  # (N, M)(M, K) in the compute dtype, as the plain linear
-    if not ctx.has_bias:
-        gb = None
-    else:
-        gb = gy.float().sum(0)
+    gb = gy.float().sum(0) if ctx.has_bias else None
     return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -143,11 +143,6 @@ def _sharing(cls: type[nn.Linear], lin: nn.Linear) -> nn.Linear:
     return new.train(lin.training)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def convert_for_fp8_training(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS) -> int:
     """Replace every ``nn.Linear`` whose qualified name ends with one of ``names`` (and whose sizes are
     multiples of 16) by a ``Float8TrainingLinear`` holding the same Parameters; returns how many.
@@ -157,8 +152,8 @@ def convert_for_fp8_training(model: nn.Module, names: tuple[str, ...] = BLOCK_LI
     for name, m in targets:
         new = _sharing(Float8TrainingLinear, m)
         new.bias_in_gemm = m.bias is not None and scaled_mm_takes_bias(m.weight.device)
-        new.grad_op = name.endswith(GRAD_OP)
-        _replace(model, name, new)
+        new.grad_op = any(name == n or name.endswith("." + n) for n in GRAD_OP)
+        replace_module(model, name, new)
     return len(targets)
 
 
@@ -166,5 +161,5 @@ def revert_fp8_training(model: nn.Module) -> int:
     """Undo ``convert_for_fp8_training`` (plain ``nn.Linear`` again, same Parameters); returns how many."""
     targets = [(n, m) for n, m in model.named_modules() if type(m) is Float8TrainingLinear]
     for name, m in targets:
-        _replace(model, name, _sharing(nn.Linear, m))
+        replace_module(model, name, _sharing(nn.Linear, m))
     return len(targets)
