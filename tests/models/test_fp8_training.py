@@ -142,3 +142,23 @@ def test_compiled_layer_under_autocast_has_the_eager_gradients(grad_op):
     for ref, got in zip(run(f8), run(torch.compile(f8, backend="aot_eager", fullgraph=True))):
         assert got.abs().sum() > 0
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_operators_pass_torch_library_opcheck():
+    """The schema, fake (meta) functions and registered autograd of both operators, as torch.compile
+    relies on them (torch.library.opcheck: schema, autograd registration, fake tensors, AOT dispatch)."""
+    from ditkit.models.fp8 import quantize_rows
+    from ditkit.models.fp8_kernels import quantize_rows_op
+    from ditkit.models.fp8_training import _fp8_linear
+
+    x = torch.randn(32, 96, generator=G)
+    q, s = quantize_rows_op(x)
+    q_ref, s_ref = quantize_rows(x)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    torch.library.opcheck(quantize_rows_op, (x,))
+    w, b = torch.randn(160, 96, generator=G, requires_grad=True), torch.randn(160, generator=G, requires_grad=True)
+    wq, sw = quantize_rows(w.detach())
+    # Not test_schema: its check of unmutated inputs multiplies them, which float8 tensors refuse on the CPU.
+    tests = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for grad_op in (False, True):
+        torch.library.opcheck(_fp8_linear, (x.clone().requires_grad_(), w, b, q, s, wq, sw, False, grad_op), test_utils=tests)
