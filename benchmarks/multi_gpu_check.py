@@ -23,9 +23,25 @@ def losses(a: Path, b: Path) -> None:
     print(f"losses {a.name} vs {b.name}: {len(common)} logged steps ({common[0]}..{common[-1]}); "
           f"largest relative difference {rel[worst]:.2e} at step {common[worst]}; median {np.median(rel):.2e}")
     wa, wb = (torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) for run in (a, b))
-    diffs = [((wa[p][k].float() - wb[p][k].float()).norm() / wb[p][k].float().norm().clamp_min(1e-30)).item()
-             for p in ("model", "ema") for k in wb[p]]
-    print(f"final weights (step {wa['step']} vs {wb['step']}): largest relative L2 difference per tensor {max(diffs):.2e}")
+    flat = {(w, p): torch.cat([v.float().flatten() for v in w_[p].values()]) for w, w_ in (("a", wa), ("b", wb)) for p in ("model", "ema")}
+    rel_w = {p: ((flat["a", p] - flat["b", p]).norm() / flat["b", p].norm()).item() for p in ("model", "ema")}
+    print(f"final weights (step {wa['step']} vs {wb['step']}): relative L2 difference, all parameters: "
+          f"model {rel_w['model']:.2e}, EMA {rel_w['ema']:.2e}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for run, curve, ls in ((a, la, "-"), (b, lb, "--")):
+        top.plot(common, [curve[s] for s in common], ls, label=run.name)
+    top.set(ylabel="training loss", yscale="log", title=f"{a.name} vs {b.name}")
+    top.legend()
+    bottom.semilogy(common, np.maximum(rel, 1e-9))
+    bottom.set(xlabel="step", ylabel="relative difference")
+    fig.savefig(a / f"loss_vs_{b.name}.png", dpi=120, bbox_inches="tight")
+    print(f"plot: {a / f'loss_vs_{b.name}.png'}")
 
 
 def samples(many: Path, one: Path) -> None:
