@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch._inductor.config
 from torch import nn
 
 from ditkit.models.dit import build_model
@@ -40,6 +41,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
     device = torch.device(args.device)
+    # Label dropout draws random numbers in training mode; compiled code must draw eager's, or every
+    # compiled run drops other labels and differs from the reference by ~12% for that reason alone.
+    torch._inductor.config.fallback_random = True
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(args.model, input_size=32, in_channels=4, num_classes=1000).train()

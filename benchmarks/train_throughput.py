@@ -75,14 +75,16 @@ def main() -> None:
         rows.append({"model": model, "status": "ok", **record})
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{device} × {args.nproc}; global batch {args.batch} (micro {args.micro}), {args.steps} steps, extra {args.extra}")
-    print("| model | GPUs | img/s | img/s per GPU | GPU mem GiB | loss | status |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | GPUs | run | img/s | img/s per GPU | GPU mem GiB | loss | status |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         r["nproc"] = args.nproc
-        print(f"| {r['model']} | {args.nproc} | {r.get('img_per_s', 0):.1f} | {r.get('img_per_s', 0) / args.nproc:.1f} | "
+        print(f"| {r['model']} | {args.nproc} | {args.tag} | {r.get('img_per_s', 0):.1f} | {r.get('img_per_s', 0) / args.nproc:.1f} | "
               f"{r.get('gpu_mem_gib', 0):.1f} | {r.get('loss', 0):.4f} | {r['status']} |")
     out = os.environ.get("OUT")
     if out:
         Path(out, f"train_throughput_{args.nproc}gpu_{args.tag}.json").write_text(json.dumps(rows, indent=2))
+    if any(r["status"] != "ok" for r in rows):
+        sys.exit("train_throughput: a run failed (status column)")
 
 
 if __name__ == "__main__":

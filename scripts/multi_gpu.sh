@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ditkit on every GPU of one host (issue 11): training throughput with DDP and FSDP on 1 and N GPUs,
+# ditkit on every GPU of one host (issue 11): training throughput on 1 GPU and with DDP and FSDP on N,
 # the N-GPU loss curve against one GPU with the same global batch, an N-GPU checkpoint resumed on
 # one GPU, and 50,000 samples into one ADM .npz over N GPUs, checked index by index.
 #   PYTHONPATH=src bash scripts/multi_gpu.sh [OUT_DIR]      (TP_STEPS=30 TP_MODELS=DiT-XL/2 TP_EXTRA="k=v ...")
@@ -10,26 +10,28 @@ out=${1:-runs/multi_gpu}
 mkdir -p "$out"
 n=$(python -c 'import torch; print(torch.cuda.device_count())')
 run() { python -m torch.distributed.run --standalone --nproc_per_node "$@"; }
-quiet() { "$@" 2>&1 | tr '\r' '\n' | grep -vE "^(train|sample):|it/s\]|batch/s\]" | tail -"${TAIL:-2}"; }
+# The last lines of a command's output without its progress bars; the command's failure fails the script.
+quiet() { "$@" 2>&1 | tr '\r' '\n' | { grep -vE "^(train|sample):|it/s\]|batch/s\]" || true; } | tail -"${TAIL:-2}"; }
+[ "$n" -ge 1 ] || { echo "multi_gpu.sh: no CUDA GPU visible" >&2; exit 1; }
 echo "## $n × $(python -c 'import torch; print(torch.cuda.get_device_name())'), NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 
 echo "## 1. DiT-XL/2 training throughput, bf16, per-GPU batch 32 (img/s from the trainer's metrics)"
-for dist in ddp fsdp; do
-    for g in 1 "$n"; do
-        TAIL=1 quiet python benchmarks/train_throughput.py --models ${TP_MODELS:-DiT-XL/2} --batch $((32 * g)) --micro 32 \
-            --nproc "$g" --steps "${TP_STEPS:-30}" --tag "$dist" --extra "train.distributed=$dist" ${TP_EXTRA:-}
-    done
-done
+# One process is the plain single-GPU run (train.distributed applies under torchrun only).
+throughput() { TAIL=1 quiet python benchmarks/train_throughput.py --models ${TP_MODELS:-DiT-XL/2} --batch $((32 * $1)) \
+    --micro 32 --nproc "$1" --steps "${TP_STEPS:-30}" --tag "$2" --extra "train.distributed=$2" ${TP_EXTRA:-}; }
+throughput 1 ddp
+if [ "$n" -gt 1 ]; then throughput "$n" ddp; throughput "$n" fsdp; fi
 
-echo "## 2. digits, 100 steps: $n GPUs against 1 GPU with $n accumulation steps (the same global batch of 128)"
-common=(train --preset digits --steps 100 --set train.log_every=1 --set train.sample_every=0)
+echo "## 2. digits, 100 steps: $n GPUs against 1 GPU with $n accumulation steps (the same global batch, 32 per GPU)"
+common=(train --preset digits --steps 100 --set train.global_batch_size=$((32 * n)) --set train.log_every=1 --set train.sample_every=0)
 quiet python -m ditkit "${common[@]}" --device cuda --run-dir "$out/one" --set train.grad_accum="$n"
 for dist in ddp fsdp; do
     quiet run "$n" -m ditkit "${common[@]}" --run-dir "$out/$dist" --set train.distributed="$dist"
     python benchmarks/multi_gpu_check.py losses "$out/$dist" "$out/one"
 done
 echo "## the $n-GPU checkpoints resumed on 1 GPU to step 120, against the 1-GPU run resumed likewise"
-more=(train --preset digits --steps 120 --resume --device cuda --set train.log_every=1 --set train.sample_every=0 --set train.grad_accum="$n")
+more=(train --preset digits --steps 120 --resume --device cuda --set train.global_batch_size=$((32 * n)) --set train.log_every=1
+      --set train.sample_every=0 --set train.grad_accum="$n")
 for r in one ddp fsdp; do quiet python -m ditkit "${more[@]}" --run-dir "$out/$r"; done
 for dist in ddp fsdp; do python benchmarks/multi_gpu_check.py losses "$out/$dist" "$out/one"; done
 

@@ -29,7 +29,8 @@ if triton is not None:
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX
-        q = tl.clamp(tl.math.div_rn(x, s), -FP8_MAX, FP8_MAX)
+        s = tl.where(tl.sum((x != x).to(tl.int32), axis=0) > 0, float("nan"), s)  # a NaN makes the row NaN, as amax does
+        q = tl.clamp(tl.math.div_rn(x, s), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
         tl.store(q_ptr + row * n_cols + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + row, s)
 
@@ -37,9 +38,10 @@ if triton is not None:
 @torch.library.custom_op("ditkit::quantize_rows", mutates_args=(), schema="(Tensor x) -> (Tensor, Tensor)")
 def quantize_rows_op(x):
     """(M, K) -> (q (M, K) e4m3, s (M, 1) float32), q · s ≈ x per row."""
-    if triton is None or not x.is_cuda or x.stride(-1) != 1:
-        q, s = quantize_rows(x)
+    if triton is None or not x.is_cuda:
+        q, s = quantize_rows(x.contiguous())  # contiguous, as the fake function promises
         return q, s
+    x = x.contiguous()
     m, k = x.shape
     q = torch.empty(m, k, device=x.device, dtype=FP8)
     s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
