@@ -88,6 +88,24 @@ def scaled_mm_takes_bias(device: torch.device) -> bool:
     return bool(torch.equal(y.float(), 16 + bias.float().expand(16, 16)))  # accepted and actually added
 
 
+def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
+           fast_accum: bool, bias: torch.Tensor | None = None, bias_in_gemm: bool = False) -> torch.Tensor:
+    """(sa ⊙ a) @ (b ⊙ sb) (+ bias) for e4m3 a (M, K) row-major with row scales sa (M, 1) and b (K, N)
+    column-major with column scales sb (1, N).  ``bias_in_gemm``: the kernel adds a bf16 bias itself
+    (``fp8.scaled_mm_takes_bias``, probed outside compiled code)."""
+    if fp8_matmul_supported(a.device):
+        # Row-wise scales need a bf16 result.  The bias in the kernel's epilogue where it takes one: a
+        # separate add after the qkv product would make compile write q, k and v out a second time.
+        in_gemm = bias is not None and bias_in_gemm
+        y = torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, bias=bias.to(torch.bfloat16) if in_gemm else None,
+                             out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+        y = y if bias is None or in_gemm else y + bias.to(y.dtype)
+        return y.to(out_dtype)
+    with torch.autocast(a.device.type, enabled=False):  # the emulation multiplies in float32, autocast or not
+        y = (a.float() * sa) @ (b.float() * sb)
+    return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
 class Float8Linear(nn.Module):
     """y = x Wᵀ + b with W held in FP8 (see the module docstring).  Built from an ``nn.Linear``
     with ``Float8Linear.from_linear``; has no trainable parameters."""
@@ -128,19 +146,10 @@ class Float8Linear(nn.Module):
             scale = self.input_scale.expand(x2.shape[0], 1).contiguous()  # _scaled_mm's row-wise form of one scale
         else:
             q, scale = quantize_rows(x2)
-        gemm = fp8_matmul_supported(x.device)
-        bias_in_gemm = gemm and self.bias_in_gemm  # not after a move to a device without the FP8 kernel
-        if gemm:
-            # mat2 column-major: the (N, K) row-major weight, transposed; row-wise scales need bf16 out.
-            bias = self.bias.to(torch.bfloat16) if bias_in_gemm else None
-            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
-                                 out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
-        else:
-            y = (q.float() * scale) @ self.dequantized_weight().t()
-        if self.bias is not None and not bias_in_gemm:
-            y = y + self.bias.to(y.dtype)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return y.to(out_dtype).reshape(*lead, self.out_features)
+        # mat2 column-major: the (N, K) row-major weight, transposed, with its (1, N) scales.
+        y = fp8_mm(q, scale, self.weight_fp8.t(), self.weight_scale, out_dtype, self.fast_accum, self.bias, self.bias_in_gemm)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         act = "static per-layer" if self.static else "dynamic per-token"

@@ -39,27 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.models.fp8 import (BLOCK_LINEARS, amax_scales, block_linears, fp8_matmul_supported, quantize, replace_module,
+from ditkit.models.fp8 import (BLOCK_LINEARS, amax_scales, block_linears, fp8_mm, quantize, quantize_rows, replace_module,
                                scaled_mm_takes_bias)
 from ditkit.models.fp8_kernels import quantize_rows_op
-
-
-def fp8_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
-           fast_accum: bool, bias: torch.Tensor | None = None, bias_in_gemm: bool = False) -> torch.Tensor:
-    """(sa ⊙ a) @ (b ⊙ sb) (+ bias) for e4m3 a (M, K) row-major with row scales sa (M, 1) and b (K, N)
-    column-major with column scales sb (1, N).  ``bias_in_gemm``: the kernel adds a bf16 bias itself
-    (``fp8.scaled_mm_takes_bias``, probed outside compiled code)."""
-    if fp8_matmul_supported(a.device):
-        # Row-wise scales need a bf16 result.  The bias in the kernel's epilogue where it takes one: a
-        # separate add after the qkv product would make compile write q, k and v out a second time.
-        in_gemm = bias is not None and bias_in_gemm
-        y = torch._scaled_mm(a.contiguous(), b, scale_a=sa, scale_b=sb, bias=bias.to(torch.bfloat16) if in_gemm else None,
-                             out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
-        y = y if bias is None or in_gemm else y + bias.to(y.dtype)
-        return y.to(out_dtype)
-    with torch.autocast(a.device.type, enabled=False):  # the emulation multiplies in float32, autocast or not
-        y = (a.float() * sa) @ (b.float() * sb)
-    return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
 # The forward product is an operator of its own whose backward is registered with it.  As an
@@ -91,11 +73,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, gy):
     x, weight = ctx.saved_tensors
-    if ctx.grad_op:
-        gq, sg = quantize_rows_op(gy)
-    else:
-        sg = amax_scales(gy, 1)  # (M, 1) per token
-        gq = quantize(gy, sg)
+    gq, sg = (quantize_rows_op if ctx.grad_op else quantize_rows)(gy)  # (M, 1) scales, per token
     sw_cols = amax_scales(weight, 0)  # (1, K): W scaled per input column, (N, K) column-major, the kernel's layout for b
     wq_cols = quantize(weight.detach(), sw_cols).t().contiguous().t()
     gx = fp8_mm(gq, sg, wq_cols, sw_cols, x.dtype, fast_accum=False)  # (M, N)(N, K)
@@ -120,8 +98,7 @@ class Float8TrainingLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         autocast = torch.is_autocast_enabled(x.device.type)
         x2 = x2.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)  # the compute dtype
-        sx, sw = amax_scales(x2, 1), amax_scales(self.weight, 1)  # (M, 1) per token, (N, 1) per output
-        xq, wq = quantize(x2.detach(), sx), quantize(self.weight.detach(), sw)
+        (xq, sx), (wq, sw) = quantize_rows(x2.detach()), quantize_rows(self.weight.detach())  # (M, 1) per token, (N, 1) per output
         y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm, self.grad_op)
         return y.reshape(*lead, self.out_features)
 
