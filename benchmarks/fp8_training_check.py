@@ -16,7 +16,7 @@ import torch
 import torch._inductor.config
 from torch import nn
 
-from ditkit.models.dit import build_model
+from bench import make_model, random_batch  # benchmarks/, on the path when run as a script
 from ditkit.models.fp8_training import convert_for_fp8_training, revert_fp8_training
 from ditkit.objectives.ddpm import create_ddpm
 
@@ -45,30 +45,26 @@ def main() -> None:
     # compiled run drops other labels and differs from the reference by ~12% for that reason alone.
     torch._inductor.config.fallback_random = True
     torch.manual_seed(0)
-    with torch.device(device):
-        model = build_model(args.model, input_size=32, in_channels=4, num_classes=1000).train()
-    with torch.no_grad():  # adaLN-Zero starts at identity: give every layer real weights
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and not m.weight.any():
-                nn.init.normal_(m.weight, std=0.02)
-    x = torch.randn(args.batch, 4, 32, 32, device=device)
-    y = torch.randint(0, 1000, (args.batch,), device=device)
+    model = make_model(args.model, 32, device).train()  # every weight non-zero
+    x, y = random_batch(args.batch, argparse.Namespace(input_size=32), device)
     ref_loss, ref = step(model, model, x, y, device)
-    # The control: bf16 compiled, no FP8 (how far compilation alone moves the gradients).
-    control = step(model, torch.compile(model), x, y, device)
-    convert_for_fp8_training(model)
-    runs = {"fp8 eager": (model, None), "fp8 compiled": (torch.compile(model), None),
-            "fp8 compiled + bf16 residual": (torch.compile(model), torch.bfloat16),
-            "fp8 CUDA graphs + bf16 residual": (torch.compile(model, mode="reduce-overhead"), torch.bfloat16)}
     print(f"{args.model} batch {args.batch} on {device}: bf16 eager loss {ref_loss:.6f}")
     print("| run | loss rel err | " + " | ".join(GROUPS) + " |")
     print("|---" * (len(GROUPS) + 2) + "|")
-    for name, (net, residual) in [("bf16 compiled (control)", (None, None)),
-                                  *(runs.items() if device.type == "cuda" else list(runs.items())[:3])]:
+
+    def report(name: str, net, residual: torch.dtype | None = None) -> None:
         model.residual_dtype = residual
-        loss, grads = step(model, net, x, y, device) if net is not None else control
+        loss, grads = step(model, net, x, y, device)
         errs = [((grads[g] - ref[g]).norm() / ref[g].norm()).item() for g in GROUPS]
         print(f"| {name} | {abs(loss - ref_loss) / abs(ref_loss):.2e} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
+
+    report("bf16 compiled (control)", torch.compile(model))  # how far compilation alone moves the gradients
+    convert_for_fp8_training(model)
+    report("fp8 eager", model)
+    report("fp8 compiled", torch.compile(model))
+    report("fp8 compiled + bf16 residual", torch.compile(model), torch.bfloat16)
+    if device.type == "cuda":
+        report("fp8 CUDA graphs + bf16 residual", torch.compile(model, mode="reduce-overhead"), torch.bfloat16)
     model.residual_dtype = None
     revert_fp8_training(model)
 
