@@ -18,7 +18,8 @@ matching's Euler and Heun samplers run on the same network (ms per network evalu
 fp32 or bf16 (autocast) plus levers (LEVERS): +compile, +cudagraphs (compile mode reduce-overhead),
 for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.adamw_ema``), +fp8 (the
 block linears' forward and ∂x products in FP8, ``ditkit.models.fp8_training``) and +bf16res (a bf16
-residual stream, ``train.bf16_residual``), for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilogues,
+``train.fused_mlp``) and +rows (persistent reductions for XL's 1152-wide rows, ``train.persistent_rows``), for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
@@ -54,6 +55,8 @@ from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
 from ditkit.models.fp8 import amax_scales, calibrate_fp8, quantize
 from ditkit.models.fp8_training import convert_for_fp8_training
+from ditkit.models.fused_mlp import convert_to_fused_mlp
+from ditkit.utils.inductor import persistent_rows
 from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
@@ -74,6 +77,8 @@ LEVERS = {  # what each +lever adds, and where it applies
     "fp8": ("train", "sample"),  # FP8 block linears: in training forward and ∂x with row-wise dynamic scales
     # (ditkit.models.fp8_training); in sampling with static activation scales (ditkit.models.fp8)
     "bf16res": ("train",),  # the residual stream (block inputs and outputs) in bf16 instead of float32
+    "mlp": ("train",),  # the MLP with GELU in cuBLASLt's epilogues (ditkit.models.fused_mlp, train.fused_mlp)
+    "rows": ("train",),  # persistent reductions for rows up to 2048 wide (ditkit.utils.inductor, train.persistent_rows)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
 }
 say = functools.partial(print, flush=True)
@@ -306,6 +311,9 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
         convert_for_fp8_training(model)
     if "bf16res" in levers(variant):  # autocast keeps x + gate·f(x) in float32 (train.bf16_residual)
         model.residual_dtype = torch.bfloat16
+    if "mlp" in levers(variant):
+        convert_to_fused_mlp(model)
+    persistent_rows(2048 if "rows" in levers(variant) else None)
     params = [p for p in model.parameters() if p.requires_grad]
     tail = "tail" in levers(variant)
     if tail:  # compiled on a GPU; the CPU smoke test runs its eager form
@@ -352,6 +360,7 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
 
 def bench_sample(name: str, batch: int, variant: str, args, device: torch.device, flops: dict) -> dict:
     torch.manual_seed(0)
+    persistent_rows(None)  # inductor's own choices, whatever a training row set
     model, objective = make_model(name, args.input_size, device).eval(), create_ddpm()
     noise, y = random_batch(batch, args, device)
     precision = "fp32" if variant.startswith("fp32") else "bf16" if "bf16w" in levers(variant) else "amp-bf16"
@@ -477,9 +486,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for kind, _, _, variant in args.rows:
         base, extra = variant.split("+")[0], levers(variant)
         if (base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra)
-                or (base == "fp32" and extra & {"bf16w", "bf16res"})):
+                or (base == "fp32" and extra & {"bf16w", "bf16res"}) or extra >= {"fp8", "mlp"}):
             raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of "
-                             + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + "; e.g. " + ", ".join(VARIANTS))
+                             + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + " (not +fp8 with +mlp); e.g. " + ", ".join(VARIANTS))
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.
     args.rows = sorted((r for r in args.rows if args.compile or not compiled(r[3])), key=lambda r: compiled(r[3]))
     return args

@@ -1,5 +1,7 @@
 """One DiT-XL block's training step (forward + backward, bf16 autocast, bf16 residual), compiled,
-in FP8 training variants: which kernels the row-wise quantization costs and what helps.
+in variants: FP8 training (which kernels the row-wise quantization costs), the MLP with GELU in the
+products' epilogues (``ditkit.models.fused_mlp``), persistent reductions for XL's 1152-wide rows
+(``ditkit.utils.inductor``).
 
     PYTHONPATH=src python benchmarks/fp8_block.py [--batch 128] [--variants bf16,fp8,...]
 
@@ -13,16 +15,22 @@ import contextlib
 
 import torch
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 import ditkit.models.fp8_training as fp8t
 from ditkit.models.dit import DiTBlock
+from ditkit.models.fused_mlp import convert_to_fused_mlp
+from ditkit.utils.inductor import persistent_rows
 
 ALL = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator)
-    "bf16": (False, ()),
-    "fp8 traced": (True, ()),  # every quantization traced, fused by compile
-    "fp8": (True, fp8t.GRAD_OP),  # ditkit's choice
-    "fp8 grad-op all": (True, ALL),
+VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP, persistent rows)
+    "bf16": (False, (), False, False),
+    "fp8 traced": (True, (), False, False),  # every quantization traced, fused by compile
+    "fp8": (True, fp8t.GRAD_OP, False, False),  # ditkit's choice
+    "fp8 grad-op all": (True, ALL, False, False),
+    "bf16 rows": (False, (), False, True),
+    "bf16 mlp": (False, (), True, False),
+    "bf16 mlp rows": (False, (), True, True),
 }
 
 
@@ -64,11 +72,12 @@ def main() -> None:
               f"(rows with NaN: {nan_rows}, expected [7, 9])")
     if args.check_only:
         return
-    print("| variant | ms per block | × 28 blocks | top kernels (GPU-ms per block) |\n|---|---|---|---|")
+    print("| variant | ms per block | × 28 blocks | persistent / looped reductions | top kernels (GPU-ms per block) |\n|---|---|---|---|---|")
     for name in args.variants.split(","):
-        fp8, grad_op = VARIANTS[name]
+        fp8, grad_op, fused_mlp, rows = VARIANTS[name]
         torch.manual_seed(0)
         torch._dynamo.reset()
+        persistent_rows(2048 if rows else None)
         blk = DiTBlock(args.hidden, args.heads).to(dev)
         for m in blk.modules():
             if isinstance(m, nn.Linear):
@@ -78,6 +87,8 @@ def main() -> None:
             for n, m in blk.named_modules():
                 if isinstance(m, fp8t.Float8TrainingLinear):
                     m.grad_op = n in grad_op
+        if fused_mlp:
+            convert_to_fused_mlp(blk)
         x = torch.randn(args.batch, args.tokens, args.hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
         c = torch.randn(args.batch, args.hidden, device=dev)
         gout = torch.randn_like(x)
@@ -88,9 +99,9 @@ def main() -> None:
                 out = net(x, c)
             out.backward(gout)
 
+        _, codes = run_and_get_code(step)  # the first (compiling) step
+        reductions = {kind: sum(c.count(f"@triton_heuristics.{kind}(") for c in codes) for kind in ("persistent_reduction", "reduction")}
         if args.dump:
-            from torch._inductor.utils import run_and_get_code
-            _, codes = run_and_get_code(step)
             with open(args.dump_to, "w") as f:
                 for code in codes:
                     for part in code.split("\n\n\n"):
@@ -106,7 +117,7 @@ def main() -> None:
             torch.cuda.synchronize()
         kernels = sorted(((e.device_time_total / 3e3, e.key) for e in prof.key_averages()), reverse=True)[:6]
         top = "; ".join(f"{t:.2f} {k[:70]}" for t, k in kernels)
-        print(f"| {name} | {ms:.3f} | {28 * ms:.1f} | {top} |", flush=True)
+        print(f"| {name} | {ms:.3f} | {28 * ms:.1f} | {reductions['persistent_reduction']} / {reductions['reduction']} | {top} |", flush=True)
 
 
 if __name__ == "__main__":

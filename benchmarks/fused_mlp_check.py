@@ -1,0 +1,123 @@
+"""The MLP with GELU in cuBLASLt's epilogues (``ditkit.models.fused_mlp``) against torch, on a GPU.
+
+    PYTHONPATH=src python benchmarks/fused_mlp_check.py
+
+1. Each fused product against a float32 computation from the same bf16 operands, beside the
+   unfused bf16 path's error (and, for the forward, against the exact erf GELU: cuBLASLt's GELU
+   must be the tanh approximation DiT uses).  Times of the fused and the unfused products.
+2. ``FusedMlp`` against ``Mlp`` under bf16 autocast, eager and compiled (also with CUDA graphs):
+   output and gradients against the float32 MLP, for both.
+Exits non-zero if an error exceeds bf16 tolerances.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ditkit.models import cublaslt
+from ditkit.models.dit import Mlp
+from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def median_ms(fn, n: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[n // 2]
+
+
+def products(tokens: int, d: int, h: int, dev: torch.device) -> list[tuple[str, float, float]]:
+    bf = torch.bfloat16
+    x, g = torch.randn(tokens, d, device=dev, dtype=bf), torch.randn(tokens, d, device=dev, dtype=bf) * 1e-3
+    w1, w2 = (torch.randn(h, d, device=dev) * 0.02).to(bf), (torch.randn(d, h, device=dev) * 0.02).to(bf)
+    b1 = (torch.randn(h, device=dev) * 0.1).to(bf)
+    pre32 = torch.addmm(b1.float(), x.float(), w1.float().t())
+    a, pre = cublaslt.linear_gelu(x, w1, b1)
+    pre_u = torch.addmm(b1, x, w1.t())
+    gpre32 = torch.ops.aten.gelu_backward((g.float() @ w2.float()), pre.float(), approximate="tanh")
+    gpre, gb = cublaslt.matmul_dgelu(g, w2, pre)
+    gpre_u = torch.ops.aten.gelu_backward(g @ w2, pre, approximate="tanh")
+    rows = [("pre = x W₁ᵀ + b₁", rel(pre, pre32), rel(pre_u, pre32)),
+            ("a = GELU(pre), tanh", rel(a, F.gelu(pre32, approximate="tanh")), rel(F.gelu(pre_u, approximate="tanh"), F.gelu(pre32, approximate="tanh"))),
+            ("a against erf GELU", rel(a, F.gelu(pre32)), rel(F.gelu(pre_u, approximate="tanh"), F.gelu(pre32))),
+            ("∂pre", rel(gpre, gpre32), rel(gpre_u, gpre32)),
+            ("∂b₁", rel(gb, gpre32.sum(0)), rel(gpre_u.sum(0), gpre32.sum(0)))]
+    t = {"fwd fused": median_ms(lambda: cublaslt.linear_gelu(x, w1, b1)),
+         "fwd unfused": median_ms(lambda: F.gelu(torch.addmm(b1, x, w1.t()), approximate="tanh")),
+         "fwd product alone": median_ms(lambda: torch.addmm(b1, x, w1.t())),
+         "bwd fused": median_ms(lambda: cublaslt.matmul_dgelu(g, w2, pre)),
+         "bwd unfused": median_ms(lambda: torch.ops.aten.gelu_backward(g @ w2, pre, approximate="tanh").sum(0)),
+         "bwd product alone": median_ms(lambda: g @ w2)}
+    flop = 2 * tokens * d * h
+    print(f"\ntokens {tokens}, D {d}, H {h}: ms (TFLOP/s) " + ", ".join(f"{k} {v:.3f} ({flop / v / 1e9:.0f})" for k, v in t.items()))
+    return rows
+
+
+def modules(tokens: int, d: int, dev: torch.device, compile_mode: str | None) -> list[tuple[str, float, float]]:
+    torch.manual_seed(0)
+    ref = Mlp(d, 4 * d).to(dev)
+    plain, parent = copy.deepcopy(ref), torch.nn.ModuleDict({"mlp": copy.deepcopy(ref)})
+    convert_to_fused_mlp(parent)  # a lone Mlp is converted through a parent
+    fused = parent["mlp"]
+    assert isinstance(fused, FusedMlp)
+    x = torch.randn(8, tokens // 8, d, device=dev)
+    gy = torch.randn_like(x)
+    out = {}
+    for name, m in (("ref", ref), ("plain", plain), ("fused", fused)):
+        xi = x.clone().requires_grad_()
+        net = m if name == "ref" or compile_mode is None else torch.compile(m, mode=compile_mode)
+        for _ in range(2 if compile_mode else 1):  # CUDA graphs: record on the first call, replay on the second
+            for p in m.parameters():
+                p.grad = None
+            xi.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name != "ref"):
+                y = net(xi)
+            y.float().backward(gy)
+        out[name] = [y.detach().clone(), xi.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    names = ["y", "∂x", "∂W₁", "∂b₁", "∂W₂", "∂b₂"]
+    return [(n, rel(f, r), rel(p, r)) for n, r, p, f in zip(names, out["ref"], out["plain"], out["fused"])]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=1152)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    if not cublaslt.available(dev):
+        sys.exit("cuBLASLt not found")
+    worst = 0.0
+    for tokens in (8192, 32768):  # DiT-XL/2 at batch 32 and 128
+        rows = products(tokens, args.hidden, 4 * args.hidden, dev)
+        print("| product | fused error | unfused bf16 error |\n|---|---|---|")
+        for name, f, u in rows:
+            print(f"| {name} | {f:.2e} | {u:.2e} |")
+            if "erf" not in name:
+                worst = max(worst, f / max(u, 1e-3))
+    for mode in (None, "default", "reduce-overhead"):
+        rows = modules(4096, args.hidden, dev, mode)
+        print(f"\nFusedMlp and Mlp (bf16 autocast, {mode or 'eager'}) against the float32 Mlp\n"
+              "| tensor | fused error | plain error |\n|---|---|---|")
+        for name, f, u in rows:
+            print(f"| {name} | {f:.2e} | {u:.2e} |")
+            worst = max(worst, f / max(u, 1e-3))
+    print(f"\nworst fused error / max(unfused error, 1e-3): {worst:.2f}")
+    sys.exit(0 if worst < 3 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The block MLP's training step with GELU inside the matrix products' epilogues.
+
+    forward   pre = x W₁ᵀ + b₁,  a = GELU(pre)      one product, writes a and pre (cuBLASLt GELU_AUX_BIAS)
+              y = a W₂ᵀ + b₂
+    backward  ∂W₂ = ∂yᵀ a,  ∂b₂ = Σ ∂y
+              ∂pre = (∂y W₂) ⊙ GELU'(pre),  ∂b₁ = Σ ∂pre   one product (cuBLASLt DGELU_BGRAD)
+              ∂W₁ = ∂preᵀ x,  ∂x = ∂pre W₁
+
+Compiled, the plain MLP's GELU is a separate pass after fc1, and in the backward a pass that reads
+∂a and pre to write ∂pre (recomputing a for ∂W₂) plus one for ∂b₁.  Here those passes are gone;
+the price is keeping a as well as pre for the backward (tokens × 4·hidden more activation memory).
+
+``FusedMlp`` holds the same ``fc1``/``fc2`` modules as the ``Mlp`` it replaces (same Parameters,
+same state dict).  The fused products run on CUDA in bf16/fp16 (under autocast: its dtype) with
+sizes that are multiples of 8; otherwise, and on a CPU, the operators compute the same thing with
+torch's ops (which the CPU tests compare with the plain MLP's autograd).  ``train.fused_mlp=true``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditkit.models import cublaslt
+from ditkit.models.dit import Mlp
+from ditkit.models.fp8 import replace_module
+
+
+def _fused(t: torch.Tensor, *sizes: int) -> bool:
+    return t.dtype in (torch.bfloat16, torch.float16) and all(s % 8 == 0 for s in sizes) and cublaslt.available(t.device)
+
+
+# The MLP is one operator with a registered backward: the GELU-gradient product (fc2's ∂x with fc1's
+# GELU applied) crosses the two linears, so no per-linear autograd could fuse it.  The backward is
+# traced; only that product is an opaque operator of its own.
+@torch.library.custom_op("ditkit::gelu_mlp", mutates_args=(),
+                         schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor)")
+def gelu_mlp(x, w1, b1, w2, b2):
+    """x (M, D) -> y (M, D), and for the backward a = GELU(pre) and pre = x W₁ᵀ + b₁, both (M, H)."""
+    if _fused(x, *w1.shape):
+        a, pre = cublaslt.linear_gelu(x, w1, b1)
+    else:
+        pre = torch.addmm(b1, x, w1.t())
+        a = F.gelu(pre, approximate="tanh")
+    return torch.addmm(b2, a, w2.t()), a, pre
+
+
+@gelu_mlp.register_fake
+def _(x, w1, b1, w2, b2):
+    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
+
+
+@torch.library.custom_op("ditkit::dgelu_matmul", mutates_args=(), schema="(Tensor g, Tensor w, Tensor pre) -> (Tensor, Tensor)")
+def dgelu_matmul(g, w, pre):
+    """g (M, D) = ∂y, w (D, H) = W₂, pre (M, H) -> ∂pre = (g W₂) ⊙ GELU'(pre) (M, H) and ∂b₁ = Σ_M ∂pre (H,)."""
+    if _fused(g, *w.shape):
+        return cublaslt.matmul_dgelu(g, w, pre)
+    gpre = torch.ops.aten.gelu_backward(g @ w, pre, approximate="tanh")
+    return gpre, gpre.sum(0)
+
+
+@dgelu_matmul.register_fake
+def _(g, w, pre):
+    return pre.new_empty(pre.shape), pre.new_empty(pre.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, _, w2, _ = inputs
+    _, a, pre = output
+    ctx.save_for_backward(x, w1, w2, a, pre)
+    ctx.mark_non_differentiable(a, pre)
+
+
+def _backward(ctx, gy, ga, gpre):
+    x, w1, w2, a, pre = ctx.saved_tensors
+    gy = gy.contiguous()
+    gpre, gb1 = dgelu_matmul(gy, w2, pre)
+    return gpre @ w1, gpre.t() @ x, gb1, gy.t() @ a, gy.sum(0)
+
+
+gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedMlp(Mlp):
+    """``Mlp`` whose training step runs through ``gelu_mlp`` (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), *(p.to(dtype) for p in params))
+        return y.reshape(*lead, y.shape[-1])
+
+
+def _sharing(cls: type[Mlp], mlp: Mlp) -> Mlp:
+    """A ``cls`` holding ``mlp``'s own fc1 and fc2 modules."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.fc1, new.act, new.fc2 = mlp.fc1, mlp.act, mlp.fc2
+    return new.train(mlp.training)
+
+
+def convert_to_fused_mlp(model: nn.Module) -> int:
+    """Replace every ``Mlp`` in ``model`` by a ``FusedMlp`` holding the same layers; returns how many."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is Mlp]
+    for name, m in targets:
+        replace_module(model, name, _sharing(FusedMlp, m))
+    return len(targets)
+
+
+def revert_fused_mlp(model: nn.Module) -> int:
+    """Undo ``convert_to_fused_mlp``; returns how many."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is FusedMlp]
+    for name, m in targets:
+        replace_module(model, name, _sharing(Mlp, m))
+    return len(targets)
