@@ -1,7 +1,6 @@
 """One DiT-XL block's training step (forward + backward, bf16 autocast, bf16 residual), compiled,
 in variants: FP8 training (which kernels the row-wise quantization costs), the MLP with GELU in the
-products' epilogues (``ditkit.models.fused_mlp``), persistent reductions for XL's 1152-wide rows
-(``ditkit.utils.inductor``).
+products' epilogues (``ditkit.models.fused_mlp``).
 
     PYTHONPATH=src python benchmarks/fp8_block.py [--batch 128] [--variants bf16,fp8,...]
 
@@ -19,18 +18,16 @@ from torch._inductor.utils import run_and_get_code
 
 import ditkit.models.fp8_training as fp8t
 from ditkit.models.dit import DiTBlock
-from ditkit.models.fused_mlp import convert_to_fused_mlp
-from ditkit.utils.inductor import persistent_rows
+import ditkit.models.fused_mlp as fmlp
 
 ALL = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP, persistent rows)
-    "bf16": (False, (), False, False),
-    "fp8 traced": (True, (), False, False),  # every quantization traced, fused by compile
-    "fp8": (True, fp8t.GRAD_OP, False, False),  # ditkit's choice
-    "fp8 grad-op all": (True, ALL, False, False),
-    "bf16 rows": (False, (), False, True),
-    "bf16 mlp": (False, (), True, False),
-    "bf16 mlp rows": (False, (), True, True),
+VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP: ∂b₁ from where)
+    "bf16": (False, (), None),
+    "fp8 traced": (True, (), None),  # every quantization traced, fused by compile
+    "fp8": (True, fp8t.GRAD_OP, None),  # ditkit's choice
+    "fp8 grad-op all": (True, ALL, None),
+    "bf16 mlp": (False, (), "sum"),  # ditkit's choice: ∂b₁ summed after the DGELU product
+    "bf16 mlp bgrad": (False, (), "epilogue"),  # ∂b₁ in the product's epilogue (DGELU_BGRAD)
 }
 
 
@@ -74,10 +71,10 @@ def main() -> None:
         return
     print("| variant | ms per block | × 28 blocks | persistent / looped reductions | top kernels (GPU-ms per block) |\n|---|---|---|---|---|")
     for name in args.variants.split(","):
-        fp8, grad_op, fused_mlp, rows = VARIANTS[name]
+        fp8, grad_op, fused_mlp = VARIANTS[name]
         torch.manual_seed(0)
         torch._dynamo.reset()
-        persistent_rows(2048 if rows else None)
+        fmlp.BIAS_GRAD_IN_EPILOGUE = fused_mlp == "epilogue"
         blk = DiTBlock(args.hidden, args.heads).to(dev)
         for m in blk.modules():
             if isinstance(m, nn.Linear):
@@ -88,7 +85,7 @@ def main() -> None:
                 if isinstance(m, fp8t.Float8TrainingLinear):
                     m.grad_op = n in grad_op
         if fused_mlp:
-            convert_to_fused_mlp(blk)
+            fmlp.convert_to_fused_mlp(blk)
         x = torch.randn(args.batch, args.tokens, args.hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
         c = torch.randn(args.batch, args.hidden, device=dev)
         gout = torch.randn_like(x)

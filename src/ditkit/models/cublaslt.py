@@ -8,7 +8,7 @@ gradient are separate passes over the (tokens × 4·hidden) activation: on an H1
 batch 128, 13.6 of 230 GPU-ms per training step went to GELU's backward and its bias sum.
 
     linear_gelu(x, w, b)      a = GELU(x wᵀ + b), pre = x wᵀ + b        (GELU_AUX_BIAS)
-    matmul_dgelu(g, w, pre)   ∂pre = (g w) ⊙ GELU'(pre), ∂b = Σ_tokens ∂pre  (DGELU_BGRAD)
+    matmul_dgelu(g, w, pre)   ∂pre = (g w) ⊙ GELU'(pre), ∂b = Σ_tokens ∂pre  (DGELU[_BGRAD])
 
 Row-major tensors, bf16 or fp16, float32 accumulation.  cuBLAS is column-major: a row-major (M, N)
 matrix is a column-major N × M one with the same memory, so Y = X Wᵀ is computed as Yᵀ = W Xᵀ.
@@ -30,7 +30,8 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE = 3, 4, 7  # cublasLtMatmulDescAttributes_t
 _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 8, 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
-GELU_AUX_BIAS, DGELU_BGRAD = 32 | 128 | 4, 64 | 128 | 16  # cublasLtEpilogue_t
+GELU_AUX_BIAS, DGELU, DGELU_BGRAD = 32 | 128 | 4, 64 | 128, 64 | 128 | 16  # cublasLtEpilogue_t
+_WITH_BIAS = 4 | 16  # the epilogue bits that read a bias or write its gradient
 _WORKSPACE = 32 << 20  # bytes, as torch gives cuBLASLt on Hopper
 
 
@@ -112,31 +113,63 @@ def _plan(dtype: int, epilogue: int, trans_a: int, m: int, n: int, k: int, devic
     _check(lib.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), ctypes.sizeof(ws)),
            "cublasLtMatmulPreferenceSetAttribute")
     # The heuristic checks pointer alignment from the attributes; torch's allocations are 256-byte aligned.
-    _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(256))
+    if epilogue & _WITH_BIAS:
+        _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(256))
     _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(256))
-    result, count = _Heuristic(), ctypes.c_int(0)
-    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(), desc, a, b, d, d, pref, 1, ctypes.byref(result),
+    results, count = (_Heuristic * _CANDIDATES)(), ctypes.c_int(0)
+    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(), desc, a, b, d, d, pref, _CANDIDATES, results,
                                               ctypes.byref(count)), "cublasLtMatmulAlgoGetHeuristic")
     if count.value == 0:
         raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue} at m={m} n={n} k={k}")
-    return desc, a, b, d, result
+    return desc, a, b, d, list(results[:count.value])
 
 
 def _matmul(epilogue: int, trans_a: int, a: torch.Tensor, b: torch.Tensor, m: int, n: int, k: int,
-            bias: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+            bias: torch.Tensor | None, aux: torch.Tensor) -> torch.Tensor:
     """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) B with ``epilogue``."""
-    desc, la, lb, ld, result = _plan(_DTYPES[a.dtype], epilogue, trans_a, m, n, k, a.device.index)
+    key = (_DTYPES[a.dtype], epilogue, trans_a, m, n, k, a.device.index)
+    desc, la, lb, ld, candidates = _plan(*key)
     out = torch.empty(n, m, device=a.device, dtype=a.dtype)
     workspace = torch.empty(_WORKSPACE, device=a.device, dtype=torch.uint8)
-    _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+    if bias is not None:
+        _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
     _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
     stream = ctypes.c_void_p(torch.cuda.current_stream(a.device).cuda_stream)
-    _check(_lib().cublasLtMatmul(_handle(), desc, ctypes.byref(one), ctypes.c_void_p(a.data_ptr()), la,
-                                 ctypes.c_void_p(b.data_ptr()), lb, ctypes.byref(zero), ctypes.c_void_p(out.data_ptr()), ld,
-                                 ctypes.c_void_p(out.data_ptr()), ld, ctypes.byref(result.algo),
-                                 ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(_WORKSPACE), stream), "cublasLtMatmul")
+
+    def run(algo: _Heuristic) -> int:
+        return _lib().cublasLtMatmul(_handle(), desc, ctypes.byref(one), ctypes.c_void_p(a.data_ptr()), la,
+                                     ctypes.c_void_p(b.data_ptr()), lb, ctypes.byref(zero), ctypes.c_void_p(out.data_ptr()), ld,
+                                     ctypes.c_void_p(out.data_ptr()), ld, ctypes.byref(algo.algo),
+                                     ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(_WORKSPACE), stream)
+
+    if key not in _chosen and not torch.cuda.is_current_stream_capturing():
+        _chosen[key] = _fastest(candidates, run)
+    _check(run(candidates[_chosen.get(key, 0)]), "cublasLtMatmul")
     return out
+
+
+_CANDIDATES = 8  # algorithms asked of the heuristic, timed on first use
+_chosen: dict[tuple, int] = {}
+
+
+def _fastest(candidates: list[_Heuristic], run) -> int:
+    """The index of the fastest candidate (3 timed runs each).  The heuristic's first choice is not
+    always fast: for DGELU_BGRAD it picked a product plus a separate epilogue kernel that took longer
+    than the product (H100, XL/2 MLP shapes)."""
+    times = []
+    for algo in candidates:
+        if algo.workspace_size > _WORKSPACE or run(algo) != 0:
+            times.append(float("inf"))
+            continue
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        events[0].record()
+        for _ in range(3):
+            run(algo)
+        events[1].record()
+        events[1].synchronize()
+        times.append(events[0].elapsed_time(events[1]))
+    return min(range(len(times)), key=times.__getitem__)
 
 
 def _operands(*tensors: torch.Tensor) -> None:
@@ -156,11 +189,13 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torc
     return a, pre
 
 
-def matmul_dgelu(g: torch.Tensor, w: torch.Tensor, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g (M, K) = ∂a of the next layer's output, w (K, N) its weight, pre (M, N) -> (∂pre, ∂b):
-    ∂pre = (g w) ⊙ GELU'(pre) (M, N) and ∂b = Σ_rows ∂pre (N,), in g's dtype."""
+def matmul_dgelu(g: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, bias_grad_in_epilogue: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """g (M, K) = ∂ of the next layer's output, w (K, N) its weight, pre (M, N) -> (∂pre, ∂b):
+    ∂pre = (g w) ⊙ GELU'(pre) (M, N) and ∂b = Σ_rows ∂pre (N,), in g's dtype.  ∂b comes from the
+    product's epilogue (DGELU_BGRAD) or from a sum over ∂pre after it (DGELU): see ``fused_mlp``."""
     _operands(g, w, pre)
     (m_rows, k), n = g.shape, w.shape[1]
-    gb = torch.empty(n, device=g.device, dtype=g.dtype)
-    gpre = _matmul(DGELU_BGRAD, _OP_N, w, g, n, m_rows, k, gb, pre)  # ∂preᵀ (N × M) = Wᵀ gᵀ
-    return gpre, gb
+    gb = torch.empty(n, device=g.device, dtype=g.dtype) if bias_grad_in_epilogue else None
+    gpre = _matmul(DGELU_BGRAD if bias_grad_in_epilogue else DGELU, _OP_N, w, g, n, m_rows, k, gb, pre)  # ∂preᵀ = Wᵀ gᵀ
+    return gpre, (gb if bias_grad_in_epilogue else gpre.sum(0))

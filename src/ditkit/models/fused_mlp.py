@@ -50,11 +50,16 @@ def _(x, w1, b1, w2, b2):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
 
 
+# ∂b₁ from the product's epilogue (DGELU_BGRAD) or a sum after it.  On an H100 at XL/2 shapes the
+# heuristic's DGELU_BGRAD ran a separate epilogue kernel slower than the product itself.
+BIAS_GRAD_IN_EPILOGUE = False
+
+
 @torch.library.custom_op("ditkit::dgelu_matmul", mutates_args=(), schema="(Tensor g, Tensor w, Tensor pre) -> (Tensor, Tensor)")
 def dgelu_matmul(g, w, pre):
     """g (M, D) = ∂y, w (D, H) = W₂, pre (M, H) -> ∂pre = (g W₂) ⊙ GELU'(pre) (M, H) and ∂b₁ = Σ_M ∂pre (H,)."""
     if _fused(g, *w.shape):
-        return cublaslt.matmul_dgelu(g, w, pre)
+        return cublaslt.matmul_dgelu(g, w, pre, BIAS_GRAD_IN_EPILOGUE)
     gpre = torch.ops.aten.gelu_backward(g @ w, pre, approximate="tanh")
     return gpre, gpre.sum(0)
 
