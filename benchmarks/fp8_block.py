@@ -21,13 +21,13 @@ from ditkit.models.dit import DiTBlock
 import ditkit.models.fused_mlp as fmlp
 
 ALL = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP: ∂b₁ from where)
+VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP: bias gradients from where)
     "bf16": (False, (), None),
     "fp8 traced": (True, (), None),  # every quantization traced, fused by compile
     "fp8": (True, fp8t.GRAD_OP, None),  # ditkit's choice
     "fp8 grad-op all": (True, ALL, None),
-    "bf16 mlp": (False, (), "sum"),  # ditkit's choice: ∂b₁ summed after the DGELU product
-    "bf16 mlp bgrad": (False, (), "epilogue"),  # ∂b₁ in the product's epilogue (DGELU_BGRAD)
+    "bf16 mlp": (False, (), "products"),  # ditkit's choice: in the weight-gradient products (BGRADB)
+    "bf16 mlp sum": (False, (), "sum"),  # summed by traced code
 }
 
 
@@ -74,7 +74,7 @@ def main() -> None:
         fp8, grad_op, fused_mlp = VARIANTS[name]
         torch.manual_seed(0)
         torch._dynamo.reset()
-        fmlp.BIAS_GRAD_IN_EPILOGUE = fused_mlp == "epilogue"
+        fmlp.BIAS_GRADS_IN_PRODUCTS = fused_mlp == "products"
         blk = DiTBlock(args.hidden, args.heads).to(dev)
         for m in blk.modules():
             if isinstance(m, nn.Linear):

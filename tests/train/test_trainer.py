@@ -389,6 +389,20 @@ def test_fp8_training_follows_the_float_run_and_writes_plain_checkpoints(tmp_pat
     assert final_weights(tmp_path / "true")["step"] == 32
 
 
+def test_fused_mlp_training_follows_the_plain_run(tmp_path):
+    """train.fused_mlp=true (on the CPU its operators compute with torch's ops) against the plain
+    run: the same losses to float rounding, and the same checkpoint keys.  Not with train.fp8."""
+    common = [*TINY, "train.steps=6", "train.log_every=2"]
+    for fused in ("false", "true"):
+        train(load_config("digits", overrides=[*common, f"train.fused_mlp={fused}"]), tmp_path / fused, device="cpu")
+    ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
+    assert ref.keys() == got.keys() == {2, 4, 6}
+    assert all(abs(got[k] - ref[k]) <= 1e-5 * ref[k] for k in ref), (ref, got)
+    assert final_weights(tmp_path / "false")["model"].keys() == final_weights(tmp_path / "true")["model"].keys()
+    with pytest.raises(ConfigError, match="train.fused_mlp must be false with train.fp8=true"):
+        load_config("digits", overrides=["train.fp8=true", "train.fused_mlp=true"])
+
+
 def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
     with pytest.raises(ConfigError, match="train.bf16_residual=true needs bf16 autocast"):
         train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.bf16_residual=true"]), tmp_path / "a", device="cpu")

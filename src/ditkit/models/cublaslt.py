@@ -5,10 +5,12 @@ torch exposes cuBLASLt's fused epilogues only for the forward GELU without its i
 product that also writes GELU's input for the backward, and the backward product that applies
 GELU's derivative and reduces the bias gradient in the same kernel.  Without them, GELU and its
 gradient are separate passes over the (tokens × 4·hidden) activation: on an H100 at DiT-XL/2
-batch 128, 13.6 of 230 GPU-ms per training step went to GELU's backward and its bias sum.
+batch 128, 19.6 of 230 GPU-ms per training step went to GELU, its backward and its bias sum.
+And a bias gradient is a sum over the tokens of ∂y, which the weight-gradient product reads anyway.
 
     linear_gelu(x, w, b)      a = GELU(x wᵀ + b), pre = x wᵀ + b        (GELU_AUX_BIAS)
-    matmul_dgelu(g, w, pre)   ∂pre = (g w) ⊙ GELU'(pre), ∂b = Σ_tokens ∂pre  (DGELU[_BGRAD])
+    matmul_dgelu(g, w, pre)   ∂pre = (g w) ⊙ GELU'(pre)                      (DGELU)
+    weight_grad(x, g)         ∂W = gᵀ x, ∂b = Σ_tokens g                  (BGRADB)
 
 Row-major tensors, bf16 or fp16, float32 accumulation.  cuBLAS is column-major: a row-major (M, N)
 matrix is a column-major N × M one with the same memory, so Y = X Wᵀ is computed as Yᵀ = W Xᵀ.
@@ -30,8 +32,8 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE = 3, 4, 7  # cublasLtMatmulDescAttributes_t
 _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 8, 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
-GELU_AUX_BIAS, DGELU, DGELU_BGRAD = 32 | 128 | 4, 64 | 128, 64 | 128 | 16  # cublasLtEpilogue_t
-_WITH_BIAS = 4 | 16  # the epilogue bits that read a bias or write its gradient
+GELU_AUX_BIAS, DGELU, BGRADB = 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
+_WITH_BIAS, _WITH_AUX = 4 | 512, 128  # the epilogue bits that use the bias (or its gradient) and the aux matrix
 _WORKSPACE = 32 << 20  # bytes, as torch gives cuBLASLt on Hopper
 
 
@@ -95,18 +97,18 @@ def _set(desc: ctypes.c_void_p, attr: int, value: ctypes._SimpleCData) -> None:
 
 
 @functools.cache
-def _plan(dtype: int, epilogue: int, trans_a: int, m: int, n: int, k: int, device: int):
-    """Descriptors and the heuristic's algorithm for one (column-major) product D (m × n) = op(A) B (k × n),
-    B untransposed, D's leading dimension m; cached: the shapes of a training step repeat."""
+def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int, k: int, device: int):
+    """Descriptors and the heuristic's candidate algorithms for one (column-major) product
+    D (m × n) = op(A) op(B), every matrix dense (D's leading dimension m); cached: a step's shapes repeat."""
     lib = _lib()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
     _set(desc, _DESC_TRANSA, ctypes.c_int32(trans_a))
-    _set(desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+    _set(desc, _DESC_TRANSB, ctypes.c_int32(trans_b))
     _set(desc, _DESC_EPILOGUE, ctypes.c_int32(epilogue))
-    _set(desc, _DESC_AUX_LD, ctypes.c_int64(m))
     a = _layout(dtype, k, m, k) if trans_a == _OP_T else _layout(dtype, m, k, m)
-    b, d = _layout(dtype, k, n, k), _layout(dtype, m, n, m)
+    b = _layout(dtype, n, k, n) if trans_b == _OP_T else _layout(dtype, k, n, k)
+    d = _layout(dtype, m, n, m)
     pref = ctypes.c_void_p()
     _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
     ws = ctypes.c_uint64(_WORKSPACE)
@@ -115,7 +117,9 @@ def _plan(dtype: int, epilogue: int, trans_a: int, m: int, n: int, k: int, devic
     # The heuristic checks pointer alignment from the attributes; torch's allocations are 256-byte aligned.
     if epilogue & _WITH_BIAS:
         _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(256))
-    _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(256))
+    if epilogue & _WITH_AUX:
+        _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(256))
+        _set(desc, _DESC_AUX_LD, ctypes.c_int64(m))
     results, count = (_Heuristic * _CANDIDATES)(), ctypes.c_int(0)
     _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(), desc, a, b, d, d, pref, _CANDIDATES, results,
                                               ctypes.byref(count)), "cublasLtMatmulAlgoGetHeuristic")
@@ -124,16 +128,17 @@ def _plan(dtype: int, epilogue: int, trans_a: int, m: int, n: int, k: int, devic
     return desc, a, b, d, list(results[:count.value])
 
 
-def _matmul(epilogue: int, trans_a: int, a: torch.Tensor, b: torch.Tensor, m: int, n: int, k: int,
-            bias: torch.Tensor | None, aux: torch.Tensor) -> torch.Tensor:
-    """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) B with ``epilogue``."""
-    key = (_DTYPES[a.dtype], epilogue, trans_a, m, n, k, a.device.index)
+def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch.Tensor, m: int, n: int, k: int,
+            bias: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> torch.Tensor:
+    """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) op(B) with ``epilogue``."""
+    key = (_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index)
     desc, la, lb, ld, candidates = _plan(*key)
     out = torch.empty(n, m, device=a.device, dtype=a.dtype)
     workspace = torch.empty(_WORKSPACE, device=a.device, dtype=torch.uint8)
     if bias is not None:
         _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
-    _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+    if aux is not None:
+        _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
     stream = ctypes.c_void_p(torch.cuda.current_stream(a.device).cuda_stream)
 
@@ -154,9 +159,7 @@ _chosen: dict[tuple, int] = {}
 
 
 def _fastest(candidates: list[_Heuristic], run) -> int:
-    """The index of the fastest candidate (3 timed runs each).  The heuristic's first choice is not
-    always fast: for DGELU_BGRAD it picked a product plus a separate epilogue kernel that took longer
-    than the product (H100, XL/2 MLP shapes)."""
+    """The index of the fastest candidate (3 timed runs each): the heuristic's first is its estimate."""
     times = []
     for algo in candidates:
         if algo.workspace_size > _WORKSPACE or run(algo) != 0:
@@ -185,17 +188,24 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torc
     _operands(x, w, b)
     (m_rows, k), n = x.shape, w.shape[0]
     pre = torch.empty(m_rows, n, device=x.device, dtype=x.dtype)
-    a = _matmul(GELU_AUX_BIAS, _OP_T, w, x, n, m_rows, k, b, pre)  # Dᵀ (N × M) = W Xᵀ
+    a = _matmul(GELU_AUX_BIAS, _OP_T, _OP_N, w, x, n, m_rows, k, b, pre)  # Dᵀ (N × M) = W Xᵀ
     return a, pre
 
 
-def matmul_dgelu(g: torch.Tensor, w: torch.Tensor, pre: torch.Tensor, bias_grad_in_epilogue: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """g (M, K) = ∂ of the next layer's output, w (K, N) its weight, pre (M, N) -> (∂pre, ∂b):
-    ∂pre = (g w) ⊙ GELU'(pre) (M, N) and ∂b = Σ_rows ∂pre (N,), in g's dtype.  ∂b comes from the
-    product's epilogue (DGELU_BGRAD) or from a sum over ∂pre after it (DGELU): see ``fused_mlp``."""
+def matmul_dgelu(g: torch.Tensor, w: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """g (M, K) = ∂ of the next layer's output, w (K, N) its weight, pre (M, N) -> ∂pre = (g w) ⊙ GELU'(pre),
+    (M, N) in g's dtype.  Not DGELU_BGRAD (∂b in the same epilogue): on an H100 at XL/2 shapes every
+    algorithm the heuristic offered for it ran a separate epilogue kernel, slower than the product."""
     _operands(g, w, pre)
     (m_rows, k), n = g.shape, w.shape[1]
-    gb = torch.empty(n, device=g.device, dtype=g.dtype) if bias_grad_in_epilogue else None
-    gpre = _matmul(DGELU_BGRAD if bias_grad_in_epilogue else DGELU, _OP_N, w, g, n, m_rows, k, gb, pre)  # ∂preᵀ = Wᵀ gᵀ
-    return gpre, (gb if bias_grad_in_epilogue else gpre.sum(0))
+    return _matmul(DGELU, _OP_N, _OP_N, w, g, n, m_rows, k, aux=pre)  # ∂preᵀ (N × M) = Wᵀ gᵀ
+
+
+def weight_grad(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) a linear's input, g (M, N) the gradient of its output -> ∂W = gᵀ x (N, K) and
+    ∂b = Σ_rows g (N,), the bias gradient reduced while the product reads g (BGRADB)."""
+    _operands(x, g)
+    (m_rows, k), n = x.shape, g.shape[1]
+    gb = torch.empty(n, device=x.device, dtype=x.dtype)
+    gw = _matmul(BGRADB, _OP_N, _OP_T, x, g, k, n, m_rows, gb)  # ∂Wᵀ (K × N) = Xᵀ g
+    return gw, gb

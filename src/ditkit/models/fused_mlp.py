@@ -2,9 +2,10 @@
 
     forward   pre = x W₁ᵀ + b₁,  a = GELU(pre)      one product, writes a and pre (cuBLASLt GELU_AUX_BIAS)
               y = a W₂ᵀ + b₂
-    backward  ∂W₂ = ∂yᵀ a,  ∂b₂ = Σ ∂y
-              ∂pre = (∂y W₂) ⊙ GELU'(pre),  ∂b₁ = Σ ∂pre   one product (cuBLASLt DGELU_BGRAD)
-              ∂W₁ = ∂preᵀ x,  ∂x = ∂pre W₁
+    backward  ∂pre = (∂y W₂) ⊙ GELU'(pre)               one product (cuBLASLt DGELU)
+              ∂W₂ = ∂yᵀ a,  ∂b₂ = Σ ∂y                   one product (BGRADB: the sum while reading ∂y)
+              ∂W₁ = ∂preᵀ x,  ∂b₁ = Σ ∂pre               one product (BGRADB)
+              ∂x = ∂pre W₁
 
 Compiled, the plain MLP's GELU is a separate pass after fc1, and in the backward a pass that reads
 ∂a and pre to write ∂pre (recomputing a for ∂W₂) plus one for ∂b₁.  Here those passes are gone;
@@ -32,7 +33,7 @@ def _fused(t: torch.Tensor, *sizes: int) -> bool:
 
 # The MLP is one operator with a registered backward: the GELU-gradient product (fc2's ∂x with fc1's
 # GELU applied) crosses the two linears, so no per-linear autograd could fuse it.  The backward is
-# traced; only that product is an opaque operator of its own.
+# traced; only the fused products are (opaque) operators of their own.
 @torch.library.custom_op("ditkit::gelu_mlp", mutates_args=(),
                          schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor)")
 def gelu_mlp(x, w1, b1, w2, b2):
@@ -50,23 +51,34 @@ def _(x, w1, b1, w2, b2):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
 
 
-# ∂b₁ from the product's epilogue (DGELU_BGRAD) or a sum after it.  On an H100 at XL/2 shapes the
-# heuristic's DGELU_BGRAD ran a separate epilogue kernel slower than the product itself.
-BIAS_GRAD_IN_EPILOGUE = False
-
-
-@torch.library.custom_op("ditkit::dgelu_matmul", mutates_args=(), schema="(Tensor g, Tensor w, Tensor pre) -> (Tensor, Tensor)")
+@torch.library.custom_op("ditkit::dgelu_matmul", mutates_args=(), schema="(Tensor g, Tensor w, Tensor pre) -> Tensor")
 def dgelu_matmul(g, w, pre):
-    """g (M, D) = ∂y, w (D, H) = W₂, pre (M, H) -> ∂pre = (g W₂) ⊙ GELU'(pre) (M, H) and ∂b₁ = Σ_M ∂pre (H,)."""
+    """g (M, D) = ∂y, w (D, H) = W₂, pre (M, H) -> ∂pre = (g W₂) ⊙ GELU'(pre) (M, H)."""
     if _fused(g, *w.shape):
-        return cublaslt.matmul_dgelu(g, w, pre, BIAS_GRAD_IN_EPILOGUE)
-    gpre = torch.ops.aten.gelu_backward(g @ w, pre, approximate="tanh")
-    return gpre, gpre.sum(0)
+        return cublaslt.matmul_dgelu(g, w, pre)
+    return torch.ops.aten.gelu_backward(g @ w, pre, approximate="tanh")
 
 
 @dgelu_matmul.register_fake
 def _(g, w, pre):
-    return pre.new_empty(pre.shape), pre.new_empty(pre.shape[1])
+    return pre.new_empty(pre.shape)
+
+
+@torch.library.custom_op("ditkit::weight_grad", mutates_args=(), schema="(Tensor x, Tensor g) -> (Tensor, Tensor)")
+def weight_grad(x, g):
+    """x (M, K) a linear's input, g (M, N) its output's gradient -> ∂W = gᵀ x (N, K), ∂b = Σ_M g (N,)."""
+    if _fused(x, x.shape[1], g.shape[1]):
+        return cublaslt.weight_grad(x, g)
+    return g.t() @ x, g.sum(0)
+
+
+@weight_grad.register_fake
+def _(x, g):
+    return x.new_empty(g.shape[1], x.shape[1]), x.new_empty(g.shape[1])
+
+
+# The bias gradients from the weight-gradient products' epilogues (else summed by traced code).
+BIAS_GRADS_IN_PRODUCTS = True
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,8 +91,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, gy, ga, gpre):
     x, w1, w2, a, pre = ctx.saved_tensors
     gy = gy.contiguous()
-    gpre, gb1 = dgelu_matmul(gy, w2, pre)
-    return gpre @ w1, gpre.t() @ x, gb1, gy.t() @ a, gy.sum(0)
+    gpre = dgelu_matmul(gy, w2, pre)
+    if BIAS_GRADS_IN_PRODUCTS:
+        (gw1, gb1), (gw2, gb2) = weight_grad(x, gpre), weight_grad(a, gy)
+    else:
+        (gw1, gb1), (gw2, gb2) = (gpre.t() @ x, gpre.sum(0)), (gy.t() @ a, gy.sum(0))
+    return gpre @ w1, gw1, gb1, gw2, gb2
 
 
 gelu_mlp.register_autograd(_backward, setup_context=_setup_context)

@@ -22,6 +22,7 @@ from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import as_pair, build_model
 from ditkit.models.fp8_training import convert_for_fp8_training
+from ditkit.models.fused_mlp import convert_to_fused_mlp
 from ditkit.objectives import build_objective
 from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -221,6 +222,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         model.residual_dtype = torch.bfloat16  # the EMA, copied above, samples with the float32 stream
     if cfg.train.fp8:  # after the EMA copy: the EMA (and everything sampling from it) keeps the plain layers
         convert_for_fp8_training(model)
+    if cfg.train.fused_mlp:
+        convert_to_fused_mlp(model)
     model.train()
     ema.eval()
     train_model = _wrap_distributed(model, cfg, info)
