@@ -18,16 +18,15 @@ from torch._inductor.utils import run_and_get_code
 
 import ditkit.models.fp8_training as fp8t
 from ditkit.models.dit import DiTBlock
-import ditkit.models.fused_mlp as fmlp
+from ditkit.models.fused_mlp import convert_to_fused_mlp
 
 ALL = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP: bias gradients from where)
-    "bf16": (False, (), None),
-    "fp8 traced": (True, (), None),  # every quantization traced, fused by compile
-    "fp8": (True, fp8t.GRAD_OP, None),  # ditkit's choice
-    "fp8 grad-op all": (True, ALL, None),
-    "bf16 mlp": (False, (), "products"),  # ditkit's choice: in the weight-gradient products (BGRADB)
-    "bf16 mlp sum": (False, (), "sum"),  # summed by traced code
+VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP)
+    "bf16": (False, (), False),
+    "fp8 traced": (True, (), False),  # every quantization traced, fused by compile
+    "fp8": (True, fp8t.GRAD_OP, False),  # ditkit's choice
+    "fp8 grad-op all": (True, ALL, False),
+    "bf16 mlp": (False, (), True),  # GELU in the MLP products' epilogues (train.fused_mlp)
 }
 
 
@@ -74,7 +73,6 @@ def main() -> None:
         fp8, grad_op, fused_mlp = VARIANTS[name]
         torch.manual_seed(0)
         torch._dynamo.reset()
-        fmlp.BIAS_GRADS_IN_PRODUCTS = fused_mlp == "products"
         blk = DiTBlock(args.hidden, args.heads).to(dev)
         for m in blk.modules():
             if isinstance(m, nn.Linear):
@@ -85,7 +83,7 @@ def main() -> None:
                 if isinstance(m, fp8t.Float8TrainingLinear):
                     m.grad_op = n in grad_op
         if fused_mlp:
-            fmlp.convert_to_fused_mlp(blk)
+            convert_to_fused_mlp(blk)
         x = torch.randn(args.batch, args.tokens, args.hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
         c = torch.randn(args.batch, args.hidden, device=dev)
         gout = torch.randn_like(x)

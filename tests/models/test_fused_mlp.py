@@ -10,7 +10,7 @@ from torch.library import opcheck
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp, build_model
-from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp, dgelu_matmul, gelu_mlp, revert_fused_mlp, weight_grad
+from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp, dgelu_matmul, gelu_mlp, revert_fused_mlp
 
 G = torch.Generator().manual_seed(0)
 
@@ -52,14 +52,6 @@ def test_operators_pass_opcheck():
     w2, b2 = torch.randn(16, 64, generator=G), torch.randn(16, generator=G)
     opcheck(gelu_mlp, [t.requires_grad_() for t in (x, w1, b1, w2, b2)])
     opcheck(dgelu_matmul, (torch.randn(6, 16, generator=G), w2.detach(), torch.randn(6, 64, generator=G)))
-    opcheck(weight_grad, (torch.randn(6, 16, generator=G), torch.randn(6, 64, generator=G)))
-
-
-def test_weight_grad_is_the_product_and_the_bias_sum():
-    x, g = torch.randn(10, 8, generator=G, dtype=torch.float64), torch.randn(10, 5, generator=G, dtype=torch.float64)
-    gw, gb = weight_grad(x, g)
-    torch.testing.assert_close(gw, torch.einsum("mn,mk->nk", g, x))
-    torch.testing.assert_close(gb, g.sum(0))
 
 
 def test_conversion_shares_parameters_and_reverts():
@@ -92,4 +84,4 @@ def test_cublaslt_products_refuse_what_they_cannot_take():
     with pytest.raises(TypeError, match="bf16 or fp16"):
         cublaslt.linear_gelu(x, torch.randn(16, 8), torch.randn(16))
     with pytest.raises(ValueError, match="contiguous"):
-        cublaslt.weight_grad(x.bfloat16().t(), torch.randn(8, 4).bfloat16())
+        cublaslt.matmul_dgelu(x.bfloat16().t(), torch.randn(4, 16).bfloat16(), torch.randn(8, 16).bfloat16())

@@ -2,13 +2,12 @@
 
     forward   pre = x W₁ᵀ + b₁,  a = GELU(pre)      one product, writes a and pre (cuBLASLt GELU_AUX_BIAS)
               y = a W₂ᵀ + b₂
-    backward  ∂pre = (∂y W₂) ⊙ GELU'(pre)               one product (cuBLASLt DGELU)
-              ∂W₂ = ∂yᵀ a,  ∂b₂ = Σ ∂y                   one product (BGRADB: the sum while reading ∂y)
-              ∂W₁ = ∂preᵀ x,  ∂b₁ = Σ ∂pre               one product (BGRADB)
-              ∂x = ∂pre W₁
+    backward  ∂pre = (∂y W₂) ⊙ GELU'(pre)           one product (cuBLASLt DGELU)
+              ∂W₂ = ∂yᵀ a,  ∂b₂ = Σ ∂y
+              ∂W₁ = ∂preᵀ x,  ∂b₁ = Σ ∂pre,  ∂x = ∂pre W₁
 
 Compiled, the plain MLP's GELU is a separate pass after fc1, and in the backward a pass that reads
-∂a and pre to write ∂pre (recomputing a for ∂W₂) plus one for ∂b₁.  Here those passes are gone;
+∂a and pre to write ∂pre (recomputing a for ∂W₂).  Here those passes are gone (∂b₁ stays a sum);
 the price is keeping a as well as pre for the backward (tokens × 4·hidden more activation memory).
 
 ``FusedMlp`` holds the same ``fc1``/``fc2`` modules as the ``Mlp`` it replaces (same Parameters,
@@ -64,23 +63,6 @@ def _(g, w, pre):
     return pre.new_empty(pre.shape)
 
 
-@torch.library.custom_op("ditkit::weight_grad", mutates_args=(), schema="(Tensor x, Tensor g) -> (Tensor, Tensor)")
-def weight_grad(x, g):
-    """x (M, K) a linear's input, g (M, N) its output's gradient -> ∂W = gᵀ x (N, K), ∂b = Σ_M g (N,)."""
-    if _fused(x, x.shape[1], g.shape[1]):
-        return cublaslt.weight_grad(x, g)
-    return g.t() @ x, g.sum(0)
-
-
-@weight_grad.register_fake
-def _(x, g):
-    return x.new_empty(g.shape[1], x.shape[1]), x.new_empty(g.shape[1])
-
-
-# The bias gradients from the weight-gradient products' epilogues (else summed by traced code).
-BIAS_GRADS_IN_PRODUCTS = True
-
-
 def _setup_context(ctx, inputs, output):
     x, w1, _, w2, _ = inputs
     _, a, pre = output
@@ -92,11 +74,7 @@ def _backward(ctx, gy, ga, gpre):
     x, w1, w2, a, pre = ctx.saved_tensors
     gy = gy.contiguous()
     gpre = dgelu_matmul(gy, w2, pre)
-    if BIAS_GRADS_IN_PRODUCTS:
-        (gw1, gb1), (gw2, gb2) = weight_grad(x, gpre), weight_grad(a, gy)
-    else:
-        (gw1, gb1), (gw2, gb2) = (gpre.t() @ x, gpre.sum(0)), (gy.t() @ a, gy.sum(0))
-    return gpre @ w1, gw1, gb1, gw2, gb2
+    return gpre @ w1, gpre.t() @ x, gpre.sum(0), gy.t() @ a, gy.sum(0)
 
 
 gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
