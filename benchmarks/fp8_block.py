@@ -27,7 +27,27 @@ VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' o
     "fp8": (True, fp8t.GRAD_OP, False),  # ditkit's choice
     "fp8 grad-op all": (True, ALL, False),
     "bf16 mlp": (False, (), True),  # GELU in the MLP products' epilogues (train.fused_mlp)
+    "bf16 mlp rows": (False, (), True),  # and persistent reductions for rows up to 2048 whatever inductor's hint
 }
+
+
+def persistent_rows(on: bool) -> None:
+    """Inductor keeps a row in registers only up to 1024 elements (XL's rows are 1152), and only for
+    reductions it calls INNER; ``on``: up to 2048, for any hint but OUTER."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class Rows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+            if (not cooperative_reduction and features.get_reduction_hint() != ReductionHint.OUTER
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, 2048)):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    torch._inductor.config.fx_graph_cache = False  # the choice is not in the cache key
+    V.set_choices_handler(Rows() if on else InductorChoices())
 
 
 def median_ms(fn, n: int) -> float:
@@ -50,8 +70,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--check-only", action="store_true", help="only the kernel's bit-identity check")
-    p.add_argument("--dump", help="write the generated kernels whose name contains this to --dump-to (first variant)")
-    p.add_argument("--dump-to", default="kernels.py")
+    p.add_argument("--dump", help="write the generated kernels whose name contains this to DUMP_TO.VARIANT.py")
+    p.add_argument("--dump-to", default="kernels")
     args = p.parse_args()
     dev = torch.device("cuda")
     from ditkit.models.fp8 import quantize_rows
@@ -73,6 +93,7 @@ def main() -> None:
         fp8, grad_op, fused_mlp = VARIANTS[name]
         torch.manual_seed(0)
         torch._dynamo.reset()
+        persistent_rows(name.endswith("rows"))
         blk = DiTBlock(args.hidden, args.heads).to(dev)
         for m in blk.modules():
             if isinstance(m, nn.Linear):
@@ -97,12 +118,11 @@ def main() -> None:
         _, codes = run_and_get_code(step)  # the first (compiling) step
         reductions = {kind: sum(c.count(f"@triton_heuristics.{kind}(") for c in codes) for kind in ("persistent_reduction", "reduction")}
         if args.dump:
-            with open(args.dump_to, "w") as f:
+            with open(f"{args.dump_to}.{name.replace(' ', '_')}.py", "w") as f:
                 for code in codes:
                     for part in code.split("\n\n\n"):
                         if "def triton" in part and args.dump in part:
                             f.write(part + "\n\n\n")
-            args.dump = None
         for _ in range(3):
             step()
         ms = median_ms(step, 20)
