@@ -19,6 +19,7 @@ from torch._inductor.utils import run_and_get_code
 import ditkit.models.fp8_training as fp8t
 from ditkit.models.dit import DiTBlock
 from ditkit.models.fused_mlp import convert_to_fused_mlp
+from ditkit.utils.inductor import persistent_rows
 
 ALL = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP)
@@ -27,27 +28,9 @@ VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' o
     "fp8": (True, fp8t.GRAD_OP, False),  # ditkit's choice
     "fp8 grad-op all": (True, ALL, False),
     "bf16 mlp": (False, (), True),  # GELU in the MLP products' epilogues (train.fused_mlp)
-    "bf16 mlp rows": (False, (), True),  # and persistent reductions for rows up to 2048 whatever inductor's hint
+    "bf16 mlp rows": (False, (), True),  # and persistent reductions for XL's rows (train.persistent_rows)
 }
 
-
-def persistent_rows(on: bool) -> None:
-    """Inductor keeps a row in registers only up to 1024 elements (XL's rows are 1152), and only for
-    reductions it calls INNER; ``on``: up to 2048, for any hint but OUTER."""
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
-
-    class Rows(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction):
-            if (not cooperative_reduction and features.get_reduction_hint() != ReductionHint.OUTER
-                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, 2048)):
-                return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-
-    torch._inductor.config.fx_graph_cache = False  # the choice is not in the cache key
-    V.set_choices_handler(Rows() if on else InductorChoices())
 
 
 def median_ms(fn, n: int) -> float:

@@ -1,0 +1,34 @@
+"""ditkit.utils.inductor: which reductions PersistentRows keeps in registers, and that it can be
+switched on and off around a compilation."""
+from types import SimpleNamespace
+
+import torch
+from torch._inductor.runtime.hints import ReductionHint
+from torch._inductor.virtualized import V
+
+from ditkit.utils.inductor import PersistentRows, persistent_rows
+
+
+def _choose(hint: ReductionHint, numel: int) -> bool:
+    features = SimpleNamespace(get_reduction_hint=lambda: hint, reduction_numel=numel, numel=numel * 64)
+    sizevars = SimpleNamespace(statically_known_leq=lambda a, b: a <= b, optimization_hint=lambda n: n)
+    with V.set_graph_handler(SimpleNamespace(sizevars=sizevars)):
+        return PersistentRows.should_use_persistent_reduction(features, False)
+
+
+def test_rows_up_to_2048_are_persistent_whatever_the_hint_but_outer():
+    assert _choose(ReductionHint.INNER, 1152)  # DiT-XL's rows: inductor's own limit is 1024
+    assert _choose(ReductionHint.DEFAULT, 2048)
+    assert not _choose(ReductionHint.INNER, 4608)  # longer rows: inductor's choice (looped)
+
+
+def test_switching_on_and_off_around_a_compilation():
+    persistent_rows(True)
+    try:
+        assert isinstance(V.choices, PersistentRows)
+        f = torch.compile(lambda x: torch.nn.functional.layer_norm(x, (40,)) * 2)
+        x = torch.randn(3, 40)
+        torch.testing.assert_close(f(x), torch.nn.functional.layer_norm(x, (40,)) * 2)
+    finally:
+        persistent_rows(False)
+    assert not isinstance(V.choices, PersistentRows)
