@@ -16,10 +16,11 @@ def _choose(hint: ReductionHint, numel: int) -> bool:
         return PersistentRows.should_use_persistent_reduction(features, False)
 
 
-def test_rows_up_to_2048_are_persistent_whatever_the_hint_but_outer():
+def test_inner_rows_up_to_2048_are_persistent():
     assert _choose(ReductionHint.INNER, 1152)  # DiT-XL's rows: inductor's own limit is 1024
-    assert _choose(ReductionHint.DEFAULT, 2048)
+    assert _choose(ReductionHint.INNER, 2048)
     assert not _choose(ReductionHint.INNER, 4608)  # longer rows: inductor's choice (looped)
+    assert not _choose(ReductionHint.DEFAULT, 1152)  # other reductions: inductor's choice (at most 64 persistent)
 
 
 def test_switching_on_and_off_around_a_compilation():

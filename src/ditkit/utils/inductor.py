@@ -1,12 +1,14 @@
 """Inductor's choice of persistent reductions, widened for DiT-XL's rows (``train.persistent_rows``).
 
 Inductor keeps a row in registers (a persistent reduction: the row is read once) only for rows of
-at most 1024 elements, and for those it calls INNER.  DiT-XL's hidden size is 1152, so its LayerNorm
+at most 1024 elements (reductions along contiguous rows: INNER).  DiT-XL's hidden size is 1152, so its LayerNorm
 kernels (with the residual add and the adaLN modulation fused in) reduce in a loop and read each row
-again to normalize it.  ``persistent_rows(True)``: up to 2048 elements, whatever inductor's hint
-(but OUTER).  Measured on one XL block's compiled training step at batch 128 (H100,
-``benchmarks/fp8_block.py``): 7.84 → 7.62 ms.  The same kernels, another order of summation within
-a row: the results differ by float rounding only.
+again to normalize it.  ``persistent_rows(True)``: INNER rows up to 2048 elements.  The same
+kernels, another order of summation within a row: the results differ by float rounding only.
+
+Only INNER: with every hint but OUTER (one XL block's step at batch 128: 7.84 → 7.62 ms,
+``benchmarks/fp8_block.py``), whole training steps got slower (XL/2 b128 564 → 502 img/s, B/2
+2,519 → 2,122, H100): some token-wise sums of the backward do not fit a persistent kernel.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class PersistentRows(InductorChoices):
 
     @staticmethod
     def should_use_persistent_reduction(features, cooperative_reduction):
-        if (not cooperative_reduction and features.get_reduction_hint() != ReductionHint.OUTER
+        if (not cooperative_reduction and features.get_reduction_hint() == ReductionHint.INNER
                 and V.graph.sizevars.statically_known_leq(features.reduction_numel, MAX_ROW)):
             return True
         return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
