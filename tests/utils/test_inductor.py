@@ -2,6 +2,7 @@
 switched on and off around a compilation."""
 from types import SimpleNamespace
 
+import sympy
 import torch
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
@@ -10,8 +11,8 @@ from ditkit.utils.inductor import PersistentRows, persistent_rows
 
 
 def _choose(hint: ReductionHint, numel: int) -> bool:
-    features = SimpleNamespace(get_reduction_hint=lambda: hint, reduction_numel=numel, numel=numel * 64)
-    sizevars = SimpleNamespace(statically_known_leq=lambda a, b: a <= b, optimization_hint=lambda n: n)
+    features = SimpleNamespace(get_reduction_hint=lambda: hint, reduction_numel=sympy.Integer(numel))
+    sizevars = SimpleNamespace(statically_known_leq=lambda a, b: bool(a <= b))
     with V.set_graph_handler(SimpleNamespace(sizevars=sizevars)):
         return PersistentRows.should_use_persistent_reduction(features, False)
 
