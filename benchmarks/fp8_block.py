@@ -19,7 +19,6 @@ from torch._inductor.utils import run_and_get_code
 import ditkit.models.fp8_training as fp8t
 from ditkit.models.dit import DiTBlock
 from ditkit.models.fused_mlp import convert_to_fused_mlp
-from ditkit.utils.inductor import persistent_rows
 
 ALL = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP)
@@ -28,7 +27,6 @@ VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' o
     "fp8": (True, fp8t.GRAD_OP, False),  # ditkit's choice
     "fp8 grad-op all": (True, ALL, False),
     "bf16 mlp": (False, (), True),  # GELU in the MLP products' epilogues (train.fused_mlp)
-    "bf16 mlp rows": (False, (), True),  # and persistent reductions for XL's rows (train.persistent_rows)
 }
 
 
@@ -76,7 +74,6 @@ def main() -> None:
         fp8, grad_op, fused_mlp = VARIANTS[name]
         torch.manual_seed(0)
         torch._dynamo.reset()
-        persistent_rows(name.endswith("rows"))
         blk = DiTBlock(args.hidden, args.heads).to(dev)
         for m in blk.modules():
             if isinstance(m, nn.Linear):

@@ -116,7 +116,6 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # default | cudagraphs (torch.compile's reduce-overhead: each step's graphs replayed)
     fp8: bool = False  # block linears' forward and ∂x products in FP8, row-wise scales (ditkit.models.fp8_training)
-    persistent_rows: bool = False  # under train.compile, LayerNorm rows up to 2048 wide kept in registers (ditkit.utils.inductor)
     fused_mlp: bool = False  # the MLP with GELU and its bias gradients in cuBLASLt's epilogues on CUDA (ditkit.models.fused_mlp)
     bf16_residual: bool = False  # under bf16 autocast, the residual stream in bf16 instead of float32 (Megatron's default)
     fused_tail: bool = False  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema); slower on an H100, see README
@@ -184,8 +183,6 @@ class Config:
             (self.train.sdpa in SDPA_CHOICES, "train.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
             (self.sample.sdpa in SDPA_CHOICES, "sample.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
-            (self.train.compile or not self.train.persistent_rows, "train.persistent_rows",
-             "false unless train.compile=true (a compiler choice)"),
             (not (self.train.fp8 and self.train.fused_mlp), "train.fused_mlp",
              "false with train.fp8=true (both replace the MLP's products)"),
         ]

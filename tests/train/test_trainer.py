@@ -401,8 +401,6 @@ def test_fused_mlp_training_follows_the_plain_run(tmp_path):
     assert final_weights(tmp_path / "false")["model"].keys() == final_weights(tmp_path / "true")["model"].keys()
     with pytest.raises(ConfigError, match="train.fused_mlp must be false with train.fp8=true"):
         load_config("digits", overrides=["train.fp8=true", "train.fused_mlp=true"])
-    with pytest.raises(ConfigError, match="train.persistent_rows must be false unless train.compile=true"):
-        load_config("digits", overrides=["train.persistent_rows=true"])
 
 
 def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):

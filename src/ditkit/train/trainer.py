@@ -237,9 +237,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     graphs = cfg.train.compile and cfg.train.compile_mode == "cudagraphs"
-    if cfg.train.compile:
-        from ditkit.utils.inductor import persistent_rows  # imports inductor: only when compiling
-        persistent_rows(cfg.train.persistent_rows)
     step_model = torch.compile(train_model, **({"mode": "reduce-overhead"} if graphs else {})) if cfg.train.compile else train_model
 
     dataset = build_dataset(cfg)
