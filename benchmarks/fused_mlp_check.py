@@ -92,7 +92,7 @@ def modules(tokens: int, d: int, dev: torch.device, compile_mode: str | None) ->
     for name, m in (("ref", ref), ("plain", plain), ("fused", fused)):
         xi = x.clone().requires_grad_()
         net = m if name == "ref" or compile_mode is None else torch.compile(m, mode=compile_mode)
-        for _ in range(2 if compile_mode else 1):  # CUDA graphs: record on the first call, replay on the second
+        for _ in range({"reduce-overhead": 3}.get(compile_mode, 1)):  # CUDA graphs: warm up, record, replay
             for p in m.parameters():
                 p.grad = None
             xi.grad = None
@@ -129,7 +129,7 @@ def main() -> None:
             print(f"| {name} | {f:.2e} | {u:.2e} |")
             worst = max(worst, f / max(u, 1e-3))
     print(f"\nworst fused error / max(unfused error, 1e-3): {worst:.2f}")
-    sys.exit(0 if worst < 3 and tanh_err < erf_err else 1)
+    sys.exit(0 if worst < 1.5 and tanh_err < erf_err else 1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from ditkit.config import ConfigError, load_config
 from ditkit.models.dit import build_model
 from ditkit.train.checkpoint import load_checkpoint
 from ditkit.train.ema import ema_decay_at
+from ditkit.models.fused_mlp import convert_to_fused_mlp
+from ditkit.train import trainer as trainer_module
 from ditkit.train.trainer import TrainingStopped, lr_at, train
 
 TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "train.global_batch_size=16",
@@ -389,12 +391,15 @@ def test_fp8_training_follows_the_float_run_and_writes_plain_checkpoints(tmp_pat
     assert final_weights(tmp_path / "true")["step"] == 32
 
 
-def test_fused_mlp_training_follows_the_plain_run(tmp_path):
+def test_fused_mlp_training_follows_the_plain_run(tmp_path, monkeypatch):
     """train.fused_mlp=true (on the CPU its operators compute with torch's ops) against the plain
     run: the same losses to float rounding, and the same checkpoint keys.  Not with train.fp8."""
     common = [*TINY, "train.steps=6", "train.log_every=2"]
+    converted = []
+    monkeypatch.setattr(trainer_module, "convert_to_fused_mlp", lambda m: converted.append(convert_to_fused_mlp(m)))
     for fused in ("false", "true"):
         train(load_config("digits", overrides=[*common, f"train.fused_mlp={fused}"]), tmp_path / fused, device="cpu")
+    assert converted == [2]  # the true run's two blocks
     ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
     assert ref.keys() == got.keys() == {2, 4, 6}
     assert all(abs(got[k] - ref[k]) <= 1e-5 * ref[k] for k in ref), (ref, got)

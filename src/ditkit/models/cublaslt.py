@@ -3,7 +3,7 @@
 torch exposes cuBLASLt's fused epilogues only for the forward GELU without its input
 (``torch._addmm_activation``, which has no derivative).  Training needs two more: the forward
 product that also writes GELU's input for the backward, and the backward product that applies
-GELU's derivative and reduces the bias gradient in the same kernel.  Without them, GELU and its
+GELU's derivative.  Without them, GELU and its
 gradient are separate passes over the (tokens × 4·hidden) activation: on an H100 at DiT-XL/2
 batch 128, 19.6 of 230 GPU-ms per training step went to GELU, its backward and its bias sum.
 
@@ -18,11 +18,17 @@ Row-major tensors, bf16 or fp16, float32 accumulation.  cuBLAS is column-major: 
 matrix is a column-major N × M one with the same memory, so Y = X Wᵀ is computed as Yᵀ = W Xᵀ.
 cuBLASLt's GELU is the tanh approximation (DiT's ``nn.GELU(approximate="tanh")``);
 ``benchmarks/fused_mlp_check.py`` checks both products against torch on the GPU.
+
+The algorithm for a shape is the fastest of the heuristic's candidates, timed at its first call
+(outside CUDA-graph capture), so two processes may pick different ones: the results may differ by
+float rounding between runs, as cuBLAS's own choices may.  Operands must be contiguous and
+256-byte aligned (fresh allocations are), which is what the heuristic is asked to assume.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import torch
 
@@ -58,7 +64,6 @@ def _loaded_library() -> str | None:
 def _lib() -> ctypes.CDLL | None:
     if not torch.cuda.is_available() or torch.version.cuda is None:
         return None
-    torch.zeros(1, device="cuda") @ torch.zeros(1, device="cuda")  # makes sure torch's CUDA libraries are loaded
     major = torch.version.cuda.split(".")[0]
     for name in (_loaded_library(), f"libcublasLt.so.{major}", "libcublasLt.so"):
         if name:
@@ -137,12 +142,9 @@ def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch
     desc, la, lb, ld, candidates = _plan(*key)
     out = torch.empty(n, m, device=a.device, dtype=a.dtype)
     workspace = torch.empty(_WORKSPACE, device=a.device, dtype=torch.uint8)
-    if bias is not None:
-        _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
-    if aux is not None:
-        _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-    stream = ctypes.c_void_p(torch.cuda.current_stream(a.device).cuda_stream)
+    torch_stream = torch.cuda.current_stream(a.device)
+    stream = ctypes.c_void_p(torch_stream.cuda_stream)
 
     def run(algo: _Heuristic) -> int:
         return _lib().cublasLtMatmul(_handle(), desc, ctypes.byref(one), ctypes.c_void_p(a.data_ptr()), la,
@@ -150,17 +152,23 @@ def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch
                                      ctypes.c_void_p(out.data_ptr()), ld, ctypes.byref(algo.algo),
                                      ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(_WORKSPACE), stream)
 
-    if key not in _chosen and not torch.cuda.is_current_stream_capturing():
-        _chosen[key] = _fastest(candidates, run)
-    _check(run(candidates[_chosen.get(key, 0)]), "cublasLtMatmul")
+    with _LOCK:  # the cached descriptor holds this call's pointers until the launch
+        if bias is not None:
+            _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+        if aux is not None:
+            _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+        if key not in _chosen and not torch.cuda.is_current_stream_capturing():
+            _chosen[key] = _fastest(candidates, run, torch_stream)
+        _check(run(candidates[_chosen.get(key, 0)]), "cublasLtMatmul")
     return out
 
 
 _CANDIDATES = 8  # algorithms asked of the heuristic, timed on first use
 _chosen: dict[tuple, int] = {}
+_LOCK = threading.Lock()
 
 
-def _fastest(candidates: list[_Heuristic], run) -> int:
+def _fastest(candidates: list[_Heuristic], run, stream: torch.cuda.Stream) -> int:
     """The index of the fastest candidate (3 timed runs each): the heuristic's first is its estimate."""
     times = []
     for algo in candidates:
@@ -168,10 +176,10 @@ def _fastest(candidates: list[_Heuristic], run) -> int:
             times.append(float("inf"))
             continue
         events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        events[0].record()
+        events[0].record(stream)
         for _ in range(3):
             run(algo)
-        events[1].record()
+        events[1].record(stream)
         events[1].synchronize()
         times.append(events[0].elapsed_time(events[1]))
     return min(range(len(times)), key=times.__getitem__)

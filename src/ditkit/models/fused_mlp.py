@@ -7,8 +7,9 @@
               ∂W₁ = ∂preᵀ x,  ∂b₁ = Σ ∂pre,  ∂x = ∂pre W₁
 
 Compiled, the plain MLP's GELU is a separate pass after fc1, and in the backward a pass that reads
-∂a and pre to write ∂pre (recomputing a for ∂W₂).  Here those passes are gone (∂b₁ stays a sum);
-the price is keeping a as well as pre for the backward (tokens × 4·hidden more activation memory).
+∂a and pre to write ∂pre.  Here those passes are gone (∂b₁ stays a sum).  a and pre are kept for
+the backward, as eager autograd keeps them (measured at DiT-XL/2 batch 128: peak memory +0.15 GiB
+against the compiled plain MLP).  No double backward.
 
 ``FusedMlp`` holds the same ``fc1``/``fc2`` modules as the ``Mlp`` it replaces (same Parameters,
 same state dict).  The fused products run on CUDA in bf16/fp16 (under autocast: its dtype) with
@@ -26,8 +27,13 @@ from ditkit.models.dit import Mlp
 from ditkit.models.fp8 import replace_module
 
 
-def _fused(t: torch.Tensor, *sizes: int) -> bool:
-    return t.dtype in (torch.bfloat16, torch.float16) and all(s % 8 == 0 for s in sizes) and cublaslt.available(t.device)
+def _fused(*tensors: torch.Tensor) -> bool:
+    """Whether cuBLASLt takes these operands: one half dtype, contiguous, 256-byte aligned, each one's last size
+    (between them, every size but the tokens) a multiple of 8.  Else the operators compute with torch's ops."""
+    dtype = tensors[0].dtype
+    return (dtype in (torch.bfloat16, torch.float16) and all(t.dtype == dtype for t in tensors)
+            and all(t.is_contiguous() and t.data_ptr() % 256 == 0 and t.shape[-1] % 8 == 0 for t in tensors)
+            and cublaslt.available(tensors[0].device))
 
 
 # The MLP is one operator with a registered backward: the GELU-gradient product (fc2's ∂x with fc1's
@@ -37,7 +43,7 @@ def _fused(t: torch.Tensor, *sizes: int) -> bool:
                          schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor)")
 def gelu_mlp(x, w1, b1, w2, b2):
     """x (M, D) -> y (M, D), and for the backward a = GELU(pre) and pre = x W₁ᵀ + b₁, both (M, H)."""
-    if _fused(x, *w1.shape):
+    if _fused(x, w1, b1):
         a, pre = cublaslt.linear_gelu(x, w1, b1)
     else:
         pre = torch.addmm(b1, x, w1.t())
@@ -53,7 +59,7 @@ def _(x, w1, b1, w2, b2):
 @torch.library.custom_op("ditkit::dgelu_matmul", mutates_args=(), schema="(Tensor g, Tensor w, Tensor pre) -> Tensor")
 def dgelu_matmul(g, w, pre):
     """g (M, D) = ∂y, w (D, H) = W₂, pre (M, H) -> ∂pre = (g W₂) ⊙ GELU'(pre) (M, H)."""
-    if _fused(g, *w.shape):
+    if _fused(g, w, pre):
         return cublaslt.matmul_dgelu(g, w, pre)
     return torch.ops.aten.gelu_backward(g @ w, pre, approximate="tanh")
 
