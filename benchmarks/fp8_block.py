@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-import types
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
@@ -30,18 +27,7 @@ VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' o
     "fp8": (True, fp8t.GRAD_OP, False),  # ditkit's choice
     "fp8 grad-op all": (True, ALL, False),
     "bf16 mlp": (False, (), True),  # GELU in the MLP products' epilogues (train.fused_mlp)
-    "bf16 mlp qkv3": (False, (), True),  # and q, k, v as three products (no stacked ∂qkv copy)
 }
-
-
-def split_qkv_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Attention.forward with q, k, v from three products on the slices of ``qkv``: their gradients
-    go to the weight products as they come from attention, without being stacked into one ∂qkv."""
-    B, N, D = x.shape
-    q, k, v = (F.linear(x, w, b).view(B, N, self.num_heads, -1).transpose(1, 2)
-               for w, b in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)))
-    o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D/heads)
-    return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
 
@@ -99,8 +85,6 @@ def main() -> None:
                     m.grad_op = n in grad_op
         if fused_mlp:
             convert_to_fused_mlp(blk)
-        if name.endswith("qkv3"):
-            blk.attn.forward = types.MethodType(split_qkv_forward, blk.attn)
         x = torch.randn(args.batch, args.tokens, args.hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
         c = torch.randn(args.batch, args.hidden, device=dev)
         gout = torch.randn_like(x)
