@@ -30,7 +30,6 @@ VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' o
 }
 
 
-
 def median_ms(fn, n: int) -> float:
     times = []
     for _ in range(n):
