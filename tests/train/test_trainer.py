@@ -408,6 +408,18 @@ def test_fused_mlp_training_follows_the_plain_run(tmp_path, monkeypatch):
         load_config("digits", overrides=["train.fp8=true", "train.fused_mlp=true"])
 
 
+def test_fused_mlp_under_two_process_fsdp(tmp_path):
+    """FSDP2 unshards the block's Parameters around its forward; the fused MLP's operator takes them
+    as the plain MLP does: the same losses."""
+    common = ["train", "--preset", "digits", "--device", "cpu", "--steps", "4"]
+    for fused in ("false", "true"):
+        torchrun(2, *common, "--run-dir", str(tmp_path / fused),
+                 *overrides("train.distributed=fsdp", "train.log_every=2", f"train.fused_mlp={fused}"))
+    ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
+    assert ref.keys() == got.keys() == {2, 4}
+    assert all(abs(got[k] - ref[k]) <= 1e-5 * ref[k] for k in ref), (ref, got)
+
+
 def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
     with pytest.raises(ConfigError, match="train.bf16_residual=true needs bf16 autocast"):
         train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.bf16_residual=true"]), tmp_path / "a", device="cpu")
