@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
+from bench import median_ms  # benchmarks/, on the path when run as a script
 import ditkit.models.fp8_training as fp8t
 from ditkit.models.dit import DiTBlock
 from ditkit.models.fused_mlp import convert_to_fused_mlp
@@ -28,18 +29,6 @@ VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' o
     "fp8 grad-op all": (True, ALL, False),
     "bf16 mlp": (False, (), True),  # GELU in the MLP products' epilogues (train.fused_mlp)
 }
-
-
-def median_ms(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[n // 2]
 
 
 def main() -> None:
@@ -104,7 +93,7 @@ def main() -> None:
                             f.write(part + "\n\n\n")
         for _ in range(3):
             step()
-        ms = median_ms(step, 20)
+        ms = median_ms(step, 20, dev, warmup=0)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 step()

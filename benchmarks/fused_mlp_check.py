@@ -18,6 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench import median_ms  # benchmarks/, on the path when run as a script
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
 from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp
@@ -25,20 +26,6 @@ from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def median_ms(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[n // 2]
 
 
 def products(tokens: int, d: int, h: int, dev: torch.device) -> list[tuple[str, float, float]]:
@@ -56,12 +43,13 @@ def products(tokens: int, d: int, h: int, dev: torch.device) -> list[tuple[str, 
             ("a = GELU(pre), tanh", rel(a, F.gelu(pre32, approximate="tanh")), rel(F.gelu(pre_u, approximate="tanh"), F.gelu(pre32, approximate="tanh"))),
             ("a against erf GELU", rel(a, F.gelu(pre32)), rel(F.gelu(pre_u, approximate="tanh"), F.gelu(pre32))),
             ("∂pre", rel(gpre, gpre32), rel(gpre_u, gpre32))]
-    t = {"fwd fused": median_ms(lambda: cublaslt.linear_gelu(x, w1, b1)),
-         "fwd unfused": median_ms(lambda: F.gelu(torch.addmm(b1, x, w1.t()), approximate="tanh")),
-         "fwd product alone": median_ms(lambda: torch.addmm(b1, x, w1.t())),
-         "bwd fused": median_ms(lambda: cublaslt.matmul_dgelu(g, w2, pre)),
-         "bwd unfused": median_ms(lambda: torch.ops.aten.gelu_backward(g @ w2, pre, approximate="tanh")),
-         "bwd product alone": median_ms(lambda: g @ w2)}
+    calls = {"fwd fused": lambda: cublaslt.linear_gelu(x, w1, b1),
+             "fwd unfused": lambda: F.gelu(torch.addmm(b1, x, w1.t()), approximate="tanh"),
+             "fwd product alone": lambda: torch.addmm(b1, x, w1.t()),
+             "bwd fused": lambda: cublaslt.matmul_dgelu(g, w2, pre),
+             "bwd unfused": lambda: torch.ops.aten.gelu_backward(g @ w2, pre, approximate="tanh"),
+             "bwd product alone": lambda: g @ w2}
+    t = {name: median_ms(call, 20, dev, warmup=3) for name, call in calls.items()}
     flop = 2 * tokens * d * h
     print(f"\ntokens {tokens}, D {d}, H {h}: ms (TFLOP/s) " + ", ".join(f"{k} {v:.3f} ({flop / v / 1e9:.0f})" for k, v in t.items()))
     return rows
