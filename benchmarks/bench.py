@@ -18,8 +18,9 @@ matching's Euler and Heun samplers run on the same network (ms per network evalu
 fp32 or bf16 (autocast) plus levers (LEVERS): +compile, +cudagraphs (compile mode reduce-overhead),
 for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.adamw_ema``), +fp8 (the
 block linears' forward and ∂x products in FP8, ``ditkit.models.fp8_training``), +bf16res (a bf16
-residual stream, ``train.bf16_residual``) and +mlp (GELU in the MLP products' epilogues,
-``train.fused_mlp``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilogues,
+``train.fused_mlp``) and +norm (adaLN's LayerNorm, modulation and gated residual as Triton kernels,
+``train.fused_norm``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
@@ -56,6 +57,7 @@ from ditkit.models.dit import build_model
 from ditkit.models.fp8 import amax_scales, calibrate_fp8, quantize
 from ditkit.models.fp8_training import convert_for_fp8_training
 from ditkit.models.fused_mlp import convert_to_fused_mlp
+from ditkit.models.fused_norm import convert_to_fused_norm
 from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
@@ -77,6 +79,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     # (ditkit.models.fp8_training); in sampling with static activation scales (ditkit.models.fp8)
     "bf16res": ("train",),  # the residual stream (block inputs and outputs) in bf16 instead of float32
     "mlp": ("train",),  # the MLP with GELU in cuBLASLt's epilogues (ditkit.models.fused_mlp, train.fused_mlp)
+    "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
 }
 say = functools.partial(print, flush=True)
@@ -311,6 +314,8 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
         model.residual_dtype = torch.bfloat16
     if "mlp" in levers(variant):
         convert_to_fused_mlp(model)
+    if "norm" in levers(variant):
+        convert_to_fused_norm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     tail = "tail" in levers(variant)
     if tail:  # compiled on a GPU; the CPU smoke test runs its eager form

@@ -1,6 +1,6 @@
 """One DiT-XL block's training step (forward + backward, bf16 autocast, bf16 residual), compiled,
 in variants: FP8 training (which kernels the row-wise quantization costs), the MLP with GELU in the
-products' epilogues (``ditkit.models.fused_mlp``).
+products' epilogues (``ditkit.models.fused_mlp``), adaLN's norm as Triton kernels (``ditkit.models.fused_norm``).
 
     PYTHONPATH=src python benchmarks/fp8_block.py [--batch 128] [--variants bf16,fp8,...]
 
@@ -20,14 +20,17 @@ from bench import median_ms  # benchmarks/, on the path when run as a script
 import ditkit.models.fp8_training as fp8t
 from ditkit.models.dit import DiTBlock
 from ditkit.models.fused_mlp import convert_to_fused_mlp
+from ditkit.models.fused_norm import convert_to_fused_norm
 
 ALL = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP)
-    "bf16": (False, (), False),
-    "fp8 traced": (True, (), False),  # every quantization traced, fused by compile
-    "fp8": (True, fp8t.GRAD_OP, False),  # ditkit's choice
-    "fp8 grad-op all": (True, ALL, False),
-    "bf16 mlp": (False, (), True),  # GELU in the MLP products' epilogues (train.fused_mlp)
+VARIANTS = {  # name: (fp8, the layers whose ∂y is quantized by fp8_kernels' opaque operator, fused MLP, fused norm)
+    "bf16": (False, (), False, False),
+    "fp8 traced": (True, (), False, False),  # every quantization traced, fused by compile
+    "fp8": (True, fp8t.GRAD_OP, False, False),  # ditkit's choice
+    "fp8 grad-op all": (True, ALL, False, False),
+    "bf16 mlp": (False, (), True, False),  # GELU in the MLP products' epilogues (train.fused_mlp)
+    "bf16 norm": (False, (), False, True),  # adaLN's norm, modulation and residual as Triton kernels (train.fused_norm)
+    "bf16 mlp norm": (False, (), True, True),
 }
 
 
@@ -59,7 +62,7 @@ def main() -> None:
         return
     print("| variant | ms per block | × 28 blocks | persistent / looped reductions | top kernels (GPU-ms per block) |\n|---|---|---|---|---|")
     for name in args.variants.split(","):
-        fp8, grad_op, fused_mlp = VARIANTS[name]
+        fp8, grad_op, fused_mlp, fused_norm = VARIANTS[name]
         torch.manual_seed(0)
         torch._dynamo.reset()
         blk = DiTBlock(args.hidden, args.heads).to(dev)
@@ -73,6 +76,10 @@ def main() -> None:
                     m.grad_op = n in grad_op
         if fused_mlp:
             convert_to_fused_mlp(blk)
+        if fused_norm:
+            blk = nn.ModuleDict({"block": blk})
+            convert_to_fused_norm(blk)  # a lone block is converted through a parent
+            blk = blk["block"]
         x = torch.randn(args.batch, args.tokens, args.hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
         c = torch.randn(args.batch, args.hidden, device=dev)
         gout = torch.randn_like(x)

@@ -67,6 +67,21 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def rebuilt_as(cls: type[nn.Module], module: nn.Module) -> nn.Module:
+    """A ``cls`` holding ``module``'s own submodules (same Parameters, same state dict), for a subclass
+    that only changes ``forward``."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, child in module.named_children():
+        setattr(new, name, child)
+    return new.train(module.training)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in at this point: autocast's, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def fp8_matmul_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -146,7 +161,7 @@ class Float8Linear(nn.Module):
             scale = self.input_scale.expand(x2.shape[0], 1).contiguous()  # _scaled_mm's row-wise form of one scale
         else:
             q, scale = quantize_rows(x2)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        out_dtype = compute_dtype(x)
         # mat2 column-major: the (N, K) row-major weight, transposed, with its (1, N) scales.
         y = fp8_mm(q, scale, self.weight_fp8.t(), self.weight_scale, out_dtype, self.fast_accum, self.bias, self.bias_in_gemm)
         return y.reshape(*lead, self.out_features)

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.models.fp8 import (BLOCK_LINEARS, amax_scales, block_linears, fp8_mm, quantize, quantize_rows, replace_module,
-                               scaled_mm_takes_bias)
+from ditkit.models.fp8 import (BLOCK_LINEARS, amax_scales, block_linears, compute_dtype, fp8_mm, quantize, quantize_rows,
+                               replace_module, scaled_mm_takes_bias)
 from ditkit.models.fp8_kernels import quantize_rows_op
 
 
@@ -96,8 +96,7 @@ class Float8TrainingLinear(nn.Linear):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] % 16:  # the FP8 kernel needs every size a multiple of 16
             return F.linear(x, self.weight, self.bias)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        x2 = x2.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)  # the compute dtype
+        x2 = x2.to(compute_dtype(x))
         (xq, sx), (wq, sw) = quantize_rows(x2.detach()), quantize_rows(self.weight.detach())  # (M, 1) per token, (N, 1) per output
         y = _fp8_linear(x2, self.weight, self.bias, xq, sx, wq, sw, self.bias_in_gemm, self.grad_op)
         return y.reshape(*lead, self.out_features)

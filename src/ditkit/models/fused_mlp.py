@@ -24,7 +24,7 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
-from ditkit.models.fp8 import replace_module
+from ditkit.models.fp8 import compute_dtype, rebuilt_as, replace_module
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
@@ -91,25 +91,17 @@ class FusedMlp(Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), *(p.to(dtype) for p in params))
         return y.reshape(*lead, y.shape[-1])
-
-
-def _sharing(cls: type[Mlp], mlp: Mlp) -> Mlp:
-    """A ``cls`` holding ``mlp``'s own fc1 and fc2 modules."""
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    new.fc1, new.act, new.fc2 = mlp.fc1, mlp.act, mlp.fc2
-    return new.train(mlp.training)
 
 
 def convert_to_fused_mlp(model: nn.Module) -> int:
     """Replace every ``Mlp`` in ``model`` by a ``FusedMlp`` holding the same layers; returns how many."""
     targets = [(n, m) for n, m in model.named_modules() if type(m) is Mlp]
     for name, m in targets:
-        replace_module(model, name, _sharing(FusedMlp, m))
+        replace_module(model, name, rebuilt_as(FusedMlp, m))
     return len(targets)
 
 
@@ -117,5 +109,5 @@ def revert_fused_mlp(model: nn.Module) -> int:
     """Undo ``convert_to_fused_mlp``; returns how many."""
     targets = [(n, m) for n, m in model.named_modules() if type(m) is FusedMlp]
     for name, m in targets:
-        replace_module(model, name, _sharing(Mlp, m))
+        replace_module(model, name, rebuilt_as(Mlp, m))
     return len(targets)

@@ -23,6 +23,7 @@ from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import as_pair, build_model
 from ditkit.models.fp8_training import convert_for_fp8_training
 from ditkit.models.fused_mlp import convert_to_fused_mlp
+from ditkit.models.fused_norm import convert_to_fused_norm
 from ditkit.objectives import build_objective
 from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -224,6 +225,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         convert_for_fp8_training(model)
     if cfg.train.fused_mlp:
         convert_to_fused_mlp(model)
+    if cfg.train.fused_norm:
+        convert_to_fused_norm(model)
     model.train()
     ema.eval()
     train_model = _wrap_distributed(model, cfg, info)

@@ -1,0 +1,89 @@
+"""adaLN's fused norm kernels (``ditkit.models.norm_kernels``) on a GPU: accuracy against their
+equations in float32, and time against the same ops compiled by inductor.
+
+    PYTHONPATH=src python benchmarks/fused_norm_check.py
+
+For DiT-XL's and DiT-B's shapes, bf16 operands (the bf16 residual stream): each output's relative
+L2 error against ``forward_reference`` / ``backward_reference`` (float32 math, one rounding), and
+the median ms of the forward and the backward kernel with the bandwidth they reach, next to the
+same computation (x + α o, LayerNorm, modulation; forward, and backward with ∂β, ∂γ, ∂α) as
+torch.compile makes it.  Exits 1 if an error exceeds bf16's rounding (4e-3).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench import median_ms  # benchmarks/, on the path when run as a script
+from ditkit.models import norm_kernels
+from ditkit.models.dit import modulate
+
+EPS = 1e-6
+SHAPES = {"XL b128": (128, 256, 1152), "XL b32": (32, 256, 1152), "B b128": (128, 256, 768)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def plain(x, o, gate, shift, scale):
+    """The block's ops as DiTBlock writes them (under bf16 autocast, with a bf16 stream)."""
+    if o is not None:
+        x = x + gate.unsqueeze(1) * o
+    return x, modulate(F.layer_norm(x, x.shape[-1:], eps=EPS), shift, scale).to(torch.bfloat16)
+
+
+def main() -> int:
+    dev = torch.device("cuda")
+    worst = 0.0
+    print("| shape | residual | max rel. error (outputs, gradients) | fwd ms | fwd GB/s | bwd ms | bwd GB/s "
+          "| compiled fwd ms | compiled fwd+bwd ms | kernels fwd+bwd ms |\n|---|---|---|---|---|---|---|---|---|---|")
+    for label, (n, tokens, width) in SHAPES.items():
+        for residual in (True, False):
+            torch.manual_seed(0)
+            x = torch.randn(n, tokens, width, device=dev).to(torch.bfloat16)
+            o = torch.randn_like(x) if residual else None
+            cond = (torch.randn(n, 6 * width, device=dev) * 0.3).to(torch.bfloat16).chunk(6, dim=1)
+            gate, shift, scale = (cond[2] if residual else None), cond[3], cond[4]
+            gh, g_next = torch.randn_like(x), (torch.randn_like(x) if residual else None)
+            args = (x, o, gate, shift, scale, EPS, torch.bfloat16)
+            ref = norm_kernels.forward_reference(*args)
+            got = norm_kernels.forward_triton(*args)
+            stream = ref[0] if residual else x
+            bwd = (gh, g_next, stream, o, gate, scale, ref[2], ref[3])
+            ref_b = norm_kernels.backward_reference(*bwd)
+            got_b = norm_kernels.backward_triton(*bwd, (torch.bfloat16, torch.bfloat16))
+            errs = [rel(b, a) for a, b in zip(ref + ref_b, got + got_b) if a is not None]
+            worst = max(worst, *errs)
+            fwd_ms = median_ms(lambda: norm_kernels.forward_triton(*args), 50, dev, warmup=5)
+            bwd_ms = median_ms(lambda: norm_kernels.backward_triton(*bwd, (torch.bfloat16, torch.bfloat16)), 50, dev, warmup=5)
+            pass_bytes = x.numel() * x.element_size()
+            fwd_gbs = (4 if residual else 2) * pass_bytes / fwd_ms / 1e6
+            bwd_gbs = (6 if residual else 3) * pass_bytes / bwd_ms / 1e6
+
+            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, o, gate, shift, scale)]
+            torch._dynamo.reset()
+            compiled = torch.compile(plain)
+
+            def plain_fwd():
+                with torch.no_grad():
+                    compiled(*leaves)
+
+            def plain_step():  # gradients returned, not accumulated into .grad (the kernels do not accumulate either)
+                s, h = compiled(*leaves)
+                outs, grads = ((s, h), (g_next, gh)) if residual else ((h,), (gh,))
+                torch.autograd.grad(outs, [t for t in leaves if t is not None], grads)
+
+            c_fwd = median_ms(plain_fwd, 50, dev, warmup=5)
+            c_step = median_ms(plain_step, 50, dev, warmup=5)
+            print(f"| {label} | {residual} | {max(errs):.1e} | {fwd_ms:.3f} | {fwd_gbs:,.0f} | {bwd_ms:.3f} | {bwd_gbs:,.0f} "
+                  f"| {c_fwd:.3f} | {c_step:.3f} | {fwd_ms + bwd_ms:.3f} |", flush=True)
+    ok = worst < 4e-3
+    print(f"\nworst relative error {worst:.2e}: {'within' if ok else 'BEYOND'} bf16 rounding (4e-3)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""adaLN-Zero's LayerNorm, modulation and gated residual as operators with hand-written kernels.
+
+In a DiT block
+
+    h₁ = LN(x)(1 + γ₁) + β₁                  modulated_norm(x, β₁, γ₁)
+    x  = x + α₁ ⊙ Attn(h₁)
+    h₂ = LN(x)(1 + γ₂) + β₂                  both lines: residual_modulated_norm(x, Attn(h₁), α₁, β₂, γ₂)
+    x  = x + α₂ ⊙ MLP(h₂)
+
+Each operator is one Triton kernel forward and one backward (``ditkit.models.norm_kernels``: the
+backward also makes the per-sample sums ∂β, ∂γ, ∂α), opaque to ``torch.compile``.  On a CPU they
+compute the same equations with torch's ops.  ``FusedNormBlock`` and ``FusedNormFinalLayer`` hold
+the same modules as ``DiTBlock`` and ``FinalLayer`` (same Parameters, same state dict).
+``train.fused_norm=true``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditkit.models import norm_kernels
+from ditkit.models.dit import DiTBlock, FinalLayer
+from ditkit.models.fp8 import compute_dtype, rebuilt_as, replace_module
+
+
+def _on_triton(x: torch.Tensor) -> bool:
+    return norm_kernels.triton is not None and x.is_cuda
+
+
+@torch.library.custom_op("ditkit::modulated_norm", mutates_args=(),
+                         schema="(Tensor x, Tensor? o, Tensor? gate, Tensor shift, Tensor scale, float eps, "
+                                "ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)")
+def modulated_norm_op(x, o, gate, shift, scale, eps, dtype):
+    """x, o (N, T, D); gate, shift, scale (N, D) -> (x' = x + gate ⊙ o, or an empty tensor without o;
+    h (N, T, D) in ``dtype``; μ and r (N, T) float32)."""
+    x, o = x.contiguous(), (o.contiguous() if o is not None else None)
+    forward = norm_kernels.forward_triton if _on_triton(x) else norm_kernels.forward_reference
+    stream, h, mean, rstd = forward(x, o, gate, shift, scale, eps, dtype)
+    return (stream if stream is not None else x.new_empty(0)), h, mean, rstd
+
+
+@modulated_norm_op.register_fake
+def _(x, o, gate, shift, scale, eps, dtype):
+    n, tokens, _ = x.shape
+    stream = x.new_empty(x.shape) if o is not None else x.new_empty(0)
+    return stream, x.new_empty(x.shape, dtype=dtype), x.new_empty(n, tokens, dtype=torch.float32), \
+        x.new_empty(n, tokens, dtype=torch.float32)
+
+
+@torch.library.custom_op("ditkit::modulated_norm_backward", mutates_args=(),
+                         schema="(Tensor gh, Tensor? g_next, Tensor stream, Tensor? o, Tensor? gate, Tensor scale, "
+                                "Tensor mean, Tensor rstd, ScalarType cond_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd, cond_dtype):
+    """-> (∂x in the stream's dtype; ∂o in o's dtype (empty without o); ∂β, ∂γ, ∂α (N, D) in ``cond_dtype``,
+    ∂α empty without o)."""
+    gh, stream = gh.contiguous(), stream.contiguous()
+    g_next = g_next.contiguous() if g_next is not None else None
+    o = o.contiguous() if o is not None else None
+    if _on_triton(stream):
+        grads = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd,
+                                             (stream.dtype, o.dtype if o is not None else stream.dtype))
+    else:
+        grads = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
+    dx, do, d_shift, d_scale, d_gate = grads
+    return (dx.to(stream.dtype), do.to(o.dtype) if o is not None else stream.new_empty(0), d_shift.to(cond_dtype),
+            d_scale.to(cond_dtype), d_gate.to(cond_dtype) if o is not None else stream.new_empty(0))
+
+
+@modulated_norm_backward_op.register_fake
+def _(gh, g_next, stream, o, gate, scale, mean, rstd, cond_dtype):
+    n, _, width = stream.shape
+    return (stream.new_empty(stream.shape), o.new_empty(o.shape) if o is not None else stream.new_empty(0),
+            stream.new_empty(n, width, dtype=cond_dtype), stream.new_empty(n, width, dtype=cond_dtype),
+            stream.new_empty(n, width, dtype=cond_dtype) if o is not None else stream.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, o, gate, shift, scale, _, _ = inputs
+    stream, _, mean, rstd = output
+    ctx.residual = o is not None
+    ctx.cond_dtype = shift.dtype
+    ctx.save_for_backward(stream if ctx.residual else x, o, gate, scale, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, g_stream, gh, _g_mean, _g_rstd):
+    stream, o, gate, scale, mean, rstd = ctx.saved_tensors
+    if gh is None:
+        gh = torch.zeros_like(stream)
+    g_next = g_stream if ctx.residual else None
+    dx, do, d_shift, d_scale, d_gate = modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd,
+                                                                  ctx.cond_dtype)
+    if not ctx.residual:
+        return dx, None, None, d_shift, d_scale, None, None
+    return dx, do, d_gate, d_shift, d_scale, None, None
+
+
+modulated_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """h = LN(x)(1 + γ) + β: x (N, T, D), shift β and scale γ (N, D) -> h (N, T, D)."""
+    return modulated_norm_op(x, None, None, shift, scale, eps, compute_dtype(x))[1]
+
+
+def residual_modulated_norm(x, o, gate, shift, scale, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x' = x + α ⊙ o and h = LN(x')(1 + γ) + β -> (x', h)."""
+    stream, h, _, _ = modulated_norm_op(x, o, gate, shift, scale, eps, compute_dtype(x))
+    return stream, h
+
+
+#################################################################################
+#                        The block and final layer using them                   #
+#################################################################################
+
+
+class FusedNormBlock(DiTBlock):
+    """``DiTBlock`` whose LayerNorms, modulations and first gated residual run through the operators above."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        a = self.attn(modulated_norm(x, shift_msa, scale_msa, self.norm1.eps))
+        if context is None:
+            x, h = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+        else:
+            x = x + gate_msa.unsqueeze(1) * a
+            x = x + self.cross_attn(self.norm_cross(x), context)
+            h = modulated_norm(x, shift_mlp, scale_mlp, self.norm2.eps)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(h)
+
+
+class FusedNormFinalLayer(FinalLayer):
+    """``FinalLayer`` whose LayerNorm and modulation run through ``modulated_norm``."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulated_norm(x, shift, scale, self.norm_final.eps))
+
+
+_FUSED = {DiTBlock: FusedNormBlock, FinalLayer: FusedNormFinalLayer}
+
+
+def convert_to_fused_norm(model: nn.Module) -> int:
+    """Replace every ``DiTBlock`` and ``FinalLayer`` by its fused form holding the same modules; returns how many."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in _FUSED]
+    for name, m in targets:
+        replace_module(model, name, rebuilt_as(_FUSED[type(m)], m))
+    return len(targets)
+
+
+def revert_fused_norm(model: nn.Module) -> int:
+    """Undo ``convert_to_fused_norm``; returns how many."""
+    plain = {v: k for k, v in _FUSED.items()}
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in plain]
+    for name, m in targets:
+        replace_module(model, name, rebuilt_as(plain[type(m)], m))
+    return len(targets)

@@ -1,0 +1,191 @@
+"""adaLN's modulated LayerNorm, with the gated residual before it, as two Triton kernels.
+
+    forward   x' = x + α ⊙ o                          (the gated residual, when o is given)
+              μ, r = mean(x'), 1 / sqrt(var(x') + ε)  over the hidden size D, per token
+              x̂ = (x' − μ) r,   h = x̂ ⊙ (1 + γ) + β
+    backward  u = ∂h ⊙ (1 + γ)
+              ∂x' = r (u − mean(u) − x̂ mean(u ⊙ x̂)) + ∂x'_next     (∂x'_next: from the stream below)
+              ∂β = Σ_t ∂h,   ∂γ = Σ_t ∂h ⊙ x̂,   ∂x = ∂x',   ∂o = ∂x' ⊙ α,   ∂α = Σ_t ∂x' ⊙ o
+
+x, o, x', h are (N, T, D); α, β, γ are per sample, (N, D) with any row stride (the chunks of the
+adaLN output are views).  One forward program normalises a few whole rows; one backward program
+walks a slice of one sample's tokens, so the token sums (∂β, ∂γ, ∂α) stay in registers and only
+one partial sum per slice is written.  Everything is computed in float32 and rounded once on store.
+
+Compiled by inductor, the same step reads and writes the stream several more times: XL's rows
+(1152) are past its 1024-element limit for keeping a row in registers, and the token sums come out
+as separate reduction kernels (``benchmarks/bench.py --profile``: about 33 GPU-ms of a 218-ms
+DiT-XL/2 step at batch 128).
+
+``forward_reference`` and ``backward_reference`` are the same equations in torch: the CPU path of
+``ditkit.models.fused_norm``'s operators, and what the tests compare the kernels with (run by
+Triton's interpreter on the CPU, ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch comes without Triton
+    triton = None
+
+
+def forward_reference(x, o, gate, shift, scale, eps: float, dtype: torch.dtype):
+    """-> (x' (or None without o), h in ``dtype``, μ (N, T) float32, r (N, T) float32)."""
+    stream = x
+    if o is not None:
+        stream = (x.float() + gate.float().unsqueeze(1) * o.float()).to(x.dtype)
+    xf = stream.float()
+    mean = xf.mean(-1)
+    rstd = torch.rsqrt(xf.var(-1, unbiased=False) + eps)
+    h = (xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
+    return (stream if o is not None else None), h.to(dtype), mean, rstd
+
+
+def backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd):
+    """-> (∂x (N, T, D) float32, ∂o or None, ∂β, ∂γ, ∂α or None, each (N, D) float32)."""
+    gh = gh.float()
+    xhat = (stream.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    u = gh * (1 + scale.float().unsqueeze(1))
+    dx = rstd.unsqueeze(-1) * (u - u.mean(-1, keepdim=True) - xhat * (u * xhat).mean(-1, keepdim=True))
+    if g_next is not None:
+        dx = dx + g_next.float()
+    d_shift, d_scale = gh.sum(1), (gh * xhat).sum(1)
+    if o is None:
+        return dx, None, d_shift, d_scale, None
+    return dx, dx * gate.float().unsqueeze(1), d_shift, d_scale, (dx * o.float()).sum(1)
+
+
+if triton is not None:
+    @triton.jit
+    def _forward_kernel(x_ptr, o_ptr, gate_ptr, shift_ptr, scale_ptr, stream_ptr, h_ptr, mean_ptr, rstd_ptr,
+                        n_rows, tokens, width, stride_gate, stride_shift, stride_scale, eps,
+                        RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols < width)[None, :]
+        rows = rows.to(tl.int64)
+        sample = rows // tokens
+        at = rows[:, None] * width + cols[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            o = tl.load(o_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + sample[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            stream = (x + gate * o).to(stream_ptr.dtype.element_ty)
+            tl.store(stream_ptr + at, stream, mask=mask)
+            x = stream.to(tl.float32)  # normalise the stream as stored, which the backward reads
+        mean = tl.sum(x, axis=1) / width
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / width + eps)
+        shift = tl.load(shift_ptr + sample[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + sample[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = xc * rstd[:, None] * (1.0 + scale) + shift
+        tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=row_ok)
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def _backward_kernel(gh_ptr, next_ptr, x_ptr, o_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
+                         gx_ptr, go_ptr, partial_ptr, tokens, width, chunk, plane, stride_gate, stride_scale,
+                         RESIDUAL: tl.constexpr, HAS_NEXT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        n = tl.program_id(0)
+        part = tl.program_id(1)
+        cols = tl.arange(0, BLOCK)
+        col_ok = cols < width
+        scale1 = 1.0 + tl.load(scale_ptr + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+        gate = tl.zeros([BLOCK], dtype=tl.float32)
+        if RESIDUAL:
+            gate = tl.load(gate_ptr + n * stride_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
+        d_shift = tl.zeros([BLOCK], dtype=tl.float32)
+        d_scale = tl.zeros([BLOCK], dtype=tl.float32)
+        d_gate = tl.zeros([BLOCK], dtype=tl.float32)
+        start = part * chunk
+        stop = tl.minimum(start + chunk, tokens)
+        for t0 in range(start, stop, ROWS):
+            tok = t0 + tl.arange(0, ROWS)
+            row_ok = tok < stop
+            rows = n.to(tl.int64) * tokens + tok
+            mask = row_ok[:, None] & col_ok[None, :]
+            at = rows[:, None] * width + cols[None, :]
+            gh = tl.load(gh_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            d_shift += tl.sum(gh, axis=0)
+            d_scale += tl.sum(gh * xhat, axis=0)
+            u = gh * scale1[None, :]
+            mean_u = tl.sum(u, axis=1) / width
+            mean_ux = tl.sum(u * xhat, axis=1) / width
+            dx = rstd[:, None] * (u - mean_u[:, None] - xhat * mean_ux[:, None])
+            if HAS_NEXT:
+                dx += tl.load(next_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            tl.store(gx_ptr + at, dx.to(gx_ptr.dtype.element_ty), mask=mask)
+            if RESIDUAL:
+                o = tl.load(o_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                tl.store(go_ptr + at, (dx * gate[None, :]).to(go_ptr.dtype.element_ty), mask=mask)
+                d_gate += tl.sum(tl.where(mask, dx * o, 0.0), axis=0)
+        here = (n * tl.num_programs(1) + part).to(tl.int64) * width + cols
+        tl.store(partial_ptr + here, d_shift, mask=col_ok)
+        tl.store(partial_ptr + plane + here, d_scale, mask=col_ok)
+        if RESIDUAL:
+            tl.store(partial_ptr + 2 * plane + here, d_gate, mask=col_ok)
+
+
+def _row_view(t: torch.Tensor) -> torch.Tensor:
+    """A per-sample (N, D) tensor the kernels can index with one row stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _shape(x: torch.Tensor) -> tuple[int, int, int, int]:
+    n, tokens, width = x.shape
+    block = triton.next_power_of_2(width)
+    return n, tokens, width, block
+
+
+def forward_triton(x, o, gate, shift, scale, eps: float, dtype: torch.dtype):
+    """``forward_reference`` as one kernel launch; x and o contiguous (N, T, D)."""
+    n, tokens, width, block = _shape(x)
+    residual = o is not None
+    shift, scale = _row_view(shift), _row_view(scale)
+    gate = _row_view(gate) if residual else shift
+    stream = torch.empty_like(x) if residual else x
+    h = torch.empty(x.shape, device=x.device, dtype=dtype)
+    mean = torch.empty(n, tokens, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    rows = max(1, 4096 // block)
+    grid = (triton.cdiv(n * tokens, rows),)
+    _forward_kernel[grid](x, o if residual else x, gate, shift, scale, stream, h, mean, rstd,
+                          n * tokens, tokens, width, gate.stride(0), shift.stride(0), scale.stride(0), eps,
+                          RESIDUAL=residual, ROWS=rows, BLOCK=block, num_warps=8)
+    return (stream if residual else None), h, mean, rstd
+
+
+def _splits(n: int, tokens: int, rows: int, device: torch.device) -> int:
+    """Token slices per sample: enough programs to fill the GPU about four times over."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(tokens, rows), triton.cdiv(4 * sms, n)))
+
+
+def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes):
+    """``backward_reference`` as one kernel launch and a sum over the token slices; returns ∂x and ∂o in
+    ``grad_dtypes`` (those of x and o) and the per-sample sums in float32.  All (N, T, D) operands contiguous."""
+    n, tokens, width, block = _shape(stream)
+    residual = o is not None
+    scale = _row_view(scale)
+    gate = _row_view(gate) if residual else scale
+    rows = max(1, 4096 // block)
+    chunk = triton.cdiv(triton.cdiv(tokens, _splits(n, tokens, rows, stream.device)), rows) * rows
+    splits = triton.cdiv(tokens, chunk)
+    gx = torch.empty(stream.shape, device=stream.device, dtype=grad_dtypes[0])
+    go = torch.empty(stream.shape, device=stream.device, dtype=grad_dtypes[1]) if residual else gx
+    partial = torch.empty(3 if residual else 2, n, splits, width, device=stream.device, dtype=torch.float32)
+    _backward_kernel[(n, splits)](gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate,
+                                  scale, mean, rstd, gx, go, partial, tokens, width, chunk, n * splits * width,
+                                  gate.stride(0), scale.stride(0), RESIDUAL=residual, HAS_NEXT=g_next is not None,
+                                  ROWS=rows, BLOCK=block, num_warps=8)
+    sums = partial.sum(2)
+    return gx, (go if residual else None), sums[0], sums[1], (sums[2] if residual else None)

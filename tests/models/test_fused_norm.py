@@ -1,0 +1,192 @@
+"""adaLN's fused LayerNorm, modulation and gated residual (ditkit.models.fused_norm, norm_kernels).
+
+The operators' equations (their CPU path) against autograd of the plain block's ops; the Triton
+kernels against those equations, run by Triton's interpreter on the CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 where there is no GPU); the block, the final layer and a whole DiT against the
+plain modules; the conversion's bookkeeping; compilation."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.library import opcheck
+
+from ditkit.models import norm_kernels
+from ditkit.models.dit import DiTBlock, FinalLayer, build_model, modulate
+from ditkit.models.fused_norm import (FusedNormBlock, FusedNormFinalLayer, convert_to_fused_norm, modulated_norm_backward_op,
+                                      modulated_norm_op, residual_modulated_norm, revert_fused_norm)
+from tests.conftest import rel_err
+
+G = torch.Generator().manual_seed(0)
+EPS = 1e-6
+
+
+def _plain_residual_norm(x, o, gate, shift, scale):
+    """The official block's ops: x' = x + α o, h = modulate(LN(x'), β, γ)."""
+    stream = x + gate.unsqueeze(1) * o
+    return stream, modulate(nn.functional.layer_norm(stream, stream.shape[-1:], eps=EPS), shift, scale)
+
+
+def _inputs(n=3, tokens=10, width=48, dtype=torch.float32):
+    x, o = torch.randn(n, tokens, width, generator=G), torch.randn(n, tokens, width, generator=G)
+    cond = torch.randn(n, 3 * width, generator=G)  # a view per chunk, as adaLN's output is split
+    gate, shift, scale = (c.to(dtype) for c in cond.chunk(3, dim=1))
+    return x.to(dtype), o.to(dtype), gate, shift, scale
+
+
+def _grads(fn, tensors, outs_grad):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    outs = fn(*leaves)
+    torch.autograd.backward(outs, outs_grad)
+    return [o.detach() for o in outs], [t.grad for t in leaves]
+
+
+def test_residual_operator_and_gradients_equal_the_plain_ops():
+    x, o, gate, shift, scale = _inputs()
+    g_stream, g_h = torch.randn_like(x), torch.randn_like(x)
+    ref_out, ref_grads = _grads(_plain_residual_norm, (x, o, gate, shift, scale), (g_stream, g_h))
+    got_out, got_grads = _grads(lambda *t: residual_modulated_norm(*t, eps=EPS), (x, o, gate, shift, scale), (g_stream, g_h))
+    for a, b in zip(ref_out + ref_grads, got_out + got_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_norm_operator_and_gradients_equal_the_plain_ops():
+    x, _, _, shift, scale = _inputs()
+    g_h = torch.randn_like(x)
+
+    def plain(x, shift, scale):
+        return modulate(nn.functional.layer_norm(x, x.shape[-1:], eps=EPS), shift, scale)
+
+    def fused(x, shift, scale):
+        return modulated_norm_op(x, None, None, shift, scale, EPS, x.dtype)[1]
+
+    ref_out, ref_grads = _grads(plain, (x, shift, scale), g_h)
+    got_out, got_grads = _grads(fused, (x, shift, scale), g_h)
+    for a, b in zip(ref_out + ref_grads, got_out + got_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_operators_pass_opcheck():
+    x, o, gate, shift, scale = _inputs(2, 5, 16)
+    opcheck(modulated_norm_op, (x.requires_grad_(), o.requires_grad_(), gate.requires_grad_(), shift.requires_grad_(),
+                                scale.requires_grad_(), EPS, torch.float32))
+    opcheck(modulated_norm_op, (x, None, None, shift, scale, EPS, torch.bfloat16))
+    _, _, mean, rstd = modulated_norm_op(x, None, None, shift, scale, EPS, torch.float32)
+    opcheck(modulated_norm_backward_op, (torch.randn_like(x), torch.randn_like(x), x.detach(), o.detach(), gate.detach(),
+                                         scale.detach(), mean, rstd, torch.bfloat16))
+
+
+needs_triton = pytest.mark.skipif(norm_kernels.triton is None, reason="Triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("shape", [(2, 7, 48), (3, 33, 96)])  # token counts that are not multiples of the row tile
+def test_triton_kernels_equal_the_equations(shape, residual, dtype):
+    """The kernels (by Triton's interpreter on the CPU, by the GPU where there is one) against the reference
+    equations: bf16 inputs and outputs round once, so each output agrees to bf16's precision or better."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, o, gate, shift, scale = (t.to(device) for t in _inputs(*shape, dtype=dtype))
+    o, gate = (o, gate) if residual else (None, None)
+    # bf16: a rounding may go the other way (2⁻⁹ relative); Triton's interpreter truncates to bf16 (up to 2⁻⁸).
+    tol = 1e-6 if dtype == torch.float32 else (4e-3 if device == "cuda" else 1e-2)
+    ref = norm_kernels.forward_reference(x, o, gate, shift, scale, EPS, dtype)
+    got = norm_kernels.forward_triton(x, o, gate, shift, scale, EPS, dtype)
+    for a, b in zip(ref, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(b.float(), a.float()) < tol
+    stream, _, mean, rstd = ref
+    stream = stream if residual else x
+    gh, g_next = torch.randn_like(x), (torch.randn_like(x) if residual else None)
+    ref = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
+    got = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, (dtype, dtype))
+    for a, b in zip(ref, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(b.float(), a) < 2 * tol
+
+
+def _block_pair(cross=False):
+    torch.manual_seed(0)
+    plain = DiTBlock(48, num_heads=4, cross_attention=cross)
+    for p in plain.parameters():  # adaLN-Zero starts at zero; random weights exercise every term
+        nn.init.normal_(p, std=0.2)
+    parent = nn.ModuleDict({"block": copy.deepcopy(plain)})
+    assert convert_to_fused_norm(parent) == 1
+    assert isinstance(parent["block"], FusedNormBlock)
+    return plain, parent["block"]
+
+
+def _run_block(block, x, c, gy, context=None, autocast=False):
+    x, c = x.clone().requires_grad_(), c.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = block(x, c, context)
+    y.float().backward(gy)
+    return [y.detach().float(), x.grad, c.grad] + [p.grad for p in block.parameters()]
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_block_equals_the_plain_block(cross):
+    plain, fused = _block_pair(cross)
+    x, c, gy = torch.randn(2, 12, 48, generator=G), torch.randn(2, 48, generator=G), torch.randn(2, 12, 48, generator=G)
+    context = torch.randn(2, 5, 48, generator=G) if cross else None
+    for a, b in zip(_run_block(plain, x, c, gy, context), _run_block(fused, x, c, gy, context)):
+        assert rel_err(b, a) < 1e-5  # float32 rounding: the fused form sums in another order
+
+
+def test_block_under_bf16_autocast_within_bf16_rounding():
+    plain, fused = _block_pair()
+    x, c, gy = torch.randn(2, 12, 48, generator=G), torch.randn(2, 48, generator=G), torch.randn(2, 12, 48, generator=G)
+    ref = _run_block(copy.deepcopy(plain), x, c, gy)
+    got, bf16 = _run_block(fused, x, c, gy, autocast=True), _run_block(plain, x, c, gy, autocast=True)
+    for r, g, b in zip(ref, got, bf16):
+        err, err_plain = rel_err(g, r), rel_err(b, r)
+        assert err < 3e-2 and err < 2 * err_plain + 1e-3, (err, err_plain)
+
+
+def test_final_layer_equals_the_plain_one():
+    torch.manual_seed(0)
+    plain = FinalLayer(48, 2, 8)
+    for p in plain.parameters():
+        nn.init.normal_(p, std=0.2)
+    parent = nn.ModuleDict({"final": copy.deepcopy(plain)})
+    convert_to_fused_norm(parent)
+    assert isinstance(parent["final"], FusedNormFinalLayer)
+    x, c = torch.randn(2, 12, 48, generator=G), torch.randn(2, 48, generator=G)
+    gy = torch.randn(2, 12, 32, generator=G)
+
+    def run(m):
+        xx = x.clone().requires_grad_()
+        m(xx, c).backward(gy)
+        return [xx.grad] + [p.grad for p in m.parameters()]
+
+    for a, b in zip(run(plain), run(parent["final"])):
+        assert rel_err(b, a) < 1e-5
+
+
+def test_conversion_shares_parameters_and_reverts():
+    torch.manual_seed(0)
+    model = build_model("DiT-S/8", input_size=16, in_channels=4, num_classes=10)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.05)
+    before = model.state_dict().keys()
+    params = {id(p) for p in model.parameters()}
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.tensor([1, 2])
+    ref = model(x, t, y)
+    assert convert_to_fused_norm(model) == len(model.blocks) + 1
+    assert all(isinstance(b, FusedNormBlock) for b in model.blocks) and isinstance(model.final_layer, FusedNormFinalLayer)
+    assert {id(p) for p in model.parameters()} == params and model.state_dict().keys() == before
+    assert rel_err(model(x, t, y), ref) < 1e-5
+    assert revert_fused_norm(model) == len(model.blocks) + 1
+    assert all(type(b) is DiTBlock for b in model.blocks) and type(model.final_layer) is FinalLayer
+
+
+def test_compiled_gradients_equal_eager():
+    _, fused = _block_pair()
+    x, c, gy = torch.randn(2, 8, 48, generator=G), torch.randn(2, 48, generator=G), torch.randn(2, 8, 48, generator=G)
+    eager = _run_block(copy.deepcopy(fused), x, c, gy)
+    got = _run_block(torch.compile(fused), x, c, gy)
+    for a, b in zip(eager, got):
+        assert rel_err(b, a) < 1e-5
