@@ -144,6 +144,7 @@ def reset_memory(device: torch.device) -> None:
 
 
 KERNEL_CLASSES = (  # first match wins; names of cuBLAS/CUTLASS GEMMs, SDPA kernels, optimizer kernels, fused code
+    ("adaLN norm (ditkit.models.norm_kernels)", ("adaln_norm",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),  # before gemm: flash kernels' names mention cutlass
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem")),  # triton_tem: max-autotune's GEMM templates
     ("optimizer/ema/norm", ("multi_tensor", "foreach", "adam", "lerp")),

@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--check-only", action="store_true", help="only the kernel's bit-identity check")
+    p.add_argument("--kernels", default="", help="for these variants, print every kernel's GPU-ms per block")
     p.add_argument("--dump", help="write the generated kernels whose name contains this to DUMP_TO.VARIANT.py")
     p.add_argument("--dump-to", default="kernels")
     args = p.parse_args()
@@ -60,6 +61,7 @@ def main() -> None:
               f"(rows with NaN: {nan_rows}, expected [7, 9])")
     if args.check_only:
         return
+    listing = []
     print("| variant | ms per block | × 28 blocks | persistent / looped reductions | top kernels (GPU-ms per block) |\n|---|---|---|---|---|")
     for name in args.variants.split(","):
         fp8, grad_op, fused_mlp, fused_norm = VARIANTS[name]
@@ -108,6 +110,10 @@ def main() -> None:
         kernels = sorted(((e.device_time_total / 3e3, e.key) for e in prof.key_averages()), reverse=True)[:6]
         top = "; ".join(f"{t:.2f} {k[:70]}" for t, k in kernels)
         print(f"| {name} | {ms:.3f} | {28 * ms:.1f} | {reductions['persistent_reduction']} / {reductions['reduction']} | {top} |", flush=True)
+        if name in args.kernels.split(","):
+            listing.append(f"\n{name}: every kernel, GPU-ms per block\n" + "\n".join(
+                f"  {t:6.3f}  {k[:120]}" for t, k in sorted(((e.device_time_total / 3e3, e.key) for e in prof.key_averages()), reverse=True)))
+    print("\n".join(listing))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ equations in float32, and time against the same ops compiled by inductor.
 
 For DiT-XL's and DiT-B's shapes, bf16 operands (the bf16 residual stream): each output's relative
 L2 error against ``forward_reference`` / ``backward_reference`` (float32 math, one rounding), and
-the median ms of the forward and the backward kernel with the bandwidth they reach, next to the
-same computation (x + α o, LayerNorm, modulation; forward, and backward with ∂β, ∂γ, ∂α) as
-torch.compile makes it.  Exits 1 if an error exceeds bf16's rounding (4e-3).
+the GPU time (profiler: the kernels' own time, as under CUDA graphs; Python's launch cost left out)
+of the forward and the backward with the bandwidth they reach, next to the same computation
+(x + α o, LayerNorm, modulation; forward, and backward with ∂β, ∂γ, ∂α) as torch.compile makes it.  Exits 1 if an error exceeds bf16's rounding (4e-3).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench import median_ms  # benchmarks/, on the path when run as a script
+from bench import profile_kernels  # benchmarks/, on the path when run as a script
 from ditkit.models import norm_kernels
 from ditkit.models.dit import modulate
 
@@ -33,6 +33,12 @@ def plain(x, o, gate, shift, scale):
     if o is not None:
         x = x + gate.unsqueeze(1) * o
     return x, modulate(F.layer_norm(x, x.shape[-1:], eps=EPS), shift, scale).to(torch.bfloat16)
+
+
+def gpu_ms(fn, device: torch.device) -> float:
+    for _ in range(3):  # compilation, autotuning
+        fn()
+    return profile_kernels(fn, device, calls=20)["gpu_ms"]
 
 
 def main() -> int:
@@ -57,8 +63,8 @@ def main() -> int:
             got_b = norm_kernels.backward_triton(*bwd, (torch.bfloat16, torch.bfloat16))
             errs = [rel(b, a) for a, b in zip(ref + ref_b, got + got_b) if a is not None]
             worst = max(worst, *errs)
-            fwd_ms = median_ms(lambda: norm_kernels.forward_triton(*args), 50, dev, warmup=5)
-            bwd_ms = median_ms(lambda: norm_kernels.backward_triton(*bwd, (torch.bfloat16, torch.bfloat16)), 50, dev, warmup=5)
+            fwd_ms = gpu_ms(lambda: norm_kernels.forward_triton(*args), dev)
+            bwd_ms = gpu_ms(lambda: norm_kernels.backward_triton(*bwd, (torch.bfloat16, torch.bfloat16)), dev)
             pass_bytes = x.numel() * x.element_size()
             fwd_gbs = (4 if residual else 2) * pass_bytes / fwd_ms / 1e6
             bwd_gbs = (6 if residual else 3) * pass_bytes / bwd_ms / 1e6
@@ -76,8 +82,7 @@ def main() -> int:
                 outs, grads = ((s, h), (g_next, gh)) if residual else ((h,), (gh,))
                 torch.autograd.grad(outs, [t for t in leaves if t is not None], grads)
 
-            c_fwd = median_ms(plain_fwd, 50, dev, warmup=5)
-            c_step = median_ms(plain_step, 50, dev, warmup=5)
+            c_fwd, c_step = gpu_ms(plain_fwd, dev), gpu_ms(plain_step, dev)
             print(f"| {label} | {residual} | {max(errs):.1e} | {fwd_ms:.3f} | {fwd_gbs:,.0f} | {bwd_ms:.3f} | {bwd_gbs:,.0f} "
                   f"| {c_fwd:.3f} | {c_step:.3f} | {fwd_ms + bwd_ms:.3f} |", flush=True)
     ok = worst < 4e-3

@@ -60,7 +60,7 @@ def backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd):
 
 if triton is not None:
     @triton.jit
-    def _forward_kernel(x_ptr, o_ptr, gate_ptr, shift_ptr, scale_ptr, stream_ptr, h_ptr, mean_ptr, rstd_ptr,
+    def _adaln_norm_forward_kernel(x_ptr, o_ptr, gate_ptr, shift_ptr, scale_ptr, stream_ptr, h_ptr, mean_ptr, rstd_ptr,
                         n_rows, tokens, width, stride_gate, stride_shift, stride_scale, eps,
                         RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -88,7 +88,7 @@ if triton is not None:
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
     @triton.jit
-    def _backward_kernel(gh_ptr, next_ptr, x_ptr, o_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
+    def _adaln_norm_backward_kernel(gh_ptr, next_ptr, x_ptr, o_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
                          gx_ptr, go_ptr, partial_ptr, tokens, width, chunk, plane, stride_gate, stride_scale,
                          RESIDUAL: tl.constexpr, HAS_NEXT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         n = tl.program_id(0)
@@ -158,7 +158,7 @@ def forward_triton(x, o, gate, shift, scale, eps: float, dtype: torch.dtype):
     rstd = torch.empty_like(mean)
     rows = max(1, 4096 // block)
     grid = (triton.cdiv(n * tokens, rows),)
-    _forward_kernel[grid](x, o if residual else x, gate, shift, scale, stream, h, mean, rstd,
+    _adaln_norm_forward_kernel[grid](x, o if residual else x, gate, shift, scale, stream, h, mean, rstd,
                           n * tokens, tokens, width, gate.stride(0), shift.stride(0), scale.stride(0), eps,
                           RESIDUAL=residual, ROWS=rows, BLOCK=block, num_warps=8)
     return (stream if residual else None), h, mean, rstd
@@ -183,7 +183,7 @@ def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes)
     gx = torch.empty(stream.shape, device=stream.device, dtype=grad_dtypes[0])
     go = torch.empty(stream.shape, device=stream.device, dtype=grad_dtypes[1]) if residual else gx
     partial = torch.empty(3 if residual else 2, n, splits, width, device=stream.device, dtype=torch.float32)
-    _backward_kernel[(n, splits)](gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate,
+    _adaln_norm_backward_kernel[(n, splits)](gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate,
                                   scale, mean, rstd, gx, go, partial, tokens, width, chunk, n * splits * width,
                                   gate.stride(0), scale.stride(0), RESIDUAL=residual, HAS_NEXT=g_next is not None,
                                   ROWS=rows, BLOCK=block, num_warps=8)
