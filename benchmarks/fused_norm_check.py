@@ -1,7 +1,7 @@
 """adaLN's fused norm kernels (``ditkit.models.norm_kernels``) on a GPU: accuracy against their
 equations in float32, and time against the same ops compiled by inductor.
 
-    PYTHONPATH=src python benchmarks/fused_norm_check.py
+    PYTHONPATH=src python benchmarks/fused_norm_check.py [--sweep]
 
 For DiT-XL's and DiT-B's shapes, bf16 operands (the bf16 residual stream): each output's relative
 L2 error against ``forward_reference`` / ``backward_reference`` (float32 math, one rounding), and
@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench import profile_kernels  # benchmarks/, on the path when run as a script
+from bench import median_ms, profile_kernels  # benchmarks/, on the path when run as a script
 from ditkit.models import norm_kernels
 from ditkit.models.dit import modulate
 
@@ -41,8 +41,47 @@ def gpu_ms(fn, device: torch.device) -> float:
     return profile_kernels(fn, device, calls=20)["gpu_ms"]
 
 
+def graph_ms(fn, device: torch.device) -> float:
+    """Median ms of fn replayed as a CUDA graph: the GPU's time without Python's launch cost."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, 30, device, warmup=3)
+
+
+def sweep(device: torch.device) -> None:
+    """Every launch configuration of both kernels at each shape, the fastest first (to choose
+    ``forward_config`` and ``backward_config``)."""
+    for label, (n, tokens, width) in SHAPES.items():
+        for residual in (True, False):
+            torch.manual_seed(0)
+            x = torch.randn(n, tokens, width, device=device).to(torch.bfloat16)
+            o = torch.randn_like(x) if residual else None
+            cond = (torch.randn(n, 6 * width, device=device) * 0.3).to(torch.bfloat16).chunk(6, dim=1)
+            gate = cond[2] if residual else None
+            args = (x, o, gate, cond[3], cond[4], EPS, torch.bfloat16)
+            stream, _, mean, rstd = norm_kernels.forward_triton(*args)
+            bwd = (torch.randn_like(x), torch.randn_like(x) if residual else None, stream if residual else x, o, gate,
+                   cond[4], mean, rstd, (torch.bfloat16, torch.bfloat16))
+            fwd_times = sorted((graph_ms(lambda: norm_kernels.forward_triton(*args, config=(r, w)), device), (r, w))
+                               for r in (1, 2, 4, 8) for w in (4, 8, 16) if r * width <= 16384)
+            bwd_times = sorted((graph_ms(lambda: norm_kernels.backward_triton(*bwd, config=(r, w, c)), device), (r, w, c))
+                               for r in (1, 2, 4) for w in (4, 8) for c in (8, 16, 32, 64) if c % r == 0 and r * width <= 8192)
+            default_f = graph_ms(lambda: norm_kernels.forward_triton(*args), device)
+            default_b = graph_ms(lambda: norm_kernels.backward_triton(*bwd), device)
+            print(f"{label} residual={residual}: forward default {default_f:.3f} ms, best "
+                  + ", ".join(f"{t:.3f} {c}" for t, c in fwd_times[:4])
+                  + f"; backward default {default_b:.3f} ms, best " + ", ".join(f"{t:.3f} {c}" for t, c in bwd_times[:4]),
+                  flush=True)
+
+
 def main() -> int:
     dev = torch.device("cuda")
+    if "--sweep" in sys.argv:
+        sweep(dev)
+        return 0
     worst = 0.0
     print("| shape | residual | max rel. error (outputs, gradients) | fwd ms | fwd GB/s | bwd ms | bwd GB/s "
           "| compiled fwd ms | compiled fwd+bwd ms | kernels fwd+bwd ms |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -146,8 +146,25 @@ def _shape(x: torch.Tensor) -> tuple[int, int, int, int]:
     return n, tokens, width, block
 
 
-def forward_triton(x, o, gate, shift, scale, eps: float, dtype: torch.dtype):
-    """``forward_reference`` as one kernel launch; x and o contiguous (N, T, D)."""
+# Launch configurations chosen by ``benchmarks/fused_norm_check.py --sweep`` on an H100 at DiT-XL's
+# and DiT-B's shapes (4 warps throughout; 8 made DiT-B's backward 2.5-6× slower).
+def forward_config(width: int) -> tuple[int, int]:
+    """(rows per program, warps) of the forward kernel."""
+    return max(1, 4096 // triton.next_power_of_2(width)), 4
+
+
+def backward_config(n: int, tokens: int, width: int, residual: bool, device: torch.device) -> tuple[int, int, int]:
+    """(rows per loop step, warps, tokens per program) of the backward kernel: as many tokens per program
+    as still give about three programs per multiprocessor (the per-sample partial sums stay few)."""
+    block = triton.next_power_of_2(width)
+    rows = min(16, max(1, (2048 if residual else 8192) // block))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    chunk = next((c for c in (64, 32, 16) if n * triton.cdiv(tokens, c) >= 3 * sms), 8)
+    return rows, 4, triton.cdiv(chunk, rows) * rows
+
+
+def forward_triton(x, o, gate, shift, scale, eps: float, dtype: torch.dtype, config: tuple[int, int] | None = None):
+    """``forward_reference`` as one kernel launch; x and o contiguous (N, T, D).  ``config``: see ``forward_config``."""
     n, tokens, width, block = _shape(x)
     residual = o is not None
     shift, scale = _row_view(shift), _row_view(scale)
@@ -156,36 +173,31 @@ def forward_triton(x, o, gate, shift, scale, eps: float, dtype: torch.dtype):
     h = torch.empty(x.shape, device=x.device, dtype=dtype)
     mean = torch.empty(n, tokens, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    rows = max(1, 4096 // block)
+    rows, warps = config or forward_config(width)
     grid = (triton.cdiv(n * tokens, rows),)
     _adaln_norm_forward_kernel[grid](x, o if residual else x, gate, shift, scale, stream, h, mean, rstd,
-                          n * tokens, tokens, width, gate.stride(0), shift.stride(0), scale.stride(0), eps,
-                          RESIDUAL=residual, ROWS=rows, BLOCK=block, num_warps=8)
+                                     n * tokens, tokens, width, gate.stride(0), shift.stride(0), scale.stride(0), eps,
+                                     RESIDUAL=residual, ROWS=rows, BLOCK=block, num_warps=warps)
     return (stream if residual else None), h, mean, rstd
 
 
-def _splits(n: int, tokens: int, rows: int, device: torch.device) -> int:
-    """Token slices per sample: enough programs to fill the GPU about four times over."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(tokens, rows), triton.cdiv(4 * sms, n)))
-
-
-def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes):
+def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
+                    config: tuple[int, int, int] | None = None):
     """``backward_reference`` as one kernel launch and a sum over the token slices; returns ∂x and ∂o in
-    ``grad_dtypes`` (those of x and o) and the per-sample sums in float32.  All (N, T, D) operands contiguous."""
+    ``grad_dtypes`` (those of x and o) and the per-sample sums in float32.  All (N, T, D) operands contiguous.
+    ``config``: see ``backward_config``."""
     n, tokens, width, block = _shape(stream)
     residual = o is not None
     scale = _row_view(scale)
     gate = _row_view(gate) if residual else scale
-    rows = max(1, 4096 // block)
-    chunk = triton.cdiv(triton.cdiv(tokens, _splits(n, tokens, rows, stream.device)), rows) * rows
+    rows, warps, chunk = config or backward_config(n, tokens, width, residual, stream.device)
     splits = triton.cdiv(tokens, chunk)
     gx = torch.empty(stream.shape, device=stream.device, dtype=grad_dtypes[0])
     go = torch.empty(stream.shape, device=stream.device, dtype=grad_dtypes[1]) if residual else gx
     partial = torch.empty(3 if residual else 2, n, splits, width, device=stream.device, dtype=torch.float32)
-    _adaln_norm_backward_kernel[(n, splits)](gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate,
-                                  scale, mean, rstd, gx, go, partial, tokens, width, chunk, n * splits * width,
-                                  gate.stride(0), scale.stride(0), RESIDUAL=residual, HAS_NEXT=g_next is not None,
-                                  ROWS=rows, BLOCK=block, num_warps=8)
+    _adaln_norm_backward_kernel[(n, splits)](
+        gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate, scale, mean, rstd, gx, go,
+        partial, tokens, width, chunk, n * splits * width, gate.stride(0), scale.stride(0),
+        RESIDUAL=residual, HAS_NEXT=g_next is not None, ROWS=rows, BLOCK=block, num_warps=warps)
     sums = partial.sum(2)
     return gx, (go if residual else None), sums[0], sums[1], (sums[2] if residual else None)
