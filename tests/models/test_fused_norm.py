@@ -166,21 +166,59 @@ def test_final_layer_equals_the_plain_one():
         assert rel_err(b, a) < 1e-5
 
 
+def _randomised(model):
+    for p in model.parameters():  # adaLN-Zero starts at zero; random weights exercise every term
+        nn.init.normal_(p, std=0.05)
+    return model
+
+
 def test_conversion_shares_parameters_and_reverts():
     torch.manual_seed(0)
-    model = build_model("DiT-S/8", input_size=16, in_channels=4, num_classes=10)
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.05)
+    model = _randomised(build_model("DiT-S/8", input_size=16, in_channels=4, num_classes=10))
     before = model.state_dict().keys()
     params = {id(p) for p in model.parameters()}
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.tensor([1, 2])
     ref = model(x, t, y)
     assert convert_to_fused_norm(model) == len(model.blocks) + 1
-    assert all(isinstance(b, FusedNormBlock) for b in model.blocks) and isinstance(model.final_layer, FusedNormFinalLayer)
+    assert all(isinstance(b, FusedNormBlock) and b.defer_residual for b in model.blocks)
+    assert isinstance(model.final_layer, FusedNormFinalLayer)
     assert {id(p) for p in model.parameters()} == params and model.state_dict().keys() == before
     assert rel_err(model(x, t, y), ref) < 1e-5
     assert revert_fused_norm(model) == len(model.blocks) + 1
     assert all(type(b) is DiTBlock for b in model.blocks) and type(model.final_layer) is FinalLayer
+    assert rel_err(model(x, t, y), ref) == 0
+
+
+@pytest.mark.parametrize("kwargs, deferred", [
+    ({}, 2),
+    ({"cond_mode": "in_context"}, 1),  # the extra tokens are dropped after the last block: it adds its own residual
+    ({"num_params": 2, "cond_channels": 1, "field_mode": "cross_attention"}, 2),
+    ({"checkpointing": True}, 2),
+])
+def test_whole_model_with_pending_residuals_equals_the_plain_one(kwargs, deferred):
+    """Each block's last residual added by the next block's kernel: outputs and every gradient as the plain DiT's."""
+    kwargs = dict(kwargs)
+    checkpointing = kwargs.pop("checkpointing", False)
+    torch.manual_seed(0)
+    plain = _randomised(build_model("custom", input_size=8, patch_size=4, in_channels=4, num_classes=10, depth=2,
+                                    hidden_size=48, num_heads=4, **kwargs)).train()
+    fused = copy.deepcopy(plain)
+    convert_to_fused_norm(fused)
+    assert sum(b.defer_residual for b in fused.blocks) == deferred
+    fused.activation_checkpointing = plain.activation_checkpointing = checkpointing
+    inputs = {"x": torch.randn(2, 4, 8, 8, generator=G), "t": torch.tensor([3, 700]), "y": torch.tensor([1, 2]),
+              "force_drop_ids": torch.tensor([0, 1])}
+    if kwargs.get("num_params"):
+        inputs.update(params=torch.randn(2, 2, generator=G), field=torch.randn(2, 1, 8, 8, generator=G))
+    gy = torch.randn(2, 8, 8, 8, generator=G)
+
+    def run(model):
+        model(**inputs).backward(gy)
+        return [model(**inputs).detach()] + [p.grad for p in model.parameters()]
+
+    for a, b in zip(run(plain), run(fused)):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b) or rel_err(b, a) < 1e-5  # equal: zero (adaLN's weights when c = 0)
 
 
 def test_compiled_gradients_equal_eager():

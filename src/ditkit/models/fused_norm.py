@@ -10,10 +10,13 @@ In a DiT block
 Each operator is one Triton kernel forward and one backward (``ditkit.models.norm_kernels``: the
 backward also makes the per-sample sums ∂β, ∂γ, ∂α), opaque to ``torch.compile``.  On a CPU they
 compute the same equations with torch's ops.  ``FusedNormBlock`` and ``FusedNormFinalLayer`` hold
-the same modules as ``DiTBlock`` and ``FinalLayer`` (same Parameters, same state dict).
-``train.fused_norm=true``.
+the same modules as ``DiTBlock`` and ``FinalLayer`` (same Parameters, same state dict).  In a
+converted DiT a block's last residual x + α₂ ⊙ MLP(h₂) is added by the next block's first
+operator, so every norm is ``residual_modulated_norm`` but the first block's.  ``train.fused_norm=true``.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -114,37 +117,69 @@ def residual_modulated_norm(x, o, gate, shift, scale, eps: float) -> tuple[torch
 #################################################################################
 
 
-class FusedNormBlock(DiTBlock):
-    """``DiTBlock`` whose LayerNorms, modulations and first gated residual run through the operators above."""
+class PendingResidual(NamedTuple):
+    """A block's output x + α ⊙ o not yet added: the next block's (or the final layer's) first norm adds
+    it inside its kernel, and in the backward the residual's gradient joins there too."""
+    x: torch.Tensor
+    o: torch.Tensor
+    gate: torch.Tensor
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+
+def _norm_of_input(x: torch.Tensor | PendingResidual, shift, scale, eps: float):
+    """(the block's input stream, its modulated norm)."""
+    if isinstance(x, PendingResidual):
+        return residual_modulated_norm(x.x, x.o, x.gate, shift, scale, eps)
+    return x, modulated_norm(x, shift, scale, eps)
+
+
+class FusedNormBlock(DiTBlock):
+    """``DiTBlock`` whose LayerNorms, modulations and gated residuals run through the operators above.
+    With ``defer_residual`` (set by ``convert_to_fused_norm`` where a fused block or final layer comes
+    next) it returns its last residual as a ``PendingResidual``."""
+
+    defer_residual = False
+
+    def forward(self, x, c: torch.Tensor, context: torch.Tensor | None = None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        a = self.attn(modulated_norm(x, shift_msa, scale_msa, self.norm1.eps))
+        x, h = _norm_of_input(x, shift_msa, scale_msa, self.norm1.eps)
+        a = self.attn(h)
         if context is None:
             x, h = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
         else:
             x = x + gate_msa.unsqueeze(1) * a
             x = x + self.cross_attn(self.norm_cross(x), context)
             h = modulated_norm(x, shift_mlp, scale_mlp, self.norm2.eps)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(h)
+        m = self.mlp(h)
+        if self.defer_residual:
+            return PendingResidual(x, m, gate_mlp)
+        return x + gate_mlp.unsqueeze(1) * m
 
 
 class FusedNormFinalLayer(FinalLayer):
-    """``FinalLayer`` whose LayerNorm and modulation run through ``modulated_norm``."""
+    """``FinalLayer`` whose LayerNorm and modulation (and a pending residual) run through the operators above."""
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulated_norm(x, shift, scale, self.norm_final.eps))
+        return self.linear(_norm_of_input(x, shift, scale, self.norm_final.eps)[1])
 
 
 _FUSED = {DiTBlock: FusedNormBlock, FinalLayer: FusedNormFinalLayer}
 
 
 def convert_to_fused_norm(model: nn.Module) -> int:
-    """Replace every ``DiTBlock`` and ``FinalLayer`` by its fused form holding the same modules; returns how many."""
+    """Replace every ``DiTBlock`` and ``FinalLayer`` by its fused form holding the same modules; returns how
+    many.  In a DiT, each block hands its last residual to the next block (or the final layer) pending,
+    except where the model touches the tokens in between (in-context conditioning drops its extra tokens
+    after the last block)."""
     targets = [(n, m) for n, m in model.named_modules() if type(m) in _FUSED]
     for name, m in targets:
         replace_module(model, name, rebuilt_as(_FUSED[type(m)], m))
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList) and isinstance(getattr(model, "final_layer", None), FusedNormFinalLayer):
+        deferring = list(blocks)[:-1] if getattr(model, "cond_mode", "adaln") == "in_context" else list(blocks)
+        for block in deferring:
+            if isinstance(block, FusedNormBlock):
+                block.defer_residual = True
     return len(targets)
 
 

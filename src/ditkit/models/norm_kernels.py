@@ -157,7 +157,7 @@ def backward_config(n: int, tokens: int, width: int, residual: bool, device: tor
     """(rows per loop step, warps, tokens per program) of the backward kernel: as many tokens per program
     as still give about three programs per multiprocessor (the per-sample partial sums stay few)."""
     block = triton.next_power_of_2(width)
-    rows = min(16, max(1, (2048 if residual else 8192) // block))
+    rows = min(4, max(1, (2048 if residual else 8192) // block))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     chunk = next((c for c in (64, 32, 16) if n * triton.cdiv(tokens, c) >= 3 * sms), 8)
     return rows, 4, triton.cdiv(chunk, rows) * rows
