@@ -80,14 +80,17 @@ needs_triton = pytest.mark.skipif(norm_kernels.triton is None, reason="Triton is
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "mixed"])
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("shape", [(2, 7, 48), (3, 33, 96)])  # token counts that are not multiples of the row tile
 def test_triton_kernels_equal_the_equations(shape, residual, dtype):
     """The kernels (by Triton's interpreter on the CPU, by the GPU where there is one) against the reference
-    equations: bf16 inputs and outputs round once, so each output agrees to bf16's precision or better."""
+    equations: bf16 inputs and outputs round once, so each output agrees to bf16's precision or better.
+    "mixed": autocast's default, a float32 stream with bf16 branch outputs, modulation and h."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    x, o, gate, shift, scale = (t.to(device) for t in _inputs(*shape, dtype=dtype))
+    x, o, gate, shift, scale = (t.to(device) for t in _inputs(*shape, dtype=torch.float32 if dtype == "mixed" else dtype))
+    if dtype == "mixed":
+        o, gate, shift, scale, dtype = o.bfloat16(), gate.bfloat16(), shift.bfloat16(), scale.bfloat16(), torch.bfloat16
     o, gate = (o, gate) if residual else (None, None)
     # bf16: a rounding may go the other way (2⁻⁹ relative); Triton's interpreter truncates to bf16 (up to 2⁻⁸).
     tol = 1e-6 if dtype == torch.float32 else (4e-3 if device == "cuda" else 1e-2)
@@ -101,7 +104,8 @@ def test_triton_kernels_equal_the_equations(shape, residual, dtype):
     stream = stream if residual else x
     gh, g_next = torch.randn_like(x), (torch.randn_like(x) if residual else None)
     ref = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
-    got = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, (dtype, dtype))
+    got = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd,
+                                       (stream.dtype, o.dtype if o is not None else stream.dtype))
     for a, b in zip(ref, got):
         assert (a is None) == (b is None)
         if a is not None:
@@ -136,14 +140,18 @@ def test_block_equals_the_plain_block(cross):
         assert rel_err(b, a) < 1e-5  # float32 rounding: the fused form sums in another order
 
 
-def test_block_under_bf16_autocast_within_bf16_rounding():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_under_bf16_autocast_within_bf16_rounding(seed):
+    """Against the float32 block, the fused block under bf16 autocast errs no more than twice the plain block
+    under autocast (each output and gradient; the weights are large, std 0.2, so both err by a few %)."""
     plain, fused = _block_pair()
-    x, c, gy = torch.randn(2, 12, 48, generator=G), torch.randn(2, 48, generator=G), torch.randn(2, 12, 48, generator=G)
+    g = torch.Generator().manual_seed(seed)
+    x, c, gy = torch.randn(2, 12, 48, generator=g), torch.randn(2, 48, generator=g), torch.randn(2, 12, 48, generator=g)
     ref = _run_block(copy.deepcopy(plain), x, c, gy)
     got, bf16 = _run_block(fused, x, c, gy, autocast=True), _run_block(plain, x, c, gy, autocast=True)
-    for r, g, b in zip(ref, got, bf16):
-        err, err_plain = rel_err(g, r), rel_err(b, r)
-        assert err < 3e-2 and err < 2 * err_plain + 1e-3, (err, err_plain)
+    for r, f, b in zip(ref, got, bf16):
+        err, err_plain = rel_err(f, r), rel_err(b, r)
+        assert err < 5e-2 and err < 2 * err_plain + 1e-3, (err, err_plain)
 
 
 def test_final_layer_equals_the_plain_one():
