@@ -52,10 +52,10 @@ def _(x, o, gate, shift, scale, eps, dtype):
 
 @torch.library.custom_op("ditkit::modulated_norm_backward", mutates_args=(),
                          schema="(Tensor gh, Tensor? g_next, Tensor stream, Tensor? o, Tensor? gate, Tensor scale, "
-                                "Tensor mean, Tensor rstd, ScalarType cond_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-def modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd, cond_dtype):
-    """-> (∂x in the stream's dtype; ∂o in o's dtype (empty without o); ∂β, ∂γ, ∂α (N, D) in ``cond_dtype``,
-    ∂α empty without o)."""
+                                "Tensor mean, Tensor rstd, ScalarType shift_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd, shift_dtype):
+    """-> (∂x in the stream's dtype; ∂o in o's dtype (empty without o); ∂β (N, D) in ``shift_dtype``; ∂γ in
+    scale's dtype; ∂α in gate's dtype (empty without o))."""
     gh, stream = gh.contiguous(), stream.contiguous()
     g_next = g_next.contiguous() if g_next is not None else None
     o = o.contiguous() if o is not None else None
@@ -65,23 +65,23 @@ def modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd, c
     else:
         grads = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
     dx, do, d_shift, d_scale, d_gate = grads
-    return (dx.to(stream.dtype), do.to(o.dtype) if o is not None else stream.new_empty(0), d_shift.to(cond_dtype),
-            d_scale.to(cond_dtype), d_gate.to(cond_dtype) if o is not None else stream.new_empty(0))
+    return (dx.to(stream.dtype), do.to(o.dtype) if o is not None else stream.new_empty(0), d_shift.to(shift_dtype),
+            d_scale.to(scale.dtype), d_gate.to(gate.dtype) if o is not None else stream.new_empty(0))
 
 
 @modulated_norm_backward_op.register_fake
-def _(gh, g_next, stream, o, gate, scale, mean, rstd, cond_dtype):
+def _(gh, g_next, stream, o, gate, scale, mean, rstd, shift_dtype):
     n, _, width = stream.shape
     return (stream.new_empty(stream.shape), o.new_empty(o.shape) if o is not None else stream.new_empty(0),
-            stream.new_empty(n, width, dtype=cond_dtype), stream.new_empty(n, width, dtype=cond_dtype),
-            stream.new_empty(n, width, dtype=cond_dtype) if o is not None else stream.new_empty(0))
+            stream.new_empty(n, width, dtype=shift_dtype), stream.new_empty(n, width, dtype=scale.dtype),
+            stream.new_empty(n, width, dtype=gate.dtype) if o is not None else stream.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
     x, o, gate, shift, scale, _, _ = inputs
     stream, _, mean, rstd = output
     ctx.residual = o is not None
-    ctx.cond_dtype = shift.dtype
+    ctx.shift_dtype = shift.dtype
     ctx.save_for_backward(stream if ctx.residual else x, o, gate, scale, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -92,7 +92,7 @@ def _backward(ctx, g_stream, gh, _g_mean, _g_rstd):
         gh = torch.zeros_like(stream)
     g_next = g_stream if ctx.residual else None
     dx, do, d_shift, d_scale, d_gate = modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd,
-                                                                  ctx.cond_dtype)
+                                                                  ctx.shift_dtype)
     if not ctx.residual:
         return dx, None, None, d_shift, d_scale, None, None
     return dx, do, d_gate, d_shift, d_scale, None, None
