@@ -132,6 +132,11 @@ def host_ms(fn, reps: int, device: torch.device) -> float:
     return statistics.median(out)
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ (in float64)."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def median_ms(fn, reps: int, device: torch.device, warmup: int = 2) -> float:
     return statistics.median(times_ms(fn, reps, device, warmup))
 

@@ -18,14 +18,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench import median_ms  # benchmarks/, on the path when run as a script
+from bench import median_ms, rel_err as rel  # benchmarks/, on the path when run as a script
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
 from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def products(tokens: int, d: int, h: int, dev: torch.device) -> list[tuple[str, float, float]]:

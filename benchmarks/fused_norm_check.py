@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench import median_ms, profile_kernels  # benchmarks/, on the path when run as a script
+from bench import median_ms, profile_kernels, rel_err  # benchmarks/, on the path when run as a script
 from ditkit.models import norm_kernels
 from ditkit.models.dit import modulate
 
@@ -24,8 +24,17 @@ EPS = 1e-6
 SHAPES = {"XL b128": (128, 256, 1152), "XL b32": (32, 256, 1152), "B b128": (128, 256, 768)}
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+def case(n: int, tokens: int, width: int, residual: bool, device: torch.device) -> tuple[tuple, tuple]:
+    """bf16 operands at one shape: the forward's arguments, and the backward's (at the reference forward)."""
+    torch.manual_seed(0)
+    x = torch.randn(n, tokens, width, device=device).to(torch.bfloat16)
+    o = torch.randn_like(x) if residual else None
+    cond = (torch.randn(n, 6 * width, device=device) * 0.3).to(torch.bfloat16).chunk(6, dim=1)  # views, as in a block
+    gate, shift, scale = (cond[2] if residual else None), cond[3], cond[4]
+    args = (x, o, gate, shift, scale, EPS, torch.bfloat16)
+    stream, _, mean, rstd = norm_kernels.forward_reference(*args)
+    bwd = (torch.randn_like(x), torch.randn_like(x) if residual else None, stream if residual else x, o, gate, scale, mean, rstd)
+    return args, bwd
 
 
 def plain(x, o, gate, shift, scale):
@@ -56,15 +65,8 @@ def sweep(device: torch.device) -> None:
     ``forward_config`` and ``backward_config``)."""
     for label, (n, tokens, width) in SHAPES.items():
         for residual in (True, False):
-            torch.manual_seed(0)
-            x = torch.randn(n, tokens, width, device=device).to(torch.bfloat16)
-            o = torch.randn_like(x) if residual else None
-            cond = (torch.randn(n, 6 * width, device=device) * 0.3).to(torch.bfloat16).chunk(6, dim=1)
-            gate = cond[2] if residual else None
-            args = (x, o, gate, cond[3], cond[4], EPS, torch.bfloat16)
-            stream, _, mean, rstd = norm_kernels.forward_triton(*args)
-            bwd = (torch.randn_like(x), torch.randn_like(x) if residual else None, stream if residual else x, o, gate,
-                   cond[4], mean, rstd, (torch.bfloat16, torch.bfloat16))
+            args, bwd = case(n, tokens, width, residual, device)
+            bwd = (*bwd, (torch.bfloat16, torch.bfloat16))
             fwd_times = sorted((graph_ms(lambda: norm_kernels.forward_triton(*args, config=(r, w)), device), (r, w))
                                for r in (1, 2, 4, 8) for w in (2, 4, 8, 16) if r * width <= 16384)
             bwd_times = sorted((graph_ms(lambda: norm_kernels.backward_triton(*bwd, config=(r, w, c)), device), (r, w, c))
@@ -88,20 +90,13 @@ def main() -> int:
           "| compiled fwd ms | compiled fwd+bwd ms | kernels fwd+bwd ms |\n|---|---|---|---|---|---|---|---|---|---|")
     for label, (n, tokens, width) in SHAPES.items():
         for residual in (True, False):
-            torch.manual_seed(0)
-            x = torch.randn(n, tokens, width, device=dev).to(torch.bfloat16)
-            o = torch.randn_like(x) if residual else None
-            cond = (torch.randn(n, 6 * width, device=dev) * 0.3).to(torch.bfloat16).chunk(6, dim=1)
-            gate, shift, scale = (cond[2] if residual else None), cond[3], cond[4]
-            gh, g_next = torch.randn_like(x), (torch.randn_like(x) if residual else None)
-            args = (x, o, gate, shift, scale, EPS, torch.bfloat16)
-            ref = norm_kernels.forward_reference(*args)
-            got = norm_kernels.forward_triton(*args)
-            stream = ref[0] if residual else x
-            bwd = (gh, g_next, stream, o, gate, scale, ref[2], ref[3])
+            args, bwd = case(n, tokens, width, residual, dev)
+            x, o, gate, shift, scale = args[:5]
+            gh, g_next = bwd[:2]
+            ref, got = norm_kernels.forward_reference(*args), norm_kernels.forward_triton(*args)
             ref_b = norm_kernels.backward_reference(*bwd)
             got_b = norm_kernels.backward_triton(*bwd, (torch.bfloat16, torch.bfloat16))
-            errs = [rel(b, a) for a, b in zip(ref + ref_b, got + got_b) if a is not None]
+            errs = [rel_err(b, a) for a, b in zip(ref + ref_b, got + got_b) if a is not None]
             worst = max(worst, *errs)
             fwd_ms = gpu_ms(lambda: norm_kernels.forward_triton(*args), dev)
             bwd_ms = gpu_ms(lambda: norm_kernels.backward_triton(*bwd, (torch.bfloat16, torch.bfloat16)), dev)

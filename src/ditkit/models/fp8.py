@@ -31,6 +31,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ditkit.models.module_swap import compute_dtype, replace_module
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -59,27 +61,6 @@ def block_linears(model: nn.Module, names: tuple[str, ...] = BLOCK_LINEARS) -> l
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and (name in names or name.endswith(tuple("." + n for n in names)))
             and m.in_features % 16 == 0 and m.out_features % 16 == 0]
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` where the qualified ``name`` points inside ``model``."""
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def rebuilt_as(cls: type[nn.Module], module: nn.Module) -> nn.Module:
-    """A ``cls`` holding ``module``'s own submodules (same Parameters, same state dict), for a subclass
-    that only changes ``forward``."""
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for name, child in module.named_children():
-        setattr(new, name, child)
-    return new.train(module.training)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a linear layer computes in at this point: autocast's, else x's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:

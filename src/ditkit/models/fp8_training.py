@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.models.fp8 import (BLOCK_LINEARS, amax_scales, block_linears, compute_dtype, fp8_mm, quantize, quantize_rows,
-                               replace_module, scaled_mm_takes_bias)
+from ditkit.models.fp8 import (BLOCK_LINEARS, amax_scales, block_linears, fp8_mm, quantize, quantize_rows,
+                               scaled_mm_takes_bias)
 from ditkit.models.fp8_kernels import quantize_rows_op
+from ditkit.models.module_swap import compute_dtype, replace_module
 
 
 # The forward product is an operator of its own whose backward is registered with it.  As an

@@ -24,7 +24,7 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
-from ditkit.models.fp8 import compute_dtype, rebuilt_as, replace_module
+from ditkit.models.module_swap import compute_dtype, rebuilt_as, replace_module
 
 
 def _fused(*tensors: torch.Tensor) -> bool:

@@ -11,8 +11,9 @@ Each operator is one Triton kernel forward and one backward (``ditkit.models.nor
 backward also makes the per-sample sums ∂β, ∂γ, ∂α), opaque to ``torch.compile``.  On a CPU they
 compute the same equations with torch's ops.  ``FusedNormBlock`` and ``FusedNormFinalLayer`` hold
 the same modules as ``DiTBlock`` and ``FinalLayer`` (same Parameters, same state dict).  In a
-converted DiT a block's last residual x + α₂ ⊙ MLP(h₂) is added by the next block's first
-operator, so every norm is ``residual_modulated_norm`` but the first block's.  ``train.fused_norm=true``.
+converted DiT a block's last residual x + α₂ ⊙ MLP(h₂) is handed on unadded and added by the next
+block's (or the final layer's) first operator, so its gradient joins inside that kernel too.
+``train.fused_norm=true``.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from ditkit.models import norm_kernels
 from ditkit.models.dit import DiTBlock, FinalLayer
-from ditkit.models.fp8 import compute_dtype, rebuilt_as, replace_module
+from ditkit.models.module_swap import compute_dtype, rebuilt_as, replace_module
 
 
 def _on_triton(x: torch.Tensor) -> bool:
@@ -84,6 +85,7 @@ def _setup_context(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
     ctx.save_for_backward(stream if ctx.residual else x, o, gate, scale, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused x' (the final layer's) gives None, not a tensor of zeros to read
 
 
 def _backward(ctx, g_stream, gh, _g_mean, _g_rstd):
@@ -170,12 +172,14 @@ def convert_to_fused_norm(model: nn.Module) -> int:
     """Replace every ``DiTBlock`` and ``FinalLayer`` by its fused form holding the same modules; returns how
     many.  In a DiT, each block hands its last residual to the next block (or the final layer) pending,
     except where the model touches the tokens in between (in-context conditioning drops its extra tokens
-    after the last block)."""
+    after the last block), and not under activation checkpointing (set it first): there a pending residual
+    would keep two (N, T, D) tensors per block instead of one."""
     targets = [(n, m) for n, m in model.named_modules() if type(m) in _FUSED]
     for name, m in targets:
         replace_module(model, name, rebuilt_as(_FUSED[type(m)], m))
     blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.ModuleList) and isinstance(getattr(model, "final_layer", None), FusedNormFinalLayer):
+    if (isinstance(blocks, nn.ModuleList) and isinstance(getattr(model, "final_layer", None), FusedNormFinalLayer)
+            and not getattr(model, "activation_checkpointing", False)):
         deferring = list(blocks)[:-1] if getattr(model, "cond_mode", "adaln") == "in_context" else list(blocks)
         for block in deferring:
             if isinstance(block, FusedNormBlock):

@@ -129,6 +129,7 @@ if triton is not None:
                 tl.store(go_ptr + at, (dx * gate[None, :]).to(go_ptr.dtype.element_ty), mask=mask)
                 d_gate += tl.sum(tl.where(mask, dx * o, 0.0), axis=0)
         here = (n * tl.num_programs(1) + part).to(tl.int64) * width + cols
+        plane = plane.to(tl.int64)
         tl.store(partial_ptr + here, d_shift, mask=col_ok)
         tl.store(partial_ptr + plane + here, d_scale, mask=col_ok)
         if RESIDUAL:
@@ -147,7 +148,7 @@ def _shape(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 # Launch configurations chosen by ``benchmarks/fused_norm_check.py --sweep`` on an H100 at DiT-XL's
-# and DiT-B's shapes (4 warps throughout; 8 made DiT-B's backward 2.5-6× slower).
+# and DiT-B's shapes (4 warps throughout; 8 made DiT-B's backward 2.6-3.6× slower).
 def forward_config(width: int) -> tuple[int, int]:
     """(rows per program, warps) of the forward kernel."""
     return max(1, 4096 // triton.next_power_of_2(width)), 4

@@ -1,0 +1,27 @@
+"""Swapping a model's modules for fused or quantized forms: where a module sits, a subclass that shares
+another's submodules, and the dtype a layer computes in."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the qualified ``name`` points inside ``model``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def rebuilt_as(cls: type[nn.Module], module: nn.Module) -> nn.Module:
+    """A ``cls`` holding ``module``'s own submodules (same Parameters, same state dict), for a subclass
+    that only changes ``forward``."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, child in module.named_children():
+        setattr(new, name, child)
+    return new.train(module.training)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in at this point: autocast's, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
