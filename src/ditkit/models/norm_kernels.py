@@ -200,5 +200,5 @@ def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
         gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate, scale, mean, rstd, gx, go,
         partial, tokens, width, chunk, n * splits * width, gate.stride(0), scale.stride(0),
         RESIDUAL=residual, HAS_NEXT=g_next is not None, ROWS=rows, BLOCK=block, num_warps=warps)
-    sums = partial.sum(2)
+    sums = [plane.sum(1) for plane in partial]  # separate tensors: an operator's outputs may not alias
     return gx, (go if residual else None), sums[0], sums[1], (sums[2] if residual else None)
