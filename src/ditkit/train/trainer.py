@@ -223,10 +223,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         model.residual_dtype = torch.bfloat16  # the EMA, copied above, samples with the float32 stream
     if cfg.train.fp8:  # after the EMA copy: the EMA (and everything sampling from it) keeps the plain layers
         convert_for_fp8_training(model)
+    kernels = "" if dev.type == "cuda" else f" (on {dev.type}: torch's ops, the fused kernels need CUDA)"
     if cfg.train.fused_mlp:
-        convert_to_fused_mlp(model)
+        log.info(f"train.fused_mlp: {convert_to_fused_mlp(model)} MLPs converted{kernels}")
     if cfg.train.fused_norm:
-        convert_to_fused_norm(model)
+        log.info(f"train.fused_norm: {convert_to_fused_norm(model)} modules (the blocks and the final layer) converted{kernels}")
     model.train()
     ema.eval()
     train_model = _wrap_distributed(model, cfg, info)
