@@ -107,12 +107,11 @@ def main() -> None:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        kernels = sorted(((e.device_time_total / 3e3, e.key) for e in prof.key_averages()), reverse=True)[:6]
-        top = "; ".join(f"{t:.2f} {k[:70]}" for t, k in kernels)
+        kernels = sorted(((e.device_time_total / 3e3, e.key) for e in prof.key_averages()), reverse=True)
+        top = "; ".join(f"{t:.2f} {k[:70]}" for t, k in kernels[:6])
         print(f"| {name} | {ms:.3f} | {28 * ms:.1f} | {reductions['persistent_reduction']} / {reductions['reduction']} | {top} |", flush=True)
         if name in args.kernels.split(","):
-            listing.append(f"\n{name}: every kernel, GPU-ms per block\n" + "\n".join(
-                f"  {t:6.3f}  {k[:120]}" for t, k in sorted(((e.device_time_total / 3e3, e.key) for e in prof.key_averages()), reverse=True)))
+            listing.append(f"\n{name}: every kernel, GPU-ms per block\n" + "\n".join(f"  {t:6.3f}  {k[:120]}" for t, k in kernels))
     print("\n".join(listing))
 
 

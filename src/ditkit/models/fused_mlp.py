@@ -24,7 +24,7 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
-from ditkit.models.module_swap import compute_dtype, rebuilt_as, replace_module
+from ditkit.models.module_swap import compute_dtype, swap_modules
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
@@ -99,15 +99,9 @@ class FusedMlp(Mlp):
 
 def convert_to_fused_mlp(model: nn.Module) -> int:
     """Replace every ``Mlp`` in ``model`` by a ``FusedMlp`` holding the same layers; returns how many."""
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is Mlp]
-    for name, m in targets:
-        replace_module(model, name, rebuilt_as(FusedMlp, m))
-    return len(targets)
+    return swap_modules(model, {Mlp: FusedMlp})
 
 
 def revert_fused_mlp(model: nn.Module) -> int:
     """Undo ``convert_to_fused_mlp``; returns how many."""
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is FusedMlp]
-    for name, m in targets:
-        replace_module(model, name, rebuilt_as(Mlp, m))
-    return len(targets)
+    return swap_modules(model, {FusedMlp: Mlp})

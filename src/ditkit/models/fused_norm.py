@@ -24,7 +24,7 @@ from torch import nn
 
 from ditkit.models import norm_kernels
 from ditkit.models.dit import DiTBlock, FinalLayer
-from ditkit.models.module_swap import compute_dtype, rebuilt_as, replace_module
+from ditkit.models.module_swap import compute_dtype, swap_modules
 
 
 def _on_triton(x: torch.Tensor) -> bool:
@@ -174,9 +174,7 @@ def convert_to_fused_norm(model: nn.Module) -> int:
     except where the model touches the tokens in between (in-context conditioning drops its extra tokens
     after the last block), and not under activation checkpointing (set it first): there a pending residual
     would keep two (N, T, D) tensors per block instead of one."""
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in _FUSED]
-    for name, m in targets:
-        replace_module(model, name, rebuilt_as(_FUSED[type(m)], m))
+    converted = swap_modules(model, _FUSED)
     blocks = getattr(model, "blocks", None)
     if (isinstance(blocks, nn.ModuleList) and isinstance(getattr(model, "final_layer", None), FusedNormFinalLayer)
             and not getattr(model, "activation_checkpointing", False)):
@@ -184,13 +182,9 @@ def convert_to_fused_norm(model: nn.Module) -> int:
         for block in deferring:
             if isinstance(block, FusedNormBlock):
                 block.defer_residual = True
-    return len(targets)
+    return converted
 
 
 def revert_fused_norm(model: nn.Module) -> int:
     """Undo ``convert_to_fused_norm``; returns how many."""
-    plain = {v: k for k, v in _FUSED.items()}
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in plain]
-    for name, m in targets:
-        replace_module(model, name, rebuilt_as(plain[type(m)], m))
-    return len(targets)
+    return swap_modules(model, {fused: plain for plain, fused in _FUSED.items()})

@@ -22,6 +22,15 @@ def rebuilt_as(cls: type[nn.Module], module: nn.Module) -> nn.Module:
     return new.train(module.training)
 
 
+def swap_modules(model: nn.Module, classes: dict[type[nn.Module], type[nn.Module]]) -> int:
+    """Rebuild every submodule whose exact type is a key of ``classes`` as the class it maps to (``rebuilt_as``,
+    in place); returns how many."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in classes]
+    for name, m in targets:
+        replace_module(model, name, rebuilt_as(classes[type(m)], m))
+    return len(targets)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer computes in at this point: autocast's, else x's."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
