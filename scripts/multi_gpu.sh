@@ -1,46 +1,95 @@
 #!/usr/bin/env bash
-# ditkit on every GPU of one host (issue 11): training throughput on 1 GPU and with DDP and FSDP on N,
-# the N-GPU loss curve against one GPU with the same global batch, an N-GPU checkpoint resumed on
-# one GPU, and 50,000 samples into one ADM .npz over N GPUs, checked index by index.
-#   PYTHONPATH=src bash scripts/multi_gpu.sh [OUT_DIR]      (TP_STEPS=30 TP_MODELS=DiT-XL/2 TP_EXTRA="k=v ...")
+# ditkit on N GPUs of one host (issue 11), in three parts (PARTS, default all three):
+#   train   DiT-XL/2, bf16, 32 images per GPU, 100 steps: 1 GPU alone, then DDP and FSDP on N GPUs (img/s
+#           per GPU, scaling efficiency). Each N-GPU loss curve against 1 GPU with N accumulation steps
+#           (the same global batch, logged every step), and each N-GPU checkpoint resumed on 1 GPU for 10
+#           more steps against the 1-GPU run resumed alike.
+#   fast    the same throughput with the speed issue's levers (FAST_SET).
+#   sample  50,000 256-pixel samples over N GPUs into one ADM .npz, checked index by index.
+#   PYTHONPATH=src bash scripts/multi_gpu.sh [OUT_DIR]
+#   (PARTS="train fast sample" MODEL=DiT-XL/2 LATENT=32 MICRO=32 STEPS=100 SAMPLES=50000 NPROC=all DEVICE=cuda)
 set -euo pipefail
 # NVLink multicast off: on the lent machines it can take the host's shared GPUs out of service (KINDS.md).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${1:-runs/multi_gpu}
+parts=" ${PARTS:-train fast sample} "
+model=${MODEL:-DiT-XL/2} latent=${LATENT:-32} micro=${MICRO:-32} steps=${STEPS:-100} device=${DEVICE:-cuda}
+fast=${FAST_SET:-train.compile=true train.bf16_residual=true train.fused_mlp=true train.fused_norm=true}
+n=${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}
+[ "$n" -ge 2 ] || { echo "multi_gpu.sh: needs 2 or more GPUs, found $n" >&2; exit 1; }
 mkdir -p "$out"
-n=$(python -c 'import torch; print(torch.cuda.device_count())')
-run() { python -m torch.distributed.run --standalone --nproc_per_node "$@"; }
-# The last lines of a command's output without its progress bars; the command's failure fails the script.
-quiet() { "$@" 2>&1 | tr '\r' '\n' | { grep -vE "^(train|sample):|it/s\]|batch/s\]" || true; } | tail -"${TAIL:-2}"; }
-[ "$n" -ge 1 ] || { echo "multi_gpu.sh: no CUDA GPU visible" >&2; exit 1; }
-echo "## $n × $(python -c 'import torch; print(torch.cuda.get_device_name())'), NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
+status=0
+check() { python benchmarks/multi_gpu_check.py "$@" || status=1; }
+# The last lines of a command's output without its progress bars; the command's failure fails the pipe.
+quiet() { "$@" 2>&1 | tr '\r' '\n' | { grep -vE "^(train|sample):|it/s\]|batch/s\]" || true; } | tail -"${TAIL:-1}"; }
+# train RUN PROCS ACCUM [ditkit train options]: the imagenet256 preset on the synthetic latent cache, MICRO per step per process
+train() {
+    local run=$1 procs=$2 accum=$3
+    shift 3
+    local args=(-m ditkit train --preset imagenet256 --model "$model" --steps "$steps" --run-dir "$out/$run"
+                --set data.path="$out/latents" --set model.input_size="$latent" --set train.sample_every=0
+                --set train.global_batch_size=$((micro * procs * accum)) --set train.grad_accum="$accum"
+                --set train.ckpt_every=1000000 "$@")
+    if [ "$procs" -gt 1 ]; then quiet python -m torch.distributed.run --standalone --nproc_per_node "$procs" "${args[@]}"
+    else quiet python "${args[@]}" --device "$device"; fi
+}
+sets() { for o in "$@"; do printf -- "--set %s " "$o"; done; }
+echo "## $n × $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'), NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
+if [ "$device" = cuda ]; then nvidia-smi topo -m | head -$((n + 1)); fi
+[ -f "$out/latents/manifest.json" ] || python benchmarks/multi_gpu_check.py cache "$out/latents" "$latent"
 
-echo "## 1. DiT-XL/2 training throughput, bf16, per-GPU batch 32 (img/s from the trainer's metrics)"
-# One process is the plain single-GPU run (train.distributed applies under torchrun only).
-throughput() { TAIL=1 quiet python benchmarks/train_throughput.py --models ${TP_MODELS:-DiT-XL/2} --batch $((32 * $1)) \
-    --micro 32 --nproc "$1" --steps "${TP_STEPS:-30}" --tag "$2" --extra "train.distributed=$2" ${TP_EXTRA:-}; }
-throughput 1 ddp
-if [ "$n" -gt 1 ]; then throughput "$n" ddp; throughput "$n" fsdp; fi
+if [[ $parts == *" train "* ]]; then
+    echo "## $model, the preset's precision (bf16 on GPUs), $micro per GPU, $steps steps, loss logged every step"
+    # side by side, one GPU each: the throughput baseline, and the loss-curve twin (N accumulation steps)
+    CUDA_VISIBLE_DEVICES=0 train one 1 1 --set train.log_every=1 & a=$!
+    CUDA_VISIBLE_DEVICES=1 train one_accum 1 "$n" --set train.log_every=1 & b=$!
+    wait $a
+    wait $b
+    rm -rf "$out/one/checkpoints" "$out/one/ema.safetensors"
+    for dist in ddp fsdp; do train "$dist" "$n" 1 --set train.log_every=1 --set train.distributed="$dist"; done
+    check throughput "$out/one:1" "$out/ddp:$n" "$out/fsdp:$n"
+    for dist in ddp fsdp; do check losses "$out/$dist" "$out/one_accum"; done
+    echo "## the $n-GPU checkpoints resumed on 1 GPU to step $((steps + 10)), against the 1-GPU run resumed alike"
+    steps0=$steps
+    steps=$((steps0 + 10))
+    CUDA_VISIBLE_DEVICES=0 train one_accum 1 "$n" --set train.log_every=1 --resume & a=$!
+    CUDA_VISIBLE_DEVICES=1 train ddp 1 "$n" --set train.log_every=1 --resume & b=$!
+    wait $a
+    wait $b
+    train fsdp 1 "$n" --set train.log_every=1 --resume
+    steps=$steps0
+    for dist in ddp fsdp; do check losses "$out/$dist" "$out/one_accum"; done
+    rm -rf "$out"/{one_accum,ddp,fsdp}/checkpoints "$out"/*/ema.safetensors
+fi
 
-echo "## 2. digits, 100 steps: $n GPUs against 1 GPU with $n accumulation steps (the same global batch, 32 per GPU)"
-common=(train --preset digits --steps 100 --set train.global_batch_size=$((32 * n)) --set train.log_every=1 --set train.sample_every=0)
-quiet python -m ditkit "${common[@]}" --device cuda --run-dir "$out/one" --set train.grad_accum="$n"
-for dist in ddp fsdp; do
-    quiet run "$n" -m ditkit "${common[@]}" --run-dir "$out/$dist" --set train.distributed="$dist"
-    python benchmarks/multi_gpu_check.py losses "$out/$dist" "$out/one"
-done
-echo "## the $n-GPU checkpoints resumed on 1 GPU to step 120, against the 1-GPU run resumed likewise"
-more=(train --preset digits --steps 120 --resume --device cuda --set train.global_batch_size=$((32 * n)) --set train.log_every=1
-      --set train.sample_every=0 --set train.grad_accum="$n")
-for r in one ddp fsdp; do quiet python -m ditkit "${more[@]}" --run-dir "$out/$r"; done
-for dist in ddp fsdp; do python benchmarks/multi_gpu_check.py losses "$out/$dist" "$out/one"; done
+if [[ $parts == *" fast "* ]]; then
+    echo "## $model, $micro per GPU, $steps steps, with $fast"
+    # shellcheck disable=SC2046
+    CUDA_VISIBLE_DEVICES=0 train fast_one 1 1 --set train.log_every=$((steps / 2)) $(sets $fast) || echo "fast_one FAILED"
+    for dist in ddp fsdp; do
+        # shellcheck disable=SC2046
+        train "fast_$dist" "$n" 1 --set train.log_every=$((steps / 2)) --set train.distributed="$dist" $(sets $fast) \
+            || echo "fast_$dist FAILED"
+    done
+    check throughput "$out/fast_one:1" "$out/fast_ddp:$n" "$out/fast_fsdp:$n"
+    rm -rf "$out"/fast_*/checkpoints "$out"/fast_*/ema.safetensors
+fi
 
-echo "## 3. 50,000 samples over $n GPUs into one ADM .npz (DiT-S/2 on 8×8×4 latents, DDIM-25, guidance 1.5, SD VAE decoder)"
-python benchmarks/multi_gpu_check.py fake-checkpoint "$out/lat"
-sample=(-m ditkit sample --ckpt "$out/lat/dit.safetensors" --vae "$out/lat/vae" --sampler ddim --steps 25 --batch-size 500)
-start=$(date +%s.%N)
-quiet run "$n" "${sample[@]}" --num-samples 50000 --out "$out/s50k"
-echo "wall time, $n GPUs, 50,000 samples: $(python -c "print(f'{$(date +%s.%N) - $start:.1f} s')") (start-up included)"
-quiet python "${sample[@]}" --num-samples 2000 --out "$out/s2k" --device cuda
-python benchmarks/multi_gpu_check.py samples "$out/s50k/samples.npz" "$out/s2k/samples.npz"
-rm -rf "$out/s50k/parts" "$out/s2k"
+if [[ $parts == *" sample "* ]]; then
+    total=${SAMPLES:-50000}
+    echo "## $total samples over $n GPUs into one ADM .npz: DiT-S/2 on ${latent}×${latent}×4 latents (random weights),"
+    echo "## DDIM-25, guidance 1.5, amp-bf16; the SD VAE's decoder (random weights) in float32"
+    python benchmarks/multi_gpu_check.py fake-checkpoint "$out/lat" "$latent"
+    sample=(-m ditkit sample --ckpt "$out/lat/dit.safetensors" --vae "$out/lat/vae" --sampler ddim --steps 25
+            --cfg-scale 1.5 --precision amp-bf16 --batch-size 250)
+    start=$(date +%s.%N)
+    quiet python -m torch.distributed.run --standalone --nproc_per_node "$n" "${sample[@]}" --num-samples "$total" --out "$out/many"
+    echo "wall time, $n GPUs, $total samples: $(python -c "print(f'{$(date +%s.%N) - $start:.1f} s')") (start-up included)"
+    start=$(date +%s.%N)
+    CUDA_VISIBLE_DEVICES=0 quiet python "${sample[@]}" --num-samples $((total / 25)) --out "$out/one_gpu" --device "$device"
+    echo "wall time, 1 GPU, $((total / 25)) samples: $(python -c "print(f'{$(date +%s.%N) - $start:.1f} s')") (start-up included)"
+    ls -l "$out/many/samples.npz"
+    check samples "$out/many/samples.npz" "$out/one_gpu/samples.npz"
+    rm -rf "$out/many" "$out/one_gpu"
+fi
+exit $status

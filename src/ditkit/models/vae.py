@@ -138,10 +138,15 @@ def encode(vae, images: torch.Tensor, scale: float = LATENT_SCALE) -> tuple[torc
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, scale: float = LATENT_SCALE) -> torch.Tensor:
-    """Images (B, 3, 8h, 8w) in [-1, 1] (float32) from scaled latents (B, 4, h, w)."""
+def decode(vae, latents: torch.Tensor, scale: float = LATENT_SCALE, chunk: int = 32) -> torch.Tensor:
+    """Images (B, 3, 8h, 8w) in [-1, 1] (float32) from scaled latents (B, 4, h, w).
+
+    Decodes ``chunk`` latents at a time: the decoder's full-resolution activations take about
+    0.25 GB per 256-pixel image in float32, so a sampling batch of a few hundred would not fit.
+    """
     device, dtype = _vae_place(vae)
-    images = vae.decode(latents.to(device=device, dtype=dtype) / scale).sample
+    latents = latents.to(device=device, dtype=dtype) / scale
+    images = torch.cat([vae.decode(part).sample for part in latents.split(chunk)])
     return images.float().clamp_(-1, 1)
 
 
