@@ -6,6 +6,8 @@
 #           more steps against the 1-GPU run resumed alike.
 #   fast    the same throughput with the speed issue's levers (FAST_SET).
 #   sample  50,000 256-pixel samples over N GPUs into one ADM .npz, checked index by index.
+#   profile (not in the default) where the step's time goes, steps 81-90 under the profiler: 1 GPU eager,
+#           compiled, with FAST_SET; FSDP on N GPUs (N may be 1), resharding after the forward or not.
 #   PYTHONPATH=src bash scripts/multi_gpu.sh [OUT_DIR]
 #   (PARTS="train fast sample" MODEL=DiT-XL/2 LATENT=32 MICRO=32 STEPS=100 SAMPLES=50000 NPROC=all DEVICE=cuda)
 set -euo pipefail
@@ -16,7 +18,7 @@ parts=" ${PARTS:-train fast sample} "
 model=${MODEL:-DiT-XL/2} latent=${LATENT:-32} micro=${MICRO:-32} steps=${STEPS:-100} device=${DEVICE:-cuda}
 fast=${FAST_SET:-train.compile=true train.bf16_residual=true train.fused_mlp=true train.fused_norm=true}
 n=${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}
-[ "$n" -ge 2 ] || { echo "multi_gpu.sh: needs 2 or more GPUs, found $n" >&2; exit 1; }
+[ "$n" -ge 2 ] || [ "$parts" = " profile " ] || { echo "multi_gpu.sh: needs 2 or more GPUs, found $n" >&2; exit 1; }
 mkdir -p "$out"
 status=0
 check() { python benchmarks/multi_gpu_check.py "$@" || status=1; }
@@ -30,7 +32,7 @@ train() {
                 --set data.path="$out/latents" --set model.input_size="$latent" --set train.sample_every=0
                 --set train.global_batch_size=$((micro * procs * accum)) --set train.grad_accum="$accum"
                 --set train.ckpt_every=1000000 "$@")
-    if [ "$procs" -gt 1 ]; then quiet python -m torch.distributed.run --standalone --nproc_per_node "$procs" "${args[@]}"
+    if [ "$procs" -gt 1 ] || [[ "$*" == *distributed=fsdp* ]]; then quiet python -m torch.distributed.run --standalone --nproc_per_node "$procs" "${args[@]}"
     else quiet python "${args[@]}" --device "$device"; fi
 }
 sets() { for o in "$@"; do printf -- "--set %s " "$o"; done; }
@@ -73,6 +75,24 @@ if [[ $parts == *" fast "* ]]; then
     done
     check throughput "$out/fast_one:1" "$out/fast_ddp:$n" "$out/fast_fsdp:$n"
     rm -rf "$out"/fast_*/checkpoints "$out"/fast_*/ema.safetensors
+fi
+
+if [[ $parts == *" profile "* ]]; then
+    echo "## where the step goes: $model, $micro per GPU, the profiler over steps 81-90 of $steps"
+    prof() {
+        local run=$1
+        shift
+        CUDA_VISIBLE_DEVICES=${GPUS:-0} train "$run" "$@" --set train.profile=81-90 --set train.log_every="$steps" || echo "$run FAILED"
+        echo "### $run"
+        sed -n '1,14p' "$out/$run/profile_81-90.txt" || true
+        rm -rf "$out/$run/checkpoints" "$out/$run/ema.safetensors" "$out/$run/profile_81-90.json"
+    }
+    GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp_keep "$n" 1 --set train.distributed=fsdp --set train.fsdp_reshard=false
+    GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp "$n" 1 --set train.distributed=fsdp
+    prof prof_eager 1 1
+    # shellcheck disable=SC2046
+    prof prof_fast 1 1 $(sets $fast)
+    prof prof_compile 1 1 --set train.compile=true
 fi
 
 if [[ $parts == *" sample "* ]]; then

@@ -129,6 +129,8 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
     sdpa: str = "auto"  # attention kernel on CUDA: auto | flash | cudnn | efficient | math (ditkit.utils.sdpa)
     max_minutes: float = 0.0  # wall-clock budget: checkpoint and stop at the first log step past it (0: off)
+    profile: str = ""  # "A-B": the PyTorch profiler over steps A to B, written to the run folder (ditkit.train.profiling)
+    fsdp_reshard: bool = True  # FSDP: free each block's gathered weights after its forward (false: keep them for the backward)
     vae: str | None = None  # local VAE (folder or file) to decode the sample grids of latent runs
 
 
@@ -190,6 +192,9 @@ class Config:
         for ok, name, what in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {what}, got {_get(self, name)!r}")
+        from ditkit.train.profiling import parse_profile
+
+        parse_profile(self.train.profile)
         from ditkit.models.dit import DiT_models
 
         if self.model.name != "custom" and self.model.name not in DiT_models:

@@ -88,12 +88,13 @@ def test_existing_run_needs_resume_flag(tmp_path):
         train(cfg, tmp_path, device="cpu")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp_keep"])
 def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, mode):
     common = ["train", "--preset", "digits", "--steps", "4", "--device", "cpu"]
     tail = "true" if mode == "ddp" else "false"  # DDP also runs the one-pass AdamW+EMA tail (ditkit.train.adamw_ema)
+    dist = ["train.distributed=ddp"] if mode == "ddp" else ["train.distributed=fsdp", f"train.fsdp_reshard={mode == 'fsdp'}"]
     torchrun(2, *common, "--run-dir", str(tmp_path / "two"),
-             *overrides(f"train.distributed={mode}", "train.sample_every=2", "sample.steps=2", f"train.fused_tail={tail}"))
+             *overrides(*dist, "train.sample_every=2", "sample.steps=2", f"train.fused_tail={tail}"))
     assert (tmp_path / "two" / "samples" / "step_00000004.png").exists()  # grids on every rank, FSDP included
     one = ditkit(*common, "--run-dir", str(tmp_path / "one"), *overrides("train.grad_accum=2"))
     assert one.wait(timeout=300) == 0, one.stdout.read()[-2000:]
@@ -473,3 +474,15 @@ def test_fp8_training_compiled_matches_eager_fp8(tmp_path):
         # the updates as a whole agree (measured ≤ 1.4%).  A lost gradient would leave the compiled
         # weights at init (error 1).
         assert (step - ref_step).norm() < 0.05 * ref_step.norm(), (key, ((step - ref_step).norm() / ref_step.norm()).item())
+
+
+def test_profiler_writes_where_the_steps_went(tmp_path):
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=4", "train.profile=2-3"])
+    train(cfg, tmp_path, device="cpu")
+    report = (tmp_path / "profile_2-3.txt").read_text()
+    assert report.startswith("steps 2..3: wall ") and "no GPU" in report
+    assert "aten::mm" in report or "aten::addmm" in report  # the host-time table of the operators
+    assert json.loads((tmp_path / "profile_2-3.json").read_text())["traceEvents"]
+    for bad in ("3", "3-2", "0-2", "a-b"):
+        with pytest.raises(ConfigError, match="train.profile"):
+            load_config("digits", overrides=[f"train.profile={bad}"])

@@ -29,6 +29,7 @@ from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.train.ema import ema_decay_at, update_ema
+from ditkit.train.profiling import StepProfiler
 from ditkit.utils.io import atomic_write_text
 from ditkit.utils.sdpa import use_sdpa_backend
 
@@ -120,8 +121,8 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
     if cfg.train.distributed == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
-            fully_shard(block)
+        for block in model.blocks:  # without resharding, the backward reuses the forward's gathered weights
+            fully_shard(block, reshard_after_forward=cfg.train.fsdp_reshard or ema)
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -292,8 +293,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
                 save_weights(ema_sd, model, cfg, run_dir / "ema.safetensors")
         barrier(info)
 
+    profiler = StepProfiler(cfg.train.profile, run_dir, info.is_main, dev)
     step = start_step
     for step in range(start_step, end_step):
+        profiler.before(step)
         if graphs:  # a new iteration: the CUDA graphs may reuse the memory of the last step's outputs
             torch.compiler.cudagraph_mark_step_begin()
         for group in opt.param_groups:
@@ -315,6 +318,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         n_acc += 1
         bar.update(1)
         done = step + 1
+        profiler.after(done)
         time_up = False
         if done % cfg.train.log_every == 0 or done == end_step:
             # The one host read per logging interval.  'bad' follows the all-reduced gradient norm

@@ -1,0 +1,77 @@
+"""``train.profile=A-B``: the PyTorch profiler over training steps A..B (counted from 1; put them
+after warm-up and compilation), written to the run folder as a table of the kernels that took the
+most GPU time, the share of the wall time the GPU was busy, the operators that took the most host
+time, and a Chrome trace."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ditkit.config import ConfigError
+
+
+def parse_profile(spec: str) -> tuple[int, int] | None:
+    """``"A-B"`` → (A - 1, B): the profiler starts before step A and stops after step B. ``""`` → None."""
+    if not spec:
+        return None
+    try:
+        a, b = (int(part) for part in str(spec).split("-"))
+    except ValueError:
+        raise ConfigError(f"train.profile must be 'A-B' (profile steps A to B), got {spec!r}") from None
+    if not 1 <= a <= b:
+        raise ConfigError(f"train.profile={spec!r}: needs 1 <= A <= B")
+    return a - 1, b
+
+
+def _device_time_us(event) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+class StepProfiler:
+    """Call ``before(step)`` ahead of each step and ``after(done)`` once it is counted."""
+
+    def __init__(self, spec: str, run_dir: Path, write: bool, device: torch.device) -> None:
+        self.window = parse_profile(spec)
+        self.run_dir, self.write, self.device = run_dir, write, device
+        self.prof = None
+
+    def before(self, step: int) -> None:
+        if self.window is None or step != self.window[0]:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize(self.device)
+        self.prof = torch.profiler.profile(activities=activities)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def after(self, done: int) -> None:
+        if self.prof is None or done != self.window[1]:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        prof, self.prof = self.prof, None
+        if not self.write:
+            return
+        a, b = self.window
+        n = b - a
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu = sum(_device_time_us(e) for e in kernels) / 1e3
+        busy = (f"GPU kernels {gpu / n:.1f} ms per step ({gpu / (1e3 * wall):.0%} of the wall time; the rest is the GPU "
+                f"waiting for the host, for data or for other GPUs)") if self.device.type == "cuda" else "no GPU"
+        lines = [f"steps {a + 1}..{b}: wall {1e3 * wall / n:.1f} ms per step; {busy}", ""]
+        by_gpu = sorted(kernels, key=_device_time_us, reverse=True)[:25]
+        lines.append("kernels by GPU time per step (ms):")
+        lines += [f"  {_device_time_us(e) / 1e3 / n:8.2f}  x{e.count // n:<4d} {e.key[:110]}" for e in by_gpu]
+        lines.append("")
+        lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+        path = self.run_dir / f"profile_{a + 1}-{b}.txt"
+        path.write_text("\n".join(lines))
+        prof.export_chrome_trace(str(self.run_dir / f"profile_{a + 1}-{b}.json"))
+        print("\n".join(lines[:2]) + f"\nprofile: {path}", flush=True)
