@@ -31,12 +31,13 @@ def losses(a: Path, b: Path) -> bool:
     worst = int(np.argmax(rel))
     print(f"losses {a.name} vs {b.name}: {len(common)} logged steps ({common[0]}..{common[-1]}); "
           f"largest relative difference {rel[worst]:.2e} at step {common[worst]}; median {np.median(rel):.2e}")
-    wa, wb = (torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) for run in (a, b))
-    flat = {(w, p): torch.cat([w_[p][k].float().flatten() for k in sorted(wb[p])]) for w, w_ in (("a", wa), ("b", wb))
-            for p in ("model", "ema")}
-    rel_w = {p: ((flat["a", p] - flat["b", p]).norm() / flat["b", p].norm()).item() for p in ("model", "ema")}
-    print(f"final weights (step {wa['step']} vs {wb['step']}): relative L2 difference, all parameters: "
-          f"model {rel_w['model']:.2e}, EMA {rel_w['ema']:.2e}")
+    if all((run / "checkpoints" / "last.pt").exists() for run in (a, b)):
+        wa, wb = (torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) for run in (a, b))
+        flat = {(w, p): torch.cat([w_[p][k].float().flatten() for k in sorted(wb[p])]) for w, w_ in (("a", wa), ("b", wb))
+                for p in ("model", "ema")}
+        rel_w = {p: ((flat["a", p] - flat["b", p]).norm() / flat["b", p].norm()).item() for p in ("model", "ema")}
+        print(f"final weights (step {wa['step']} vs {wb['step']}): relative L2 difference, all parameters: "
+              f"model {rel_w['model']:.2e}, EMA {rel_w['ema']:.2e}")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -49,7 +50,9 @@ def losses(a: Path, b: Path) -> bool:
     top.set(ylabel="training loss", yscale="log", title=f"{a.name} vs {b.name}")
     top.legend()
     bottom.semilogy(common, np.maximum(rel, 1e-9))
-    bottom.set(xlabel="step", ylabel="relative difference")
+    bottom.set(xlabel="step", ylabel="relative difference (0 drawn at 1e-9)", ylim=(5e-10, 1))
+    bottom.axhline(LOSS_TOL, color="gray", ls=":", label=f"accepted ({LOSS_TOL:g})")
+    bottom.legend()
     fig.savefig(a / f"loss_vs_{b.name}.png", dpi=120, bbox_inches="tight")
     print(f"plot: {a / f'loss_vs_{b.name}.png'}")
     return rel[worst] <= LOSS_TOL

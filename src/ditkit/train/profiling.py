@@ -61,11 +61,16 @@ class StepProfiler:
         a, b = self.window
         n = b - a
         events = prof.key_averages()
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu = sum(_device_time_us(e) for e in kernels) / 1e3
-        busy = (f"GPU kernels {gpu / n:.1f} ms per step ({gpu / (1e3 * wall):.0%} of the wall time; the rest is the GPU "
-                f"waiting for the host, for data or for other GPUs)") if self.device.type == "cuda" else "no GPU"
-        lines = [f"steps {a + 1}..{b}: wall {1e3 * wall / n:.1f} ms per step; {busy}", ""]
+        # GPU kernels only: the GPU-side ranges of annotations (optimizer steps, NCCL calls) would count twice
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)]
+        comm = sum(_device_time_us(e) for e in kernels if e.key.startswith("nccl")) / 1e3 / n
+        compute = sum(_device_time_us(e) for e in kernels if not e.key.startswith("nccl")) / 1e3 / n
+        step_ms = 1e3 * wall / n
+        busy = (f"compute kernels {compute:.1f} ms ({compute / step_ms:.0%} of it: the rest the GPU waits for the host, "
+                f"data or other GPUs); NCCL kernels {comm:.1f} ms (their own stream, overlapping)") \
+            if self.device.type == "cuda" else "no GPU"
+        lines = [f"steps {a + 1}..{b}: wall {step_ms:.1f} ms per step; {busy}", ""]
         by_gpu = sorted(kernels, key=_device_time_us, reverse=True)[:25]
         lines.append("kernels by GPU time per step (ms):")
         lines += [f"  {_device_time_us(e) / 1e3 / n:8.2f}  x{e.count // n:<4d} {e.key[:110]}" for e in by_gpu]
