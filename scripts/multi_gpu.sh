@@ -7,7 +7,7 @@
 #   fast    the same throughput with the speed issue's levers (FAST_SET).
 #   sample  50,000 256-pixel samples over N GPUs into one ADM .npz, checked index by index.
 #   profile (not in the default) where the step's time goes, steps 81-90 under the profiler: 1 GPU eager,
-#           compiled, with FAST_SET; FSDP on N GPUs (N may be 1), resharding after the forward or not.
+#           compiled, with FAST_SET; FSDP on N GPUs (N may be 1): resharding after the forward or not, bf16 gathering.
 #   PYTHONPATH=src bash scripts/multi_gpu.sh [OUT_DIR]
 #   (PARTS="train fast sample" MODEL=DiT-XL/2 LATENT=32 MICRO=32 STEPS=100 SAMPLES=50000 NPROC=all DEVICE=cuda)
 set -euo pipefail
@@ -89,6 +89,7 @@ if [[ $parts == *" profile "* ]]; then
     }
     GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp_keep "$n" 1 --set train.distributed=fsdp --set train.fsdp_reshard=false
     GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp "$n" 1 --set train.distributed=fsdp
+    GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp_bf16 "$n" 1 --set train.distributed=fsdp --set train.fsdp_bf16_gather=true
     prof prof_eager 1 1
     # shellcheck disable=SC2046
     prof prof_fast 1 1 $(sets $fast)

@@ -131,6 +131,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # wall-clock budget: checkpoint and stop at the first log step past it (0: off)
     profile: str = ""  # "A-B": the PyTorch profiler over steps A to B, written to the run folder (ditkit.train.profiling)
     fsdp_reshard: bool = True  # FSDP: free each block's gathered weights after its forward (false: keep them for the backward)
+    fsdp_bf16_gather: bool = False  # FSDP: gather the weights in bf16 (half the all-gather traffic; gradients reduced in float32)
     vae: str | None = None  # local VAE (folder or file) to decode the sample grids of latent runs
 
 
@@ -188,6 +189,8 @@ class Config:
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
             (not (self.train.fp8 and self.train.fused_mlp), "train.fused_mlp",
              "false with train.fp8=true (both replace the MLP's products)"),
+            (not self.train.fsdp_bf16_gather or self.train.precision in ("auto", "bf16"), "train.fsdp_bf16_gather",
+             "false unless train.precision is bf16 or auto (the products run in bf16 only under bf16 autocast)"),
         ]
         for ok, name, what in checks:
             if not ok:

@@ -119,11 +119,14 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
     if not info.enabled or (ema and cfg.train.distributed != "fsdp"):
         return model
     if cfg.train.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # bf16 gathering: the blocks' inputs (the residual stream) keep their dtype; gradients are reduced in float32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+            if cfg.train.fsdp_bf16_gather else MixedPrecisionPolicy()
         for block in model.blocks:  # without resharding, the backward reuses the forward's gathered weights
-            fully_shard(block, reshard_after_forward=cfg.train.fsdp_reshard or ema)
-        fully_shard(model)
+            fully_shard(block, reshard_after_forward=cfg.train.fsdp_reshard or ema, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
