@@ -506,6 +506,9 @@ def test_profiler_writes_where_the_steps_went(tmp_path):
     assert report.startswith("steps 2..3: wall ") and "no GPU" in report
     assert "aten::mm" in report or "aten::addmm" in report  # the host-time table of the operators
     assert json.loads((tmp_path / "profile_2-3.json").read_text())["traceEvents"]
+    # a run that ends inside the window closes the profiler and writes no partial profile
+    train(load_config("digits", overrides=[*TINY, "train.steps=3", "train.profile=2-5"]), tmp_path / "short", device="cpu")
+    assert not list((tmp_path / "short").glob("profile_*"))
     for bad in ("3", "3-2", "0-2", "a-b"):
         with pytest.raises(ConfigError, match="train.profile"):
             load_config("digits", overrides=[f"train.profile={bad}"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ditkit.config import ConfigError
+from ditkit.utils.io import atomic_write_text
 
 
 def parse_profile(spec: str) -> tuple[int, int] | None:
@@ -30,7 +31,8 @@ def _device_time_us(event) -> float:
 
 
 class StepProfiler:
-    """Call ``before(step)`` ahead of each step and ``after(done)`` once it is counted."""
+    """Call ``before(step)`` ahead of each step, ``after(done)`` once it is counted, and ``close()`` when
+    the run ends (a run stopped inside the window, by its time limit, writes no profile)."""
 
     def __init__(self, spec: str, run_dir: Path, write: bool, device: torch.device) -> None:
         self.window = parse_profile(spec)
@@ -77,6 +79,11 @@ class StepProfiler:
         lines.append("")
         lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
         path = self.run_dir / f"profile_{a + 1}-{b}.txt"
-        path.write_text("\n".join(lines))
+        atomic_write_text(path, "\n".join(lines))
         prof.export_chrome_trace(str(self.run_dir / f"profile_{a + 1}-{b}.json"))
         print("\n".join(lines[:2]) + f"\nprofile: {path}", flush=True)
+
+    def close(self) -> None:
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.prof = None

@@ -369,6 +369,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if time_up:
             break
     bar.close()
+    profiler.close()
     if writer is not None:
         writer.close()
     cleanup(info)
