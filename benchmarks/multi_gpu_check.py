@@ -19,8 +19,9 @@ import yaml
 
 
 # Largest relative loss difference accepted between an N-GPU run and its 1-GPU twin at any logged
-# step: about 2.5× bf16's rounding (2^-8).  The runs are DiT-XL/2 in bf16; the twins differ in the
-# order in which the per-GPU gradients are summed, and that difference grows step by step.
+# step: about 2.5× bf16's rounding (2^-8).  The twins may differ only in the order in which the per-GPU
+# gradients are summed: on 2 H200s they were bit-identical (for two terms a + b = b + a); with more GPUs
+# the order can change the rounding, and such a difference would grow step by step.
 LOSS_TOL = 1e-2
 
 
@@ -31,7 +32,9 @@ def losses(a: Path, b: Path) -> bool:
     worst = int(np.argmax(rel))
     print(f"losses {a.name} vs {b.name}: {len(common)} logged steps ({common[0]}..{common[-1]}); "
           f"largest relative difference {rel[worst]:.2e} at step {common[worst]}; median {np.median(rel):.2e}")
-    if all((run / "checkpoints" / "last.pt").exists() for run in (a, b)):
+    if not all((run / "checkpoints" / "last.pt").exists() for run in (a, b)):
+        print(f"final weights not compared: no checkpoints/last.pt in {a} or {b}")
+    else:
         wa, wb = (torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) for run in (a, b))
         flat = {(w, p): torch.cat([w_[p][k].float().flatten() for k in sorted(wb[p])]) for w, w_ in (("a", wa), ("b", wb))
                 for p in ("model", "ema")}
@@ -73,14 +76,17 @@ def samples(many: Path, one: Path) -> bool:
 
 
 def throughput(*runs: str) -> bool:
-    """img/s of each ``RUN:GPUS`` from the trainer's metrics.jsonl over the run's second half (all
-    images over all time, whatever the logging interval), per GPU, and against the first run's."""
+    """img/s of each ``RUN:GPUS[:LAST]`` from the trainer's metrics.jsonl over steps LAST/2+1..LAST (default:
+    the run's last step; all images over all time, whatever the logging interval), per GPU, and against the
+    first run's.  LAST leaves out steps a later --resume appended."""
     print("| run | GPUs | global batch | img/s | img/s per GPU | scaling efficiency | GPU mem GiB |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
     base = None
     for spec in runs:
-        run, gpus = Path(spec.rsplit(":", 1)[0]), int(spec.rsplit(":", 1)[1])
+        path, gpus, *last = spec.split(":")
+        run, gpus = Path(path), int(gpus)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        records = [r for r in records if not last or r["step"] <= int(last[0])]
         batch = yaml.safe_load((run / "config.yaml").read_text())["train"]["global_batch_size"]
         half = records[-1]["step"] / 2
         images = seconds = 0.0

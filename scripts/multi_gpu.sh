@@ -9,7 +9,8 @@
 #   profile (not in the default) where the step's time goes, steps 81-90 under the profiler: 1 GPU eager,
 #           compiled, with FAST_SET; FSDP on N GPUs (N may be 1): resharding after the forward or not, bf16 gathering.
 #   PYTHONPATH=src bash scripts/multi_gpu.sh [OUT_DIR]
-#   (PARTS="train fast sample" MODEL=DiT-XL/2 LATENT=32 MICRO=32 STEPS=100 SAMPLES=50000 NPROC=all DEVICE=cuda)
+#   (PARTS="train fast sample" MODEL=DiT-XL/2 LATENT=32 MICRO=32 STEPS=100 SAMPLES=50000 DEVICE=cuda
+#    NPROC=<processes, default: every GPU>)
 set -euo pipefail
 # NVLink multicast off: on the lent machines it can take the host's shared GPUs out of service (KINDS.md).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -37,27 +38,26 @@ train() {
 }
 sets() { for o in "$@"; do printf -- "--set %s " "$o"; done; }
 echo "## $n × $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'), NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
-if [ "$device" = cuda ]; then nvidia-smi topo -m | head -$((n + 1)); fi
+if [ "$device" = cuda ]; then nvidia-smi topo -m | head -$((n + 1)) || true; fi
 [ -f "$out/latents/manifest.json" ] || python benchmarks/multi_gpu_check.py cache "$out/latents" "$latent"
 
 if [[ $parts == *" train "* ]]; then
     echo "## $model, the preset's precision (bf16 on GPUs), $micro per GPU, $steps steps, loss logged every step"
-    # side by side, one GPU each: the throughput baseline, and the loss-curve twin (N accumulation steps)
+    # side by side, one GPU each (sharing the host's cores): the throughput baseline, and the loss-curve
+    # twin (N accumulation steps); a failure of either stops the script once both have ended
     CUDA_VISIBLE_DEVICES=0 train one 1 1 --set train.log_every=1 & a=$!
     CUDA_VISIBLE_DEVICES=1 train one_accum 1 "$n" --set train.log_every=1 & b=$!
-    wait $a
-    wait $b
+    rc=0; wait $a || rc=1; wait $b || rc=1; [ $rc = 0 ]
     rm -rf "$out/one/checkpoints" "$out/one/ema.safetensors"
     for dist in ddp fsdp; do train "$dist" "$n" 1 --set train.log_every=1 --set train.distributed="$dist"; done
-    check throughput "$out/one:1" "$out/ddp:$n" "$out/fsdp:$n"
+    check throughput "$out/one:1:$steps" "$out/ddp:$n:$steps" "$out/fsdp:$n:$steps"
     for dist in ddp fsdp; do check losses "$out/$dist" "$out/one_accum"; done
     echo "## the $n-GPU checkpoints resumed on 1 GPU to step $((steps + 10)), against the 1-GPU run resumed alike"
     steps0=$steps
     steps=$((steps0 + 10))
     CUDA_VISIBLE_DEVICES=0 train one_accum 1 "$n" --set train.log_every=1 --resume & a=$!
     CUDA_VISIBLE_DEVICES=1 train ddp 1 "$n" --set train.log_every=1 --resume & b=$!
-    wait $a
-    wait $b
+    rc=0; wait $a || rc=1; wait $b || rc=1; [ $rc = 0 ]
     train fsdp 1 "$n" --set train.log_every=1 --resume
     steps=$steps0
     for dist in ddp fsdp; do check losses "$out/$dist" "$out/one_accum"; done

@@ -37,6 +37,19 @@ class ConfigError(ValueError):
     """An invalid config value; the message names the field."""
 
 
+def parse_profile(spec: str) -> tuple[int, int] | None:
+    """``"A-B"`` → (A - 1, B): the profiler starts before step A and stops after step B. ``""`` → None."""
+    if not spec:
+        return None
+    try:
+        a, b = (int(part) for part in str(spec).split("-"))
+    except ValueError:
+        raise ConfigError(f"train.profile must be 'A-B' (profile steps A to B), got {spec!r}") from None
+    if not 1 <= a <= b:
+        raise ConfigError(f"train.profile={spec!r}: needs 1 <= A <= B")
+    return a - 1, b
+
+
 @dataclass
 class ModelConfig:
     name: str = "DiT-XL/2"  # a DiT_models name, or "custom" (then depth/hidden_size/num_heads/patch_size)
@@ -189,14 +202,12 @@ class Config:
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
             (not (self.train.fp8 and self.train.fused_mlp), "train.fused_mlp",
              "false with train.fp8=true (both replace the MLP's products)"),
-            (not self.train.fsdp_bf16_gather or self.train.precision in ("auto", "bf16"), "train.fsdp_bf16_gather",
-             "false unless train.precision is bf16 or auto (the products run in bf16 only under bf16 autocast)"),
+            (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
+             "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),
         ]
         for ok, name, what in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {what}, got {_get(self, name)!r}")
-        from ditkit.train.profiling import parse_profile
-
         parse_profile(self.train.profile)
         from ditkit.models.dit import DiT_models
 

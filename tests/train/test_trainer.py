@@ -433,8 +433,9 @@ def test_fsdp_bf16_gathering_trains_like_one_process_in_bf16(tmp_path):
     rounding, not bitwise."""
     common = ["train", "--preset", "digits", "--device", "cpu", "--steps", "4"]
     bf16 = ("train.precision=bf16", "train.log_every=1")
-    torchrun(2, *common, "--run-dir", str(tmp_path / "two"),
-             *overrides(*bf16, "train.distributed=fsdp", "train.fsdp_bf16_gather=true"))
+    torchrun(2, *common, "--run-dir", str(tmp_path / "two"),  # grids: the EMA, gathered in float32, outside autocast
+             *overrides(*bf16, "train.distributed=fsdp", "train.fsdp_bf16_gather=true", "train.sample_every=2", "sample.steps=2"))
+    assert (tmp_path / "two" / "samples" / "step_00000004.png").exists()
     one = ditkit(*common, "--run-dir", str(tmp_path / "one"), *overrides(*bf16, "train.grad_accum=2"))
     assert one.wait(timeout=300) == 0, one.stdout.read()[-2000:]
     ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -445,8 +446,12 @@ def test_fsdp_bf16_gathering_trains_like_one_process_in_bf16(tmp_path):
     moved = torch.cat([(a[k] - b[k]).flatten() for k in b]).norm() / torch.cat([b[k].flatten() for k in b]).norm()
     # measured 5.7e-5; plain FSDP gives 0 here (bitwise), so a non-zero difference shows the bf16 gathering acted
     assert 0 < moved < 1e-3, moved
-    with pytest.raises(ConfigError, match="train.fsdp_bf16_gather must be false unless"):
-        load_config("digits", overrides=["train.fsdp_bf16_gather=true", "train.precision=fp32"])
+    with pytest.raises(ConfigError, match="train.fsdp_bf16_gather=true needs bf16 autocast"):  # auto is fp32 on a CPU
+        train(load_config("digits", overrides=[*TINY, "train.distributed=fsdp", "train.fsdp_bf16_gather=true"]),
+              tmp_path / "fp32", device="cpu")
+    for option in ("train.fsdp_bf16_gather=true", "train.fsdp_reshard=false"):
+        with pytest.raises(ConfigError, match="train.distributed must be fsdp with"):
+            load_config("digits", overrides=[option])
 
 
 def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
@@ -499,7 +504,7 @@ def test_fp8_training_compiled_matches_eager_fp8(tmp_path):
         assert (step - ref_step).norm() < 0.05 * ref_step.norm(), (key, ((step - ref_step).norm() / ref_step.norm()).item())
 
 
-def test_profiler_writes_where_the_steps_went(tmp_path):
+def test_profiler_writes_where_the_steps_went(tmp_path, caplog):
     cfg = load_config("digits", overrides=[*TINY, "train.steps=4", "train.profile=2-3"])
     train(cfg, tmp_path, device="cpu")
     report = (tmp_path / "profile_2-3.txt").read_text()
@@ -509,6 +514,7 @@ def test_profiler_writes_where_the_steps_went(tmp_path):
     # a run that ends inside the window closes the profiler and writes no partial profile
     train(load_config("digits", overrides=[*TINY, "train.steps=3", "train.profile=2-5"]), tmp_path / "short", device="cpu")
     assert not list((tmp_path / "short").glob("profile_*"))
+    assert "train.profile=2-5: this run does steps 1 to 3, so it writes no profile" in caplog.text
     for bad in ("3", "3-2", "0-2", "a-b"):
         with pytest.raises(ConfigError, match="train.profile"):
             load_config("digits", overrides=[f"train.profile={bad}"])

@@ -4,26 +4,14 @@ most GPU time, the share of the wall time the GPU was busy, the operators that t
 time, and a Chrome trace."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import torch
 
-from ditkit.config import ConfigError
+from ditkit.config import parse_profile
 from ditkit.utils.io import atomic_write_text
-
-
-def parse_profile(spec: str) -> tuple[int, int] | None:
-    """``"A-B"`` → (A - 1, B): the profiler starts before step A and stops after step B. ``""`` → None."""
-    if not spec:
-        return None
-    try:
-        a, b = (int(part) for part in str(spec).split("-"))
-    except ValueError:
-        raise ConfigError(f"train.profile must be 'A-B' (profile steps A to B), got {spec!r}") from None
-    if not 1 <= a <= b:
-        raise ConfigError(f"train.profile={spec!r}: needs 1 <= A <= B")
-    return a - 1, b
 
 
 def _device_time_us(event) -> float:
@@ -34,10 +22,13 @@ class StepProfiler:
     """Call ``before(step)`` ahead of each step, ``after(done)`` once it is counted, and ``close()`` when
     the run ends (a run stopped inside the window, by its time limit, writes no profile)."""
 
-    def __init__(self, spec: str, run_dir: Path, write: bool, device: torch.device) -> None:
+    def __init__(self, spec: str, run_dir: Path, write: bool, device: torch.device, start_step: int, end_step: int) -> None:
         self.window = parse_profile(spec)
         self.run_dir, self.write, self.device = run_dir, write, device
         self.prof = None
+        if self.window is not None and not start_step <= self.window[0] < self.window[1] <= end_step and write:
+            logging.getLogger("ditkit.train").warning(
+                f"train.profile={spec}: this run does steps {start_step + 1} to {end_step}, so it writes no profile")
 
     def before(self, step: int) -> None:
         if self.window is None or step != self.window[0]:

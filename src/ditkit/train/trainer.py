@@ -121,17 +121,17 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
     if cfg.train.distributed == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # bf16 gathering: the blocks' inputs (the residual stream) keep their dtype; gradients are reduced in float32
+        # bf16 gathering: the blocks' inputs (the residual stream) keep their dtype; gradients are reduced in float32.
+        # Not for the EMA: the sample grids run it outside autocast, at full precision.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-            if cfg.train.fsdp_bf16_gather else MixedPrecisionPolicy()
+            if cfg.train.fsdp_bf16_gather and not ema else MixedPrecisionPolicy()
         for block in model.blocks:  # without resharding, the backward reuses the forward's gathered weights
             fully_shard(block, reshard_after_forward=cfg.train.fsdp_reshard or ema, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # Gradients as views into the all-reduce buckets: no second copy of them, no copy per step.
-    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
 def _full_state_dict(model: nn.Module, cfg: Config, info: DistInfo) -> dict:
@@ -226,6 +226,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if amp_dtype != torch.bfloat16:
             raise ConfigError("train.bf16_residual=true needs bf16 autocast: train.precision=bf16 (or auto on a GPU)")
         model.residual_dtype = torch.bfloat16  # the EMA, copied above, samples with the float32 stream
+    if cfg.train.fsdp_bf16_gather and amp_dtype != torch.bfloat16:
+        raise ConfigError("train.fsdp_bf16_gather=true needs bf16 autocast: train.precision=bf16 (or auto on a GPU)")
     if cfg.train.fp8:  # after the EMA copy: the EMA (and everything sampling from it) keeps the plain layers
         convert_for_fp8_training(model)
     kernels = "" if dev.type == "cuda" else f" (on {dev.type}: torch's ops, the fused kernels need CUDA)"
@@ -296,80 +298,82 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
                 save_weights(ema_sd, model, cfg, run_dir / "ema.safetensors")
         barrier(info)
 
-    profiler = StepProfiler(cfg.train.profile, run_dir, info.is_main, dev)
+    profiler = StepProfiler(cfg.train.profile, run_dir, info.is_main, dev, start_step, end_step)
     step = start_step
-    for step in range(start_step, end_step):
-        profiler.before(step)
-        if graphs:  # a new iteration: the CUDA graphs may reuse the memory of the last step's outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.train.lr, cfg.train.warmup_steps)
-        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-        decay = ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup)
-        if fused_tail:
-            opt.ema_decay = decay
-        loss, grad_norm, bad = train_step(step_model, objective, opt, micro, step, info.rank * cfg.train.grad_accum,
-                                          cfg, amp_dtype, scaler, dev, params)
-        if not fused_tail:
-            update_ema(ema, model, decay)
-        finite_norm = torch.isfinite(grad_norm)
-        consecutive_bad = torch.where(bad, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
-        worst_run = torch.maximum(worst_run, consecutive_bad)
-        loss_acc += torch.where(bad, torch.zeros_like(loss), loss)
-        norm_acc += torch.where(bad | ~finite_norm, torch.zeros_like(grad_norm), grad_norm)
-        bad_acc += bad.float()
-        n_acc += 1
-        bar.update(1)
-        done = step + 1
-        profiler.after(done)
-        time_up = False
-        if done % cfg.train.log_every == 0 or done == end_step:
-            # The one host read per logging interval.  'bad' follows the all-reduced gradient norm
-            # (or, with a scaler, the loss, which is then averaged like the loss itself).
-            over_time = cfg.train.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.train.max_minutes
-            flags = torch.stack([loss_acc, norm_acc, bad_acc, worst_run, torch.full_like(loss_acc, float(over_time))])
-            stats = mean_over_ranks(flags, info).tolist()  # every rank stops when any rank's clock runs out
-            n_bad, worst = int(round(stats[2])), int(round(stats[3]))
-            good = max(n_acc - n_bad, 1)
-            elapsed = time.perf_counter() - t_last
-            record = {"step": done, "loss": stats[0] / good, "grad_norm": stats[1] / good,
-                      "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed}
-            if dev.type == "cuda":
-                record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-            if hasattr(dataset.inner, "num_unreadable"):  # image folders: skipped files, each named in a warning
-                record["unreadable_images"] = dataset.inner.num_unreadable
-            if n_bad:
-                nonfinite_total += n_bad
-                log.warning(f"step {done}: {n_bad} non-finite step(s) skipped (total {nonfinite_total})")
-            if info.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, done)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            if worst >= cfg.train.max_nonfinite:
-                bar.close()
-                cleanup(info)
-                raise TrainingStopped(f"{worst} consecutive non-finite steps by step {done}; "
-                                      f"stopped with the last good checkpoint in {ckpt_dir} intact")
-            for acc in (loss_acc, norm_acc, bad_acc, worst_run):
-                acc.zero_()
-            n_acc, t_last = 0, time.perf_counter()
-            time_up = stats[4] > 0 and done < end_step
+    try:
+        for step in range(start_step, end_step):
+            profiler.before(step)
+            if graphs:  # a new iteration: the CUDA graphs may reuse the memory of the last step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.train.lr, cfg.train.warmup_steps)
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            decay = ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup)
+            if fused_tail:
+                opt.ema_decay = decay
+            loss, grad_norm, bad = train_step(step_model, objective, opt, micro, step, info.rank * cfg.train.grad_accum,
+                                              cfg, amp_dtype, scaler, dev, params)
+            if not fused_tail:
+                update_ema(ema, model, decay)
+            finite_norm = torch.isfinite(grad_norm)
+            consecutive_bad = torch.where(bad, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
+            worst_run = torch.maximum(worst_run, consecutive_bad)
+            loss_acc += torch.where(bad, torch.zeros_like(loss), loss)
+            norm_acc += torch.where(bad | ~finite_norm, torch.zeros_like(grad_norm), grad_norm)
+            bad_acc += bad.float()
+            n_acc += 1
+            bar.update(1)
+            done = step + 1
+            profiler.after(done)
+            time_up = False
+            if done % cfg.train.log_every == 0 or done == end_step:
+                # The one host read per logging interval.  'bad' follows the all-reduced gradient norm
+                # (or, with a scaler, the loss, which is then averaged like the loss itself).
+                over_time = cfg.train.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.train.max_minutes
+                flags = torch.stack([loss_acc, norm_acc, bad_acc, worst_run, torch.full_like(loss_acc, float(over_time))])
+                stats = mean_over_ranks(flags, info).tolist()  # every rank stops when any rank's clock runs out
+                n_bad, worst = int(round(stats[2])), int(round(stats[3]))
+                good = max(n_acc - n_bad, 1)
+                elapsed = time.perf_counter() - t_last
+                record = {"step": done, "loss": stats[0] / good, "grad_norm": stats[1] / good,
+                          "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed}
+                if dev.type == "cuda":
+                    record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                if hasattr(dataset.inner, "num_unreadable"):  # image folders: skipped files, each named in a warning
+                    record["unreadable_images"] = dataset.inner.num_unreadable
+                if n_bad:
+                    nonfinite_total += n_bad
+                    log.warning(f"step {done}: {n_bad} non-finite step(s) skipped (total {nonfinite_total})")
+                if info.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer is not None:
+                        for k, v in record.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, done)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if worst >= cfg.train.max_nonfinite:
+                    bar.close()
+                    cleanup(info)
+                    raise TrainingStopped(f"{worst} consecutive non-finite steps by step {done}; "
+                                          f"stopped with the last good checkpoint in {ckpt_dir} intact")
+                for acc in (loss_acc, norm_acc, bad_acc, worst_run):
+                    acc.zero_()
+                n_acc, t_last = 0, time.perf_counter()
+                time_up = stats[4] > 0 and done < end_step
+                if time_up:
+                    end_step = done  # the end of this run: final checkpoint, EMA weights; --resume goes on to train.steps
+                    log.info(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {done}: checkpointing and stopping")
+            if done % cfg.train.ckpt_every == 0 or done == end_step:
+                checkpoint(done)
+            if fixed is not None and done % cfg.train.sample_every == 0:
+                _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done,
+                                   info.is_main, grid_vae)
             if time_up:
-                end_step = done  # the end of this run: final checkpoint, EMA weights; --resume goes on to train.steps
-                log.info(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {done}: checkpointing and stopping")
-        if done % cfg.train.ckpt_every == 0 or done == end_step:
-            checkpoint(done)
-        if fixed is not None and done % cfg.train.sample_every == 0:
-            _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done,
-                               info.is_main, grid_vae)
-        if time_up:
-            break
+                break
+    finally:  # an exception inside the window must not leave the profiler running
+        profiler.close()
     bar.close()
-    profiler.close()
     if writer is not None:
         writer.close()
     cleanup(info)
