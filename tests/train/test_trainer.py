@@ -454,6 +454,37 @@ def test_fsdp_bf16_gathering_trains_like_one_process_in_bf16(tmp_path):
             load_config("digits", overrides=[option])
 
 
+def test_fsdp_options_reach_fully_shard():
+    """train.fsdp_reshard=false and train.fsdp_bf16_gather=true as FSDP2 records them, block by block, for the
+    trained model and (always resharded, gathered in float32) its EMA; in one process, a 1-rank gloo group."""
+    import copy
+
+    import torch.distributed as dist
+
+    from ditkit.train.distributed import DistInfo
+    from ditkit.train.trainer import _wrap_distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = load_config("digits", overrides=[*TINY, "train.distributed=fsdp", "train.fsdp_reshard=false",
+                                               "train.fsdp_bf16_gather=true"])
+        model = build_model(cfg.model.name, **cfg.model.kwargs())
+        ema = copy.deepcopy(model)
+        info = DistInfo(world_size=2)  # the wrapper reads only whether the run is distributed
+        _wrap_distributed(model, cfg, info)
+        _wrap_distributed(ema, cfg, info, ema=True)
+        groups = {name: m._get_fsdp_state()._fsdp_param_group for name, m in
+                  (("block", model.blocks[0]), ("root", model), ("ema block", ema.blocks[0]))}
+        assert groups["block"].post_forward_mesh_info is None  # the gathered weights stay for the backward
+        assert groups["ema block"].post_forward_mesh_info is not None
+        for name in ("block", "root"):
+            mp = groups[name].mp_policy
+            assert (mp.param_dtype, mp.reduce_dtype, mp.cast_forward_inputs) == (torch.bfloat16, torch.float32, False)
+        assert groups["ema block"].mp_policy.param_dtype is None
+    finally:
+        dist.destroy_process_group()
+
+
 def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
     with pytest.raises(ConfigError, match="train.bf16_residual=true needs bf16 autocast"):
         train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.bf16_residual=true"]), tmp_path / "a", device="cpu")
