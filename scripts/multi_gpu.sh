@@ -88,8 +88,13 @@ if [[ $parts == *" profile "* ]]; then
         rm -rf "$out/$run/checkpoints" "$out/$run/ema.safetensors" "$out/$run/profile_81-90.json"
     }
     GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp_keep "$n" 1 --set train.distributed=fsdp --set train.fsdp_reshard=false
-    GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp "$n" 1 --set train.distributed=fsdp
-    GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp_bf16 "$n" 1 --set train.distributed=fsdp --set train.fsdp_bf16_gather=true
+    # NCCL's own account of the links it chose (P2P/NVLink, SHM, ...), for this run only
+    NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P NCCL_DEBUG_FILE="$out/nccl.%p.txt" \
+        GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp "$n" 1 --set train.distributed=fsdp
+    echo "### NCCL channels (NCCL_DEBUG=INFO)"
+    { grep -h " via " "$out"/nccl.*.txt || true; } | sed 's/^.*NCCL INFO //' | sort | uniq -c | head -20
+    GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp_bf16 "$n" 1 --set train.distributed=fsdp --set train.fsdp_bf16_gather=true \
+        --set train.precision=bf16
     prof prof_eager 1 1
     # shellcheck disable=SC2046
     prof prof_fast 1 1 $(sets $fast)
