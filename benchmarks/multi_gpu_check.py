@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import yaml
 
+from bench import rel_err  # benchmarks/, on the path when run as a script
+
 
 # Largest relative loss difference accepted between an N-GPU run and its 1-GPU twin at any logged
 # step: about 2.5× bf16's rounding (2^-8).  The twins may differ only in the order in which the per-GPU
@@ -36,9 +38,9 @@ def losses(a: Path, b: Path) -> bool:
         print(f"final weights not compared: no checkpoints/last.pt in {a} or {b}")
     else:
         wa, wb = (torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) for run in (a, b))
-        flat = {(w, p): torch.cat([w_[p][k].float().flatten() for k in sorted(wb[p])]) for w, w_ in (("a", wa), ("b", wb))
+        flat = {(w, p): torch.cat([w_[p][k].flatten() for k in sorted(wb[p])]) for w, w_ in (("a", wa), ("b", wb))
                 for p in ("model", "ema")}
-        rel_w = {p: ((flat["a", p] - flat["b", p]).norm() / flat["b", p].norm()).item() for p in ("model", "ema")}
+        rel_w = {p: rel_err(flat["a", p], flat["b", p]) for p in ("model", "ema")}
         print(f"final weights (step {wa['step']} vs {wb['step']}): relative L2 difference, all parameters: "
               f"model {rel_w['model']:.2e}, EMA {rel_w['ema']:.2e}")
     try:
@@ -65,13 +67,13 @@ def samples(many: Path, one: Path) -> bool:
     a, b = np.load(many), np.load(one)
     x, y = a["arr_0"], a["arr_1"]
     digests = {hashlib.sha1(img.tobytes()).hexdigest() for img in x}
+    counts = np.bincount(y)
     n = len(b["arr_0"])
     same = np.array_equal(x[:n], b["arr_0"]) and np.array_equal(y[:n], b["arr_1"])
     diff = np.abs(x[:n].astype(np.int16) - b["arr_0"].astype(np.int16)).max()
     print(f"{many}: arr_0 {x.shape} {x.dtype}, arr_1 {y.shape}; distinct images {len(digests)} of {len(x)}; "
-          f"labels per class {np.bincount(y).min()}..{np.bincount(y).max()}")
+          f"labels per class {counts.min()}..{counts.max()}")
     print(f"first {n} against the one-GPU run {one}: {'identical' if same else f'differ (max |Δ| {diff})'}")
-    counts = np.bincount(y)
     return same and len(digests) == len(x) and counts.max() - counts.min() <= 1  # balanced: classes in turn
 
 

@@ -37,6 +37,8 @@ train() {
     else quiet python "${args[@]}" --device "$device"; fi
 }
 sets() { for o in "$@"; do printf -- "--set %s " "$o"; done; }
+since() { python -c "print(f'{$(date +%s.%N) - $1:.1f} s')"; }  # seconds since a `date +%s.%N`
+all_gpus=$(seq -s, 0 $((n - 1)))
 echo "## $n × $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'), NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
 if [ "$device" = cuda ]; then nvidia-smi topo -m | head -$((n + 1)) || true; fi
 [ -f "$out/latents/manifest.json" ] || python benchmarks/multi_gpu_check.py cache "$out/latents" "$latent"
@@ -87,13 +89,13 @@ if [[ $parts == *" profile "* ]]; then
         sed -n '1,14p' "$out/$run/profile_81-90.txt" || true
         rm -rf "$out/$run/checkpoints" "$out/$run/ema.safetensors" "$out/$run/profile_81-90.json"
     }
-    GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp_keep "$n" 1 --set train.distributed=fsdp --set train.fsdp_reshard=false
+    GPUS=$all_gpus prof prof_fsdp_keep "$n" 1 --set train.distributed=fsdp --set train.fsdp_reshard=false
     # NCCL's own account of the links it chose (P2P/NVLink, SHM, ...), for this run only
     NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P NCCL_DEBUG_FILE="$out/nccl.%p.txt" \
-        GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp "$n" 1 --set train.distributed=fsdp
+        GPUS=$all_gpus prof prof_fsdp "$n" 1 --set train.distributed=fsdp
     echo "### NCCL channels (NCCL_DEBUG=INFO)"
     { grep -h " via " "$out"/nccl.*.txt || true; } | sed 's/^.*NCCL INFO //' | sort | uniq -c | head -20
-    GPUS=$(seq -s, 0 $((n - 1))) prof prof_fsdp_bf16 "$n" 1 --set train.distributed=fsdp --set train.fsdp_bf16_gather=true \
+    GPUS=$all_gpus prof prof_fsdp_bf16 "$n" 1 --set train.distributed=fsdp --set train.fsdp_bf16_gather=true \
         --set train.precision=bf16
     prof prof_eager 1 1
     # shellcheck disable=SC2046
@@ -110,10 +112,10 @@ if [[ $parts == *" sample "* ]]; then
             --cfg-scale 1.5 --precision amp-bf16 --batch-size 250)
     start=$(date +%s.%N)
     quiet python -m torch.distributed.run --standalone --nproc_per_node "$n" "${sample[@]}" --num-samples "$total" --out "$out/many"
-    echo "wall time, $n GPUs, $total samples: $(python -c "print(f'{$(date +%s.%N) - $start:.1f} s')") (start-up included)"
+    echo "wall time, $n GPUs, $total samples: $(since "$start") (start-up included)"
     start=$(date +%s.%N)
     CUDA_VISIBLE_DEVICES=0 quiet python "${sample[@]}" --num-samples $((total / 25)) --out "$out/one_gpu" --device "$device"
-    echo "wall time, 1 GPU, $((total / 25)) samples: $(python -c "print(f'{$(date +%s.%N) - $start:.1f} s')") (start-up included)"
+    echo "wall time, 1 GPU, $((total / 25)) samples: $(since "$start") (start-up included)"
     ls -l "$out/many/samples.npz"
     check samples "$out/many/samples.npz" "$out/one_gpu/samples.npz"
     rm -rf "$out/many" "$out/one_gpu"
