@@ -20,7 +20,8 @@ for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.ada
 block linears' forward and ∂x products in FP8, ``ditkit.models.fp8_training``), +bf16res (a bf16
 residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilogues,
 ``train.fused_mlp``) and +norm (adaLN's LayerNorm, modulation and gated residual as Triton kernels,
-``train.fused_norm``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+``train.fused_norm``) and +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
+kernel, ``train.bf16_weights``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
@@ -63,6 +64,7 @@ from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
 from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.ema import update_ema
+from ditkit.train.master_weights import MasterWeightAdamW
 from ditkit.train.trainer import gradient_norm, train_step
 from ditkit.utils.sdpa import SDPA_CHOICES, use_sdpa_backend
 
@@ -81,6 +83,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     "mlp": ("train",),  # the MLP with GELU in cuBLASLt's epilogues (ditkit.models.fused_mlp, train.fused_mlp)
     "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
+    "master": ("train",),  # bf16 weights, float32 masters: one flat AdamW + EMA kernel (ditkit.train.master_weights)
 }
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),
@@ -323,8 +326,11 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     if "norm" in levers(variant):
         convert_to_fused_norm(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    tail = "tail" in levers(variant)
-    if tail:  # compiled on a GPU; the CPU smoke test runs its eager form
+    tail = bool(levers(variant) & {"tail", "master"})  # the optimizer's step also does the norm and the EMA
+    if "master" in levers(variant):
+        opt = MasterWeightAdamW(model, ema, lr=1e-4, weight_decay=0)
+        opt.ema_decay = 0.9999
+    elif tail:  # compiled on a GPU; the CPU smoke test runs its eager form
         opt = AdamWEMA(*ema_counterparts(model, ema), lr=1e-4, weight_decay=0, compile=device.type == "cuda")
         opt.ema_decay = 0.9999
     else:
@@ -493,9 +499,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for kind, _, _, variant in args.rows:
         base, extra = variant.split("+")[0], levers(variant)
         if (base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra)
-                or (base == "fp32" and extra & {"bf16w", "bf16res"}) or extra >= {"fp8", "mlp"}):
+                or (base == "fp32" and extra & {"bf16w", "bf16res", "master"}) or extra >= {"fp8", "mlp"}
+                or extra >= {"master", "tail"} or extra >= {"master", "fp8"}):
             raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of "
-                             + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + " (not +fp8 with +mlp); e.g. " + ", ".join(VARIANTS))
+                             + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + " (not +fp8 with +mlp; +master not with +tail or +fp8); e.g. " + ", ".join(VARIANTS))
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.
     args.rows = sorted((r for r in args.rows if args.compile or not compiled(r[3])), key=lambda r: compiled(r[3]))
     return args

@@ -33,7 +33,7 @@ def dit_flops(tokens: int, dim: int, depth: int, in_ch: int, out_ch: int, patch:
 def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
     out = tmp_path / "bench.json"
     res = bench.main(["--device", "cpu", "--tiny", "--batches", "2", "--compile-backend", "eager", "--out", str(out),
-                      "--variants", "fp32,bf16,bf16+compile,bf16+tail,bf16+fp8+bf16res",
+                      "--variants", "fp32,bf16,bf16+compile,bf16+tail,bf16+fp8+bf16res,bf16+master+bf16res",
                       "--sample-variants", "fp32,bf16,bf16+compile,bf16+fp8+compile,bf16+bf16w+fp8"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
 
@@ -47,12 +47,13 @@ def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
         assert r["default_ops"] and isinstance(r["math"], float)
         assert all(isinstance(r[b], float) or r[b].startswith("refused") for b in bench.BACKENDS)
 
-    assert [r["variant"] for r in res["train"]] == ["fp32", "bf16", "bf16+tail", "bf16+fp8+bf16res", "bf16+compile"]
+    assert [r["variant"] for r in res["train"]] == ["fp32", "bf16", "bf16+tail", "bf16+fp8+bf16res", "bf16+master+bf16res",
+                                                   "bf16+compile"]
     for r in res["train"]:
         assert r["status"] == "ok" and r["finite"], r
         assert len(r["step_ms_all"]) == 3 and r["img_per_s"] == pytest.approx(2e3 / r["step_ms"])
         assert r["tail_ms"] == pytest.approx(r["opt_ms"] + r["ema_ms"] + r["grad_norm_ms"])
-        assert (r["ema_ms"] == r["grad_norm_ms"] == 0) == ("tail" in r["variant"])  # inside AdamWEMA.step
+        assert (r["ema_ms"] == r["grad_norm_ms"] == 0) == any(k in r["variant"] for k in ("tail", "master"))  # in opt.step
     assert [r["variant"] for r in res["sample"]] == ["fp32", "bf16", "bf16+bf16w+fp8", "bf16+compile", "bf16+fp8+compile"]
     for r in res["sample"]:
         assert r["status"] == "ok" and r["extrapolated"], r

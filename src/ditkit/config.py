@@ -133,6 +133,7 @@ class TrainConfig:
     fused_norm: bool = False  # adaLN's LayerNorm, modulation and gated residual as Triton kernels on CUDA (ditkit.models.fused_norm)
     bf16_residual: bool = False  # under bf16 autocast, the residual stream in bf16 instead of float32 (Megatron's default)
     fused_tail: bool = False  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema); slower on an H100, see README
+    bf16_weights: bool = False  # linears/convs hold bf16 weights, float32 masters in a flat AdamW + EMA (ditkit.train.master_weights)
     activation_checkpointing: bool = False
     log_every: int = 100
     ckpt_every: int = 50_000
@@ -202,6 +203,14 @@ class Config:
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
             (not (self.train.fp8 and self.train.fused_mlp), "train.fused_mlp",
              "false with train.fp8=true (both replace the MLP's products)"),
+            (not (self.train.bf16_weights and self.train.fused_tail), "train.fused_tail",
+             "false with train.bf16_weights=true (both replace the optimizer's step)"),
+            (not (self.train.bf16_weights and self.train.fp8), "train.fp8",
+             "false with train.bf16_weights=true (FP8 quantizes from the float32 weights)"),
+            (not self.train.bf16_weights or self.train.grad_accum == 1, "train.grad_accum",
+             "1 with train.bf16_weights=true (bf16 gradients are not summed over micro-batches)"),
+            (not self.train.bf16_weights or self.train.precision in ("auto", "bf16"), "train.precision",
+             "bf16 (or auto on a GPU) with train.bf16_weights=true"),
             (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
              "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),
         ]

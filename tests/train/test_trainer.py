@@ -493,6 +493,56 @@ def test_bf16_residual_stream_needs_bf16_autocast(tmp_path):
     assert all(v == v for v in losses(tmp_path / "b").values())
 
 
+def test_bf16_weights_train_like_bf16_autocast_and_checkpoint_float32(tmp_path):
+    """train.bf16_weights=true (ditkit.train.master_weights) against the plain bf16 run on the CPU: the
+    same first loss bit for bit (the stored bf16 weights are autocast's casts), then bf16 noise; float32
+    model weights and torch AdamW's state in the checkpoint; an exact resume; and resumes across the
+    two kinds of run, both ways."""
+    common = [*TINY, "train.precision=bf16", "train.grad_clip=0.05"]
+    for flag in ("false", "true"):
+        train(load_config("digits", overrides=[*common, "train.steps=6", f"train.bf16_weights={flag}"]), tmp_path / flag,
+              device="cpu")
+    ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
+    assert ref.keys() == got.keys() and got[1] == ref[1]
+    assert all(abs(got[k] - ref[k]) <= 0.02 * ref[k] for k in ref), (ref, got)
+    a, b = final_weights(tmp_path / "false"), final_weights(tmp_path / "true")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(b["model"][k].dtype == a["model"][k].dtype for k in a["model"])  # float32 masters, not the bf16 copies
+    assert len(a["opt"]["state"]) == len(b["opt"]["state"]) and a["opt"]["state"][0].keys() == b["opt"]["state"][0].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0.05, atol=2e-3, msg=k)
+
+    eight = [*common, "train.steps=8"]
+    train(load_config("digits", overrides=[*eight, "train.bf16_weights=true"]), tmp_path / "ref8", device="cpu")
+    train(load_config("digits", overrides=[*eight, "train.bf16_weights=true"]), tmp_path / "true", device="cpu", resume=True)
+    assert losses(tmp_path / "true") == losses(tmp_path / "ref8")
+    c, d = final_weights(tmp_path / "true"), final_weights(tmp_path / "ref8")
+    for part in ("model", "ema"):
+        assert all(torch.equal(c[part][k], d[part][k]) for k in d[part]), part
+    train(load_config("digits", overrides=[*eight, "train.bf16_weights=true"]), tmp_path / "false", device="cpu", resume=True)
+    train(load_config("digits", overrides=[*eight, "train.bf16_weights=false", "train.steps=10"]), tmp_path / "true",
+          device="cpu", resume=True)
+    assert final_weights(tmp_path / "false")["step"] == 8 and final_weights(tmp_path / "true")["step"] == 10
+    assert all(v == v for v in [*losses(tmp_path / "false").values(), *losses(tmp_path / "true").values()])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.grad_accum=2"], "train.grad_accum must be 1 with train.bf16_weights=true"),
+    (["train.fused_tail=true"], "train.fused_tail must be false with train.bf16_weights=true"),
+    (["train.fp8=true"], "train.fp8 must be false with train.bf16_weights=true"),
+    (["train.precision=fp32"], "train.precision must be bf16"),
+])
+def test_bf16_weights_refuse_what_they_cannot_reproduce(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits", overrides=[*TINY, "train.bf16_weights=true", *extra])
+
+
+def test_bf16_weights_need_bf16_autocast(tmp_path):
+    with pytest.raises(ConfigError, match="train.bf16_weights=true needs bf16 autocast"):
+        train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.precision=auto", "train.bf16_weights=true"]),
+              tmp_path, device="cpu")  # auto: float32 on a CPU
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_checkpoint_resumes_on_one_process(tmp_path, mode):
     """A run written by 2 processes continues on 1 (with 2 accumulation steps, the same global batch)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ditkit.config import COMPILE_MODES, PRECISIONS
 from ditkit.models.fp8 import Float8Linear, convert_to_fp8
+from ditkit.models.module_swap import AUTOCAST_CAST
 
 
 class InferenceNetwork(nn.Module):
@@ -47,7 +48,7 @@ def for_inference(model: nn.Module, precision: str, fp8: bool = False) -> Infere
     if precision not in PRECISIONS:
         raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     fp8_layers = convert_to_fp8(model) if fp8 else 0
-    cast = {"bf16": nn.Module, "amp-bf16": (nn.Linear, nn.Conv2d)}.get(precision)
+    cast = {"bf16": nn.Module, "amp-bf16": AUTOCAST_CAST}.get(precision)
     for m in model.modules() if cast else []:
         if isinstance(m, cast) and not isinstance(m, Float8Linear):  # FP8 layers keep their own dtypes
             for name, v in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:

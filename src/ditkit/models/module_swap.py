@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+AUTOCAST_CAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose weights autocast casts to its dtype on every call
+
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` where the qualified ``name`` points inside ``model``."""

@@ -29,6 +29,7 @@ from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.train.ema import ema_decay_at, update_ema
+from ditkit.train.master_weights import MasterWeightAdamW
 from ditkit.train.profiling import StepProfiler
 from ditkit.utils.io import atomic_write_text
 from ditkit.utils.sdpa import use_sdpa_backend
@@ -38,6 +39,9 @@ log = logging.getLogger("ditkit.train")
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps); the last good checkpoint is kept."""
+
+
+EMA_OPTIMIZERS = (AdamWEMA, MasterWeightAdamW)  # their step also updates the EMA and returns the gradient norm
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -72,7 +76,7 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
                 loss = objective.loss(model, x0, model_kwargs)["loss"].mean() / accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
-    if isinstance(opt, AdamWEMA):  # norm, clip, skip, AdamW and EMA in one pass
+    if isinstance(opt, EMA_OPTIMIZERS):  # norm, clip, skip, AdamW and EMA in the optimizer's step
         grad_norm = opt.step()
         opt.zero_grad(set_to_none=True)
         return loss_sum, grad_norm, ~torch.isfinite(grad_norm)
@@ -104,6 +108,8 @@ def gradient_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
 
 def _make_optimizer(model: nn.Module, ema: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.adam_betas), "weight_decay": cfg.train.weight_decay}
+    if cfg.train.bf16_weights:
+        return MasterWeightAdamW(model, ema, **kwargs, max_norm=cfg.train.grad_clip)
     if not cfg.train.fused_tail:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs, fused=True)
     params, ema_params = ema_counterparts(model, ema)
@@ -226,6 +232,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if amp_dtype != torch.bfloat16:
             raise ConfigError("train.bf16_residual=true needs bf16 autocast: train.precision=bf16 (or auto on a GPU)")
         model.residual_dtype = torch.bfloat16  # the EMA, copied above, samples with the float32 stream
+    if cfg.train.bf16_weights and (amp_dtype != torch.bfloat16 or info.enabled):
+        raise ConfigError("train.bf16_weights=true needs bf16 autocast (train.precision=bf16, or auto on a GPU) and one "
+                          "process (its bf16 gradients are not all-reduced)")
     if cfg.train.fsdp_bf16_gather and amp_dtype != torch.bfloat16:
         raise ConfigError("train.fsdp_bf16_gather=true needs bf16 autocast: train.precision=bf16 (or auto on a GPU)")
     if cfg.train.fp8:  # after the EMA copy: the EMA (and everything sampling from it) keeps the plain layers
@@ -241,7 +250,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     _wrap_distributed(ema, cfg, info, ema=True)
     params = [p for p in train_model.parameters() if p.requires_grad]
     opt = _make_optimizer(train_model, ema, cfg, dev)
-    fused_tail = isinstance(opt, AdamWEMA)
+    fused_tail = isinstance(opt, EMA_OPTIMIZERS)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     if state is not None:
         _load_optimizer_state(train_model, opt, state["opt"], cfg, info)
@@ -285,7 +294,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
 
     def checkpoint(step: int) -> None:
         ema_sd = _full_state_dict(ema, cfg, info)
-        st = {"model": _full_state_dict(model, cfg, info), "ema": ema_sd, "opt": _optimizer_state(train_model, opt, cfg, info),
+        model_sd = opt.master_state_dict(model) if isinstance(opt, MasterWeightAdamW) else _full_state_dict(model, cfg, info)
+        st = {"model": model_sd, "ema": ema_sd, "opt": _optimizer_state(train_model, opt, cfg, info),
               "step": step, "config": cfg.to_dict(), "extra": {"nonfinite_total": nonfinite_total}}
         normalizer = getattr(dataset.inner, "normalizer", None)  # fields: samples go back to physical units
         if normalizer is not None:

@@ -1,0 +1,176 @@
+"""bf16 weights with float32 master copies (``train.bf16_weights``): the end of a training step in
+three passes over flat buffers instead of six over ~1,450 tensors.
+
+Under bf16 autocast the linears and convolutions compute with bf16 copies of their float32 weights:
+autocast casts every weight on every forward (read 4 bytes, write 2), and each bf16 weight gradient
+is cast back to float32 (read 2, write 4).  Then the gradient norm reads 4 bytes, fused AdamW 28
+and the EMA 12: 56 bytes per parameter per step.  Here those layers hold their weights in bf16 —
+the very numbers autocast would have made — and the optimizer keeps the float32 master weights,
+moments and EMA in flat buffers.  A step copies the gradients into one flat buffer (4 bytes), takes
+its sum of squares (2) and runs one kernel for AdamW, the EMA and the new bf16 weights (36): 42
+bytes.  For DiT-XL/2 (675 M parameters) that is 9.5 GB less traffic per step.
+
+What the model computes is unchanged: the same bf16 weights, the same bf16 gradients (their
+float32 cast is exact), AdamW and the EMA in float32 on the master weights.  Parameters autocast
+does not cast (embedding tables, norms' affine weights) stay float32 and are updated by the same
+kernel from a float32 flat buffer.  Checkpoints hold the float32 master weights and torch AdamW's
+state layout, so runs move freely between this and the plain optimizer.
+
+One process, one micro-batch per step: bf16 gradients are not summed over micro-batches or
+processes here (that would round where the plain path adds in float32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ditkit.models.module_swap import AUTOCAST_CAST
+from ditkit.train import master_kernels
+from ditkit.train.adamw_ema import clip_coefficient
+
+
+@dataclass
+class FlatGroup:
+    """Parameters laid end to end: ``master`` (float32), the moments and the EMA, each one flat tensor.
+    With ``weights`` (bf16) the model's parameters are views of it; without, views of ``master``."""
+    params: list[nn.Parameter]
+    names: list[str]
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    ema: torch.Tensor
+    weights: torch.Tensor | None
+    grads: torch.Tensor
+    grad_views: list[torch.Tensor]
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` cut into the parameters' shapes."""
+        out, start = [], 0
+        for p in self.params:
+            out.append(flat[start:start + p.numel()].view(p.shape))
+            start += p.numel()
+        return out
+
+
+def _flat_group(named: list[tuple[str, nn.Parameter]], ema_params: list[nn.Parameter], low: torch.dtype | None) -> FlatGroup:
+    params = [p for _, p in named]
+    device = params[0].device
+    master = torch.cat([p.detach().reshape(-1).float() for p in params])
+    ema = torch.cat([e.detach().reshape(-1).float() for e in ema_params])
+    weights = master.to(low) if low is not None else None
+    group = FlatGroup(params, [n for n, _ in named], master, torch.zeros_like(master), torch.zeros_like(master), ema,
+                      weights, torch.empty(master.numel(), device=device, dtype=low or torch.float32), [])
+    for p, view in zip(params, group.views(weights if weights is not None else master)):
+        p.data = view  # the model now computes with (and autograd writes gradients for) these
+    for e, view in zip(ema_params, group.views(ema)):
+        e.data = view  # the EMA model reads its weights from the flat buffer the kernel updates
+    group.grad_views = group.views(group.grads)
+    return group
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW on float32 master weights with the EMA update, for a model whose autocast-cast layers
+    (``AUTOCAST_CAST``) now hold bf16 weights.  ``step`` also clips (``max_norm`` > 0), skips a
+    non-finite step on the device and updates ``ema``; it returns the gradient norm (no host sync).
+    Set ``ema_decay`` before each step."""
+
+    def __init__(self, model: nn.Module, ema: nn.Module, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, max_norm: float = 0.0, dtype: torch.dtype = torch.bfloat16):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("MasterWeightAdamW: the model has no trainable parameters")
+        if any(p.dtype != torch.float32 for _, p in named):
+            raise ValueError("MasterWeightAdamW: the model's trainable parameters must start in float32")
+        ema_named = dict(ema.named_parameters())
+        missing = [n for n, _ in named if n not in ema_named]
+        if missing:
+            raise ValueError(f"MasterWeightAdamW: the EMA model has no parameter {missing[0]!r}")
+        super().__init__([p for _, p in named], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        cast = {id(p) for m in model.modules() if isinstance(m, AUTOCAST_CAST) for p in m.parameters(recurse=False)}
+        self.groups = []
+        for low in (dtype, None):
+            part = [(n, p) for n, p in named if (id(p) in cast) == (low is not None)]
+            if part:
+                self.groups.append(_flat_group(part, [ema_named[n] for n, _ in part], low))
+        self.order = [p for _, p in named]  # torch AdamW's parameter order, for the state dict
+        self.max_norm = max_norm
+        self.ema_decay = 0.9999
+        self.step_count = torch.zeros((), device=self.groups[0].master.device)
+
+    def _scalars(self, norm: torch.Tensor) -> torch.Tensor:
+        """master_kernels.SCALARS for this step, on the device; advances the step count unless skipped."""
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        ok = torch.isfinite(norm)
+        keep = ok.float()
+        self.step_count += keep
+        clip = torch.where(ok, clip_coefficient(norm, self.max_norm), torch.zeros_like(norm))
+        lr = torch.full((), group["lr"], device=norm.device)
+        return torch.stack([clip, keep, lr * group["weight_decay"], lr / (1 - beta1 ** self.step_count),
+                            torch.sqrt(1 - beta2 ** self.step_count), torch.full_like(lr, 1 - self.ema_decay)])
+
+    @torch.no_grad()
+    def step(self, closure=None) -> torch.Tensor:  # noqa: D102 - see the class
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        if len(self.param_groups) != 1:
+            raise ValueError("MasterWeightAdamW supports one parameter group")
+        for g in self.groups:
+            if any(p.grad is None for p in g.params):
+                name = g.names[next(i for i, p in enumerate(g.params) if p.grad is None)]
+                raise RuntimeError(f"MasterWeightAdamW: {name} has no gradient (a module unused in the forward?)")
+            torch._foreach_copy_(g.grad_views, [p.grad for p in g.params])
+        on_gpu = master_kernels.triton is not None and self.groups[0].master.is_cuda
+        sum_squares = master_kernels.sum_squares_triton if on_gpu else master_kernels.sum_squares_reference
+        update = master_kernels.adamw_ema_triton if on_gpu else master_kernels.adamw_ema_reference
+        norm = torch.stack([sum_squares(g.grads) for g in self.groups]).sum().sqrt()
+        scalars = self._scalars(norm)
+        beta1, beta2 = self.param_groups[0]["betas"]
+        for g in self.groups:
+            update(g.grads, g.master, g.exp_avg, g.exp_avg_sq, g.ema, g.weights, scalars, beta1, beta2,
+                   self.param_groups[0]["eps"])
+        return norm
+
+    def _flat_views(self, field: str) -> dict[int, torch.Tensor]:
+        """id(parameter) -> its slice of each group's ``field`` buffer."""
+        return {id(p): v for g in self.groups for p, v in zip(g.params, g.views(getattr(g, field)))}
+
+    def master_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s state dict (on the CPU) with the float32 master weights in place of the bf16 ones."""
+        master = self._flat_views("master")
+        names = {n: id(p) for n, p in model.named_parameters()}
+        return {k: (master[names[k]] if names.get(k) in master else v).detach().cpu() for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        """torch.optim.AdamW's layout (per parameter: step, exp_avg, exp_avg_sq), views of the flat buffers."""
+        m, v = self._flat_views("exp_avg"), self._flat_views("exp_avg_sq")
+        group = {k: val for k, val in self.param_groups[0].items() if k != "params"}
+        state = {i: {"step": self.step_count.clone(), "exp_avg": m[id(p)], "exp_avg_sq": v[id(p)]}
+                 for i, p in enumerate(self.order)} if self.step_count.item() > 0 else {}
+        return {"state": state, "param_groups": [{**group, "params": list(range(len(self.order)))}]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """From this class's or torch AdamW's state dict (one group, the same parameters)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.order):
+            raise ValueError(f"optimizer state: expected one group of {len(self.order)} parameters, got "
+                             f"{[len(g['params']) for g in groups]}")
+        m, v = self._flat_views("exp_avg"), self._flat_views("exp_avg_sq")
+        state = state_dict["state"]
+        steps = set()
+        for i, p in zip(groups[0]["params"], self.order) if state else ():  # no state: saved before the first step
+            saved = state.get(i)
+            if saved is None:
+                raise ValueError(f"optimizer state: no state for parameter {i}")
+            for key, flat in (("exp_avg", m), ("exp_avg_sq", v)):
+                if saved[key].shape != p.shape:
+                    raise ValueError(f"optimizer state: parameter {i}'s {key} has shape {tuple(saved[key].shape)}, "
+                                     f"the model's {tuple(p.shape)}")
+                flat[id(p)].copy_(saved[key])
+            steps.add(float(saved["step"]))
+        if len(steps) > 1:
+            raise ValueError(f"optimizer state: the parameters' step counts differ ({sorted(steps)})")
+        self.step_count.fill_(steps.pop() if steps else 0.0)
+        self.param_groups[0].update({k: val for k, val in groups[0].items() if k != "params"})

@@ -1,0 +1,186 @@
+"""bf16 weights with float32 masters (ditkit.train.master_weights) against torch: the flat kernels
+against their torch equations (Triton's interpreter on the CPU), and the optimizer against
+torch.optim.AdamW + clip_grad_norm_ + found_inf + a foreach EMA on the same model under autocast."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ditkit.train import master_kernels
+from ditkit.train.master_weights import MasterWeightAdamW
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: compiled on a GPU, else Triton's interpreter
+
+
+def _flat_state(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    master = torch.randn(n, generator=gen)
+    state = {"grads": (torch.randn(n, generator=gen) * 3).bfloat16(), "master": master,
+             "exp_avg": torch.randn(n, generator=gen) * 0.1, "exp_avg_sq": torch.rand(n, generator=gen) * 0.01,
+             "ema": master + 0.01 * torch.randn(n, generator=gen), "weights": master.bfloat16()}
+    return {k: v.to(DEVICE) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("keep, with_weights", [(1.0, True), (1.0, False), (0.0, True)])
+def test_update_kernel_matches_its_equations(keep, with_weights):
+    pytest.importorskip("triton")
+    n = 3 * master_kernels.UPDATE_BLOCK + 77  # a ragged last block
+    scalars = torch.tensor([0.37, keep, 1e-3 * 0.05, 1e-3 / (1 - 0.9 ** 3), (1 - 0.999 ** 3) ** 0.5, 1e-2], device=DEVICE)
+    ref, got = _flat_state(n), _flat_state(n)
+    if not with_weights:
+        ref["weights"] = got["weights"] = None
+        ref["grads"], got["grads"] = ref["grads"].float(), got["grads"].float()
+    before = copy.deepcopy(ref)
+    master_kernels.adamw_ema_reference(*ref.values(), scalars, 0.9, 0.999, 1e-8)
+    master_kernels.adamw_ema_triton(*got.values(), scalars, 0.9, 0.999, 1e-8)
+    for key in ("master", "exp_avg", "exp_avg_sq", "ema"):
+        torch.testing.assert_close(got[key], ref[key], rtol=2e-6, atol=1e-9, msg=key)
+    if with_weights and DEVICE == "cuda":  # the model's weight is the master rounded to nearest, as autocast casts it
+        assert torch.equal(got["weights"], got["master"].bfloat16())
+    elif with_weights:  # Triton's interpreter rounds float32 -> bf16 toward zero: one bf16 step
+        torch.testing.assert_close(got["weights"].float(), ref["weights"].float(), rtol=2 ** -7, atol=0)
+    if keep:
+        assert not torch.equal(ref["master"], before["master"])
+    else:  # a skipped step: only the EMA moves
+        for key in ("master", "exp_avg", "exp_avg_sq", "weights"):
+            assert torch.equal(got[key], before[key]), key
+        assert not torch.equal(got["ema"], before["ema"])
+
+
+def test_sum_squares_kernel():
+    pytest.importorskip("triton")
+    x = (torch.randn(2 * master_kernels.SUM_BLOCK + 5) * 4).bfloat16().to(DEVICE)
+    torch.testing.assert_close(master_kernels.sum_squares_triton(x), x.double().square().sum().float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(master_kernels.sum_squares_reference(x), x.double().square().sum().float(), rtol=1e-5, atol=0)
+
+
+class _Net(nn.Module):
+    """Linear layers (bf16 under autocast) and an embedding table (float32 under autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(4, 8)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 3)
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+
+    def forward(self, x, y):
+        return self.fc2(nn.functional.gelu(self.fc1(x + self.table(y)), approximate="tanh")) * self.frozen
+
+
+def _loss(net, x, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return net(x, y).float().square().mean()
+
+
+def _run_pair(clip: float, weight_decay: float, steps: int, nan_at: int | None = None):
+    """The bf16-weight model trains; torch's AdamW steps a float32 copy on the same gradients (their
+    exact float32 cast), so the two differ only by the optimizers' rounding."""
+    torch.manual_seed(0)
+    ref = _Net()
+    net = copy.deepcopy(ref)
+    ref_ema, ema = copy.deepcopy(ref), copy.deepcopy(ref)
+    trained = [p for p in ref.parameters() if p.requires_grad]
+    ref_opt = torch.optim.AdamW(trained, lr=1e-2, weight_decay=weight_decay)
+    opt = MasterWeightAdamW(net, ema, lr=1e-2, weight_decay=weight_decay, max_norm=clip)
+    gen = torch.Generator().manual_seed(1)
+    norms = []
+    for step in range(steps):
+        x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 4, (64,), generator=gen)
+        _loss(net, x, y).backward()
+        if step == nan_at:
+            net.fc1.weight.grad[0, 0] = float("nan")
+        for p, q in zip(trained, [q for q in net.parameters() if q.requires_grad]):
+            p.grad = q.grad.to(torch.float32, copy=True)  # clip_grad_norm_ scales it in place
+        lr = 1e-2 * min(1.0, (step + 1) / 5)
+        decay = min(0.99, (1 + step) / (10 + step))
+        ref_opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"] = lr
+        norm = torch.nn.utils.clip_grad_norm_(trained, clip if clip > 0 else float("inf"))
+        if torch.isfinite(norm):  # found_inf's skip, as the fused CUDA AdamW does it
+            ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ref_ema.parameters()), list(ref.parameters()), 1 - decay)
+        opt.ema_decay = decay
+        norms.append((norm, opt.step()))
+        opt.zero_grad(set_to_none=True)
+    return (ref, ref_ema, ref_opt), (net, ema, opt), norms
+
+
+def _assert_close_to_reference(ref, ref_ema, net, ema, opt):
+    master = opt.master_state_dict(net)
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(master[name], p, rtol=1e-5, atol=1e-6, msg=name)  # ≤ 1 float32 step per update
+        assert master[name].dtype == torch.float32
+    for (name, p), q in zip(ref_ema.named_parameters(), ema.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"ema.{name}")
+
+
+def test_bf16_weights_compute_what_autocast_computes():
+    """After some steps, a float32 model holding the master weights, run under autocast, gives the
+    bf16-weight model's loss and gradients bit for bit: autocast's casts are the stored weights."""
+    _, (net, _, opt), _ = _run_pair(0.0, 0.0, steps=4)
+    plain = _Net()
+    plain.load_state_dict(opt.master_state_dict(net))
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    a, b = _loss(plain, x, y), _loss(net, x, y)
+    a.backward()
+    b.backward()
+    assert torch.equal(a, b)
+    for (name, p), q in zip(plain.named_parameters(), net.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad.float()), name
+    assert torch.equal(net.fc1.weight, opt.master_state_dict(net)["fc1.weight"].bfloat16())
+
+
+@pytest.mark.parametrize("clip, weight_decay", [(0.0, 0.0), (0.1, 0.1)])
+def test_matches_torch_adamw_clip_and_ema_under_autocast(clip, weight_decay):
+    (ref, ref_ema, ref_opt), (net, ema, opt), norms = _run_pair(clip, weight_decay, steps=12)
+    assert net.fc1.weight.dtype == net.fc2.bias.dtype == torch.bfloat16  # what autocast computed with
+    assert net.table.weight.dtype == net.frozen.dtype == torch.float32  # what autocast leaves in float32
+    for expected, got in norms:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    _assert_close_to_reference(ref, ref_ema, net, ema, opt)
+    if clip:
+        assert max(e.item() for e, _ in norms) > clip
+
+
+def test_nonfinite_gradient_skips_the_update_but_not_the_ema():
+    (ref, ref_ema, ref_opt), (net, ema, opt), norms = _run_pair(0.5, 0.0, steps=6, nan_at=3)
+    assert not torch.isfinite(norms[3][1])
+    assert opt.step_count.item() == 5
+    assert all(torch.isfinite(p).all() for p in [*net.parameters(), *ema.parameters()])
+    _assert_close_to_reference(ref, ref_ema, net, ema, opt)
+
+
+def test_state_dict_moves_to_torch_adamw_and_back():
+    (ref, _, ref_opt), (net, ema, opt), _ = _run_pair(0.0, 0.0, steps=3)
+    saved = opt.state_dict()
+    plain_net = _Net()
+    plain_net.load_state_dict(opt.master_state_dict(net))
+    plain = torch.optim.AdamW([p for p in plain_net.parameters() if p.requires_grad], lr=1e-2)
+    plain.load_state_dict(saved)
+    for i, p in enumerate(ref_opt.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(plain.state[plain.param_groups[0]["params"][i]][key], ref_opt.state[p][key],
+                                       rtol=1e-3, atol=1e-7)
+    torch.manual_seed(0)
+    fresh = _Net()
+    again = MasterWeightAdamW(fresh, copy.deepcopy(fresh), lr=1e-2)
+    again.load_state_dict(plain.state_dict())
+    assert again.step_count.item() == 3
+    for key in ("exp_avg", "exp_avg_sq"):
+        for a, b in zip(again._flat_views(key).values(), opt._flat_views(key).values()):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="expected one group of 5 parameters"):
+        again.load_state_dict({"state": {}, "param_groups": [{"params": [0, 1]}]})
+
+
+def test_missing_gradient_names_the_parameter():
+    torch.manual_seed(0)
+    net = _Net()
+    opt = MasterWeightAdamW(net, copy.deepcopy(net))
+    _loss(net, torch.randn(4, 8), torch.zeros(4, dtype=torch.long)).backward()
+    net.fc2.bias.grad = None
+    with pytest.raises(RuntimeError, match="fc2.bias has no gradient"):
+        opt.step()
