@@ -35,7 +35,8 @@ def test_update_kernel_matches_its_equations(keep, with_weights):
     master_kernels.adamw_ema_reference(*ref.values(), scalars, 0.9, 0.999, 1e-8)
     master_kernels.adamw_ema_triton(*got.values(), scalars, 0.9, 0.999, 1e-8)
     for key in ("master", "exp_avg", "exp_avg_sq", "ema"):
-        torch.testing.assert_close(got[key], ref[key], rtol=2e-6, atol=1e-9, msg=key)
+        # a GPU contracts a·b + c into one rounding (FMA): one float32 step of the operands where terms cancel
+        torch.testing.assert_close(got[key], ref[key], rtol=2e-6, atol=2e-7 * ref[key].abs().max().item(), msg=key)
     if with_weights and DEVICE == "cuda":  # the model's weight is the master rounded to nearest, as autocast casts it
         assert torch.equal(got["weights"], got["master"].bfloat16())
     elif with_weights:  # Triton's interpreter rounds float32 -> bf16 toward zero: one bf16 step

@@ -9,7 +9,8 @@ Per element, with ĝ = c·g (c the clip coefficient) and the step count s alread
 A skipped step (a non-finite gradient norm) leaves p, m, v and w unchanged; the EMA still moves
 toward p, as in the trainer's other paths.
 
-The per-step numbers (c, the skip flag, lr·λ, lr / (1 − β₁ˢ), √(1 − β₂ˢ), 1 − decay) come in one
+1 − β₁ and 1 − β₂ are taken in double precision and then rounded (float32 1 − β₂ would be 1.3e-5 off
+for β₂ = 0.999), as torch's AdamW does.  The per-step numbers (c, the skip flag, lr·λ, lr / (1 − β₁ˢ), √(1 − β₂ˢ), 1 − decay) come in one
 small float32 device tensor, ``SCALARS``, so nothing here waits for the host and a new learning rate
 is a new value, not a new kernel.  Everything is one pass: read g (bf16), p, m, v, θ_ema; write p,
 m, v, w, θ_ema — 36 bytes per parameter, at the memory's speed.
@@ -60,15 +61,15 @@ if triton is not None:
         tl.store(out_ptr + tl.program_id(0), tl.sum(x * x, axis=0))
 
     @triton.jit
-    def _adamw_ema_kernel(g_ptr, p_ptr, m_ptr, v_ptr, e_ptr, w_ptr, s_ptr, n, beta1, beta2, eps,
-                          HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    def _adamw_ema_kernel(g_ptr, p_ptr, m_ptr, v_ptr, e_ptr, w_ptr, s_ptr, n, beta1, one_minus_beta1, beta2,
+                          one_minus_beta2, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         if tl.load(s_ptr + 1) != 0:  # not a skipped step
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(s_ptr)
-            m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + (1 - beta1) * g
-            v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + (1 - beta2) * g * g
+            m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + one_minus_beta1 * g
+            v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + one_minus_beta2 * g * g
             p = p - tl.load(s_ptr + 2) * p
             denom = tl.div_rn(tl.sqrt_rn(v), tl.load(s_ptr + 4)) + eps
             p = p - tl.load(s_ptr + 3) * tl.div_rn(m, denom)
@@ -95,4 +96,4 @@ def adamw_ema_triton(grads, master, exp_avg, exp_avg_sq, ema, weights, scalars, 
     n = master.numel()
     _adamw_ema_kernel[(triton.cdiv(n, UPDATE_BLOCK),)](
         grads, master, exp_avg, exp_avg_sq, ema, weights if weights is not None else master, scalars, n,
-        beta1, beta2, eps, HAS_W=weights is not None, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS)
+        beta1, 1 - beta1, beta2, 1 - beta2, eps, HAS_W=weights is not None, BLOCK=UPDATE_BLOCK, num_warps=UPDATE_WARPS)
