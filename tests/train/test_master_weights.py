@@ -13,30 +13,36 @@ from ditkit.train.master_weights import MasterWeightAdamW
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: compiled on a GPU, else Triton's interpreter
 
 
-def _flat_state(n: int, seed: int = 0):
+SIZES = [3 * master_kernels.BLOCK + 77, 5, master_kernels.BLOCK, 300]  # ragged, tiny and exact blocks
+
+
+def _flat_state(grad_dtype: torch.dtype, seed: int = 0):
+    """Per-parameter gradients (one of them a transposed view) and flat float32 state."""
     gen = torch.Generator().manual_seed(seed)
+    n = sum(SIZES)
     master = torch.randn(n, generator=gen)
-    state = {"grads": (torch.randn(n, generator=gen) * 3).bfloat16(), "master": master,
-             "exp_avg": torch.randn(n, generator=gen) * 0.1, "exp_avg_sq": torch.rand(n, generator=gen) * 0.01,
-             "ema": master + 0.01 * torch.randn(n, generator=gen), "weights": master.bfloat16()}
-    return {k: v.to(DEVICE) for k, v in state.items()}
+    grads = [(torch.randn(k, generator=gen) * 3).to(grad_dtype).to(DEVICE) for k in SIZES]
+    grads[-1] = grads[-1].view(20, 15).t()  # not contiguous: read through a contiguous copy
+    state = {"master": master, "exp_avg": torch.randn(n, generator=gen) * 0.1,
+             "exp_avg_sq": torch.rand(n, generator=gen) * 0.01, "ema": master + 0.01 * torch.randn(n, generator=gen),
+             "weights": master.bfloat16() if grad_dtype == torch.bfloat16 else None}
+    return grads, {k: (v.to(DEVICE) if v is not None else None) for k, v in state.items()}
 
 
-@pytest.mark.parametrize("keep, with_weights", [(1.0, True), (1.0, False), (0.0, True)])
-def test_update_kernel_matches_its_equations(keep, with_weights):
+@pytest.mark.parametrize("keep, grad_dtype", [(1.0, torch.bfloat16), (1.0, torch.float32), (0.0, torch.bfloat16)])
+def test_update_kernel_matches_its_equations(keep, grad_dtype):
     pytest.importorskip("triton")
-    n = 3 * master_kernels.UPDATE_BLOCK + 77  # a ragged last block
     scalars = torch.tensor([0.37, keep, 1e-3 * 0.05, 1e-3 / (1 - 0.9 ** 3), (1 - 0.999 ** 3) ** 0.5, 1e-2], device=DEVICE)
-    ref, got = _flat_state(n), _flat_state(n)
-    if not with_weights:
-        ref["weights"] = got["weights"] = None
-        ref["grads"], got["grads"] = ref["grads"].float(), got["grads"].float()
+    grads, ref = _flat_state(grad_dtype)
+    got = copy.deepcopy(ref)
     before = copy.deepcopy(ref)
-    master_kernels.adamw_ema_reference(*ref.values(), scalars, 0.9, 0.999, 1e-8)
-    master_kernels.adamw_ema_triton(*got.values(), scalars, 0.9, 0.999, 1e-8)
+    layout = master_kernels.flat_layout([g.numel() for g in grads], torch.device(DEVICE))
+    master_kernels.adamw_ema_reference(grads, *ref.values(), scalars, 0.9, 0.999, 1e-8)
+    master_kernels.adamw_ema_triton(grads, layout, *got.values(), scalars, 0.9, 0.999, 1e-8)
     for key in ("master", "exp_avg", "exp_avg_sq", "ema"):
         # a GPU contracts a·b + c into one rounding (FMA): one float32 step of the operands where terms cancel
         torch.testing.assert_close(got[key], ref[key], rtol=2e-6, atol=2e-7 * ref[key].abs().max().item(), msg=key)
+    with_weights = grad_dtype == torch.bfloat16
     if with_weights and DEVICE == "cuda":  # the model's weight is the master rounded to nearest, as autocast casts it
         assert torch.equal(got["weights"], got["master"].bfloat16())
     elif with_weights:  # Triton's interpreter rounds float32 -> bf16 toward zero: one bf16 step
@@ -51,9 +57,11 @@ def test_update_kernel_matches_its_equations(keep, with_weights):
 
 def test_sum_squares_kernel():
     pytest.importorskip("triton")
-    x = (torch.randn(2 * master_kernels.SUM_BLOCK + 5) * 4).bfloat16().to(DEVICE)
-    torch.testing.assert_close(master_kernels.sum_squares_triton(x), x.double().square().sum().float(), rtol=1e-5, atol=0)
-    torch.testing.assert_close(master_kernels.sum_squares_reference(x), x.double().square().sum().float(), rtol=1e-5, atol=0)
+    grads, _ = _flat_state(torch.bfloat16)
+    layout = master_kernels.flat_layout([g.numel() for g in grads], torch.device(DEVICE))
+    exact = sum(g.double().square().sum() for g in grads).float()
+    torch.testing.assert_close(master_kernels.sum_squares_triton(grads, layout), exact, rtol=1e-5, atol=0)
+    torch.testing.assert_close(master_kernels.sum_squares_reference(grads), exact, rtol=1e-5, atol=0)
 
 
 class _Net(nn.Module):
