@@ -155,7 +155,7 @@ KERNEL_CLASSES = (  # first match wins; names of cuBLAS/CUTLASS GEMMs, SDPA kern
     ("adaLN norm (ditkit.models.norm_kernels)", ("adaln_norm",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),  # before gemm: flash kernels' names mention cutlass
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem")),  # triton_tem: max-autotune's GEMM templates
-    ("optimizer/ema/norm", ("multi_tensor", "foreach", "adam", "lerp")),
+    ("optimizer/ema/norm", ("multi_tensor", "foreach", "adam", "lerp", "sum_squares")),
     ("triton (fused by compile)", ("triton",)),
     ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "layer_norm", "softmax", "cat", "copy", "fill")),
 )

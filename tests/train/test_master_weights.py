@@ -17,36 +17,50 @@ SIZES = [3 * master_kernels.BLOCK + 77, 5, master_kernels.BLOCK, 300]  # ragged,
 
 
 def _flat_state(grad_dtype: torch.dtype, seed: int = 0):
-    """Per-parameter gradients (one of them a transposed view) and flat float32 state."""
+    """Per-parameter gradients (one of them a transposed view), their layout and flat float32 state."""
     gen = torch.Generator().manual_seed(seed)
-    n = sum(SIZES)
+    layout = master_kernels.flat_layout(SIZES, torch.device(DEVICE))
+    n = layout.size
     master = torch.randn(n, generator=gen)
     grads = [(torch.randn(k, generator=gen) * 3).to(grad_dtype).to(DEVICE) for k in SIZES]
     grads[-1] = grads[-1].view(20, 15).t()  # not contiguous: read through a contiguous copy
     state = {"master": master, "exp_avg": torch.randn(n, generator=gen) * 0.1,
-             "exp_avg_sq": torch.rand(n, generator=gen) * 0.01, "ema": master + 0.01 * torch.randn(n, generator=gen),
-             "weights": master.bfloat16() if grad_dtype == torch.bfloat16 else None}
-    return grads, {k: (v.to(DEVICE) if v is not None else None) for k, v in state.items()}
+             "exp_avg_sq": torch.rand(n, generator=gen) * 0.01, "ema": master + 0.01 * torch.randn(n, generator=gen)}
+    pad = torch.ones(n, dtype=torch.bool)
+    for start, k in zip(layout.offsets, SIZES):
+        pad[start:start + k] = False
+    for v in state.values():
+        v[pad] = 0  # as MasterWeightAdamW's buffers: zeros between parameters
+    state["weights"] = master.bfloat16() if grad_dtype == torch.bfloat16 else None
+    return grads, layout, {k: (v.to(DEVICE) if v is not None else None) for k, v in state.items()}
+
+
+def test_layout_pads_every_parameter_to_256_bytes():
+    layout = master_kernels.flat_layout(SIZES, torch.device("cpu"))
+    assert layout.offsets == [0, 3200, 3328, 4352] and layout.size == 4736
+    assert all(o % master_kernels.ALIGN == 0 for o in layout.offsets)
+    assert layout.block_param.tolist() == [0, 0, 0, 0, 1, 2, 3]  # a block never straddles two parameters
 
 
 @pytest.mark.parametrize("keep, grad_dtype", [(1.0, torch.bfloat16), (1.0, torch.float32), (0.0, torch.bfloat16)])
 def test_update_kernel_matches_its_equations(keep, grad_dtype):
     pytest.importorskip("triton")
     scalars = torch.tensor([0.37, keep, 1e-3 * 0.05, 1e-3 / (1 - 0.9 ** 3), (1 - 0.999 ** 3) ** 0.5, 1e-2], device=DEVICE)
-    grads, ref = _flat_state(grad_dtype)
+    grads, layout, ref = _flat_state(grad_dtype)
     got = copy.deepcopy(ref)
     before = copy.deepcopy(ref)
-    layout = master_kernels.flat_layout([g.numel() for g in grads], torch.device(DEVICE))
-    master_kernels.adamw_ema_reference(grads, *ref.values(), scalars, 0.9, 0.999, 1e-8)
-    master_kernels.adamw_ema_triton(grads, layout, *got.values(), scalars, 0.9, 0.999, 1e-8)
+    master_kernels.adamw_ema_reference(grads, layout, *ref.values(), scalars, 0.9, 0.999, 1e-8)
+    table, _ = master_kernels.pointer_table(grads, torch.device(DEVICE))
+    master_kernels.adamw_ema_triton(table, grad_dtype, layout, *got.values(), scalars, 0.9, 0.999, 1e-8)
     for key in ("master", "exp_avg", "exp_avg_sq", "ema"):
         # a GPU contracts a·b + c into one rounding (FMA): one float32 step of the operands where terms cancel
         torch.testing.assert_close(got[key], ref[key], rtol=2e-6, atol=2e-7 * ref[key].abs().max().item(), msg=key)
-    with_weights = grad_dtype == torch.bfloat16
-    if with_weights and DEVICE == "cuda":  # the model's weight is the master rounded to nearest, as autocast casts it
+    if grad_dtype == torch.bfloat16:  # the model's weight is the master rounded to nearest even, as autocast casts it
         assert torch.equal(got["weights"], got["master"].bfloat16())
-    elif with_weights:  # Triton's interpreter rounds float32 -> bf16 toward zero: one bf16 step
-        torch.testing.assert_close(got["weights"].float(), ref["weights"].float(), rtol=2 ** -7, atol=0)
+    pad = torch.ones(layout.size, dtype=torch.bool, device=DEVICE)
+    for start, k in zip(layout.offsets, SIZES):
+        pad[start:start + k] = False
+    assert torch.equal(got["master"][pad], before["master"][pad])  # the padding is never written
     if keep:
         assert not torch.equal(ref["master"], before["master"])
     else:  # a skipped step: only the EMA moves
@@ -57,11 +71,11 @@ def test_update_kernel_matches_its_equations(keep, grad_dtype):
 
 def test_sum_squares_kernel():
     pytest.importorskip("triton")
-    grads, _ = _flat_state(torch.bfloat16)
-    layout = master_kernels.flat_layout([g.numel() for g in grads], torch.device(DEVICE))
+    grads, layout, _ = _flat_state(torch.bfloat16)
     exact = sum(g.double().square().sum() for g in grads).float()
-    torch.testing.assert_close(master_kernels.sum_squares_triton(grads, layout), exact, rtol=1e-5, atol=0)
-    torch.testing.assert_close(master_kernels.sum_squares_reference(grads), exact, rtol=1e-5, atol=0)
+    table, _ = master_kernels.pointer_table(grads, torch.device(DEVICE))
+    torch.testing.assert_close(master_kernels.sum_squares_triton(table, torch.bfloat16, layout), exact, rtol=1e-5, atol=0)
+    torch.testing.assert_close(master_kernels.sum_squares_reference(grads, layout), exact, rtol=1e-5, atol=0)
 
 
 class _Net(nn.Module):
@@ -78,7 +92,7 @@ class _Net(nn.Module):
 
 
 def _loss(net, x, y):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         return net(x, y).float().square().mean()
 
 
@@ -86,7 +100,7 @@ def _run_pair(clip: float, weight_decay: float, steps: int, nan_at: int | None =
     """The bf16-weight model trains; torch's AdamW steps a float32 copy on the same gradients (their
     exact float32 cast), so the two differ only by the optimizers' rounding."""
     torch.manual_seed(0)
-    ref = _Net()
+    ref = _Net().to(DEVICE)
     net = copy.deepcopy(ref)
     ref_ema, ema = copy.deepcopy(ref), copy.deepcopy(ref)
     trained = [p for p in ref.parameters() if p.requires_grad]
@@ -95,7 +109,7 @@ def _run_pair(clip: float, weight_decay: float, steps: int, nan_at: int | None =
     gen = torch.Generator().manual_seed(1)
     norms = []
     for step in range(steps):
-        x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 4, (64,), generator=gen)
+        x, y = torch.randn(64, 8, generator=gen).to(DEVICE), torch.randint(0, 4, (64,), generator=gen).to(DEVICE)
         _loss(net, x, y).backward()
         if step == nan_at:
             net.fc1.weight.grad[0, 0] = float("nan")
@@ -129,9 +143,9 @@ def test_bf16_weights_compute_what_autocast_computes():
     """After some steps, a float32 model holding the master weights, run under autocast, gives the
     bf16-weight model's loss and gradients bit for bit: autocast's casts are the stored weights."""
     _, (net, _, opt), _ = _run_pair(0.0, 0.0, steps=4)
-    plain = _Net()
+    plain = _Net().to(DEVICE)
     plain.load_state_dict(opt.master_state_dict(net))
-    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    x, y = torch.randn(16, 8, device=DEVICE), torch.randint(0, 4, (16,), device=DEVICE)
     a, b = _loss(plain, x, y), _loss(net, x, y)
     a.backward()
     b.backward()
@@ -165,7 +179,7 @@ def test_nonfinite_gradient_skips_the_update_but_not_the_ema():
 def test_state_dict_moves_to_torch_adamw_and_back():
     (ref, _, ref_opt), (net, ema, opt), _ = _run_pair(0.0, 0.0, steps=3)
     saved = opt.state_dict()
-    plain_net = _Net()
+    plain_net = _Net().to(DEVICE)
     plain_net.load_state_dict(opt.master_state_dict(net))
     plain = torch.optim.AdamW([p for p in plain_net.parameters() if p.requires_grad], lr=1e-2)
     plain.load_state_dict(saved)
@@ -174,7 +188,7 @@ def test_state_dict_moves_to_torch_adamw_and_back():
             torch.testing.assert_close(plain.state[plain.param_groups[0]["params"][i]][key], ref_opt.state[p][key],
                                        rtol=1e-3, atol=1e-7)
     torch.manual_seed(0)
-    fresh = _Net()
+    fresh = _Net().to(DEVICE)
     again = MasterWeightAdamW(fresh, copy.deepcopy(fresh), lr=1e-2)
     again.load_state_dict(plain.state_dict())
     assert again.step_count.item() == 3
@@ -183,13 +197,37 @@ def test_state_dict_moves_to_torch_adamw_and_back():
             assert torch.equal(a, b)
     with pytest.raises(ValueError, match="expected one group of 5 parameters"):
         again.load_state_dict({"state": {}, "param_groups": [{"params": [0, 1]}]})
+    again.load_state_dict({"state": {}, "param_groups": [{**saved["param_groups"][0]}]})  # saved before any step
+    assert again.step_count.item() == 0
+    assert all(not g.exp_avg.any() and not g.exp_avg_sq.any() for g in again.groups)
+
+
+def test_weights_are_aligned_and_shared_parameters_checkpoint_in_float32():
+    torch.manual_seed(0)
+    net = _Net().to(DEVICE)
+    net.head = nn.Linear(32, 3)
+    net.head.weight = net.fc2.weight  # one parameter under two names
+    opt = MasterWeightAdamW(net, copy.deepcopy(net))
+    base = opt.groups[0].weights.data_ptr()  # (a CUDA allocation itself starts 512 bytes in)
+    assert all((p.data_ptr() - base) % 256 == 0 for p in net.parameters() if p.dtype == torch.bfloat16)
+    saved = opt.master_state_dict(net)
+    assert saved["head.weight"].dtype == saved["fc2.weight"].dtype == torch.float32
+    assert torch.equal(saved["head.weight"], saved["fc2.weight"])
+
+
+def test_ema_model_must_match():
+    torch.manual_seed(0)
+    net, other = _Net(), _Net()
+    other.fc1 = nn.Linear(8, 16)
+    with pytest.raises(ValueError, match="EMA model's 'fc1.weight' is missing or has another shape"):
+        MasterWeightAdamW(net, other)
 
 
 def test_missing_gradient_names_the_parameter():
     torch.manual_seed(0)
-    net = _Net()
+    net = _Net().to(DEVICE)
     opt = MasterWeightAdamW(net, copy.deepcopy(net))
-    _loss(net, torch.randn(4, 8), torch.zeros(4, dtype=torch.long)).backward()
+    _loss(net, torch.randn(4, 8, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE)).backward()
     net.fc2.bias.grad = None
     with pytest.raises(RuntimeError, match="fc2.bias has no gradient"):
         opt.step()

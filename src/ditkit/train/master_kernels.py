@@ -35,14 +35,18 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
-SCALARS = ("clip", "keep", "lr_wd", "step_size", "bc2_sqrt", "ema_weight")
+SCALARS = ("clip", "keep", "lr_wd", "step_size", "bc2_sqrt", "ema_weight")  # their order in the device tensor
 BLOCK, WARPS = 1024, 4
+ALIGN = 128  # elements: each parameter starts 256 bytes in (bf16), as cuBLASLt's fused epilogues want
 
 
 @dataclass
 class FlatLayout:
-    """Where each parameter sits in the flat buffers (``offset``, ``numel``), and for each block of
-    BLOCK elements the parameter it reads (``block_param``) and where in it (``block_start``)."""
+    """Where each parameter sits in the flat buffers (``offset``, ``numel``; starts padded to ALIGN),
+    and for each block of BLOCK elements the parameter it reads (``block_param``) and where in it
+    (``block_start``).  ``size``: the flat buffers' length."""
+    offsets: list[int]
+    size: int
     offset: torch.Tensor  # (P,) int64
     numel: torch.Tensor  # (P,) int64
     block_param: torch.Tensor  # (B,) int32
@@ -50,11 +54,12 @@ class FlatLayout:
 
 
 def flat_layout(numels: list[int], device: torch.device) -> FlatLayout:
-    offsets = [0]
-    for n in numels[:-1]:
-        offsets.append(offsets[-1] + n)
+    offsets, end = [], 0
+    for n in numels:
+        offsets.append(end)
+        end += -(-n // ALIGN) * ALIGN
     blocks = [(i, s) for i, n in enumerate(numels) for s in range(0, n, BLOCK)]
-    return FlatLayout(torch.tensor(offsets, dtype=torch.int64, device=device),
+    return FlatLayout(offsets, end, torch.tensor(offsets, dtype=torch.int64, device=device),
                       torch.tensor(numels, dtype=torch.int64, device=device),
                       torch.tensor([i for i, _ in blocks], dtype=torch.int32, device=device),
                       torch.tensor([s for _, s in blocks], dtype=torch.int64, device=device))
@@ -71,16 +76,24 @@ def pointer_table(grads: list[torch.Tensor], device: torch.device) -> tuple[torc
     return table, grads
 
 
-def sum_squares_reference(grads: list[torch.Tensor]) -> torch.Tensor:
+def _gathered(grads: list[torch.Tensor], layout: FlatLayout) -> torch.Tensor:
+    """The gradients as one float32 flat tensor in ``layout`` (zeros in the padding)."""
+    flat = torch.zeros(layout.size, device=grads[0].device)
+    for g, start in zip(grads, layout.offsets):
+        flat[start:start + g.numel()] = g.reshape(-1)
+    return flat
+
+
+def sum_squares_reference(grads: list[torch.Tensor], layout: FlatLayout) -> torch.Tensor:
     """Σ g² over all the gradients, in float32 (a 0-d tensor)."""
-    return torch.cat([g.reshape(-1).float() for g in grads]).square().sum()
+    return _gathered(grads, layout).square().sum()
 
 
-def adamw_ema_reference(grads: list[torch.Tensor], master, exp_avg, exp_avg_sq, ema, weights, scalars, beta1: float,
-                        beta2: float, eps: float) -> None:
+def adamw_ema_reference(grads: list[torch.Tensor], layout: FlatLayout, master, exp_avg, exp_avg_sq, ema, weights, scalars,
+                        beta1: float, beta2: float, eps: float) -> None:
     """The update in place on the flat tensors; ``weights`` (the low-precision copy) may be None."""
     clip, keep, lr_wd, step_size, bc2_sqrt, ema_weight = scalars.unbind()
-    g = torch.cat([g.reshape(-1).float() for g in grads]) * clip
+    g = _gathered(grads, layout) * clip
     m = beta1 * exp_avg + (1 - beta1) * g
     v = beta2 * exp_avg_sq + (1 - beta2) * g * g
     p = master - lr_wd * master
@@ -94,6 +107,9 @@ def adamw_ema_reference(grads: list[torch.Tensor], master, exp_avg, exp_avg_sq, 
 
 
 if triton is not None:
+    # a jitted kernel may read module-level names only as constexprs
+    _CLIP, _KEEP, _LR_WD, _STEP_SIZE, _BC2_SQRT, _EMA_WEIGHT = map(tl.constexpr, range(len(SCALARS)))  # SCALARS
+
     @triton.jit
     def _block(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, G_TYPE: tl.constexpr,
                BLOCK: tl.constexpr):
@@ -103,6 +119,14 @@ if triton is not None:
         mask = local < tl.load(numel_ptr + i)
         g_ptrs = tl.load(table_ptr + i).to(tl.pointer_type(G_TYPE)) + local
         return g_ptrs, tl.load(offset_ptr + i) + local, mask
+
+    @triton.jit
+    def _bf16_nearest_even(x):
+        """float32 -> bf16, rounded to nearest even in integer arithmetic: what torch's cast does, and
+        the same in Triton's interpreter (whose own cast truncates).  The masters are finite."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
     def _sum_squares_kernel(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, out_ptr,
@@ -117,20 +141,20 @@ if triton is not None:
                           G_TYPE: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
         g_ptrs, offs, mask = _block(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, G_TYPE, BLOCK)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        if tl.load(s_ptr + 1) != 0:  # not a skipped step
-            g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32) * tl.load(s_ptr)
+        if tl.load(s_ptr + _KEEP) != 0:  # not a skipped step
+            g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32) * tl.load(s_ptr + _CLIP)
             m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + one_minus_beta1 * g
             v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + one_minus_beta2 * g * g
-            p = p - tl.load(s_ptr + 2) * p
-            denom = tl.div_rn(tl.sqrt_rn(v), tl.load(s_ptr + 4)) + eps
-            p = p - tl.load(s_ptr + 3) * tl.div_rn(m, denom)
+            p = p - tl.load(s_ptr + _LR_WD) * p
+            denom = tl.div_rn(tl.sqrt_rn(v), tl.load(s_ptr + _BC2_SQRT)) + eps
+            p = p - tl.load(s_ptr + _STEP_SIZE) * tl.div_rn(m, denom)
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
             tl.store(p_ptr + offs, p, mask=mask)
             if HAS_W:
-                tl.store(w_ptr + offs, p.to(w_ptr.dtype.element_ty), mask=mask)
+                tl.store(w_ptr + offs, _bf16_nearest_even(p), mask=mask)
         e = tl.load(e_ptr + offs, mask=mask, other=0.0)
-        tl.store(e_ptr + offs, e + tl.load(s_ptr + 5) * (p - e), mask=mask)
+        tl.store(e_ptr + offs, e + tl.load(s_ptr + _EMA_WEIGHT) * (p - e), mask=mask)
 
     G_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -139,18 +163,18 @@ def _layout_args(layout: FlatLayout, table: torch.Tensor) -> tuple:
     return table, layout.offset, layout.numel, layout.block_param, layout.block_start
 
 
-def sum_squares_triton(grads: list[torch.Tensor], layout: FlatLayout) -> torch.Tensor:
-    table, keep_alive = pointer_table(grads, layout.offset.device)
+def sum_squares_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: FlatLayout) -> torch.Tensor:
+    """Σ g² of the gradients at the addresses in ``table`` (``pointer_table``)."""
     partials = torch.empty(layout.block_param.numel(), device=layout.offset.device, dtype=torch.float32)
-    _sum_squares_kernel[(partials.numel(),)](*_layout_args(layout, table), partials, G_TYPE=G_TYPES[grads[0].dtype],
+    _sum_squares_kernel[(partials.numel(),)](*_layout_args(layout, table), partials, G_TYPE=G_TYPES[grad_dtype],
                                              BLOCK=BLOCK, num_warps=WARPS)
     return partials.sum()
 
 
-def adamw_ema_triton(grads: list[torch.Tensor], layout: FlatLayout, master, exp_avg, exp_avg_sq, ema, weights, scalars,
-                     beta1: float, beta2: float, eps: float) -> None:
-    table, keep_alive = pointer_table(grads, master.device)
+def adamw_ema_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: FlatLayout, master, exp_avg, exp_avg_sq, ema,
+                     weights, scalars, beta1: float, beta2: float, eps: float) -> None:
+    """``adamw_ema_reference`` for the gradients at the addresses in ``table``; ``weights`` bf16 or None."""
     _adamw_ema_kernel[(layout.block_param.numel(),)](
         *_layout_args(layout, table), master, exp_avg, exp_avg_sq, ema, weights if weights is not None else master,
-        scalars, beta1, 1 - beta1, beta2, 1 - beta2, eps, G_TYPE=G_TYPES[grads[0].dtype], HAS_W=weights is not None,
+        scalars, beta1, 1 - beta1, beta2, 1 - beta2, eps, G_TYPE=G_TYPES[grad_dtype], HAS_W=weights is not None,
         BLOCK=BLOCK, num_warps=WARPS)

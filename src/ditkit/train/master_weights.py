@@ -22,6 +22,8 @@ processes here (that would round where the plain path adds in float32).
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +36,9 @@ from ditkit.train.adamw_ema import clip_coefficient
 
 @dataclass
 class FlatGroup:
-    """Parameters laid end to end: ``master`` (float32), the moments and the EMA, each one flat tensor
-    (``layout``: where each parameter sits).  With ``weights`` (bf16) the model's parameters are views
-    of it; without, views of ``master``."""
+    """Parameters laid end to end (``layout``: where each starts): ``master`` (float32), the moments
+    and the EMA, each one flat tensor.  With ``weights`` (bf16) the model's parameters are views of
+    it; without, views of ``master``."""
     params: list[nn.Parameter]
     names: list[str]
     master: torch.Tensor
@@ -48,26 +50,44 @@ class FlatGroup:
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` cut into the parameters' shapes."""
-        out, start = [], 0
-        for p in self.params:
-            out.append(flat[start:start + p.numel()].view(p.shape))
-            start += p.numel()
-        return out
+        return [flat[start:start + p.numel()].view(p.shape) for p, start in zip(self.params, self.layout.offsets)]
 
 
 def _flat_group(named: list[tuple[str, nn.Parameter]], ema_params: list[nn.Parameter], low: torch.dtype | None) -> FlatGroup:
     params = [p for _, p in named]
-    device = params[0].device
-    master = torch.cat([p.detach().reshape(-1).float() for p in params])
-    ema = torch.cat([e.detach().reshape(-1).float() for e in ema_params])
-    weights = master.to(low) if low is not None else None
-    group = FlatGroup(params, [n for n, _ in named], master, torch.zeros_like(master), torch.zeros_like(master), ema,
-                      weights, master_kernels.flat_layout([p.numel() for p in params], device))
-    for p, view in zip(params, group.views(weights if weights is not None else master)):
+    layout = master_kernels.flat_layout([p.numel() for p in params], params[0].device)
+    zeros = functools.partial(torch.zeros, layout.size, device=params[0].device)
+    group = FlatGroup(params, [n for n, _ in named], zeros(), zeros(), zeros(), zeros(),
+                      zeros(dtype=low) if low is not None else None, layout)
+    for p, e, master, ema in zip(params, ema_params, group.views(group.master), group.views(group.ema)):
+        master.copy_(p.detach())
+        ema.copy_(e.detach())
+    if group.weights is not None:
+        group.weights.copy_(group.master)
+    for p, view in zip(params, group.views(group.weights if group.weights is not None else group.master)):
         p.data = view  # the model now computes with (and autograd writes gradients for) these
-    for e, view in zip(ema_params, group.views(ema)):
+    for e, view in zip(ema_params, group.views(group.ema)):
         e.data = view  # the EMA model reads its weights from the flat buffer the kernel updates
     return group
+
+
+def step_scalars(norm: torch.Tensor, step_count: torch.Tensor, lr: float, betas: tuple[float, float], weight_decay: float,
+                 max_norm: float, ema_decay: float) -> torch.Tensor:
+    """master_kernels.SCALARS for a step, on the device: the clip coefficient (0 when the norm is not
+    finite), the skip flag, lr·λ, lr / (1 − β₁ˢ), √(1 − β₂ˢ) (bias corrections in double precision,
+    as torch's fused AdamW) and 1 − decay; ``step_count`` is s, already advanced."""
+    ok = torch.isfinite(norm)
+    clip = torch.where(ok, clip_coefficient(norm, max_norm), torch.zeros_like(norm))
+    s = step_count.double()
+    bc1, bc2 = 1 - betas[0] ** s, 1 - betas[1] ** s
+    one = torch.ones_like(norm)
+    return torch.stack([clip, ok.float(), one * (lr * weight_decay), (lr / bc1).float(), bc2.sqrt().float(),
+                        one * (1 - ema_decay)])
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    """The Triton kernels on a GPU, or in Triton's interpreter where it is switched on (the tests)."""
+    return master_kernels.triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -77,20 +97,20 @@ class MasterWeightAdamW(torch.optim.AdamW):
     Set ``ema_decay`` before each step."""
 
     def __init__(self, model: nn.Module, ema: nn.Module, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, max_norm: float = 0.0, dtype: torch.dtype = torch.bfloat16):
+                 eps: float = 1e-8, weight_decay: float = 0.0, max_norm: float = 0.0):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("MasterWeightAdamW: the model has no trainable parameters")
         if any(p.dtype != torch.float32 for _, p in named):
             raise ValueError("MasterWeightAdamW: the model's trainable parameters must start in float32")
         ema_named = dict(ema.named_parameters())
-        missing = [n for n, _ in named if n not in ema_named]
-        if missing:
-            raise ValueError(f"MasterWeightAdamW: the EMA model has no parameter {missing[0]!r}")
+        for n, p in named:
+            if n not in ema_named or ema_named[n].shape != p.shape:
+                raise ValueError(f"MasterWeightAdamW: the EMA model's {n!r} is missing or has another shape")
         super().__init__([p for _, p in named], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         cast = {id(p) for m in model.modules() if isinstance(m, AUTOCAST_CAST) for p in m.parameters(recurse=False)}
         self.groups = []
-        for low in (dtype, None):
+        for low in (torch.bfloat16, None):
             part = [(n, p) for n, p in named if (id(p) in cast) == (low is not None)]
             if part:
                 self.groups.append(_flat_group(part, [ema_named[n] for n, _ in part], low))
@@ -98,18 +118,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.max_norm = max_norm
         self.ema_decay = 0.9999
         self.step_count = torch.zeros((), device=self.groups[0].master.device)
-
-    def _scalars(self, norm: torch.Tensor) -> torch.Tensor:
-        """master_kernels.SCALARS for this step, on the device; advances the step count unless skipped."""
-        group = self.param_groups[0]
-        beta1, beta2 = group["betas"]
-        ok = torch.isfinite(norm)
-        keep = ok.float()
-        self.step_count += keep
-        clip = torch.where(ok, clip_coefficient(norm, self.max_norm), torch.zeros_like(norm))
-        lr = torch.full((), group["lr"], device=norm.device)
-        return torch.stack([clip, keep, lr * group["weight_decay"], lr / (1 - beta1 ** self.step_count),
-                            torch.sqrt(1 - beta2 ** self.step_count), torch.full_like(lr, 1 - self.ema_decay)])
 
     @torch.no_grad()
     def step(self, closure=None) -> torch.Tensor:  # noqa: D102 - see the class
@@ -121,21 +129,25 @@ class MasterWeightAdamW(torch.optim.AdamW):
             if any(p.grad is None for p in g.params):
                 name = g.names[next(i for i, p in enumerate(g.params) if p.grad is None)]
                 raise RuntimeError(f"MasterWeightAdamW: {name} has no gradient (a module unused in the forward?)")
+        group = self.param_groups[0]
         grads = [[p.grad for p in g.params] for g in self.groups]
-        beta1, beta2 = self.param_groups[0]["betas"]
-        eps = self.param_groups[0]["eps"]
-        if master_kernels.triton is not None and self.groups[0].master.is_cuda:
-            norm = torch.stack([master_kernels.sum_squares_triton(gr, g.layout) for gr, g in zip(grads, self.groups)]).sum().sqrt()
-            scalars = self._scalars(norm)
-            for gr, g in zip(grads, self.groups):
-                master_kernels.adamw_ema_triton(gr, g.layout, g.master, g.exp_avg, g.exp_avg_sq, g.ema, g.weights, scalars,
-                                                beta1, beta2, eps)
+        kernels = _use_kernels(self.groups[0].master)
+        if kernels:  # each table is built once and kept (with any contiguous copies) until both kernels are queued
+            tables = [master_kernels.pointer_table(gr, g.master.device) for gr, g in zip(grads, self.groups)]
+            sums = [master_kernels.sum_squares_triton(t, gr[0].dtype, g.layout)
+                    for (t, _), gr, g in zip(tables, grads, self.groups)]
         else:
-            norm = torch.stack([master_kernels.sum_squares_reference(gr) for gr in grads]).sum().sqrt()
-            scalars = self._scalars(norm)
-            for gr, g in zip(grads, self.groups):
-                master_kernels.adamw_ema_reference(gr, g.master, g.exp_avg, g.exp_avg_sq, g.ema, g.weights, scalars,
-                                                   beta1, beta2, eps)
+            sums = [master_kernels.sum_squares_reference(gr, g.layout) for gr, g in zip(grads, self.groups)]
+        norm = torch.stack(sums).sum().sqrt()
+        self.step_count += torch.isfinite(norm).float()  # a skipped step is not counted, as in fused AdamW
+        scalars = step_scalars(norm, self.step_count, group["lr"], group["betas"], group["weight_decay"], self.max_norm,
+                               self.ema_decay)
+        for i, g in enumerate(self.groups):
+            state = (g.master, g.exp_avg, g.exp_avg_sq, g.ema, g.weights, scalars, *group["betas"], group["eps"])
+            if kernels:
+                master_kernels.adamw_ema_triton(tables[i][0], grads[i][0].dtype, g.layout, *state)
+            else:
+                master_kernels.adamw_ema_reference(grads[i], g.layout, *state)
         return norm
 
     def _flat_views(self, field: str) -> dict[int, torch.Tensor]:
@@ -143,10 +155,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return {id(p): v for g in self.groups for p, v in zip(g.params, g.views(getattr(g, field)))}
 
     def master_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """``model``'s state dict (on the CPU) with the float32 master weights in place of the bf16 ones."""
+        """``model``'s state dict (on the CPU) with the float32 master weights in place of the bf16 ones
+        (under every name of a parameter shared by two modules)."""
         master = self._flat_views("master")
-        names = {n: id(p) for n, p in model.named_parameters()}
-        return {k: (master[names[k]] if names.get(k) in master else v).detach().cpu() for k, v in model.state_dict().items()}
+        by_name = {n: master[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in master}
+        return {k: by_name.get(k, v).detach().cpu() for k, v in model.state_dict().items()}
 
     def state_dict(self) -> dict:
         """torch.optim.AdamW's layout (per parameter: step, exp_avg, exp_avg_sq), views of the flat buffers."""
@@ -157,15 +170,20 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return {"state": state, "param_groups": [{**group, "params": list(range(len(self.order)))}]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """From this class's or torch AdamW's state dict (one group, the same parameters)."""
+        """From this class's or torch AdamW's state dict (one group, the same parameters); an empty
+        state (saved before the first step) means zero moments and step 0."""
         groups = state_dict["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.order):
             raise ValueError(f"optimizer state: expected one group of {len(self.order)} parameters, got "
                              f"{[len(g['params']) for g in groups]}")
+        for g in self.groups:
+            g.exp_avg.zero_()
+            g.exp_avg_sq.zero_()
         m, v = self._flat_views("exp_avg"), self._flat_views("exp_avg_sq")
         state = state_dict["state"]
+        pairs = list(zip(groups[0]["params"], self.order)) if state else []
         steps = set()
-        for i, p in zip(groups[0]["params"], self.order) if state else ():  # no state: saved before the first step
+        for i, p in pairs:
             saved = state.get(i)
             if saved is None:
                 raise ValueError(f"optimizer state: no state for parameter {i}")
