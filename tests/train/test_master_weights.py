@@ -131,9 +131,9 @@ def _run_pair(clip: float, weight_decay: float, steps: int, nan_at: int | None =
 
 
 def _assert_close_to_reference(ref, ref_ema, net, ema, opt):
-    master = opt.master_state_dict(net)
+    master = opt.master_state_dict(net)  # on the CPU
     for name, p in ref.state_dict().items():
-        torch.testing.assert_close(master[name], p, rtol=1e-5, atol=1e-6, msg=name)  # ≤ 1 float32 step per update
+        torch.testing.assert_close(master[name], p.cpu(), rtol=1e-5, atol=1e-6, msg=name)  # ≤ 1 float32 step per update
         assert master[name].dtype == torch.float32
     for (name, p), q in zip(ref_ema.named_parameters(), ema.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"ema.{name}")
@@ -153,7 +153,7 @@ def test_bf16_weights_compute_what_autocast_computes():
     for (name, p), q in zip(plain.named_parameters(), net.parameters()):
         if p.requires_grad:
             assert torch.equal(p.grad, q.grad.float()), name
-    assert torch.equal(net.fc1.weight, opt.master_state_dict(net)["fc1.weight"].bfloat16())
+    assert torch.equal(net.fc1.weight.cpu(), opt.master_state_dict(net)["fc1.weight"].bfloat16())
 
 
 @pytest.mark.parametrize("clip, weight_decay", [(0.0, 0.0), (0.1, 0.1)])
