@@ -537,6 +537,15 @@ def test_bf16_weights_refuse_what_they_cannot_reproduce(extra, message):
         load_config("digits", overrides=[*TINY, "train.bf16_weights=true", *extra])
 
 
+def test_bf16_weights_refuse_several_processes(tmp_path, monkeypatch):
+    from ditkit.train.distributed import DistInfo
+
+    monkeypatch.setattr(trainer_module, "setup_distributed", lambda device: DistInfo(rank=0, world_size=2))
+    with pytest.raises(ConfigError, match="and one process"):
+        train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.precision=bf16", "train.bf16_weights=true"]),
+              tmp_path, device="cpu")
+
+
 def test_bf16_weights_need_bf16_autocast(tmp_path):
     with pytest.raises(ConfigError, match="train.bf16_weights=true needs bf16 autocast"):
         train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.precision=auto", "train.bf16_weights=true"]),
