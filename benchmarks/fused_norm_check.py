@@ -31,16 +31,17 @@ def case(n: int, tokens: int, width: int, residual: bool, device: torch.device) 
     o = torch.randn_like(x) if residual else None
     cond = (torch.randn(n, 6 * width, device=device) * 0.3).to(torch.bfloat16).chunk(6, dim=1)  # views, as in a block
     gate, shift, scale = (cond[2] if residual else None), cond[3], cond[4]
-    args = (x, o, gate, shift, scale, EPS, torch.bfloat16)
+    bias = (torch.randn(width, device=device) * 0.1) if residual else None  # o's bias, float32 (autocast's parameter)
+    args = (x, o, gate, bias, shift, scale, EPS, torch.bfloat16)
     stream, _, mean, rstd = norm_kernels.forward_reference(*args)
     bwd = (torch.randn_like(x), torch.randn_like(x) if residual else None, stream if residual else x, o, gate, scale, mean, rstd)
     return args, bwd
 
 
-def plain(x, o, gate, shift, scale):
-    """The block's ops as DiTBlock writes them (under bf16 autocast, with a bf16 stream)."""
+def plain(x, o, gate, bias, shift, scale):
+    """The block's ops as DiTBlock writes them (under bf16 autocast, with a bf16 stream; the bias inside o)."""
     if o is not None:
-        x = x + gate.unsqueeze(1) * o
+        x = x + gate.unsqueeze(1) * (o + bias).to(torch.bfloat16)
     return x, modulate(F.layer_norm(x, x.shape[-1:], eps=EPS), shift, scale).to(torch.bfloat16)
 
 
@@ -91,7 +92,7 @@ def main() -> int:
     for label, (n, tokens, width) in SHAPES.items():
         for residual in (True, False):
             args, bwd = case(n, tokens, width, residual, dev)
-            x, o, gate, shift, scale = args[:5]
+            x, o, gate, bias, shift, scale = args[:6]
             gh, g_next = bwd[:2]
             ref, got = norm_kernels.forward_reference(*args), norm_kernels.forward_triton(*args)
             ref_b = norm_kernels.backward_reference(*bwd)
@@ -104,7 +105,7 @@ def main() -> int:
             fwd_gbs = (4 if residual else 2) * pass_bytes / fwd_ms / 1e6
             bwd_gbs = (6 if residual else 3) * pass_bytes / bwd_ms / 1e6
 
-            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, o, gate, shift, scale)]
+            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, o, gate, bias, shift, scale)]
             torch._dynamo.reset()
             compiled = torch.compile(plain)
 

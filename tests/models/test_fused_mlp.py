@@ -10,7 +10,7 @@ from torch.library import opcheck
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp, build_model
-from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp, dgelu_matmul, gelu_mlp, revert_fused_mlp
+from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp, dgelu_matmul, gelu_mlp, revert_fused_mlp, weight_grad
 
 G = torch.Generator().manual_seed(0)
 
@@ -52,6 +52,40 @@ def test_operators_pass_opcheck():
     w2, b2 = torch.randn(16, 64, generator=G), torch.randn(16, generator=G)
     opcheck(gelu_mlp, [t.requires_grad_() for t in (x, w1, b1, w2, b2)])
     opcheck(dgelu_matmul, (torch.randn(6, 16, generator=G), w2.detach(), torch.randn(6, 64, generator=G)))
+    opcheck(gelu_mlp, [x, w1, b1, w2, None])
+    opcheck(weight_grad, (torch.randn(6, 16, generator=G), torch.randn(6, 64, generator=G)))
+
+
+def test_without_bias_leaves_fc2_bias_to_the_caller():
+    """``forward(x, with_bias=False)`` + fc2's bias is the MLP's output; b₂ gets no gradient from it."""
+    plain, fused = _pair()
+    x, gy = torch.randn(3, 7, 24, generator=G), torch.randn(3, 7, 24, generator=G)
+    ref = _run(plain, x, gy)
+    xx = x.clone().requires_grad_()
+    y = fused(xx, with_bias=False)
+    y.backward(gy)
+    torch.testing.assert_close(y.detach() + fused.fc2.bias.detach(), ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xx.grad, ref[1], rtol=1e-6, atol=1e-6)
+    assert fused.fc2.bias.grad is None
+    grads = {n: p.grad for n, p in fused.named_parameters() if n != "fc2.bias"}
+    for (n, p), r in zip(plain.named_parameters(), ref[2:]):
+        if n != "fc2.bias":
+            torch.testing.assert_close(grads[n], r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt needs a GPU")
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_cublaslt_mm_equals_torch(trans_a, trans_b):
+    """``cublaslt.mm``'s mapping of row-major operands onto cuBLAS's column-major product, every transpose."""
+    a = torch.randn(*((64, 48) if trans_a else (48, 64)), device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(*((80, 64) if trans_b else (64, 80)), device="cuda", dtype=torch.bfloat16)
+    ref = (a.t() if trans_a else a).float() @ (b.t() if trans_b else b).float()
+    got = cublaslt.mm(a, b, trans_a, trans_b)
+    assert got.shape == (48, 80) and ((got.float() - ref).norm() / ref.norm()).item() < 4e-3
+    gy, x = torch.randn(256, 80, device="cuda", dtype=torch.bfloat16), torch.randn(256, 48, device="cuda", dtype=torch.bfloat16)
+    ref = gy.float().t() @ x.float()
+    got = weight_grad(gy, x)
+    assert got.shape == (80, 48) and ((got.float() - ref).norm() / ref.norm()).item() < 4e-3
 
 
 def test_conversion_shares_parameters_and_reverts():

@@ -21,9 +21,9 @@ G = torch.Generator().manual_seed(0)
 EPS = 1e-6
 
 
-def _plain_residual_norm(x, o, gate, shift, scale):
-    """The official block's ops: x' = x + α o, h = modulate(LN(x'), β, γ)."""
-    stream = x + gate.unsqueeze(1) * o
+def _plain_residual_norm(x, o, gate, shift, scale, bias=None):
+    """The official block's ops: x' = x + α (o + b), h = modulate(LN(x'), β, γ)."""
+    stream = x + gate.unsqueeze(1) * (o if bias is None else o + bias)
     return stream, modulate(nn.functional.layer_norm(stream, stream.shape[-1:], eps=EPS), shift, scale)
 
 
@@ -41,11 +41,16 @@ def _grads(fn, tensors, outs_grad):
     return [o.detach() for o in outs], [t.grad for t in leaves]
 
 
-def test_residual_operator_and_gradients_equal_the_plain_ops():
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_residual_operator_and_gradients_equal_the_plain_ops(with_bias):
+    """With o's bias handed to the operator, its gradient (Σ_n α ⊙ Σ_t ∂x') and α's (with the bias term) too."""
     x, o, gate, shift, scale = _inputs()
+    tensors = (x, o, gate, shift, scale) + ((torch.randn(x.shape[-1], generator=G),) if with_bias else ())
     g_stream, g_h = torch.randn_like(x), torch.randn_like(x)
-    ref_out, ref_grads = _grads(_plain_residual_norm, (x, o, gate, shift, scale), (g_stream, g_h))
-    got_out, got_grads = _grads(lambda *t: residual_modulated_norm(*t, eps=EPS), (x, o, gate, shift, scale), (g_stream, g_h))
+    ref_out, ref_grads = _grads(_plain_residual_norm, tensors, (g_stream, g_h))
+    got_out, got_grads = _grads(lambda *t: residual_modulated_norm(*t[:5], eps=EPS, bias=t[5] if with_bias else None),
+                                tensors, (g_stream, g_h))
+    assert len(got_grads) == 6 if with_bias else 5
     for a, b in zip(ref_out + ref_grads, got_out + got_grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
@@ -58,7 +63,7 @@ def test_plain_norm_operator_and_gradients_equal_the_plain_ops():
         return modulate(nn.functional.layer_norm(x, x.shape[-1:], eps=EPS), shift, scale)
 
     def fused(x, shift, scale):
-        return modulated_norm_op(x, None, None, shift, scale, EPS, x.dtype)[1]
+        return modulated_norm_op(x, None, None, None, shift, scale, EPS, x.dtype)[1]
 
     ref_out, ref_grads = _grads(plain, (x, shift, scale), g_h)
     got_out, got_grads = _grads(fused, (x, shift, scale), g_h)
@@ -68,12 +73,14 @@ def test_plain_norm_operator_and_gradients_equal_the_plain_ops():
 
 def test_operators_pass_opcheck():
     x, o, gate, shift, scale = _inputs(2, 5, 16)
-    opcheck(modulated_norm_op, (x.requires_grad_(), o.requires_grad_(), gate.requires_grad_(), shift.requires_grad_(),
-                                scale.requires_grad_(), EPS, torch.float32))
-    opcheck(modulated_norm_op, (x, None, None, shift, scale, EPS, torch.bfloat16))
-    _, _, mean, rstd = modulated_norm_op(x, None, None, shift, scale, EPS, torch.float32)
+    bias = torch.randn(16, generator=G)
+    opcheck(modulated_norm_op, (x.requires_grad_(), o.requires_grad_(), gate.requires_grad_(), None,
+                                shift.requires_grad_(), scale.requires_grad_(), EPS, torch.float32))
+    opcheck(modulated_norm_op, (x, o, gate, bias.requires_grad_(), shift, scale, EPS, torch.float32))
+    opcheck(modulated_norm_op, (x, None, None, None, shift, scale, EPS, torch.bfloat16))
+    _, _, mean, rstd = modulated_norm_op(x, None, None, None, shift, scale, EPS, torch.float32)
     opcheck(modulated_norm_backward_op, (torch.randn_like(x), torch.randn_like(x), x.detach(), o.detach(), gate.detach(),
-                                         scale.detach(), mean, rstd, torch.bfloat16))
+                                         scale.detach(), mean, rstd))
 
 
 needs_triton = pytest.mark.skipif(norm_kernels.triton is None, reason="Triton is not installed")
@@ -94,10 +101,11 @@ def test_triton_kernels_equal_the_equations(shape, residual, dtype):
     if dtype == "mixed":
         o, gate, shift, scale, dtype = o.bfloat16(), gate.bfloat16(), shift.bfloat16(), scale.bfloat16(), torch.bfloat16
     o, gate = (o, gate) if residual else (None, None)
+    bias = torch.randn(shape[-1], generator=G).to(device) if residual else None  # o's bias, float32 as a parameter
     # bf16: a rounding may go the other way (2⁻⁹ relative); Triton's interpreter truncates to bf16 (up to 2⁻⁸).
     tol = 1e-6 if dtype == torch.float32 else (4e-3 if device == "cuda" else 1e-2)
-    ref = norm_kernels.forward_reference(x, o, gate, shift, scale, EPS, dtype)
-    got = norm_kernels.forward_triton(x, o, gate, shift, scale, EPS, dtype)
+    ref = norm_kernels.forward_reference(x, o, gate, bias, shift, scale, EPS, dtype)
+    got = norm_kernels.forward_triton(x, o, gate, bias, shift, scale, EPS, dtype)
     for a, b in zip(ref, got):
         assert (a is None) == (b is None)
         if a is not None:
@@ -108,7 +116,8 @@ def test_triton_kernels_equal_the_equations(shape, residual, dtype):
     ref = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
     got = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd,
                                        (stream.dtype, o.dtype if o is not None else stream.dtype))
-    for a, b in zip(ref, got):
+    assert got[2].shape == (4 if residual else 2, shape[0], shape[2])
+    for a, b in zip(ref[:2] + tuple(ref[2]), got[:2] + tuple(got[2])):  # each token sum on its own
         assert (a is None) == (b is None)
         if a is not None:
             assert rel_err(b.float(), a) < 2 * tol
@@ -237,6 +246,31 @@ def test_whole_model_with_pending_residuals_equals_the_plain_one(kwargs, deferre
     for a, b in zip(run(plain), run(fused)):
         assert (a is None) == (b is None)
         assert a is None or torch.equal(a, b) or rel_err(b, a) < 1e-5  # equal: zero (adaLN's weights when c = 0)
+
+
+def test_whole_model_with_fused_mlp_and_norm_equals_the_plain_one():
+    """Both conversions: fc2's bias left to the next norm kernel through ``FusedMlp.forward(with_bias=False)``,
+    proj's through ``Attention.attend``; the output and every gradient as the plain DiT's."""
+    from ditkit.models.fused_mlp import convert_to_fused_mlp
+    torch.manual_seed(0)
+    plain = _randomised(build_model("custom", input_size=8, patch_size=4, in_channels=4, num_classes=10, depth=2,
+                                    hidden_size=48, num_heads=4)).train().to(DEVICE)
+    fused = copy.deepcopy(plain)
+    convert_to_fused_mlp(fused)
+    convert_to_fused_norm(fused)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=G).to(DEVICE), torch.tensor([3, 700]).to(DEVICE), torch.tensor([1, 2]).to(DEVICE)
+
+    drop = torch.tensor([0, 1]).to(DEVICE)  # in training mode labels drop at random unless forced
+
+    def run(model):
+        out = model(x, t, y, force_drop_ids=drop)
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad for p in model.parameters()]
+
+    ref, got = run(plain), run(fused)
+    assert [g is None for g in got] == [g is None for g in ref]  # proj's and fc2's biases get theirs too
+    for a, b in zip(ref, got):
+        assert a is None or torch.equal(a, b) or rel_err(b, a) < 1e-5
 
 
 def test_compiled_model_equals_eager():

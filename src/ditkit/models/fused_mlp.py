@@ -6,6 +6,12 @@
               ∂W₂ = ∂yᵀ a,  ∂b₂ = Σ ∂y
               ∂W₁ = ∂preᵀ x,  ∂b₁ = Σ ∂pre,  ∂x = ∂pre W₁
 
+The weight gradients run through ``cublaslt.weight_grad`` (the fastest of cuBLASLt's candidates for
+the shape): at DiT-XL/2 batch-32 shapes, torch's choice for ∂W₁ ran at 581 TFLOP/s, the fastest
+candidate at 690 (``benchmarks/gemm_algos.py``).  Without b₂ (``FusedMlp.forward(x, with_bias=False)``)
+y comes without fc2's bias, for a caller that adds it itself (``ditkit.models.fused_norm``: the next
+norm kernel adds it and makes its gradient).
+
 Compiled, the plain MLP's GELU is a separate pass after fc1, and in the backward a pass that reads
 ∂a and pre to write ∂pre.  Here those passes are gone (∂b₁ stays a sum).  a and pre are kept for
 the backward, as eager autograd keeps them (measured at DiT-XL/2 batch 128: peak memory +0.15 GiB
@@ -40,15 +46,16 @@ def _fused(*tensors: torch.Tensor) -> bool:
 # GELU applied) crosses the two linears, so no per-linear autograd could fuse it.  The backward is
 # traced; only the fused products are (opaque) operators of their own.
 @torch.library.custom_op("ditkit::gelu_mlp", mutates_args=(),
-                         schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor)")
+                         schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor? b2) -> (Tensor, Tensor, Tensor)")
 def gelu_mlp(x, w1, b1, w2, b2):
-    """x (M, D) -> y (M, D), and for the backward a = GELU(pre) and pre = x W₁ᵀ + b₁, both (M, H)."""
+    """x (M, D) -> y (M, D) (without b₂ when it is None), and for the backward a = GELU(pre) and
+    pre = x W₁ᵀ + b₁, both (M, H)."""
     if _fused(x, w1, b1):
         a, pre = cublaslt.linear_gelu(x, w1, b1)
     else:
         pre = torch.addmm(b1, x, w1.t())
         a = F.gelu(pre, approximate="tanh")
-    return torch.addmm(b2, a, w2.t()), a, pre
+    return (torch.addmm(b2, a, w2.t()) if b2 is not None else a @ w2.t()), a, pre
 
 
 @gelu_mlp.register_fake
@@ -69,18 +76,33 @@ def _(g, w, pre):
     return pre.new_empty(pre.shape)
 
 
+@torch.library.custom_op("ditkit::weight_grad", mutates_args=(), schema="(Tensor gy, Tensor x) -> Tensor")
+def weight_grad(gy, x):
+    """gy (M, N) = ∂y, x (M, K) -> ∂W = gyᵀ x (N, K)."""
+    if _fused(gy, x):
+        return cublaslt.weight_grad(gy, x)
+    return gy.t() @ x
+
+
+@weight_grad.register_fake
+def _(gy, x):
+    return gy.new_empty(gy.shape[1], x.shape[1])
+
+
 def _setup_context(ctx, inputs, output):
-    x, w1, _, w2, _ = inputs
+    x, w1, _, w2, b2 = inputs
     _, a, pre = output
     ctx.save_for_backward(x, w1, w2, a, pre)
     ctx.mark_non_differentiable(a, pre)
+    ctx.has_b2 = b2 is not None
 
 
 def _backward(ctx, gy, ga, gpre):
     x, w1, w2, a, pre = ctx.saved_tensors
     gy = gy.contiguous()
     gpre = dgelu_matmul(gy, w2, pre)
-    return gpre @ w1, gpre.t() @ x, gpre.sum(0), gy.t() @ a, gy.sum(0)
+    return (gpre @ w1, weight_grad(gpre, x), gpre.sum(0), weight_grad(gy, a),
+            gy.sum(0) if ctx.has_b2 else None)
 
 
 gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
@@ -89,11 +111,12 @@ gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
 class FusedMlp(Mlp):
     """``Mlp`` whose training step runs through ``gelu_mlp`` (see the module docstring)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         lead = x.shape[:-1]
         dtype = compute_dtype(x)
-        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), *(p.to(dtype) for p in params))
+        w1, b1, w2 = (p.to(dtype) for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight))
+        b2 = self.fc2.bias.to(dtype) if with_bias else None
+        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2)
         return y.reshape(*lead, y.shape[-1])
 
 

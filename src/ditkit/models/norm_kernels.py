@@ -1,16 +1,20 @@
 """adaLN's modulated LayerNorm, with the gated residual before it, as two Triton kernels.
 
-    forward   x' = x + α ⊙ o                          (the gated residual, when o is given)
+    forward   x' = x + α ⊙ (o + b)                    (the gated residual, when o is given; b: o's bias, if any)
               μ, r = mean(x'), 1 / sqrt(var(x') + ε)  over the hidden size D, per token
               x̂ = (x' − μ) r,   h = x̂ ⊙ (1 + γ) + β
     backward  u = ∂h ⊙ (1 + γ)
               ∂x' = r (u − mean(u) − x̂ mean(u ⊙ x̂)) + ∂x'_next     (∂x'_next: from the stream below)
-              ∂β = Σ_t ∂h,   ∂γ = Σ_t ∂h ⊙ x̂,   ∂x = ∂x',   ∂o = ∂x' ⊙ α,   ∂α = Σ_t ∂x' ⊙ o
+              ∂β = Σ_t ∂h,   ∂γ = Σ_t ∂h ⊙ x̂,   ∂x = ∂x',   ∂o = ∂x' ⊙ α
+              Σ_t ∂x' ⊙ o and S = Σ_t ∂x', from which ∂α = Σ_t ∂x' ⊙ o + b ⊙ S and ∂b = Σ_n α ⊙ S
 
 x, o, x', h are (N, T, D); α, β, γ are per sample, (N, D) with any row stride (the chunks of the
-adaLN output are views).  One forward program normalises a few whole rows; one backward program
-walks a slice of one sample's tokens, so the token sums (∂β, ∂γ, ∂α) stay in registers and only
-one partial sum per slice is written.  Everything is computed in float32 and rounded once on store.
+adaLN output are views); b is (D,).  One forward program normalises a few whole rows; one backward
+program walks a slice of one sample's tokens, so the token sums stay in registers and only one
+partial sum per slice is written; one torch sum over the slices then gives all of them, stacked.
+Everything is computed in float32 and rounded once on store.  Handing o's bias to the kernel saves
+the bias-gradient reduction over ∂o (a pass over a (tokens × D) tensor per residual): S is one more
+token sum in registers.
 
 Compiled by inductor, the same step reads and writes the stream several more times: XL's rows
 (1152) are past its 1024-element limit for keeping a row in registers, and the token sums come out
@@ -32,11 +36,12 @@ except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
 
-def forward_reference(x, o, gate, shift, scale, eps: float, dtype: torch.dtype):
+def forward_reference(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype):
     """-> (x' (or None without o), h in ``dtype``, μ (N, T) float32, r (N, T) float32)."""
     stream = x
     if o is not None:
-        stream = (x.float() + gate.float().unsqueeze(1) * o.float()).to(x.dtype)
+        branch = o.float() + bias.float() if bias is not None else o.float()
+        stream = (x.float() + gate.float().unsqueeze(1) * branch).to(x.dtype)
     xf = stream.float()
     mean = xf.mean(-1)
     rstd = torch.rsqrt(xf.var(-1, unbiased=False) + eps)
@@ -45,24 +50,25 @@ def forward_reference(x, o, gate, shift, scale, eps: float, dtype: torch.dtype):
 
 
 def backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd):
-    """-> (∂x (N, T, D) float32, ∂o or None, ∂β, ∂γ, ∂α or None, each (N, D) float32)."""
+    """-> (∂x (N, T, D) float32, ∂o or None, the token sums (∂β, ∂γ, and with o: Σ_t ∂x' ⊙ o, Σ_t ∂x') stacked,
+    (2 or 4, N, D) float32)."""
     gh = gh.float()
     xhat = (stream.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     u = gh * (1 + scale.float().unsqueeze(1))
     dx = rstd.unsqueeze(-1) * (u - u.mean(-1, keepdim=True) - xhat * (u * xhat).mean(-1, keepdim=True))
     if g_next is not None:
         dx = dx + g_next.float()
-    d_shift, d_scale = gh.sum(1), (gh * xhat).sum(1)
+    sums = [gh.sum(1), (gh * xhat).sum(1)]
     if o is None:
-        return dx, None, d_shift, d_scale, None
-    return dx, dx * gate.float().unsqueeze(1), d_shift, d_scale, (dx * o.float()).sum(1)
+        return dx, None, torch.stack(sums)
+    return dx, dx * gate.float().unsqueeze(1), torch.stack(sums + [(dx * o.float()).sum(1), dx.sum(1)])
 
 
 if triton is not None:
     @triton.jit
-    def _adaln_norm_forward_kernel(x_ptr, o_ptr, gate_ptr, shift_ptr, scale_ptr, stream_ptr, h_ptr, mean_ptr, rstd_ptr,
-                        n_rows, tokens, width, stride_gate, stride_shift, stride_scale, eps,
-                        RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _adaln_norm_forward_kernel(x_ptr, o_ptr, gate_ptr, bias_ptr, shift_ptr, scale_ptr, stream_ptr, h_ptr, mean_ptr,
+                        rstd_ptr, n_rows, tokens, width, stride_gate, stride_shift, stride_scale, eps,
+                        RESIDUAL: tl.constexpr, BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         row_ok = rows < n_rows
@@ -73,6 +79,8 @@ if triton is not None:
         x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
         if RESIDUAL:
             o = tl.load(o_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            if BIAS:
+                o += tl.load(bias_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
             gate = tl.load(gate_ptr + sample[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             stream = (x + gate * o).to(stream_ptr.dtype.element_ty)
             tl.store(stream_ptr + at, stream, mask=mask)
@@ -102,6 +110,7 @@ if triton is not None:
         d_shift = tl.zeros([BLOCK], dtype=tl.float32)
         d_scale = tl.zeros([BLOCK], dtype=tl.float32)
         d_gate = tl.zeros([BLOCK], dtype=tl.float32)
+        d_stream = tl.zeros([BLOCK], dtype=tl.float32)
         start = part * chunk
         stop = tl.minimum(start + chunk, tokens)
         for t0 in range(start, stop, ROWS):
@@ -128,12 +137,14 @@ if triton is not None:
                 o = tl.load(o_ptr + at, mask=mask, other=0.0).to(tl.float32)
                 tl.store(go_ptr + at, (dx * gate[None, :]).to(go_ptr.dtype.element_ty), mask=mask)
                 d_gate += tl.sum(tl.where(mask, dx * o, 0.0), axis=0)
+                d_stream += tl.sum(tl.where(mask, dx, 0.0), axis=0)
         here = (n * tl.num_programs(1) + part).to(tl.int64) * width + cols
         plane = plane.to(tl.int64)
         tl.store(partial_ptr + here, d_shift, mask=col_ok)
         tl.store(partial_ptr + plane + here, d_scale, mask=col_ok)
         if RESIDUAL:
             tl.store(partial_ptr + 2 * plane + here, d_gate, mask=col_ok)
+            tl.store(partial_ptr + 3 * plane + here, d_stream, mask=col_ok)
 
 
 def _row_view(t: torch.Tensor) -> torch.Tensor:
@@ -164,7 +175,7 @@ def backward_config(n: int, tokens: int, width: int, residual: bool, device: tor
     return rows, 4, triton.cdiv(chunk, rows) * rows
 
 
-def forward_triton(x, o, gate, shift, scale, eps: float, dtype: torch.dtype, config: tuple[int, int] | None = None):
+def forward_triton(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype, config: tuple[int, int] | None = None):
     """``forward_reference`` as one kernel launch; x and o contiguous (N, T, D).  ``config``: see ``forward_config``."""
     n, tokens, width, block = _shape(x)
     residual = o is not None
@@ -176,16 +187,18 @@ def forward_triton(x, o, gate, shift, scale, eps: float, dtype: torch.dtype, con
     rstd = torch.empty_like(mean)
     rows, warps = config or forward_config(width)
     grid = (triton.cdiv(n * tokens, rows),)
-    _adaln_norm_forward_kernel[grid](x, o if residual else x, gate, shift, scale, stream, h, mean, rstd,
-                                     n * tokens, tokens, width, gate.stride(0), shift.stride(0), scale.stride(0), eps,
-                                     RESIDUAL=residual, ROWS=rows, BLOCK=block, num_warps=warps)
+    has_bias = residual and bias is not None
+    _adaln_norm_forward_kernel[grid](x, o if residual else x, gate, bias if has_bias else shift, shift, scale, stream, h,
+                                     mean, rstd, n * tokens, tokens, width, gate.stride(0), shift.stride(0),
+                                     scale.stride(0), eps, RESIDUAL=residual, BIAS=has_bias, ROWS=rows, BLOCK=block,
+                                     num_warps=warps)
     return (stream if residual else None), h, mean, rstd
 
 
 def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
                     config: tuple[int, int, int] | None = None):
-    """``backward_reference`` as one kernel launch and a sum over the token slices; returns ∂x and ∂o in
-    ``grad_dtypes`` (those of x and o) and the per-sample sums in float32.  All (N, T, D) operands contiguous.
+    """``backward_reference`` as one kernel launch and one sum over the token slices; returns ∂x and ∂o in
+    ``grad_dtypes`` (those of x and o) and the stacked per-sample sums in float32.  All (N, T, D) operands contiguous.
     ``config``: see ``backward_config``."""
     n, tokens, width, block = _shape(stream)
     residual = o is not None
@@ -195,10 +208,9 @@ def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
     splits = triton.cdiv(tokens, chunk)
     gx = torch.empty(stream.shape, device=stream.device, dtype=grad_dtypes[0])
     go = torch.empty(stream.shape, device=stream.device, dtype=grad_dtypes[1]) if residual else gx
-    partial = torch.empty(3 if residual else 2, n, splits, width, device=stream.device, dtype=torch.float32)
+    partial = torch.empty(4 if residual else 2, n, splits, width, device=stream.device, dtype=torch.float32)
     _adaln_norm_backward_kernel[(n, splits)](
         gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate, scale, mean, rstd, gx, go,
         partial, tokens, width, chunk, n * splits * width, gate.stride(0), scale.stride(0),
         RESIDUAL=residual, HAS_NEXT=g_next is not None, ROWS=rows, BLOCK=block, num_warps=warps)
-    sums = [plane.sum(1) for plane in partial]  # separate tensors: an operator's outputs may not alias
-    return gx, (go if residual else None), sums[0], sums[1], (sums[2] if residual else None)
+    return gx, (go if residual else None), partial.sum(2)
