@@ -90,7 +90,7 @@ needs_triton = pytest.mark.skipif(norm_kernels.triton is None, reason="Triton is
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "mixed"])
 @pytest.mark.parametrize("residual", [True, False])
 # Token counts that are not multiples of the row tile; (12, 70, 1152): DiT-XL's width, whose launch
-# configuration takes one row per step, two per forward program, and 64-token slices with a short last one.
+# configuration takes four rows per step and per forward program, and 64-token slices with a short last one.
 @pytest.mark.parametrize("shape", [(2, 7, 48), (3, 33, 96), (12, 70, 1152)])
 def test_triton_kernels_equal_the_equations(shape, residual, dtype):
     """The kernels (by Triton's interpreter on the CPU, by the GPU where there is one) against the reference

@@ -159,17 +159,21 @@ def _shape(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 # Launch configurations chosen by ``benchmarks/fused_norm_check.py --sweep`` on an H100 at DiT-XL's
-# and DiT-B's shapes (4 warps throughout; 8 made DiT-B's backward 2.6-3.6× slower).
+# and DiT-B's shapes (session 7: 8 warps made DiT-B's backward 2.6-3.6× slower than 4).  Session 10's
+# sweep, after the backward gained its fourth token sum (``fused_norm_sweep_bias_h100.txt``): XL's
+# residual backward is fastest with 4 rows per step (0.208 against 0.318 ms at batch 128, 0.065 against
+# 0.091 at 32), B's with 2; XL's residual forward with 4 rows and 8 warps (0.116 against 0.129 ms).
 def forward_config(width: int) -> tuple[int, int]:
     """(rows per program, warps) of the forward kernel."""
-    return max(1, 4096 // triton.next_power_of_2(width)), 4
+    block = triton.next_power_of_2(width)
+    return (4, 8) if block >= 2048 else (max(1, 4096 // block), 4)
 
 
 def backward_config(n: int, tokens: int, width: int, residual: bool, device: torch.device) -> tuple[int, int, int]:
     """(rows per loop step, warps, tokens per program) of the backward kernel: as many tokens per program
     as still give about three programs per multiprocessor (the per-sample partial sums stay few)."""
     block = triton.next_power_of_2(width)
-    rows = min(4, max(1, (2048 if residual else 8192) // block))
+    rows = 2 if residual and block == 1024 else min(4, max(1, 8192 // block))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     chunk = next((c for c in (64, 32, 16) if n * triton.cdiv(tokens, c) >= 3 * sms), 8)
     return rows, 4, triton.cdiv(chunk, rows) * rows
