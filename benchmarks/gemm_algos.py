@@ -4,7 +4,8 @@
 
 For each linear of a DiT-XL block (qkv, proj, fc1, fc2) and each product of its training step
 (forward y = x Wᵀ, input gradient ∂x = ∂y W, weight gradient ∂W = ∂yᵀ x), and for the fused MLP's
-GELU products: the time of torch's product (median of 20) and of ``ditkit.models.cublaslt``'s
+GELU products, and the weight gradient with the bias gradient in its epilogue (BGRADB; torch: the
+product and a sum): the time of torch's product (median of 20) and of ``ditkit.models.cublaslt``'s
 fastest candidate (timed at the first call, ``cublaslt._time_all``, then median of 20), with TFLOP/s.  Each
 cuBLASLt result is checked against torch's (relative error printed).  It answers whether timing
 more candidates than the heuristic's first makes the step's products faster, and where.
@@ -54,6 +55,11 @@ def main() -> None:
                 err = rel_err(lt(), ref().float())
                 key = (cublaslt._DTYPES[bf], cublaslt.DEFAULT, *transposes, dev.index or 0)
                 row(f"{name} {op}", flop, median_ms(ref, 20, dev), median_ms(lt, 20, dev), err, key)
+            dw, db = cublaslt.weight_and_bias_grad(gy, x)
+            err = max(rel_err(dw, (gy.t() @ x).float()), rel_err(db, gy.float().sum(0)))
+            row(f"{name} ∂W, ∂b (BGRADB)", flop, median_ms(lambda: (gy.t() @ x, gy.sum(0)), 20, dev),
+                median_ms(lambda: cublaslt.weight_and_bias_grad(gy, x), 20, dev), err,
+                (cublaslt._DTYPES[bf], cublaslt.BGRADB, cublaslt._OP_N, cublaslt._OP_T, k, n, m, dev.index or 0))
         k, n = LAYERS["fc1"]
         x = torch.randn(m, k, device=dev, dtype=bf)
         w1, b1 = (torch.randn(n, k, device=dev) * 0.02).to(bf), (torch.randn(n, device=dev) * 0.1).to(bf)

@@ -40,8 +40,8 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE = 3, 4, 7  # cublasLtMatmulDescAttributes_t
 _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 8, 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
-DEFAULT, GELU_AUX_BIAS, DGELU = 1, 32 | 128 | 4, 64 | 128  # cublasLtEpilogue_t
-_WITH_BIAS, _WITH_AUX = 4, 128  # the epilogue bits that use the bias (or its gradient) and the aux matrix
+DEFAULT, GELU_AUX_BIAS, DGELU, BGRADB = 1, 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
+_WITH_BIAS, _WITH_AUX = 4 | 256 | 512, 128  # the epilogue bits that use the bias (or its gradient) and the aux matrix
 _WORKSPACE = 32 << 20  # bytes, as torch gives cuBLASLt on Hopper
 
 
@@ -226,3 +226,9 @@ def matmul_dgelu(g: torch.Tensor, w: torch.Tensor, pre: torch.Tensor) -> torch.T
 def weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """gy (M, N) = ∂y, x (M, K) the input -> ∂W = gyᵀ x (N, K): a linear's weight gradient."""
     return mm(gy, x, trans_a=True)
+
+
+def weight_and_bias_grad(gy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (∂W = gyᵀ x, ∂b = Σ_M gy (N,) in gy's dtype), the sum in the product's epilogue (BGRADB)."""
+    db = torch.empty(gy.shape[1], device=gy.device, dtype=gy.dtype)
+    return mm(gy, x, trans_a=True, epilogue=BGRADB, bias=db), db

@@ -162,11 +162,11 @@ def _shape(x: torch.Tensor) -> tuple[int, int, int, int]:
 # and DiT-B's shapes (session 7: 8 warps made DiT-B's backward 2.6-3.6× slower than 4).  Session 10's
 # sweep, after the backward gained its fourth token sum (``fused_norm_sweep_bias_h100.txt``): XL's
 # residual backward is fastest with 4 rows per step (0.208 against 0.318 ms at batch 128, 0.065 against
-# 0.091 at 32), B's with 2; XL's residual forward with 4 rows and 8 warps (0.116 against 0.129 ms).
+# 0.091 at 32), B's with 2.  Its best forward for XL (4 rows, 8 warps: 0.116 against 0.129 ms alone)
+# was slower inside the step (1.85 against 1.66 ms per XL/2 batch-32 step), so the forward keeps its own.
 def forward_config(width: int) -> tuple[int, int]:
     """(rows per program, warps) of the forward kernel."""
-    block = triton.next_power_of_2(width)
-    return (4, 8) if block >= 2048 else (max(1, 4096 // block), 4)
+    return max(1, 4096 // triton.next_power_of_2(width)), 4
 
 
 def backward_config(n: int, tokens: int, width: int, residual: bool, device: torch.device) -> tuple[int, int, int]:
