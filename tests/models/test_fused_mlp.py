@@ -107,7 +107,7 @@ def test_cublaslt_mm_equals_torch(trans_a, trans_b):
     if not trans_a:
         out = torch.full((48, 88), float("nan"), device="cuda", dtype=torch.bfloat16)
         cublaslt.mm(wide[:, :64], b, trans_b=trans_b, out=out[:, :80])
-        assert ((out[:, :80].float() - ref).norm() / ref.norm()).item() < 4e-3 and out[:, 80:].isnan().all()
+        assert torch.equal(out[:, :80], got) and out[:, 80:].isnan().all()
     gy, x = torch.randn(256, 80, device="cuda", dtype=torch.bfloat16), torch.randn(256, 48, device="cuda", dtype=torch.bfloat16)
     ref = gy.float().t() @ x.float()
     got = weight_grad(gy, x)
