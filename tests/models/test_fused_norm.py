@@ -110,15 +110,9 @@ def test_triton_kernels_equal_the_equations(shape, residual, dtype):
         assert (a is None) == (b is None)
         if a is not None:
             assert rel_err(b.float(), a.float()) < tol
-    h_padded = norm_kernels.forward_triton(x, o, gate, bias, shift, scale, EPS, dtype, pad=8)[1]
-    assert h_padded.shape == (*shape[:2], shape[2] + 8)
-    assert torch.equal(h_padded[..., :shape[2]], got[1])  # the same h, then a column of ones and zeros
-    assert torch.equal(h_padded[..., shape[2]:], norm_kernels.pad_reference(got[1][..., :0], 8))
     stream, _, mean, rstd = ref
     stream = stream if residual else x
     gh, g_next = torch.randn_like(x), (torch.randn_like(x) if residual else None)
-    if residual:  # ∂h as a padded input's gradient comes, with columns the kernel must not read
-        gh = torch.cat([gh, torch.full((*shape[:2], 8), float("nan"), device=device)], -1)
     ref = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
     got = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd,
                                        (stream.dtype, o.dtype if o is not None else stream.dtype))

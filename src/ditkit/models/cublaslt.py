@@ -21,8 +21,8 @@ cuBLASLt's GELU is the tanh approximation (DiT's ``nn.GELU(approximate="tanh")``
 
 The algorithm for a shape is the fastest of the heuristic's candidates, timed at its first call
 (outside CUDA-graph capture), so two processes may pick different ones: the results may differ by
-float rounding between runs, as cuBLAS's own choices may.  The heuristic is asked to assume 256-byte
-aligned operands (fresh allocations are); rows may have any 16-byte-aligned stride.
+float rounding between runs, as cuBLAS's own choices may.  Operands must be contiguous and
+256-byte aligned (fresh allocations are), which is what the heuristic is asked to assume.
 """
 from __future__ import annotations
 
@@ -104,19 +104,18 @@ def _set(desc: ctypes.c_void_p, attr: int, value: ctypes._SimpleCData) -> None:
 
 
 @functools.cache
-def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int, k: int, lda: int, ldb: int, ldd: int,
-          device: int):
+def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int, k: int, device: int):
     """Descriptors and the heuristic's candidate algorithms for one (column-major) product
-    D (m × n) = op(A) op(B) with leading dimensions lda, ldb, ldd; cached: a step's shapes repeat."""
+    D (m × n) = op(A) op(B), every matrix dense (D's leading dimension m); cached: a step's shapes repeat."""
     lib = _lib()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
     _set(desc, _DESC_TRANSA, ctypes.c_int32(trans_a))
     _set(desc, _DESC_TRANSB, ctypes.c_int32(trans_b))
     _set(desc, _DESC_EPILOGUE, ctypes.c_int32(epilogue))
-    a = _layout(dtype, k, m, lda) if trans_a == _OP_T else _layout(dtype, m, k, lda)
-    b = _layout(dtype, n, k, ldb) if trans_b == _OP_T else _layout(dtype, k, n, ldb)
-    d = _layout(dtype, m, n, ldd)
+    a = _layout(dtype, k, m, k) if trans_a == _OP_T else _layout(dtype, m, k, m)
+    b = _layout(dtype, n, k, n) if trans_b == _OP_T else _layout(dtype, k, n, k)
+    d = _layout(dtype, m, n, m)
     pref = ctypes.c_void_p()
     _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
     ws = ctypes.c_uint64(_WORKSPACE)
@@ -137,13 +136,11 @@ def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int,
 
 
 def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch.Tensor, m: int, n: int, k: int,
-            bias: torch.Tensor | None = None, aux: torch.Tensor | None = None, out: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) op(B) with ``epilogue``, A and B row-major
-    tensors with rows of any stride (their leading dimensions), written into ``out`` if given (rows of any stride)."""
-    out = torch.empty(n, m, device=a.device, dtype=a.dtype) if out is None else out
-    key = (_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.stride(0), b.stride(0), out.stride(0), a.device.index)
+            bias: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> torch.Tensor:
+    """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) op(B) with ``epilogue``."""
+    key = (_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index)
     desc, la, lb, ld, candidates = _plan(*key)
+    out = torch.empty(n, m, device=a.device, dtype=a.dtype)
     workspace = torch.empty(_WORKSPACE, device=a.device, dtype=torch.uint8)
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
     torch_stream = torch.cuda.current_stream(a.device)
@@ -200,29 +197,18 @@ def _operands(*tensors: torch.Tensor) -> None:
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
         raise TypeError(f"cuBLASLt products take bf16 or fp16 operands of one dtype, got {sorted(map(str, dtypes))}")
-    if not all(_rows(t) for t in tensors):
-        raise ValueError("cuBLASLt products take row-major operands with contiguous rows, each row 16-byte aligned")
-
-
-def _rows(t: torch.Tensor) -> bool:
-    """Whether t is a vector or a matrix of contiguous rows (any row stride) whose rows start 16-byte aligned."""
-    if t.dim() == 1:
-        return t.stride(0) == 1
-    return (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
-            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("cuBLASLt products take contiguous row-major operands")
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, trans_a: bool = False, trans_b: bool = False, epilogue: int = DEFAULT,
-       bias: torch.Tensor | None = None, aux: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """op(a) op(b) for row-major a and b (op: transposed where asked), (P, Q), with ``epilogue``, into ``out`` if
-    given: the product cuBLAS sees is the column-major Cᵀ (Q × P) = op(b)ᵀ op(a)ᵀ, whose operands are b's and a's
-    memory.  Rows may have any stride (a column slice of a wider matrix), each row 16-byte aligned."""
-    _operands(a, b, *(t for t in (bias, aux, out) if t is not None))
+       bias: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> torch.Tensor:
+    """op(a) op(b) for row-major a and b (op: transposed where asked), (P, Q), with ``epilogue``: the product
+    cuBLAS sees is the column-major Cᵀ (Q × P) = op(b)ᵀ op(a)ᵀ, whose operands are b's and a's memory."""
+    _operands(a, b, *(t for t in (bias, aux) if t is not None))
     p, r = (a.shape[1], a.shape[0]) if trans_a else a.shape
     q = b.shape[0] if trans_b else b.shape[1]
-    if out is not None and out.shape != (p, q):
-        raise ValueError(f"out has shape {tuple(out.shape)}, the product ({p}, {q})")
-    return _matmul(epilogue, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, b, a, q, p, r, bias, aux, out)
+    return _matmul(epilogue, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, b, a, q, p, r, bias, aux)
 
 
 def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,9 +10,7 @@ The weight gradients run through ``cublaslt.weight_grad`` (the fastest of cuBLAS
 the shape): at DiT-XL/2 batch-32 shapes, torch's choice for ∂W₁ ran at 581 TFLOP/s, the fastest
 candidate at 690 (``benchmarks/gemm_algos.py``).  Without b₂ (``FusedMlp.forward(x, with_bias=False)``)
 y comes without fc2's bias, for a caller that adds it itself (``ditkit.models.fused_norm``: the next
-norm kernel adds it and makes its gradient).  With x padded by a column of ones (the norm kernel writes
-it so), ∂W₁'s product gives ∂b₁ in its column D: [∂W₁ | ∂b₁] = ∂preᵀ [x | 1], and no sum over ∂pre
-(a pass over the (tokens × 4·hidden) gradient: 0.8 of 59 GPU-ms per DiT-XL/2 batch-32 step).
+norm kernel adds it and makes its gradient).
 
 Compiled, the plain MLP's GELU is a separate pass after fc1, and in the backward a pass that reads
 ∂a and pre to write ∂pre.  Here those passes are gone (∂b₁ stays a sum).  a and pre are kept for
@@ -50,10 +48,9 @@ def _fused(*tensors: torch.Tensor) -> bool:
 @torch.library.custom_op("ditkit::gelu_mlp", mutates_args=(),
                          schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor? b2) -> (Tensor, Tensor, Tensor)")
 def gelu_mlp(x, w1, b1, w2, b2):
-    """x (M, D), or (M, D + pad) padded as ``norm_kernels.pad_reference`` -> y (M, D) (without b₂ when it is
-    None), and for the backward a = GELU(pre) and pre = x W₁ᵀ + b₁, both (M, H)."""
-    padded, x = x, x[:, :w1.shape[1]]  # the padding is for the backward's weight-gradient product
-    if _fused(padded, w1, b1):
+    """x (M, D) -> y (M, D) (without b₂ when it is None), and for the backward a = GELU(pre) and
+    pre = x W₁ᵀ + b₁, both (M, H)."""
+    if _fused(x, w1, b1):
         a, pre = cublaslt.linear_gelu(x, w1, b1)
     else:
         pre = torch.addmm(b1, x, w1.t())
@@ -77,24 +74,6 @@ def dgelu_matmul(g, w, pre):
 @dgelu_matmul.register_fake
 def _(g, w, pre):
     return pre.new_empty(pre.shape)
-
-
-@torch.library.custom_op("ditkit::padded_input_grad", mutates_args=(), schema="(Tensor g, Tensor w, int pad) -> Tensor")
-def padded_input_grad(g, w, pad):
-    """g (M, H) = ∂pre, w (H, D) = W₁ -> (M, D + pad): ∂x = g W₁, then ``pad`` columns of zeros (the gradient
-    of a padded input's constant columns)."""
-    out = g.new_empty(g.shape[0], w.shape[1] + pad)
-    if _fused(g, w, out):
-        cublaslt.mm(g, w, out=out[:, :w.shape[1]])
-    else:
-        torch.mm(g, w, out=out[:, :w.shape[1]])
-    out[:, w.shape[1]:].zero_()
-    return out
-
-
-@padded_input_grad.register_fake
-def _(g, w, pad):
-    return g.new_empty(g.shape[0], w.shape[1] + pad)
 
 
 @torch.library.custom_op("ditkit::weight_grad", mutates_args=(), schema="(Tensor gy, Tensor x) -> Tensor")
@@ -122,30 +101,22 @@ def _backward(ctx, gy, ga, gpre):
     x, w1, w2, a, pre = ctx.saved_tensors
     gy = gy.contiguous()
     gpre = dgelu_matmul(gy, w2, pre)
-    pad = x.shape[1] - w1.shape[1]
-    if pad:  # x's column of ones makes the product's column D the bias gradient: [∂W₁ | ∂b₁] = ∂preᵀ [x | 1]
-        gw1 = weight_grad(gpre, x)
-        gx, gw1, gb1 = padded_input_grad(gpre, w1, pad), gw1[:, :w1.shape[1]], gw1[:, w1.shape[1]]
-    else:
-        gx, gw1, gb1 = gpre @ w1, weight_grad(gpre, x), gpre.sum(0)
-    return gx, gw1, gb1, weight_grad(gy, a), gy.sum(0) if ctx.has_b2 else None
+    return (gpre @ w1, weight_grad(gpre, x), gpre.sum(0), weight_grad(gy, a),
+            gy.sum(0) if ctx.has_b2 else None)
 
 
 gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FusedMlp(Mlp):
-    """``Mlp`` whose training step runs through ``gelu_mlp`` (see the module docstring).  Its input may come
-    padded (``norm_kernels.pad_reference``, ``PAD`` columns: ``ditkit.models.fused_norm`` writes it so)."""
-
-    PAD = 8  # a column of ones and 7 zeros: rows stay 16-byte aligned in bf16
+    """``Mlp`` whose training step runs through ``gelu_mlp`` (see the module docstring)."""
 
     def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         lead = x.shape[:-1]
         dtype = compute_dtype(x)
         w1, b1, w2 = (p.to(dtype) for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight))
         b2 = self.fc2.bias.to(dtype) if with_bias else None
-        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2)  # x: (…, D) or padded (…, D + PAD)
+        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2)
         return y.reshape(*lead, y.shape[-1])
 
 

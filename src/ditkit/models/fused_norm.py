@@ -10,8 +10,7 @@ In a DiT block
 Attn's and MLP's last linears (``proj``, ``fc2``) run without their bias b, which the kernel adds
 (x + α ⊙ (o + b)); its backward then gives ∂b from one more token sum it keeps in registers, instead of
 a reduction over ∂o after it (about 0.4 ms per DiT-XL/2 step at batch 32).  Where the linear is not a
-plain ``nn.Linear`` (FP8 training's) the module runs whole.  Before a ``FusedMlp`` the kernel writes h₂
-padded with a column of ones, so that fc1's weight-gradient product also gives its bias gradient.
+plain ``nn.Linear`` (FP8 training's) the module runs whole.
 
 Each operator is one Triton kernel forward and one backward (``ditkit.models.norm_kernels``: the
 backward also makes the per-sample sums ∂β, ∂γ, ∂α), opaque to ``torch.compile``.  On a CPU they
@@ -40,24 +39,21 @@ def _on_triton(x: torch.Tensor) -> bool:
 
 @torch.library.custom_op("ditkit::modulated_norm", mutates_args=(),
                          schema="(Tensor x, Tensor? o, Tensor? gate, Tensor? bias, Tensor shift, Tensor scale, "
-                                "float eps, ScalarType dtype, int pad=0) -> (Tensor, Tensor, Tensor, Tensor)")
-def modulated_norm_op(x, o, gate, bias, shift, scale, eps, dtype, pad=0):
+                                "float eps, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)")
+def modulated_norm_op(x, o, gate, bias, shift, scale, eps, dtype):
     """x, o (N, T, D); gate, shift, scale (N, D); bias (D,) -> (x' = x + gate ⊙ (o + bias), or an empty tensor
-    without o; h (N, T, D + pad) in ``dtype``, padded as ``norm_kernels.pad_reference``; μ and r (N, T) float32)."""
+    without o; h (N, T, D) in ``dtype``; μ and r (N, T) float32)."""
     x, o = x.contiguous(), (o.contiguous() if o is not None else None)
-    if _on_triton(x):
-        stream, h, mean, rstd = norm_kernels.forward_triton(x, o, gate, bias, shift, scale, eps, dtype, pad=pad)
-    else:
-        stream, h, mean, rstd = norm_kernels.forward_reference(x, o, gate, bias, shift, scale, eps, dtype)
-        h = norm_kernels.pad_reference(h, pad)
+    forward = norm_kernels.forward_triton if _on_triton(x) else norm_kernels.forward_reference
+    stream, h, mean, rstd = forward(x, o, gate, bias, shift, scale, eps, dtype)
     return (stream if stream is not None else x.new_empty(0)), h, mean, rstd
 
 
 @modulated_norm_op.register_fake
-def _(x, o, gate, bias, shift, scale, eps, dtype, pad=0):
-    n, tokens, width = x.shape
+def _(x, o, gate, bias, shift, scale, eps, dtype):
+    n, tokens, _ = x.shape
     stream = x.new_empty(x.shape) if o is not None else x.new_empty(0)
-    return stream, x.new_empty(n, tokens, width + pad, dtype=dtype), x.new_empty(n, tokens, dtype=torch.float32), \
+    return stream, x.new_empty(x.shape, dtype=dtype), x.new_empty(n, tokens, dtype=torch.float32), \
         x.new_empty(n, tokens, dtype=torch.float32)
 
 
@@ -87,7 +83,7 @@ def _(gh, g_next, stream, o, gate, scale, mean, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    x, o, gate, bias, shift, scale = inputs[:6]
+    x, o, gate, bias, shift, scale, _, _ = inputs
     stream, _, mean, rstd = output
     ctx.residual = o is not None
     ctx.shift_dtype = shift.dtype
@@ -104,12 +100,12 @@ def _backward(ctx, g_stream, gh, _g_mean, _g_rstd):
     dx, do, sums = modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd)
     d_shift, d_scale = sums[0].to(ctx.shift_dtype), sums[1].to(scale.dtype)  # traced: compile fuses these casts
     if not ctx.residual:
-        return dx, None, None, None, d_shift, d_scale, None, None, None
+        return dx, None, None, None, d_shift, d_scale, None, None
     if bias is None:
-        return dx, do, sums[2].to(gate.dtype), None, d_shift, d_scale, None, None, None
+        return dx, do, sums[2].to(gate.dtype), None, d_shift, d_scale, None, None
     d_gate = sums[2] + bias.float() * sums[3]  # Σ_t ∂x' ⊙ (o + b)
     d_bias = (gate.float() * sums[3]).sum(0)  # Σ_n α ⊙ Σ_t ∂x' = Σ ∂o
-    return dx, do, d_gate.to(gate.dtype), d_bias.to(bias.dtype), d_shift, d_scale, None, None, None
+    return dx, do, d_gate.to(gate.dtype), d_bias.to(bias.dtype), d_shift, d_scale, None, None
 
 
 modulated_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -120,11 +116,10 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     return modulated_norm_op(x, None, None, None, shift, scale, eps, compute_dtype(x))[1]
 
 
-def residual_modulated_norm(x, o, gate, shift, scale, eps: float, bias: torch.Tensor | None = None, pad: int = 0
+def residual_modulated_norm(x, o, gate, shift, scale, eps: float, bias: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x' = x + α ⊙ (o + b) (b: o's bias, if given) and h = LN(x')(1 + γ) + β -> (x', h), h padded with a column
-    of ones and ``pad`` - 1 zeros if ``pad``."""
-    stream, h, _, _ = modulated_norm_op(x, o, gate, bias, shift, scale, eps, compute_dtype(x), pad)
+    """x' = x + α ⊙ (o + b) (b: o's bias, if given) and h = LN(x')(1 + γ) + β -> (x', h)."""
+    stream, h, _, _ = modulated_norm_op(x, o, gate, bias, shift, scale, eps, compute_dtype(x))
     return stream, h
 
 
@@ -176,8 +171,7 @@ class FusedNormBlock(DiTBlock):
         x, h = _norm_of_input(x, shift_msa, scale_msa, self.norm1.eps)
         if context is None:
             a, a_bias = _without_last_bias(self.attn, h)
-            pad = FusedMlp.PAD if isinstance(self.mlp, FusedMlp) else 0  # fc1's bias gradient from its ∂W product
-            x, h = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, a_bias, pad)
+            x, h = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, a_bias)
         else:
             x = x + gate_msa.unsqueeze(1) * self.attn(h)
             x = x + self.cross_attn(self.norm_cross(x), context)

@@ -49,20 +49,10 @@ def forward_reference(x, o, gate, bias, shift, scale, eps: float, dtype: torch.d
     return (stream if o is not None else None), h.to(dtype), mean, rstd
 
 
-def pad_reference(h: torch.Tensor, pad: int) -> torch.Tensor:
-    """h (…, D) -> (…, D + pad): a column of ones, then zeros.  The ones make a product with h also give
-    the bias gradient: [∂W | ∂b] = ∂yᵀ [h | 1] (``ditkit.models.fused_mlp``)."""
-    if not pad:
-        return h
-    tail = torch.zeros(*h.shape[:-1], pad, dtype=h.dtype, device=h.device)
-    tail[..., 0] = 1
-    return torch.cat([h, tail], -1)
-
-
 def backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd):
     """-> (∂x (N, T, D) float32, ∂o or None, the token sums (∂β, ∂γ, and with o: Σ_t ∂x' ⊙ o, Σ_t ∂x') stacked,
     (2 or 4, N, D) float32)."""
-    gh = gh[..., :stream.shape[-1]].float()  # ∂h may be padded
+    gh = gh.float()
     xhat = (stream.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     u = gh * (1 + scale.float().unsqueeze(1))
     dx = rstd.unsqueeze(-1) * (u - u.mean(-1, keepdim=True) - xhat * (u * xhat).mean(-1, keepdim=True))
@@ -77,7 +67,7 @@ def backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd):
 if triton is not None:
     @triton.jit
     def _adaln_norm_forward_kernel(x_ptr, o_ptr, gate_ptr, bias_ptr, shift_ptr, scale_ptr, stream_ptr, h_ptr, mean_ptr,
-                        rstd_ptr, n_rows, tokens, width, stride_h, stride_gate, stride_shift, stride_scale, eps,
+                        rstd_ptr, n_rows, tokens, width, stride_gate, stride_shift, stride_scale, eps,
                         RESIDUAL: tl.constexpr, BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
@@ -101,15 +91,13 @@ if triton is not None:
         shift = tl.load(shift_ptr + sample[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + sample[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = xc * rstd[:, None] * (1.0 + scale) + shift
-        h = tl.where(cols[None, :] < width, h, tl.where(cols[None, :] == width, 1.0, 0.0))  # padding: 1, then 0s
-        h_mask = row_ok[:, None] & (cols < stride_h)[None, :]
-        tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=h_mask)
+        tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + rows, mean, mask=row_ok)
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
     @triton.jit
     def _adaln_norm_backward_kernel(gh_ptr, next_ptr, x_ptr, o_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
-                         gx_ptr, go_ptr, partial_ptr, tokens, width, chunk, plane, stride_gh, stride_gate, stride_scale,
+                         gx_ptr, go_ptr, partial_ptr, tokens, width, chunk, plane, stride_gate, stride_scale,
                          RESIDUAL: tl.constexpr, HAS_NEXT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         n = tl.program_id(0)
         part = tl.program_id(1)
@@ -131,7 +119,7 @@ if triton is not None:
             rows = n.to(tl.int64) * tokens + tok
             mask = row_ok[:, None] & col_ok[None, :]
             at = rows[:, None] * width + cols[None, :]
-            gh = tl.load(gh_ptr + rows[:, None] * stride_gh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            gh = tl.load(gh_ptr + at, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
@@ -191,24 +179,21 @@ def backward_config(n: int, tokens: int, width: int, residual: bool, device: tor
     return rows, 4, triton.cdiv(chunk, rows) * rows
 
 
-def forward_triton(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype, config: tuple[int, int] | None = None,
-                   pad: int = 0):
-    """``forward_reference`` as one kernel launch; x and o contiguous (N, T, D).  ``config``: see ``forward_config``.
-    With ``pad``, h is (N, T, D + pad): its column D is 1 and the rest 0 (``pad_reference``)."""
-    n, tokens, width, _ = _shape(x)
-    block = triton.next_power_of_2(width + pad)
+def forward_triton(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype, config: tuple[int, int] | None = None):
+    """``forward_reference`` as one kernel launch; x and o contiguous (N, T, D).  ``config``: see ``forward_config``."""
+    n, tokens, width, block = _shape(x)
     residual = o is not None
     shift, scale = _row_view(shift), _row_view(scale)
     gate = _row_view(gate) if residual else shift
     stream = torch.empty_like(x) if residual else x
-    h = torch.empty(n, tokens, width + pad, device=x.device, dtype=dtype)
+    h = torch.empty(x.shape, device=x.device, dtype=dtype)
     mean = torch.empty(n, tokens, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     rows, warps = config or forward_config(width)
     grid = (triton.cdiv(n * tokens, rows),)
     has_bias = residual and bias is not None
     _adaln_norm_forward_kernel[grid](x, o if residual else x, gate, bias if has_bias else shift, shift, scale, stream, h,
-                                     mean, rstd, n * tokens, tokens, width, width + pad, gate.stride(0), shift.stride(0),
+                                     mean, rstd, n * tokens, tokens, width, gate.stride(0), shift.stride(0),
                                      scale.stride(0), eps, RESIDUAL=residual, BIAS=has_bias, ROWS=rows, BLOCK=block,
                                      num_warps=warps)
     return (stream if residual else None), h, mean, rstd
@@ -217,8 +202,7 @@ def forward_triton(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtyp
 def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
                     config: tuple[int, int, int] | None = None):
     """``backward_reference`` as one kernel launch and one sum over the token slices; returns ∂x and ∂o in
-    ``grad_dtypes`` (those of x and o) and the stacked per-sample sums in float32.  All (N, T, D) operands contiguous;
-    ∂h may be padded, (N, T, D + pad), its padding unread.
+    ``grad_dtypes`` (those of x and o) and the stacked per-sample sums in float32.  All (N, T, D) operands contiguous.
     ``config``: see ``backward_config``."""
     n, tokens, width, block = _shape(stream)
     residual = o is not None
@@ -231,6 +215,6 @@ def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
     partial = torch.empty(4 if residual else 2, n, splits, width, device=stream.device, dtype=torch.float32)
     _adaln_norm_backward_kernel[(n, splits)](
         gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate, scale, mean, rstd, gx, go,
-        partial, tokens, width, chunk, n * splits * width, gh.stride(1), gate.stride(0), scale.stride(0),
+        partial, tokens, width, chunk, n * splits * width, gate.stride(0), scale.stride(0),
         RESIDUAL=residual, HAS_NEXT=g_next is not None, ROWS=rows, BLOCK=block, num_warps=warps)
     return gx, (go if residual else None), partial.sum(2)
