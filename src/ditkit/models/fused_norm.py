@@ -10,7 +10,8 @@ In a DiT block
 Attn's and MLP's last linears (``proj``, ``fc2``) run without their bias b, which the kernel adds
 (x + α ⊙ (o + b)); its backward then gives ∂b from one more token sum it keeps in registers, instead of
 a reduction over ∂o after it (about 0.4 ms per DiT-XL/2 step at batch 32).  Where the linear is not a
-plain ``nn.Linear`` (FP8 training's) the module runs whole.
+plain ``nn.Linear`` (FP8 training's) the module runs whole, and so does the MLP of a block sharded by
+FSDP2, whose gathered weights are freed after its forward: fc2's bias would cross to the next block.
 
 Each operator is one Triton kernel forward and one backward (``ditkit.models.norm_kernels``: the
 backward also makes the per-sample sums ∂β, ∂γ, ∂α), opaque to ``torch.compile``.  On a CPU they
@@ -31,6 +32,11 @@ from ditkit.models import norm_kernels
 from ditkit.models.dit import Attention, DiTBlock, FinalLayer, Mlp
 from ditkit.models.fused_mlp import FusedMlp
 from ditkit.models.module_swap import compute_dtype, swap_modules
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # a torch built without distributed: no module is FSDP's
+    FSDPModule = ()
 
 
 def _on_triton(x: torch.Tensor) -> bool:
@@ -177,7 +183,9 @@ class FusedNormBlock(DiTBlock):
             x = x + self.cross_attn(self.norm_cross(x), context)
             h = modulated_norm(x, shift_mlp, scale_mlp, self.norm2.eps)
         if self.defer_residual:
-            m, m_bias = _without_last_bias(self.mlp, h)
+            # Under FSDP2 this block's gathered weights are freed after its forward, so fc2's bias cannot be
+            # handed to the next block (which reads it there and in its backward): the MLP adds it itself.
+            m, m_bias = (self.mlp(h), None) if isinstance(self, FSDPModule) else _without_last_bias(self.mlp, h)
             return PendingResidual(x, m, gate_mlp, m_bias)
         return x + gate_mlp.unsqueeze(1) * self.mlp(h)
 
