@@ -22,15 +22,20 @@ from ditkit.models import cublaslt
 LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 
 
-def row(name: str, flop: float, torch_ms: float | None, lt_ms: float, err: float, key: tuple) -> dict:
+def timed_key(call) -> tuple | None:
+    """Run ``call`` once; the cuBLASLt product it timed for the first time (its key in ``cublaslt._timings``)."""
+    before = set(cublaslt._timings)
+    call()
+    return next((k for k in cublaslt._timings if k not in before), None)
+
+
+def row(name: str, flop: float, torch_call, lt_call, err: float, key: tuple | None, dev: torch.device) -> None:
     times = cublaslt._timings.get(key, [])
     first = times[0] if times else float("nan")
     chosen = cublaslt._chosen.get(key, -1)
-    t = f"{torch_ms:7.3f} ({flop / torch_ms / 1e9:4.0f})" if torch_ms else "      —       "
-    print(f"{name:28s} torch {t}   cuBLASLt {lt_ms:7.3f} ({flop / lt_ms / 1e9:4.0f})   heuristic's first {first:7.3f}"
-          f"   chosen #{chosen:2d} of {len(times)}   rel err {err:.1e}", flush=True)
-    return {"name": name, "flop": flop, "torch_ms": torch_ms, "cublaslt_ms": lt_ms, "first_ms": first, "chosen": chosen,
-            "candidates": len(times), "rel_err": err}
+    torch_ms, lt_ms = median_ms(torch_call, 20, dev), median_ms(lt_call, 20, dev)
+    print(f"{name:28s} torch {torch_ms:7.3f} ({flop / torch_ms / 1e9:4.0f})   cuBLASLt {lt_ms:7.3f} ({flop / lt_ms / 1e9:4.0f})"
+          f"   heuristic's first {first:7.3f}   chosen #{chosen:2d} of {len(times)}   rel err {err:.1e}", flush=True)
 
 
 def main() -> None:
@@ -48,33 +53,30 @@ def main() -> None:
             w = (torch.randn(n, k, device=dev) * 0.02).to(bf)
             gy = torch.randn(m, n, device=dev, dtype=bf)
             flop = 2.0 * m * k * n
-            for op, lt, ref, transposes in (
-                    ("y = x Wᵀ", lambda: cublaslt.mm(x, w, trans_b=True), lambda: x @ w.t(), (cublaslt._OP_T, cublaslt._OP_N, n, m, k)),
-                    ("∂x = ∂y W", lambda: cublaslt.mm(gy, w), lambda: gy @ w, (cublaslt._OP_N, cublaslt._OP_N, k, m, n)),
-                    ("∂W = ∂yᵀ x", lambda: cublaslt.weight_grad(gy, x), lambda: gy.t() @ x, (cublaslt._OP_N, cublaslt._OP_T, k, n, m))):
-                err = rel_err(lt(), ref().float())
-                key = (cublaslt._DTYPES[bf], cublaslt.DEFAULT, *transposes, dev.index or 0)
-                row(f"{name} {op}", flop, median_ms(ref, 20, dev), median_ms(lt, 20, dev), err, key)
+            for op, lt, ref in (("y = x Wᵀ", lambda: cublaslt.mm(x, w, trans_b=True), lambda: x @ w.t()),
+                                ("∂x = ∂y W", lambda: cublaslt.mm(gy, w), lambda: gy @ w),
+                                ("∂W = ∂yᵀ x", lambda: cublaslt.weight_grad(gy, x), lambda: gy.t() @ x)):
+                key = timed_key(lt)
+                row(f"{name} {op}", flop, ref, lt, rel_err(lt(), ref().float()), key, dev)
+            key = timed_key(lambda: cublaslt.weight_and_bias_grad(gy, x))
             dw, db = cublaslt.weight_and_bias_grad(gy, x)
             err = max(rel_err(dw, (gy.t() @ x).float()), rel_err(db, gy.float().sum(0)))
-            row(f"{name} ∂W, ∂b (BGRADB)", flop, median_ms(lambda: (gy.t() @ x, gy.sum(0)), 20, dev),
-                median_ms(lambda: cublaslt.weight_and_bias_grad(gy, x), 20, dev), err,
-                (cublaslt._DTYPES[bf], cublaslt.BGRADB, cublaslt._OP_N, cublaslt._OP_T, k, n, m, dev.index or 0))
+            row(f"{name} ∂W, ∂b (BGRADB)", flop, lambda: (gy.t() @ x, gy.sum(0)),
+                lambda: cublaslt.weight_and_bias_grad(gy, x), err, key, dev)
         k, n = LAYERS["fc1"]
         x = torch.randn(m, k, device=dev, dtype=bf)
         w1, b1 = (torch.randn(n, k, device=dev) * 0.02).to(bf), (torch.randn(n, device=dev) * 0.1).to(bf)
         w2, g = (torch.randn(k, n, device=dev) * 0.02).to(bf), torch.randn(m, k, device=dev, dtype=bf)
         flop = 2.0 * m * k * n
+        key = timed_key(lambda: cublaslt.linear_gelu(x, w1, b1))
         a, pre = cublaslt.linear_gelu(x, w1, b1)
         err = rel_err(a, torch.nn.functional.gelu(torch.addmm(b1.float(), x.float(), w1.float().t()), approximate="tanh"))
-        row("fc1 GELU_AUX_BIAS", flop, median_ms(lambda: torch.addmm(b1, x, w1.t()), 20, dev),
-            median_ms(lambda: cublaslt.linear_gelu(x, w1, b1), 20, dev), err,
-            (cublaslt._DTYPES[bf], cublaslt.GELU_AUX_BIAS, cublaslt._OP_T, cublaslt._OP_N, n, m, k, dev.index or 0))
+        row("fc1 GELU_AUX_BIAS", flop, lambda: torch.addmm(b1, x, w1.t()), lambda: cublaslt.linear_gelu(x, w1, b1), err, key,
+            dev)
+        key = timed_key(lambda: cublaslt.matmul_dgelu(g, w2, pre))
         gpre = cublaslt.matmul_dgelu(g, w2, pre)
         err = rel_err(gpre, torch.ops.aten.gelu_backward(g.float() @ w2.float(), pre.float(), approximate="tanh"))
-        row("fc2 ∂x DGELU", flop, median_ms(lambda: g @ w2, 20, dev),
-            median_ms(lambda: cublaslt.matmul_dgelu(g, w2, pre), 20, dev), err,
-            (cublaslt._DTYPES[bf], cublaslt.DGELU, cublaslt._OP_N, cublaslt._OP_N, n, m, k, dev.index or 0))
+        row("fc2 ∂x DGELU", flop, lambda: g @ w2, lambda: cublaslt.matmul_dgelu(g, w2, pre), err, key, dev)
 
 
 if __name__ == "__main__":

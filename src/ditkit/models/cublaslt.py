@@ -175,11 +175,11 @@ def _time_all(candidates: list[_Heuristic], run, stream: torch.cuda.Stream, roun
     rounds of ``reps`` runs.  Each round's runs are queued behind a sleeping kernel, so that the GPU runs
     them back to back and the time is the product's, not the host's launches (ctypes calls cost ~10 µs,
     the small products ~40 µs)."""
-    times = [float("inf") if algo.workspace_size > _WORKSPACE or run(algo) != 0 else 0.0 for algo in candidates]
+    usable = [algo.workspace_size <= _WORKSPACE and run(algo) == 0 for algo in candidates]
     best = [float("inf")] * len(candidates)
     for _ in range(rounds):
         for i, algo in enumerate(candidates):
-            if times[i] == float("inf"):
+            if not usable[i]:
                 continue
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
             with torch.cuda.stream(stream):
@@ -190,7 +190,7 @@ def _time_all(candidates: list[_Heuristic], run, stream: torch.cuda.Stream, roun
             events[1].record(stream)
             events[1].synchronize()
             best[i] = min(best[i], events[0].elapsed_time(events[1]) / reps)
-    return [float("inf") if t == float("inf") else b for t, b in zip(times, best)]
+    return best
 
 
 def _operands(*tensors: torch.Tensor) -> None:

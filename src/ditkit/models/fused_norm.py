@@ -73,11 +73,10 @@ def modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd):
     g_next = g_next.contiguous() if g_next is not None else None
     o = o.contiguous() if o is not None else None
     if _on_triton(stream):
-        grads = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd,
-                                             (stream.dtype, o.dtype if o is not None else stream.dtype))
+        dx, do, sums = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd,
+                                                    (stream.dtype, o.dtype if o is not None else stream.dtype))
     else:
-        grads = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
-    dx, do, sums = grads
+        dx, do, sums = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
     return dx.to(stream.dtype), do.to(o.dtype) if o is not None else stream.new_empty(0), sums
 
 
