@@ -7,7 +7,7 @@
               ∂W₁ = ∂preᵀ x,  ∂b₁ = Σ ∂pre,  ∂x = ∂pre W₁
 
 The weight gradients run through ``cublaslt.weight_grad`` (the fastest of cuBLASLt's candidates for
-the shape): at DiT-XL/2 batch-32 shapes, torch's choice for ∂W₁ ran at 581 TFLOP/s, the fastest
+the shape): at DiT-XL/2 batch-32 shapes, torch's choice for ∂W₁ ran at 586 TFLOP/s, the fastest
 candidate at 695 (``benchmarks/gemm_algos.py``).  Without b₂ (``FusedMlp.forward(x, with_bias=False)``)
 y comes without fc2's bias, for a caller that adds it itself (``ditkit.models.fused_norm``: the next
 norm kernel adds it and makes its gradient).
