@@ -20,7 +20,8 @@ for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.ada
 block linears' forward and ∂x products in FP8, ``ditkit.models.fp8_training``), +bf16res (a bf16
 residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilogues,
 ``train.fused_mlp``) and +norm (adaLN's LayerNorm, modulation and gated residual as Triton kernels,
-``train.fused_norm``) and +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
+``train.fused_norm``), +lt (every other linear's products through cuBLASLt's fastest candidate,
+``train.tuned_linear``) and +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
 kernel, ``train.bf16_weights``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
@@ -81,6 +82,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     # (ditkit.models.fp8_training); in sampling with static activation scales (ditkit.models.fp8)
     "bf16res": ("train",),  # the residual stream (block inputs and outputs) in bf16 instead of float32
     "mlp": ("train",),  # the MLP with GELU in cuBLASLt's epilogues (ditkit.models.fused_mlp, train.fused_mlp)
+    "lt": ("train",),  # the other linears' products through cuBLASLt's fastest candidate (ditkit.models.tuned_linear)
     "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
     "master": ("train",),  # bf16 weights, float32 masters: one flat AdamW + EMA kernel (ditkit.train.master_weights)
@@ -171,17 +173,32 @@ def profile_kernels(fn, device: torch.device, calls: int = 3) -> dict:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = {}
+    kernels, spans = {}, []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e3 / calls  # ms per call
+            spans.append((e.time_range.start, e.time_range.end, e.name))
     classes = {}
     for name, ms in kernels.items():
         cls = next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
         classes[cls] = classes.get(cls, 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
     return {"gpu_ms": sum(kernels.values()), "classes": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
-            "top": [[name[:160], ms] for name, ms in top]}
+            "top": [[name[:160], ms] for name, ms in top], **idle_gaps(spans, calls)}
+
+
+def idle_gaps(spans: list[tuple[float, float, str]], calls: int) -> dict:
+    """Where the GPU ran no kernel between the first kernel and the last (µs time ranges): the idle ms
+    per call, the kernel count per call, and the 12 longest gaps (ms, with the kernels either side)."""
+    spans.sort()
+    gaps, end, before = [], None, None
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append(((start - end) / 1e3, before[:60], name[:60]))
+        if end is None or stop >= end:
+            end, before = stop, name
+    return {"idle_ms": sum(g[0] for g in gaps) / calls, "kernels_per_call": len(spans) / calls,
+            "gaps": sorted(gaps, reverse=True)[:12]}
 
 
 def format_profile(p: dict) -> str:
@@ -189,6 +206,9 @@ def format_profile(p: dict) -> str:
     lines = [f"  profile: {total:.1f} GPU-ms per call; " + ", ".join(f"{c} {ms:.1f} ({100 * ms / total:.0f}%)"
                                                                   for c, ms in p["classes"].items())]
     lines += [f"    {ms:7.2f} ms  {name[:110]}" for name, ms in p["top"][:15]]
+    if "idle_ms" in p:
+        lines.append(f"  GPU idle between kernels: {p['idle_ms']:.2f} ms per call, {p['kernels_per_call']:.0f} kernels per call; "
+                     "longest gaps: " + "; ".join(f"{ms:.3f} ms {a} -> {b}" for ms, a, b in p["gaps"][:6]))
     return "\n".join(lines)
 
 
@@ -323,6 +343,10 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
         model.residual_dtype = torch.bfloat16
     if "mlp" in levers(variant):
         convert_to_fused_mlp(model)
+    if "lt" in levers(variant):
+        from ditkit.models.tuned_linear import convert_to_tuned_linear  # here: an A/B run may import older code
+
+        convert_to_tuned_linear(model)
     if "norm" in levers(variant):
         convert_to_fused_norm(model)
     params = [p for p in model.parameters() if p.requires_grad]

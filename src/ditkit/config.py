@@ -130,6 +130,7 @@ class TrainConfig:
     compile_mode: str = "default"  # default | cudagraphs (torch.compile's reduce-overhead: each step's graphs replayed)
     fp8: bool = False  # block linears' forward and ∂x products in FP8, row-wise scales (ditkit.models.fp8_training)
     fused_mlp: bool = False  # the MLP with GELU and its derivative in cuBLASLt's epilogues on CUDA (ditkit.models.fused_mlp)
+    tuned_linear: bool = False  # the other linears' products through cuBLASLt's fastest candidate on CUDA (ditkit.models.tuned_linear)
     fused_norm: bool = False  # adaLN's LayerNorm, modulation and gated residual as Triton kernels on CUDA (ditkit.models.fused_norm)
     bf16_residual: bool = False  # under bf16 autocast, the residual stream in bf16 instead of float32 (Megatron's default)
     fused_tail: bool = False  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema); slower on an H100, see README

@@ -10,7 +10,8 @@ from torch.library import opcheck
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp, build_model
-from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp, dgelu_matmul, gelu_mlp, revert_fused_mlp, weight_grad
+from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp, dgelu_matmul, gelu_mlp, revert_fused_mlp
+from ditkit.models.tuned_linear import weight_grad
 
 G = torch.Generator().manual_seed(0)
 

@@ -40,7 +40,7 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE = 3, 4, 7  # cublasLtMatmulDescAttributes_t
 _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 8, 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
-DEFAULT, GELU_AUX_BIAS, DGELU, BGRADB = 1, 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
+DEFAULT, BIAS, GELU_AUX_BIAS, DGELU, BGRADB = 1, 4, 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
 _WITH_BIAS, _WITH_AUX = 4 | 256 | 512, 128  # the epilogue bits that use the bias (or its gradient) and the aux matrix
 _WORKSPACE = 32 << 20  # bytes, as torch gives cuBLASLt on Hopper
 

@@ -6,9 +6,9 @@
               ∂W₂ = ∂yᵀ a,  ∂b₂ = Σ ∂y
               ∂W₁ = ∂preᵀ x,  ∂b₁ = Σ ∂pre,  ∂x = ∂pre W₁
 
-The weight gradients run through ``cublaslt.weight_grad`` (the fastest of cuBLASLt's candidates for
-the shape): at DiT-XL/2 batch-32 shapes, torch's choice for ∂W₁ ran at 586 TFLOP/s, the fastest
-candidate at 695 (``benchmarks/gemm_algos.py``).  Without b₂ (``FusedMlp.forward(x, with_bias=False)``)
+The other products (y's, ∂x's and the weight gradients) run through the fastest of cuBLASLt's
+candidates for the shape (``ditkit.models.tuned_linear``): at DiT-XL/2 batch-32 shapes, torch's choice
+for ∂W₁ ran at 586 TFLOP/s, the fastest candidate at 695 (``benchmarks/gemm_algos.py``).  Without b₂ (``FusedMlp.forward(x, with_bias=False)``)
 y comes without fc2's bias, for a caller that adds it itself (``ditkit.models.fused_norm``: the next
 norm kernel adds it and makes its gradient).
 
@@ -31,15 +31,7 @@ from torch import nn
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
 from ditkit.models.module_swap import compute_dtype, swap_modules
-
-
-def _fused(*tensors: torch.Tensor) -> bool:
-    """Whether cuBLASLt takes these operands: one half dtype, contiguous, 256-byte aligned, each one's last size
-    (between them, every size but the tokens) a multiple of 8.  Else the operators compute with torch's ops."""
-    dtype = tensors[0].dtype
-    return (dtype in (torch.bfloat16, torch.float16) and all(t.dtype == dtype for t in tensors)
-            and all(t.is_contiguous() and t.data_ptr() % 256 == 0 and t.shape[-1] % 8 == 0 for t in tensors)
-            and cublaslt.available(tensors[0].device))
+from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, weight_grad
 
 
 # The MLP is one operator with a registered backward: the GELU-gradient product (fc2's ∂x with fc1's
@@ -50,12 +42,12 @@ def _fused(*tensors: torch.Tensor) -> bool:
 def gelu_mlp(x, w1, b1, w2, b2):
     """x (M, D) -> y (M, D) (without b₂ when it is None), and for the backward a = GELU(pre) and
     pre = x W₁ᵀ + b₁, both (M, H)."""
-    if _fused(x, w1, b1):
+    if lt_ready(x, w1, b1):
         a, pre = cublaslt.linear_gelu(x, w1, b1)
     else:
         pre = torch.addmm(b1, x, w1.t())
         a = F.gelu(pre, approximate="tanh")
-    return (torch.addmm(b2, a, w2.t()) if b2 is not None else a @ w2.t()), a, pre
+    return linear_product(a, w2, b2), a, pre
 
 
 @gelu_mlp.register_fake
@@ -66,7 +58,7 @@ def _(x, w1, b1, w2, b2):
 @torch.library.custom_op("ditkit::dgelu_matmul", mutates_args=(), schema="(Tensor g, Tensor w, Tensor pre) -> Tensor")
 def dgelu_matmul(g, w, pre):
     """g (M, D) = ∂y, w (D, H) = W₂, pre (M, H) -> ∂pre = (g W₂) ⊙ GELU'(pre) (M, H)."""
-    if _fused(g, w, pre):
+    if lt_ready(g, w, pre):
         return cublaslt.matmul_dgelu(g, w, pre)
     return torch.ops.aten.gelu_backward(g @ w, pre, approximate="tanh")
 
@@ -74,19 +66,6 @@ def dgelu_matmul(g, w, pre):
 @dgelu_matmul.register_fake
 def _(g, w, pre):
     return pre.new_empty(pre.shape)
-
-
-@torch.library.custom_op("ditkit::weight_grad", mutates_args=(), schema="(Tensor gy, Tensor x) -> Tensor")
-def weight_grad(gy, x):
-    """gy (M, N) = ∂y, x (M, K) -> ∂W = gyᵀ x (N, K)."""
-    if _fused(gy, x):
-        return cublaslt.weight_grad(gy, x)
-    return gy.t() @ x
-
-
-@weight_grad.register_fake
-def _(gy, x):
-    return gy.new_empty(gy.shape[1], x.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,7 +80,7 @@ def _backward(ctx, gy, ga, gpre):
     x, w1, w2, a, pre = ctx.saved_tensors
     gy = gy.contiguous()
     gpre = dgelu_matmul(gy, w2, pre)
-    return (gpre @ w1, weight_grad(gpre, x), gpre.sum(0), weight_grad(gy, a),
+    return (tuned_matmul(gpre, w1), weight_grad(gpre, x), gpre.sum(0), weight_grad(gy, a),
             gy.sum(0) if ctx.has_b2 else None)
 
 

@@ -10,7 +10,7 @@ In a DiT block
 Attn's and MLP's last linears (``proj``, ``fc2``) run without their bias b, which the kernel adds
 (x + α ⊙ (o + b)); its backward then gives ∂b from one more token sum it keeps in registers, instead of
 a reduction over ∂o after it (about 0.4 ms per DiT-XL/2 step at batch 32).  Where the linear is not a
-plain ``nn.Linear`` (FP8 training's) the module runs whole, and so does the MLP of a block sharded by
+plain or tuned linear (FP8 training's) the module runs whole, and so does the MLP of a block sharded by
 FSDP2, whose gathered weights are freed after its forward: fc2's bias would cross to the next block.
 
 Each operator is one Triton kernel forward and one backward (``ditkit.models.norm_kernels``: the
@@ -32,6 +32,7 @@ from ditkit.models import norm_kernels
 from ditkit.models.dit import Attention, DiTBlock, FinalLayer, Mlp
 from ditkit.models.fused_mlp import FusedMlp
 from ditkit.models.module_swap import compute_dtype, swap_modules
+from ditkit.models.tuned_linear import TunedLinear
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -151,16 +152,16 @@ def _norm_of_input(x: torch.Tensor | PendingResidual, shift, scale, eps: float):
 
 def _without_last_bias(module: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(``module(h)`` less the bias of its last linear, that bias), or (``module(h)``, None) where the last
-    linear is not a plain ``nn.Linear`` with a bias (FP8 training's runs whole)."""
+    linear is not an ``nn.Linear`` or ``TunedLinear`` with a bias (FP8 training's runs whole)."""
     last = module.proj if isinstance(module, Attention) else getattr(module, "fc2", None)
-    if type(last) is not nn.Linear or last.bias is None:
+    if type(last) not in (nn.Linear, TunedLinear) or last.bias is None:
         return module(h), None
     if isinstance(module, FusedMlp):
         return module(h, with_bias=False), last.bias
-    if isinstance(module, Attention):
-        return nn.functional.linear(module.attend(h), last.weight), last.bias
-    if isinstance(module, Mlp):
-        return nn.functional.linear(module.hidden(h), last.weight), last.bias
+    if isinstance(module, (Attention, Mlp)):
+        inner = module.attend(h) if isinstance(module, Attention) else module.hidden(h)
+        out = last(inner, with_bias=False) if isinstance(last, TunedLinear) else nn.functional.linear(inner, last.weight)
+        return out, last.bias
     return module(h), None
 
 
