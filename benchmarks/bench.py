@@ -21,7 +21,8 @@ block linears' forward and ∂x products in FP8, ``ditkit.models.fp8_training``)
 residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilogues,
 ``train.fused_mlp``) and +norm (adaLN's LayerNorm, modulation and gated residual as Triton kernels,
 ``train.fused_norm``), +lt (every other linear's products through cuBLASLt's fastest candidate,
-``train.tuned_linear``) and +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
+``train.tuned_linear``), +attn (the qkv linear and cuDNN's attention as one operator whose backward makes ∂qkv and
+its bias gradient in one kernel, ``train.fused_attention``) and +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
 kernel, ``train.bf16_weights``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
@@ -82,6 +83,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     # (ditkit.models.fp8_training); in sampling with static activation scales (ditkit.models.fp8)
     "bf16res": ("train",),  # the residual stream (block inputs and outputs) in bf16 instead of float32
     "mlp": ("train",),  # the MLP with GELU in cuBLASLt's epilogues (ditkit.models.fused_mlp, train.fused_mlp)
+    "attn": ("train",),  # qkv linear + cuDNN attention as one operator, ∂qkv and its bias sum in one kernel (ditkit.models.fused_attention)
     "lt": ("train",),  # the other linears' products through cuBLASLt's fastest candidate (ditkit.models.tuned_linear)
     "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
@@ -343,6 +345,10 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
         model.residual_dtype = torch.bfloat16
     if "mlp" in levers(variant):
         convert_to_fused_mlp(model)
+    if "attn" in levers(variant):
+        from ditkit.models.fused_attention import convert_to_fused_attention  # here: an A/B run may import older code
+
+        convert_to_fused_attention(model)
     if "lt" in levers(variant):
         from ditkit.models.tuned_linear import convert_to_tuned_linear  # here: an A/B run may import older code
 

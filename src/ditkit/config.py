@@ -130,6 +130,7 @@ class TrainConfig:
     compile_mode: str = "default"  # default | cudagraphs (torch.compile's reduce-overhead: each step's graphs replayed)
     fp8: bool = False  # block linears' forward and ∂x products in FP8, row-wise scales (ditkit.models.fp8_training)
     fused_mlp: bool = False  # the MLP with GELU and its derivative in cuBLASLt's epilogues on CUDA (ditkit.models.fused_mlp)
+    fused_attention: bool = False  # qkv linear + cuDNN attention as one operator, ∂qkv and its bias sum in one kernel (ditkit.models.fused_attention)
     tuned_linear: bool = False  # the other linears' products through cuBLASLt's fastest candidate on CUDA (ditkit.models.tuned_linear)
     fused_norm: bool = False  # adaLN's LayerNorm, modulation and gated residual as Triton kernels on CUDA (ditkit.models.fused_norm)
     bf16_residual: bool = False  # under bf16 autocast, the residual stream in bf16 instead of float32 (Megatron's default)
@@ -202,6 +203,8 @@ class Config:
             (self.train.sdpa in SDPA_CHOICES, "train.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
             (self.sample.sdpa in SDPA_CHOICES, "sample.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
+            (not self.train.fused_attention or self.train.sdpa in ("auto", "cudnn"), "train.sdpa",
+             "auto or cudnn with train.fused_attention=true (its operator calls cuDNN's attention)"),
             (not (self.train.fp8 and self.train.fused_mlp), "train.fused_mlp",
              "false with train.fp8=true (both replace the MLP's products)"),
             (not (self.train.bf16_weights and self.train.fused_tail), "train.fused_tail",

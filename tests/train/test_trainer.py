@@ -15,6 +15,7 @@ from ditkit.config import ConfigError, load_config
 from ditkit.models.dit import build_model
 from ditkit.train.checkpoint import load_checkpoint
 from ditkit.train.ema import ema_decay_at
+from ditkit.models.fused_attention import convert_to_fused_attention
 from ditkit.models.fused_mlp import convert_to_fused_mlp
 from ditkit.models.fused_norm import convert_to_fused_norm
 from ditkit.models.tuned_linear import convert_to_tuned_linear
@@ -395,9 +396,10 @@ def test_fp8_training_follows_the_float_run_and_writes_plain_checkpoints(tmp_pat
 
 
 @pytest.mark.parametrize("option, convert", [("fused_mlp", convert_to_fused_mlp), ("fused_norm", convert_to_fused_norm),
-                                             ("tuned_linear", convert_to_tuned_linear)])
+                                             ("tuned_linear", convert_to_tuned_linear),
+                                             ("fused_attention", convert_to_fused_attention)])
 def test_fused_kernels_training_follows_the_plain_run(tmp_path, monkeypatch, option, convert):
-    """train.fused_mlp / fused_norm / tuned_linear=true (on the CPU their operators compute with torch's ops)
+    """train.fused_mlp / fused_norm / tuned_linear / fused_attention=true (on the CPU their operators compute with torch's ops)
     against the plain run: the same losses to float rounding, and the same checkpoint keys."""
     common = [*TINY, "train.steps=6", "train.log_every=2"]
     converted = []
@@ -405,7 +407,7 @@ def test_fused_kernels_training_follows_the_plain_run(tmp_path, monkeypatch, opt
     for fused in ("false", "true"):
         train(load_config("digits", overrides=[*common, f"train.{option}={fused}"]), tmp_path / fused, device="cpu")
     # the true run's two blocks (and the final layer); its linears: 4 and adaLN's per block, 2 in the time embedder, 2 in the final layer
-    assert converted == [{"fused_mlp": 2, "fused_norm": 3, "tuned_linear": 2 * 5 + 2 + 2}[option]]
+    assert converted == [{"fused_mlp": 2, "fused_norm": 3, "tuned_linear": 2 * 5 + 2 + 2, "fused_attention": 2}[option]]
     ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
     assert ref.keys() == got.keys() == {2, 4, 6}
     assert all(abs(got[k] - ref[k]) <= 1e-5 * ref[k] for k in ref), (ref, got)
@@ -419,12 +421,12 @@ def test_fused_mlp_is_refused_with_fp8():
 
 def test_fused_kernels_under_two_process_fsdp(tmp_path):
     """FSDP2 unshards the block's Parameters around its forward; the fused MLP's and norm's operators and the
-    tuned linears take them as the plain modules do: the same losses."""
+    tuned linears and the fused attention take them as the plain modules do: the same losses."""
     common = ["train", "--preset", "digits", "--device", "cpu", "--steps", "4"]
     for fused in ("false", "true"):
         torchrun(2, *common, "--run-dir", str(tmp_path / fused),
                  *overrides("train.distributed=fsdp", "train.log_every=2", f"train.fused_mlp={fused}", f"train.fused_norm={fused}",
-                           f"train.tuned_linear={fused}"))
+                           f"train.tuned_linear={fused}", f"train.fused_attention={fused}"))
     ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
     assert ref.keys() == got.keys() == {2, 4}
     assert all(abs(got[k] - ref[k]) <= 1e-5 * ref[k] for k in ref), (ref, got)

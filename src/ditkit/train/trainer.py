@@ -22,6 +22,7 @@ from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import as_pair, build_model
 from ditkit.models.fp8_training import convert_for_fp8_training
+from ditkit.models.fused_attention import convert_to_fused_attention
 from ditkit.models.fused_mlp import convert_to_fused_mlp
 from ditkit.models.fused_norm import convert_to_fused_norm
 from ditkit.models.tuned_linear import convert_to_tuned_linear
@@ -243,6 +244,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     kernels = "" if dev.type == "cuda" else f" (on {dev.type}: torch's ops, the fused kernels need CUDA)"
     if cfg.train.fused_mlp:
         log.info(f"train.fused_mlp: {convert_to_fused_mlp(model)} MLPs converted{kernels}")
+    if cfg.train.fused_attention:
+        log.info(f"train.fused_attention: {convert_to_fused_attention(model)} attention layers converted{kernels}")
     if cfg.train.tuned_linear:
         log.info(f"train.tuned_linear: {convert_to_tuned_linear(model)} linears converted{kernels}")
     if cfg.train.fused_norm:
