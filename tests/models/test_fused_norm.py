@@ -123,11 +123,6 @@ def test_triton_kernels_equal_the_equations(shape, residual, dtype):
             assert rel_err(b.float(), a) < 2 * tol
     storages = [t.untyped_storage().data_ptr() for t in got if t is not None]
     assert len(set(storages)) == len(storages)  # no two share memory: the operator's outputs may not alias
-    # each sample's last program added the slices' sums and reset its counter: a second launch gives the same sums
-    assert not norm_kernels._counters(x.device, shape[0]).any()
-    again = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd,
-                                         (stream.dtype, o.dtype if o is not None else stream.dtype))
-    assert torch.equal(again[2], got[2])
 
 
 def _block_pair(cross=False):
