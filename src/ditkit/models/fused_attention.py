@@ -97,7 +97,7 @@ def qkv_attention_backward(g, qkv, o, lse, seed, offset, n, heads):
             as_heads(g), q, k, v, as_heads(o), lse, seed, offset, None, None, None, tokens, tokens, 0.0, False)
     else:
         dq, dk, dv = (t.to(qkv.dtype) for t in _attention_grads_reference(as_heads(g), q, k, v))
-    if qkv_kernels.triton is not None and qkv.is_cuda and dq.stride() == dk.stride() == dv.stride():
+    if qkv_kernels.triton is not None and qkv.is_cuda and all(map(qkv_kernels.rows_layout, (dq, dk, dv))):
         return qkv_kernels.stack_triton(dq, dk, dv)
     return qkv_kernels.stack_reference(dq, dk, dv)
 

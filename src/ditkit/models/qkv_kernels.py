@@ -1,10 +1,10 @@
-"""The gradient of attention's packed input: ∂q, ∂k, ∂v, each (N, H, T, Dh) with any strides, laid out as
+"""The gradient of attention's packed input: ∂q, ∂k, ∂v, each (N, H, T, Dh), laid out as
 ∂qkv (N·T, 3·D) (the layout of the qkv linear's output, D = H·Dh), and the column sums Σ_t ∂qkv (the qkv
 bias's gradient) in the same pass.
 
 Compiled, autograd's stacking of ∂q, ∂k, ∂v is one pass and the bias gradient another that reads them
 again (``benchmarks/bench.py --profile``: 1.0 and 0.5 ms per DiT-XL/2 step at batch 32 on an H100).  One
-program copies a (rows × columns) tile and keeps its column sums; a torch sum over the row tiles'
+program copies a (rows × columns) tile of one of the three and keeps its column sums; a torch sum over the row tiles'
 partial sums finishes them.  ``stack_reference`` is the same in torch: the CPU path, and what the tests
 compare the kernel with (Triton's interpreter on the CPU).
 """
@@ -26,42 +26,46 @@ def stack_reference(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tup
     return dqkv, dqkv.float().sum(0)
 
 
+def rows_layout(g: torch.Tensor) -> bool:
+    """Whether g (N, H, T, Dh) lies in memory as (N, T, H, Dh), i.e. as a row-major (N·T, H·Dh) matrix: the
+    layout cuDNN gives its gradients when q, k, v are views of one qkv tensor.  The kernel takes only this."""
+    n, heads, tokens, dh = g.shape
+    return g.stride() == (tokens * heads * dh, dh, heads * dh, 1)
+
+
 if triton is not None:
     @triton.jit
-    def _stack_heads_kernel(q_ptr, k_ptr, v_ptr, out_ptr, partial_ptr, rows, tokens, width, head_dim,
-                            s_n, s_h, s_t, s_d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _stack_heads_kernel(q_ptr, k_ptr, v_ptr, out_ptr, partial_ptr, rows, width,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
+        which = tl.program_id(2)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        col_ok = cols < 3 * width
-        which = cols // width
-        c = cols % width
-        src_col = (c // head_dim) * s_h + (c % head_dim) * s_d
-        row_ok = m < rows
-        m64 = m.to(tl.int64)
-        src_row = (m64 // tokens) * s_n + (m64 % tokens) * s_t
-        at = src_row[:, None] + src_col[None, :]
-        mask = row_ok[:, None] & col_ok[None, :]
-        g = tl.load(q_ptr + at, mask=mask & (which == 0)[None, :], other=0.0)
-        g += tl.load(k_ptr + at, mask=mask & (which == 1)[None, :], other=0.0)
-        g += tl.load(v_ptr + at, mask=mask & (which == 2)[None, :], other=0.0)
-        tl.store(out_ptr + m64[:, None] * (3 * width) + cols[None, :], g, mask=mask)
-        tl.store(partial_ptr + pid_m.to(tl.int64) * (3 * width) + cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok)
+        m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        col_ok = cols < width
+        mask = (m < rows)[:, None] & col_ok[None, :]
+        at = m[:, None] * width + cols[None, :]
+        if which == 0:
+            g = tl.load(q_ptr + at, mask=mask, other=0.0)
+        elif which == 1:
+            g = tl.load(k_ptr + at, mask=mask, other=0.0)
+        else:
+            g = tl.load(v_ptr + at, mask=mask, other=0.0)
+        out_cols = which * width + cols
+        tl.store(out_ptr + m[:, None] * (3 * width) + out_cols[None, :], g, mask=mask)
+        tl.store(partial_ptr + pid_m.to(tl.int64) * (3 * width) + out_cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok)
 
 
 def stack_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, block_m: int = 64, block_n: int = 128
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``stack_reference`` as one kernel launch and a sum over the row tiles; dq, dk, dv share their strides."""
-    if not (dq.stride() == dk.stride() == dv.stride() and dq.shape == dk.shape == dv.shape):
-        raise ValueError(f"stack_triton: ∂q, ∂k, ∂v must share shape and strides, got {dq.stride()}, {dk.stride()}, "
-                         f"{dv.stride()}")
+    """``stack_reference`` as one kernel launch and a sum over the row tiles; dq, dk, dv in ``rows_layout``."""
+    if not (dq.shape == dk.shape == dv.shape and all(map(rows_layout, (dq, dk, dv)))):
+        raise ValueError(f"stack_triton: ∂q, ∂k, ∂v must be (N, H, T, Dh) laid out as (N, T, H, Dh), got strides "
+                         f"{dq.stride()}, {dk.stride()}, {dv.stride()}")
     n, heads, tokens, dh = dq.shape
     rows, width = n * tokens, heads * dh
     out = torch.empty(rows, 3 * width, device=dq.device, dtype=dq.dtype)
     tiles = triton.cdiv(rows, block_m)
     partial = torch.empty(tiles, 3 * width, device=dq.device, dtype=torch.float32)
-    s_n, s_h, s_t, s_d = dq.stride()
-    _stack_heads_kernel[(tiles, triton.cdiv(3 * width, block_n))](
-        dq, dk, dv, out, partial, rows, tokens, width, dh, s_n, s_h, s_t, s_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4)
+    _stack_heads_kernel[(tiles, triton.cdiv(width, block_n), 3)](dq, dk, dv, out, partial, rows, width,
+                                                                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out, partial.sum(0)
