@@ -84,6 +84,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     "bf16res": ("train",),  # the residual stream (block inputs and outputs) in bf16 instead of float32
     "mlp": ("train",),  # the MLP with GELU in cuBLASLt's epilogues (ditkit.models.fused_mlp, train.fused_mlp)
     "attn": ("train",),  # qkv linear + cuDNN attention as one operator, ∂qkv and its bias sum in one kernel (ditkit.models.fused_attention)
+    "loss": ("train",),  # compile the loss function with the network inside it, not the network alone
     "lt": ("train",),  # the other linears' products through cuBLASLt's fastest candidate (ditkit.models.tuned_linear)
     "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
@@ -327,12 +328,25 @@ def compiled(variant: str) -> bool:
     return bool(levers(variant) & {"compile", "cudagraphs"})
 
 
-def prepare(model: nn.Module, variant: str, args) -> tuple[nn.Module, torch.dtype | None]:
-    """The network a variant runs (compiled, CUDA graphs) and its autocast dtype (None: fp32)."""
+def compile_kwargs(variant: str, args) -> dict:
     mode = "reduce-overhead" if "cudagraphs" in levers(variant) else args.compile_mode
-    kwargs = {"backend": args.compile_backend, **({"mode": mode} if mode else {})}
-    net = torch.compile(model, **kwargs) if compiled(variant) else model
+    return {"backend": args.compile_backend, **({"mode": mode} if mode else {})}
+
+
+def prepare(model: nn.Module, variant: str, args) -> tuple[nn.Module, torch.dtype | None]:
+    """The network a variant runs (compiled, CUDA graphs; with +loss the loss is compiled instead, the
+    network inside it) and its autocast dtype (None: fp32)."""
+    net = torch.compile(model, **compile_kwargs(variant, args)) if compiled(variant) and "loss" not in levers(variant) else model
     return net, (torch.bfloat16 if variant.startswith("bf16") else None)
+
+
+class CompiledLoss:
+    """An objective whose ``loss`` is one compiled function: the noise and time draws, the network's forward
+    and the loss terms in one graph (and one CUDA graph with +cudagraphs), instead of eager loss kernels around
+    a compiled network."""
+
+    def __init__(self, objective, **kwargs):
+        self.loss = torch.compile(objective.loss, **kwargs)
 
 
 def bench_train(name: str, batch: int, variant: str, args, device: torch.device, flops: dict) -> dict:
@@ -370,6 +384,8 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     graphs = "cudagraphs" in levers(variant)
     objective, cfg = create_ddpm(), Config()  # cfg.train: seed 0, grad_clip 0 (off): the official recipe
     net, amp_dtype = prepare(model, variant, args)
+    if "loss" in levers(variant):
+        objective = CompiledLoss(objective, **compile_kwargs(variant, args))
     x, y = random_batch(batch, args, device)
     state = {"step": 0}
 

@@ -2,7 +2,7 @@
 ``ditkit.train.master_weights``) on a GPU: exact against its torch equations at full size, and its
 parts' GPU time and bandwidth next to the plain path's (fused AdamW, foreach EMA, gradient norm).
 
-    PYTHONPATH=src python benchmarks/master_weights_check.py [--model DiT-XL/2]
+    PYTHONPATH=src python benchmarks/master_weights_check.py [--model DiT-XL/2] [--sweep]
 
 Random gradients (bf16 for the layers autocast casts, float32 for the rest).  Checks, after 3 steps:
 the flat update equals ``adamw_ema_reference`` run on copies of the same buffers (float32 state to
@@ -28,6 +28,7 @@ from ditkit.train.master_weights import MasterWeightAdamW, step_scalars
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="DiT-XL/2")
+    ap.add_argument("--sweep", action="store_true", help="also time the AdamW + EMA kernel at other launch configurations")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -87,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                  lambda: master_kernels.sum_squares_triton(table, torch.bfloat16, low.layout), 20, device), 2),
              ("bf16 weights: AdamW + EMA + bf16 copy (Triton)", median_ms(update, 20, device), 36),
              ("bf16 weights: whole opt.step (both groups, scalars)", median_ms(opt.step, 20, device), None)]
+    numels = [p.numel() for p in low.params]
+    for block, warps in [(b, w) for b in (1024, 2048, 4096) for w in (4, 8)] if args.sweep else []:
+        layout = master_kernels.flat_layout(numels, device, block, warps)
+        ms = median_ms(lambda: master_kernels.adamw_ema_triton(table, torch.bfloat16, layout, low.master, low.exp_avg,
+                                                               low.exp_avg_sq, low.ema, low.weights, scalars, 0.9, 0.999,
+                                                               1e-8), 20, device)
+        rows.append((f"bf16 weights: AdamW + EMA, {block} elements and {warps} warps per program", ms, 36))
     print("\n| pass | ms | bytes/param | GB/s |\n| --- | --- | --- | --- |")
     n_all = sum(p.numel() for p in trained)
     for name, ms, per_param in rows:

@@ -51,18 +51,20 @@ class FlatLayout:
     numel: torch.Tensor  # (P,) int64
     block_param: torch.Tensor  # (B,) int32
     block_start: torch.Tensor  # (B,) int64
+    block: int = BLOCK  # elements per program
+    warps: int = WARPS
 
 
-def flat_layout(numels: list[int], device: torch.device) -> FlatLayout:
+def flat_layout(numels: list[int], device: torch.device, block: int = BLOCK, warps: int = WARPS) -> FlatLayout:
     offsets, end = [], 0
     for n in numels:
         offsets.append(end)
         end += -(-n // ALIGN) * ALIGN
-    blocks = [(i, s) for i, n in enumerate(numels) for s in range(0, n, BLOCK)]
+    blocks = [(i, s) for i, n in enumerate(numels) for s in range(0, n, block)]
     return FlatLayout(offsets, end, torch.tensor(offsets, dtype=torch.int64, device=device),
                       torch.tensor(numels, dtype=torch.int64, device=device),
                       torch.tensor([i for i, _ in blocks], dtype=torch.int32, device=device),
-                      torch.tensor([s for _, s in blocks], dtype=torch.int64, device=device))
+                      torch.tensor([s for _, s in blocks], dtype=torch.int64, device=device), block, warps)
 
 
 def pointer_table(grads: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -167,7 +169,7 @@ def sum_squares_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: Fla
     """Σ g² of the gradients at the addresses in ``table`` (``pointer_table``)."""
     partials = torch.empty(layout.block_param.numel(), device=layout.offset.device, dtype=torch.float32)
     _sum_squares_kernel[(partials.numel(),)](*_layout_args(layout, table), partials, G_TYPE=G_TYPES[grad_dtype],
-                                             BLOCK=BLOCK, num_warps=WARPS)
+                                             BLOCK=layout.block, num_warps=layout.warps)
     return partials.sum()
 
 
@@ -177,4 +179,4 @@ def adamw_ema_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: FlatL
     _adamw_ema_kernel[(layout.block_param.numel(),)](
         *_layout_args(layout, table), master, exp_avg, exp_avg_sq, ema, weights if weights is not None else master,
         scalars, beta1, 1 - beta1, beta2, 1 - beta2, eps, G_TYPE=G_TYPES[grad_dtype], HAS_W=weights is not None,
-        BLOCK=BLOCK, num_warps=WARPS)
+        BLOCK=layout.block, num_warps=layout.warps)
