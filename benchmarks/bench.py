@@ -340,15 +340,6 @@ def prepare(model: nn.Module, variant: str, args) -> tuple[nn.Module, torch.dtyp
     return net, (torch.bfloat16 if variant.startswith("bf16") else None)
 
 
-class CompiledLoss:
-    """An objective whose ``loss`` is one compiled function: the noise and time draws, the network's forward
-    and the loss terms in one graph (and one CUDA graph with +cudagraphs), instead of eager loss kernels around
-    a compiled network."""
-
-    def __init__(self, objective, **kwargs):
-        self.loss = torch.compile(objective.loss, **kwargs)
-
-
 def bench_train(name: str, batch: int, variant: str, args, device: torch.device, flops: dict) -> dict:
     torch.manual_seed(0)
     model = make_model(name, args.input_size, device).train()
@@ -384,7 +375,9 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     graphs = "cudagraphs" in levers(variant)
     objective, cfg = create_ddpm(), Config()  # cfg.train: seed 0, grad_clip 0 (off): the official recipe
     net, amp_dtype = prepare(model, variant, args)
-    if "loss" in levers(variant):
+    if "loss" in levers(variant):  # (imported here: an A/B run may import older code)
+        from ditkit.train.compiled_loss import CompiledLoss
+
         objective = CompiledLoss(objective, **compile_kwargs(variant, args))
     x, y = random_batch(batch, args, device)
     state = {"step": 0}

@@ -127,6 +127,7 @@ class TrainConfig:
     seed: int = 0
     distributed: str = "ddp"  # ddp | fsdp (when launched with torchrun)
     compile: bool = False
+    compile_loss: bool = False  # with compile: the loss compiled with the network inside it, one process (ditkit.train.compiled_loss)
     compile_mode: str = "default"  # default | cudagraphs (torch.compile's reduce-overhead: each step's graphs replayed)
     fp8: bool = False  # block linears' forward and ∂x products in FP8, row-wise scales (ditkit.models.fp8_training)
     fused_mlp: bool = False  # the MLP with GELU and its derivative in cuBLASLt's epilogues on CUDA (ditkit.models.fused_mlp)
@@ -203,6 +204,8 @@ class Config:
             (self.train.sdpa in SDPA_CHOICES, "train.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
             (self.sample.sdpa in SDPA_CHOICES, "sample.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
+            (self.train.compile or not self.train.compile_loss, "train.compile_loss",
+             "false without train.compile=true (it compiles the loss with the network inside)"),
             (not self.train.fused_attention or self.train.sdpa in ("auto", "cudnn"), "train.sdpa",
              "auto or cudnn with train.fused_attention=true (its operator calls cuDNN's attention)"),
             (not (self.train.fp8 and self.train.fused_mlp), "train.fused_mlp",

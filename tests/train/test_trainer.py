@@ -614,3 +614,17 @@ def test_profiler_writes_where_the_steps_went(tmp_path, caplog):
     for bad in ("3", "3-2", "0-2", "a-b"):
         with pytest.raises(ConfigError, match="train.profile"):
             load_config("digits", overrides=[f"train.profile={bad}"])
+
+
+def test_compiled_loss_follows_the_compiled_network(tmp_path, monkeypatch):
+    """train.compile_loss=true (the loss compiled with the network inside) against train.compile=true alone:
+    with inductor drawing eager's random numbers, the same losses; without train.compile it is refused."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    common = [*TINY, "model.depth=1", "train.steps=3", "train.log_every=1", "train.compile=true"]
+    for c in ("false", "true"):
+        train(load_config("digits", overrides=[*common, f"train.compile_loss={c}"]), tmp_path / c, device="cpu")
+    ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
+    assert ref.keys() == got.keys() == {1, 2, 3}
+    assert all(abs(got[k] - ref[k]) <= 1e-4 * ref[k] for k in ref), (ref, got)
+    with pytest.raises(ConfigError, match="train.compile_loss must be false without train.compile=true"):
+        load_config("digits", overrides=["train.compile_loss=true"])

@@ -29,6 +29,7 @@ from ditkit.models.tuned_linear import convert_to_tuned_linear
 from ditkit.objectives import build_objective
 from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
 from ditkit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ditkit.train.compiled_loss import CompiledLoss
 from ditkit.train.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.train.ema import ema_decay_at, update_ema
 from ditkit.train.master_weights import MasterWeightAdamW
@@ -263,7 +264,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     graphs = cfg.train.compile and cfg.train.compile_mode == "cudagraphs"
-    step_model = torch.compile(train_model, **({"mode": "reduce-overhead"} if graphs else {})) if cfg.train.compile else train_model
+    compile_kwargs = {"mode": "reduce-overhead"} if graphs else {}
+    step_model, loss_objective = train_model, objective
+    if cfg.train.compile_loss:
+        if info.enabled:
+            raise ConfigError("train.compile_loss=true runs in one process (DDP and FSDP compile the wrapped network)")
+        loss_objective = CompiledLoss(objective, **compile_kwargs)
+    elif cfg.train.compile:
+        step_model = torch.compile(train_model, **compile_kwargs)
 
     dataset = build_dataset(cfg)
     sampler = ShardBatchSampler(len(dataset), cfg.train.global_batch_size, info.rank, info.world_size,
@@ -327,7 +335,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
             decay = ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup)
             if fused_tail:
                 opt.ema_decay = decay
-            loss, grad_norm, bad = train_step(step_model, objective, opt, micro, step, info.rank * cfg.train.grad_accum,
+            loss, grad_norm, bad = train_step(step_model, loss_objective, opt, micro, step, info.rank * cfg.train.grad_accum,
                                               cfg, amp_dtype, scaler, dev, params)
             if not fused_tail:
                 update_ema(ema, model, decay)
