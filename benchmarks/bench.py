@@ -22,7 +22,8 @@ residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilo
 ``train.fused_mlp``) and +norm (adaLN's LayerNorm, modulation and gated residual as Triton kernels,
 ``train.fused_norm``), +lt (every other linear's products through cuBLASLt's fastest candidate,
 ``train.tuned_linear``), +attn (the qkv linear and cuDNN's attention as one operator whose backward makes ∂qkv and
-its bias gradient in one kernel, ``train.fused_attention``) and +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
+its bias gradient in one kernel, ``train.fused_attention``), +loss (the loss compiled with the network inside it,
+``train.compile_loss``) and +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
 kernel, ``train.bf16_weights``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
