@@ -28,7 +28,7 @@ from torch import nn
 
 from ditkit.models import qkv_kernels
 from ditkit.models.dit import Attention
-from ditkit.models.module_swap import compute_dtype
+from ditkit.models.module_swap import compute_dtype, retype_modules
 from ditkit.models.tuned_linear import TunedLinear, linear_product, tuned_matmul, weight_grad
 
 
@@ -143,15 +143,9 @@ class FusedAttention(Attention):
 def convert_to_fused_attention(model: nn.Module) -> int:
     """Retype every plain ``Attention`` in ``model`` as a ``FusedAttention`` (in place: the same module,
     Parameters and state dict); returns how many."""
-    found = [m for m in model.modules() if type(m) is Attention]
-    for m in found:
-        m.__class__ = FusedAttention
-    return len(found)
+    return retype_modules(model, {Attention: FusedAttention})
 
 
 def revert_fused_attention(model: nn.Module) -> int:
     """Undo ``convert_to_fused_attention``; returns how many."""
-    found = [m for m in model.modules() if type(m) is FusedAttention]
-    for m in found:
-        m.__class__ = Attention
-    return len(found)
+    return retype_modules(model, {FusedAttention: Attention})

@@ -1,5 +1,5 @@
 """Swapping a model's modules for fused or quantized forms: where a module sits, a subclass that shares
-another's submodules, and the dtype a layer computes in."""
+another's submodules (or the same module retyped), and the dtype a layer computes in."""
 from __future__ import annotations
 
 import torch
@@ -30,6 +30,16 @@ def swap_modules(model: nn.Module, classes: dict[type[nn.Module], type[nn.Module
     targets = [(n, m) for n, m in model.named_modules() if type(m) in classes]
     for name, m in targets:
         replace_module(model, name, rebuilt_as(classes[type(m)], m))
+    return len(targets)
+
+
+def retype_modules(model: nn.Module, classes: dict[type[nn.Module], type[nn.Module]]) -> int:
+    """Give every submodule whose exact type is a key of ``classes`` the class it maps to, in place (the same
+    object: its Parameters, buffers and attributes stay), for a subclass that only changes methods; returns
+    how many.  Unlike ``swap_modules`` this also suits modules that hold Parameters themselves (``nn.Linear``)."""
+    targets = [m for m in model.modules() if type(m) in classes]
+    for m in targets:
+        m.__class__ = classes[type(m)]
     return len(targets)
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditkit.models import cublaslt
-from ditkit.models.module_swap import compute_dtype
+from ditkit.models.module_swap import compute_dtype, retype_modules
 
 
 def lt_ready(*tensors: torch.Tensor) -> bool:
@@ -106,15 +106,9 @@ class TunedLinear(nn.Linear):
 def convert_to_tuned_linear(model: nn.Module) -> int:
     """Retype every plain ``nn.Linear`` in ``model`` (in place: the same module, Parameters and state dict)
     as a ``TunedLinear``; returns how many.  Other linear classes (FP8 training's) are left alone."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    for m in linears:
-        m.__class__ = TunedLinear
-    return len(linears)
+    return retype_modules(model, {nn.Linear: TunedLinear})
 
 
 def revert_tuned_linear(model: nn.Module) -> int:
     """Undo ``convert_to_tuned_linear``; returns how many."""
-    linears = [m for m in model.modules() if type(m) is TunedLinear]
-    for m in linears:
-        m.__class__ = nn.Linear
-    return len(linears)
+    return retype_modules(model, {TunedLinear: nn.Linear})
