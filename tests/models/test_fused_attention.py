@@ -15,6 +15,7 @@ from ditkit.models.fused_attention import (FusedAttention, _attention_grads_refe
 from ditkit.models.fused_mlp import convert_to_fused_mlp
 from ditkit.models.fused_norm import convert_to_fused_norm
 from ditkit.models.tuned_linear import convert_to_tuned_linear
+from tests.models.dit_cases import output_and_grads, perturbed_dit
 
 G = torch.Generator().manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,28 +95,11 @@ def test_conversion_is_in_place_and_reverts():
     assert revert_fused_attention(model) == len(model.blocks) and all(type(b.attn) is Attention for b in model.blocks)
 
 
-def _loss_and_grads(model, compile_it=False):
-    torch.manual_seed(1)
-    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.tensor([1, 2])
-    net = torch.compile(model) if compile_it else model
-    out = net(x, t, y)
-    out.square().mean().backward()
-    return [out.detach()] + [p.grad if p.grad is not None else torch.zeros(()) for p in model.parameters()]
-
-
-def _model():
-    torch.manual_seed(0)
-    model = build_model("DiT-S/8", input_size=16, in_channels=4, num_classes=10, learn_sigma=True)
-    for p in model.parameters():  # adaLN-Zero starts at zero: make every path carry signal
-        p.data += 0.02 * torch.randn_like(p)
-    return model
-
-
 @pytest.mark.parametrize("others", [False, True])
 def test_converted_dit_equals_the_plain_dit(others):
     """Alone, and with the fused MLP, the tuned linears and the fused norm (whose blocks take the attention's
     output without proj's bias)."""
-    plain = _model()
+    plain = perturbed_dit()
     fused = copy.deepcopy(plain)
     if others:
         convert_to_fused_mlp(fused)
@@ -123,15 +107,15 @@ def test_converted_dit_equals_the_plain_dit(others):
     convert_to_fused_attention(fused)
     if others:
         convert_to_fused_norm(fused)
-    for a, b in zip(_loss_and_grads(plain), _loss_and_grads(fused)):
+    for a, b in zip(output_and_grads(plain), output_and_grads(fused)):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
 
 
 def test_compiled_gradients_equal_eager():
-    model = _model().eval()  # no label dropout: compiled code draws other random numbers
+    model = perturbed_dit().eval()  # no label dropout: compiled code draws other random numbers
     convert_to_fused_attention(model)
-    eager = _loss_and_grads(copy.deepcopy(model))
-    for a, b in zip(eager, _loss_and_grads(model, compile_it=True)):
+    eager = output_and_grads(copy.deepcopy(model))
+    for a, b in zip(eager, output_and_grads(model, compile_it=True)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 

@@ -15,6 +15,7 @@ from ditkit.models.fused_mlp import convert_to_fused_mlp
 from ditkit.models.fused_norm import convert_to_fused_norm
 from ditkit.models.tuned_linear import (TunedLinear, convert_to_tuned_linear, revert_tuned_linear, tuned_linear,
                                         tuned_matmul, weight_grad)
+from tests.models.dit_cases import output_and_grads, perturbed_dit
 
 G = torch.Generator().manual_seed(0)
 
@@ -70,40 +71,25 @@ def test_conversion_is_in_place_and_reverts():
     assert revert_tuned_linear(model) == len(linears) and all(type(m) is nn.Linear for m in linears)
 
 
-def _loss_and_grads(model: nn.Module, compile_it: bool = False) -> list[torch.Tensor]:
-    torch.manual_seed(1)
-    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.tensor([1, 2])
-    net = torch.compile(model) if compile_it else model
-    out = net(x, t, y)
-    (out.square().mean()).backward()
-    return [out.detach()] + [p.grad if p.grad is not None else torch.zeros(()) for p in model.parameters()]
-
-
 @pytest.mark.parametrize("with_fused", [False, True])
 def test_converted_dit_equals_the_plain_dit(with_fused):
-    torch.manual_seed(0)
-    plain = build_model("DiT-S/8", input_size=16, in_channels=4, num_classes=10, learn_sigma=True)
-    for p in plain.parameters():  # adaLN-Zero starts at zero: make every path carry signal
-        p.data += 0.02 * torch.randn_like(p)
+    plain = perturbed_dit()
     tuned = copy.deepcopy(plain)
     if with_fused:
         convert_to_fused_mlp(tuned)
     convert_to_tuned_linear(tuned)
     if with_fused:
         convert_to_fused_norm(tuned)
-    for a, b in zip(_loss_and_grads(plain), _loss_and_grads(tuned)):
+    for a, b in zip(output_and_grads(plain), output_and_grads(tuned)):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
 
 
 def test_compiled_gradients_equal_eager():
-    torch.manual_seed(0)
-    model = build_model("DiT-S/8", input_size=16, in_channels=4, num_classes=10)
-    for p in model.parameters():
-        p.data += 0.02 * torch.randn_like(p)
+    model = perturbed_dit()
     convert_to_tuned_linear(model)
     model.eval()  # no label dropout: compiled code draws other random numbers
-    eager = _loss_and_grads(copy.deepcopy(model))
-    for a, b in zip(eager, _loss_and_grads(model, compile_it=True)):
+    eager = output_and_grads(copy.deepcopy(model))
+    for a, b in zip(eager, output_and_grads(model, compile_it=True)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
