@@ -14,8 +14,8 @@ on an H100; 4.2 and 2.3 at batch 128).  The operator calls the same cuDNN kernel
 
 ``FusedAttention`` is the ``Attention`` it replaces with only ``attend`` changed (retyped in place: same
 Parameters, same state dict).  The fused path runs where cuDNN's attention takes the inputs (CUDA,
-bf16/fp16 under autocast, ``torch.backends.cuda.can_use_cudnn_attention``); elsewhere on a GPU the module
-computes as the plain one.  On a CPU the operator computes the same equations with torch's ops (what the
+bf16/fp16 under autocast, head sizes ``cudnn_takes``); elsewhere on a GPU the module computes as the plain
+one.  On a CPU the operator computes the same equations with torch's ops (what the
 tests compare with the plain module's autograd).  ``train.fused_attention=true``.
 """
 from __future__ import annotations

@@ -3,9 +3,10 @@ candidates for their shape (``ditkit.models.cublaslt``), instead of the one torc
 
 On an H100 at DiT-XL/2 shapes torch's pick is often not the fastest (``benchmarks/gemm_algos.py``,
 ``docs/results/gemm_algos_h100.txt``): at 32,768 tokens qkv's forward takes 0.348 ms against 0.329 for
-the fastest candidate, fc2's ∂x 0.529 against 0.452; at 8,192 tokens proj's products take 0.040–0.051 ms
-against 0.034–0.035.  The bias is added in the forward product's epilogue; its gradient is a traced sum
-over the tokens, which compile may fuse with the kernel that makes ∂y.
+the fastest candidate, fc2's ∂x 0.529 against 0.452.  At 8,192 tokens (batch 32) the training step gained
+nothing (546.3 against 545.7 img/s): its proj runs without the bias, where torch's kernel was already the
+fast one.  The bias is added in the forward product's epilogue; its gradient is a traced sum over the
+tokens, which compile may fuse with the kernel that makes ∂y.
 
 ``TunedLinear`` is an ``nn.Linear`` with only ``forward`` changed (same Parameters, same state dict);
 ``convert_to_tuned_linear`` retypes a model's plain linears in place.  The products run on CUDA in
