@@ -31,8 +31,62 @@ def _flat_state(grad_dtype: torch.dtype, seed: int = 0):
         pad[start:start + k] = False
     for v in state.values():
         v[pad] = 0  # as MasterWeightAdamW's buffers: zeros between parameters
-    state["weights"] = master.bfloat16() if grad_dtype == torch.bfloat16 else None
+    state["weights"] = None
+    if grad_dtype == torch.bfloat16:  # the master as the bf16 weight and its int16 remainder
+        state["weights"], state["master"] = master_kernels.split_master(master)
     return grads, layout, {k: (v.to(DEVICE) if v is not None else None) for k, v in state.items()}
+
+
+def _master(state: dict) -> torch.Tensor:
+    """The float32 master of a ``_flat_state``."""
+    if state["weights"] is None:
+        return state["master"]
+    return master_kernels.join_master(state["weights"], state["master"])
+
+
+def test_master_split_is_exact_but_for_ties_rounded_down():
+    """w = bf16(p) to nearest even; p = join(w, lo) exactly, except an exact tie that rounded down,
+    stored one float32 step toward w; every case, and both signs, near one and near zero."""
+    base = torch.tensor([1.0, 1.0078125, -1.0, -3.0e-3, 2.0e-38, 0.0], dtype=torch.float32).view(torch.int32)
+    low = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int32)
+    bits = (base[:, None] & ~0xFFFF) | low[None, :]
+    p = bits.reshape(-1).view(torch.float32)
+    w, lo = master_kernels.split_master(p)
+    assert torch.equal(w, p.bfloat16())
+    joined = master_kernels.join_master(w, lo)
+    assert torch.equal(joined.bfloat16(), w)  # the weight is still the stored master rounded to nearest even
+    tie_down = ((bits.reshape(-1) & 0xFFFF) == 0x8000) & ((bits.reshape(-1) >> 16) & 1 == 0)
+    assert tie_down.sum() >= 4
+    same = joined.view(torch.int32) == p.view(torch.int32)
+    assert torch.equal(~same, tie_down)
+    assert torch.equal(joined.view(torch.int32)[tie_down], p.view(torch.int32)[tie_down] - 1)
+
+
+def test_kernel_split_and_join_match_torch_on_every_case():
+    """The update kernel's split (rounding, remainder, the clamped tie) and join, against ``split_master``."""
+    triton = pytest.importorskip("triton")
+    tl = triton.language
+
+    @triton.jit
+    def _split_join(p_ptr, w_ptr, lo_ptr, back_ptr, n, BLOCK: tl.constexpr):
+        at = tl.arange(0, BLOCK)
+        mask = at < n
+        p = tl.load(p_ptr + at, mask=mask, other=0.0)
+        w = master_kernels._bf16_nearest_even(p)
+        lo = master_kernels._remainder(p, w)
+        tl.store(w_ptr + at, w, mask=mask)
+        tl.store(lo_ptr + at, lo, mask=mask)
+        tl.store(back_ptr + at, master_kernels._joined(w, lo), mask=mask)
+
+    base = torch.tensor([1.0, 1.0078125, -1.0, -3.0e-3, 2.0e-38, 0.0], dtype=torch.float32).view(torch.int32)
+    low = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int32)
+    p = ((base[:, None] & ~0xFFFF) | low[None, :]).reshape(-1).view(torch.float32)
+    p = torch.cat([p, torch.randn(4000, generator=torch.Generator().manual_seed(0))]).to(DEVICE)
+    w, lo, back = torch.empty_like(p, dtype=torch.bfloat16), torch.empty_like(p, dtype=torch.int16), torch.empty_like(p)
+    _split_join[(1,)](p, w, lo, back, p.numel(), BLOCK=triton.next_power_of_2(p.numel()))
+    w_ref, lo_ref = master_kernels.split_master(p)
+    assert torch.equal(w, w_ref) and torch.equal(lo, lo_ref)
+    assert torch.equal(back, master_kernels.join_master(w_ref, lo_ref))
 
 
 def test_layout_pads_every_parameter_to_256_bytes():
@@ -52,21 +106,64 @@ def test_update_kernel_matches_its_equations(keep, grad_dtype):
     master_kernels.adamw_ema_reference(grads, layout, *ref.values(), scalars, 0.9, 0.999, 1e-8)
     table, _ = master_kernels.pointer_table(grads, torch.device(DEVICE))
     master_kernels.adamw_ema_triton(table, grad_dtype, layout, *got.values(), scalars, 0.9, 0.999, 1e-8)
-    for key in ("master", "exp_avg", "exp_avg_sq", "ema"):
+    for key, a, b in [("master", _master(got), _master(ref))] + [(k, got[k], ref[k]) for k in ("exp_avg", "exp_avg_sq", "ema")]:
         # a GPU contracts a·b + c into one rounding (FMA): one float32 step of the operands where terms cancel
-        torch.testing.assert_close(got[key], ref[key], rtol=2e-6, atol=2e-7 * ref[key].abs().max().item(), msg=key)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-7 * b.abs().max().item(), msg=key)
     if grad_dtype == torch.bfloat16:  # the model's weight is the master rounded to nearest even, as autocast casts it
-        assert torch.equal(got["weights"], got["master"].bfloat16())
+        assert torch.equal(got["weights"], _master(got).bfloat16())
     pad = torch.ones(layout.size, dtype=torch.bool, device=DEVICE)
     for start, k in zip(layout.offsets, SIZES):
         pad[start:start + k] = False
     assert torch.equal(got["master"][pad], before["master"][pad])  # the padding is never written
     if keep:
-        assert not torch.equal(ref["master"], before["master"])
+        assert not torch.equal(_master(ref), _master(before))
     else:  # a skipped step: only the EMA moves
         for key in ("master", "exp_avg", "exp_avg_sq", "weights"):
             assert torch.equal(got[key], before[key]), key
         assert not torch.equal(got["ema"], before["ema"])
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_adamw_without_ema_then_ema_kernel_is_the_fused_update(grad_dtype):
+    """overlap_ema's two kernels (AdamW alone, then the EMA's move) give the one-kernel update."""
+    pytest.importorskip("triton")
+    scalars = torch.tensor([0.37, 1.0, 1e-3 * 0.05, 1e-3 / (1 - 0.9 ** 3), (1 - 0.999 ** 3) ** 0.5, 1e-2], device=DEVICE)
+    grads, layout, fused = _flat_state(grad_dtype)
+    split, ref = copy.deepcopy(fused), copy.deepcopy(fused)
+    table, _ = master_kernels.pointer_table(grads, torch.device(DEVICE))
+    master_kernels.adamw_ema_triton(table, grad_dtype, layout, *fused.values(), scalars, 0.9, 0.999, 1e-8)
+    ema_before = split["ema"].clone()
+    master_kernels.adamw_ema_triton(table, grad_dtype, layout, *split.values(), scalars, 0.9, 0.999, 1e-8, with_ema=False)
+    assert torch.equal(split["ema"], ema_before)
+    master_kernels.ema_triton(split["master"], split["ema"], split["weights"], scalars)
+    for key in fused:
+        assert fused[key] is None or torch.equal(split[key], fused[key]), key
+    master_kernels.adamw_ema_reference(grads, layout, *ref.values(), scalars, 0.9, 0.999, 1e-8)
+    ema_ref = copy.deepcopy(ref)  # the reference's EMA move alone, from the same state
+    ema_ref["ema"] = ema_before.clone()
+    master_kernels.ema_reference(ema_ref["master"], ema_ref["ema"], ema_ref["weights"], scalars)
+    torch.testing.assert_close(ema_ref["ema"], ref["ema"], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a second CUDA stream")
+def test_overlapped_ema_gives_the_same_numbers():
+    results = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        net = _Net().to(DEVICE)
+        ema = copy.deepcopy(net)
+        opt = MasterWeightAdamW(net, ema, lr=1e-2, max_norm=0.5, overlap_ema=overlap)
+        opt.ema_decay = 0.9
+        for step in range(5):
+            x, y = torch.randn(16, 8, device=DEVICE), torch.randint(0, 4, (16,), device=DEVICE)
+            _loss(net, x, y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        opt.ema_settled()
+        results.append(([p.detach().clone() for p in ema.parameters()], opt.master_state_dict(net)))
+    (ema_a, master_a), (ema_b, master_b) = results
+    assert all(torch.equal(a, b) for a, b in zip(ema_a, ema_b))
+    assert all(torch.equal(master_a[k], master_b[k]) for k in master_a)
 
 
 def test_sum_squares_kernel():

@@ -616,13 +616,14 @@ def test_profiler_writes_where_the_steps_went(tmp_path, caplog):
             load_config("digits", overrides=[f"train.profile={bad}"])
 
 
-def test_compiled_loss_follows_the_compiled_network(tmp_path, monkeypatch):
+def test_compiled_loss_follows_the_compiled_network(tmp_path):
     """train.compile_loss=true (the loss compiled with the network inside) against train.compile=true alone:
     with inductor drawing eager's random numbers, the same losses; without train.compile it is refused."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     common = [*TINY, "model.depth=1", "train.steps=3", "train.log_every=1", "train.compile=true"]
     for c in ("false", "true"):
-        train(load_config("digits", overrides=[*common, f"train.compile_loss={c}"]), tmp_path / c, device="cpu")
+        # (config.patch, not monkeypatch: undoing a setattr on inductor's config module deletes the option)
+        with torch._inductor.config.patch(fallback_random=True):
+            train(load_config("digits", overrides=[*common, f"train.compile_loss={c}"]), tmp_path / c, device="cpu")
     ref, got = losses(tmp_path / "false"), losses(tmp_path / "true")
     assert ref.keys() == got.keys() == {1, 2, 3}
     assert all(abs(got[k] - ref[k]) <= 1e-4 * ref[k] for k in ref), (ref, got)

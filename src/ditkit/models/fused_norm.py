@@ -69,23 +69,26 @@ def _(x, o, gate, bias, shift, scale, eps, dtype):
                                 "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)")
 def modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd):
     """-> (∂x in the stream's dtype; ∂o in o's dtype (empty without o); the token sums (∂β, ∂γ, and with o:
-    Σ_t ∂x' ⊙ o, Σ_t ∂x') stacked, (2 or 4, N, D) float32)."""
+    Σ_t ∂x' ⊙ o, Σ_t ∂x') per slice of tokens, stacked, (2 or 4, N, slices, D) float32: their sum over the
+    slices is left to the traced backward, where compile fuses it with the casts and ∂α, ∂b after it)."""
     gh, stream = gh.contiguous(), stream.contiguous()
     g_next = g_next.contiguous() if g_next is not None else None
     o = o.contiguous() if o is not None else None
     if _on_triton(stream):
-        dx, do, sums = norm_kernels.backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd,
-                                                    (stream.dtype, o.dtype if o is not None else stream.dtype))
+        dx, do, partial = norm_kernels.backward_partial(gh, g_next, stream, o, gate, scale, mean, rstd,
+                                                        (stream.dtype, o.dtype if o is not None else stream.dtype))
     else:
         dx, do, sums = norm_kernels.backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd)
-    return dx.to(stream.dtype), do.to(o.dtype) if o is not None else stream.new_empty(0), sums
+        partial = sums.unsqueeze(2)
+    return dx.to(stream.dtype), do.to(o.dtype) if o is not None else stream.new_empty(0), partial
 
 
 @modulated_norm_backward_op.register_fake
 def _(gh, g_next, stream, o, gate, scale, mean, rstd):
-    n, _, width = stream.shape
+    n, tokens, width = stream.shape
+    slices = norm_kernels.backward_slices(n, tokens, width, o is not None, stream.device) if _on_triton(stream) else 1
     return (stream.new_empty(stream.shape), o.new_empty(o.shape) if o is not None else stream.new_empty(0),
-            stream.new_empty(4 if o is not None else 2, n, width, dtype=torch.float32))
+            stream.new_empty(4 if o is not None else 2, n, slices, width, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -103,7 +106,8 @@ def _backward(ctx, g_stream, gh, _g_mean, _g_rstd):
     if gh is None:
         gh = torch.zeros_like(stream)
     g_next = g_stream if ctx.residual else None
-    dx, do, sums = modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd)
+    dx, do, partial = modulated_norm_backward_op(gh, g_next, stream, o, gate, scale, mean, rstd)
+    sums = partial.sum(2)
     d_shift, d_scale = sums[0].to(ctx.shift_dtype), sums[1].to(scale.dtype)  # traced: compile fuses these casts
     if not ctx.residual:
         return dx, None, None, None, d_shift, d_scale, None, None

@@ -11,7 +11,8 @@
 x, o, x', h are (N, T, D); α, β, γ are per sample, (N, D) with any row stride (the chunks of the
 adaLN output are views); b is (D,).  One forward program normalises a few whole rows; one backward
 program walks a slice of one sample's tokens, so the token sums stay in registers and only one
-partial sum per slice is written; one torch sum over the slices then gives all of them, stacked.
+partial sum per slice is written; one sum over the slices then gives all of them, stacked (in the
+operator's traced backward, where compile fuses it with what follows).
 Everything is computed in float32 and rounded once on store.  Handing o's bias to the kernel saves
 the bias-gradient reduction over ∂o (a pass over a (tokens × D) tensor per residual): S is one more
 token sum in registers.
@@ -179,6 +180,11 @@ def backward_config(n: int, tokens: int, width: int, residual: bool, device: tor
     return rows, 4, triton.cdiv(chunk, rows) * rows
 
 
+def backward_slices(n: int, tokens: int, width: int, residual: bool, device: torch.device) -> int:
+    """How many token slices ``backward_partial`` writes a partial sum for (the default config's)."""
+    return triton.cdiv(tokens, backward_config(n, tokens, width, residual, device)[2])
+
+
 def forward_triton(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype, config: tuple[int, int] | None = None):
     """``forward_reference`` as one kernel launch; x and o contiguous (N, T, D).  ``config``: see ``forward_config``."""
     n, tokens, width, block = _shape(x)
@@ -204,6 +210,15 @@ def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
     """``backward_reference`` as one kernel launch and one sum over the token slices; returns ∂x and ∂o in
     ``grad_dtypes`` (those of x and o) and the stacked per-sample sums in float32.  All (N, T, D) operands contiguous.
     ``config``: see ``backward_config``."""
+    gx, go, partial = backward_partial(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes, config)
+    return gx, go, partial.sum(2)
+
+
+def backward_partial(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
+                     config: tuple[int, int, int] | None = None):
+    """``backward_triton`` without the sum over the slices: the partial sums come stacked as
+    (2 or 4, N, slices, D) float32, for a caller whose compiled code sums them with what it makes of them
+    (``ditkit.models.fused_norm``: one fused reduction instead of a torch sum of its own, ~10 µs per call)."""
     n, tokens, width, block = _shape(stream)
     residual = o is not None
     scale = _row_view(scale)
@@ -217,4 +232,4 @@ def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,
         gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate, scale, mean, rstd, gx, go,
         partial, tokens, width, chunk, n * splits * width, gate.stride(0), scale.stride(0),
         RESIDUAL=residual, HAS_NEXT=g_next is not None, ROWS=rows, BLOCK=block, num_warps=warps)
-    return gx, (go if residual else None), partial.sum(2)
+    return gx, (go if residual else None), partial

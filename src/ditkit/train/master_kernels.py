@@ -9,11 +9,19 @@ Per element, with ĝ = c·g (c the clip coefficient) and the step count s alread
 A skipped step (a non-finite gradient norm) leaves p, m, v and w unchanged; the EMA still moves
 toward p, as in the trainer's other paths.
 
+With bf16 weights the float32 master is not stored whole: its upper 16 bits would repeat the bf16
+weight w (they are w, up to the rounding), so the master is kept as w and a 16-bit remainder,
+``lo = bits(p) − bits(w)`` (``split_master``; ``join_master`` puts them together).  The kernel reads w
+and lo (4 bytes) instead of p (4), and writes w and lo (4) instead of p and w (6).  w stays p rounded
+to nearest even, as autocast casts it.  The remainder spans −2¹⁵ … 2¹⁵; the one value past int16, +2¹⁵
+(an exact tie that rounded down), is stored as 2¹⁵ − 1, which moves that master by one float32 step,
+toward w (about 1 in 131,072 elements per step; w = bf16(p) still holds).
+
 1 − β₁ and 1 − β₂ are taken in double precision and then rounded (float32 1 − β₂ would be 1.3e-5 off
 for β₂ = 0.999), as torch's AdamW does.  The per-step numbers (c, the skip flag, lr·λ, lr / (1 − β₁ˢ), √(1 − β₂ˢ), 1 − decay) come in one
 small float32 device tensor, ``SCALARS``, so nothing here waits for the host and a new learning rate
-is a new value, not a new kernel.  Everything is one pass: read g (bf16), p, m, v, θ_ema; write p,
-m, v, w, θ_ema — 36 bytes per parameter, at the memory's speed.
+is a new value, not a new kernel.  Everything is one pass: read g (bf16), w and lo, m, v, θ_ema; write
+w and lo, m, v, θ_ema — 34 bytes per parameter (36 with p whole), at the memory's speed.
 
 The gradients stay where autograd put them, one tensor per parameter: the kernels read them through
 a table of their addresses, made each step (``pointer_table``), and a fixed table that maps each
@@ -86,6 +94,18 @@ def _gathered(grads: list[torch.Tensor], layout: FlatLayout) -> torch.Tensor:
     return flat
 
 
+def split_master(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 p -> (w = bf16(p), rounded to nearest even; lo = bits(p) − bits(w) as int16, +2¹⁵ stored as 2¹⁵ − 1)."""
+    w = p.to(torch.bfloat16)
+    lo = p.view(torch.int32).to(torch.int64) - w.float().view(torch.int32).to(torch.int64)
+    return w, lo.clamp(max=32767).to(torch.int16)
+
+
+def join_master(w: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The float32 master from ``split_master``'s halves (bits(w) + lo; same sign, so no int32 overflow)."""
+    return (w.float().view(torch.int32) + lo.to(torch.int32)).view(torch.float32)
+
+
 def sum_squares_reference(grads: list[torch.Tensor], layout: FlatLayout) -> torch.Tensor:
     """Σ g² over all the gradients, in float32 (a 0-d tensor)."""
     return _gathered(grads, layout).square().sum()
@@ -93,19 +113,27 @@ def sum_squares_reference(grads: list[torch.Tensor], layout: FlatLayout) -> torc
 
 def adamw_ema_reference(grads: list[torch.Tensor], layout: FlatLayout, master, exp_avg, exp_avg_sq, ema, weights, scalars,
                         beta1: float, beta2: float, eps: float) -> None:
-    """The update in place on the flat tensors; ``weights`` (the low-precision copy) may be None."""
+    """The update in place on the flat tensors.  With ``weights`` (the bf16 copy), ``master`` is the int16
+    remainder (``split_master``); without, the float32 master."""
     clip, keep, lr_wd, step_size, bc2_sqrt, ema_weight = scalars.unbind()
+    old = join_master(weights, master) if weights is not None else master
     g = _gathered(grads, layout) * clip
     m = beta1 * exp_avg + (1 - beta1) * g
     v = beta2 * exp_avg_sq + (1 - beta2) * g * g
-    p = master - lr_wd * master
+    p = old - lr_wd * old
     p = p - step_size * (m / (v.sqrt() / bc2_sqrt + eps))
     ok = keep > 0
-    for dst, new in ((master, p), (exp_avg, m), (exp_avg_sq, v)):
+    p = torch.where(ok, p, old)
+    for dst, new in ((exp_avg, m), (exp_avg_sq, v)):
         dst.copy_(torch.where(ok, new, dst))
     if weights is not None:
-        weights.copy_(master)
-    ema.lerp_(master, ema_weight)
+        w, lo = split_master(p)
+        weights.copy_(w)
+        master.copy_(lo)
+        p = join_master(w, lo)
+    else:
+        master.copy_(p)
+    ema.lerp_(p, ema_weight)
 
 
 if triton is not None:
@@ -131,6 +159,19 @@ if triton is not None:
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def _joined(w, lo):
+        """float32 from bf16 w and int16 lo: bits(w) · 2¹⁶ + lo, in wrapping uint32 arithmetic."""
+        hi = w.to(tl.uint16, bitcast=True).to(tl.uint32)
+        return ((hi << 16) + lo.to(tl.int32).to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _remainder(p, w):
+        """int16 bits(p) − bits(w) for w = bf16(p) (|·| ≤ 2¹⁵; +2¹⁵ stored as 2¹⁵ − 1)."""
+        hi = w.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        diff = p.to(tl.int32, bitcast=True) - hi.to(tl.int32, bitcast=True)
+        return tl.minimum(diff, 32767).to(tl.int16)
+
+    @triton.jit
     def _sum_squares_kernel(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, out_ptr,
                             G_TYPE: tl.constexpr, BLOCK: tl.constexpr):
         g_ptrs, _, mask = _block(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, G_TYPE, BLOCK)
@@ -140,9 +181,12 @@ if triton is not None:
     @triton.jit
     def _adamw_ema_kernel(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, p_ptr, m_ptr, v_ptr,
                           e_ptr, w_ptr, s_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                          G_TYPE: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                          G_TYPE: tl.constexpr, HAS_W: tl.constexpr, HAS_EMA: tl.constexpr, BLOCK: tl.constexpr):
         g_ptrs, offs, mask = _block(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, G_TYPE, BLOCK)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        if HAS_W:  # p_ptr: the int16 remainder
+            p = _joined(tl.load(w_ptr + offs, mask=mask, other=0.0), tl.load(p_ptr + offs, mask=mask, other=0))
+        else:
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         if tl.load(s_ptr + _KEEP) != 0:  # not a skipped step
             g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32) * tl.load(s_ptr + _CLIP)
             m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + one_minus_beta1 * g
@@ -152,9 +196,27 @@ if triton is not None:
             p = p - tl.load(s_ptr + _STEP_SIZE) * tl.div_rn(m, denom)
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
-            tl.store(p_ptr + offs, p, mask=mask)
             if HAS_W:
-                tl.store(w_ptr + offs, _bf16_nearest_even(p), mask=mask)
+                w = _bf16_nearest_even(p)
+                lo = _remainder(p, w)
+                tl.store(w_ptr + offs, w, mask=mask)
+                tl.store(p_ptr + offs, lo, mask=mask)
+                p = _joined(w, lo)  # the master as stored: the EMA moves toward it
+            else:
+                tl.store(p_ptr + offs, p, mask=mask)
+        if HAS_EMA:
+            e = tl.load(e_ptr + offs, mask=mask, other=0.0)
+            tl.store(e_ptr + offs, e + tl.load(s_ptr + _EMA_WEIGHT) * (p - e), mask=mask)
+
+    @triton.jit
+    def _ema_kernel(p_ptr, w_ptr, e_ptr, s_ptr, size, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        """θ_ema ← θ_ema + (1 − decay)(p − θ_ema) over the flat buffers (the padding is zeros in both)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < size
+        if HAS_W:
+            p = _joined(tl.load(w_ptr + offs, mask=mask, other=0.0), tl.load(p_ptr + offs, mask=mask, other=0))
+        else:
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         e = tl.load(e_ptr + offs, mask=mask, other=0.0)
         tl.store(e_ptr + offs, e + tl.load(s_ptr + _EMA_WEIGHT) * (p - e), mask=mask)
 
@@ -174,9 +236,21 @@ def sum_squares_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: Fla
 
 
 def adamw_ema_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: FlatLayout, master, exp_avg, exp_avg_sq, ema,
-                     weights, scalars, beta1: float, beta2: float, eps: float) -> None:
-    """``adamw_ema_reference`` for the gradients at the addresses in ``table``; ``weights`` bf16 or None."""
+                     weights, scalars, beta1: float, beta2: float, eps: float, with_ema: bool = True) -> None:
+    """``adamw_ema_reference`` for the gradients at the addresses in ``table``; ``weights`` bf16 (``master``
+    then the int16 remainder) or None.  ``with_ema=False``: AdamW alone (``ema_triton`` then moves the EMA)."""
     _adamw_ema_kernel[(layout.block_param.numel(),)](
         *_layout_args(layout, table), master, exp_avg, exp_avg_sq, ema, weights if weights is not None else master,
         scalars, beta1, 1 - beta1, beta2, 1 - beta2, eps, G_TYPE=G_TYPES[grad_dtype], HAS_W=weights is not None,
-        BLOCK=layout.block, num_warps=layout.warps)
+        HAS_EMA=with_ema, BLOCK=layout.block, num_warps=layout.warps)
+
+
+def ema_reference(master, ema, weights, scalars) -> None:
+    """The EMA's move toward the master alone (``adamw_ema_reference``'s last line), in place."""
+    ema.lerp_(join_master(weights, master) if weights is not None else master, scalars[len(SCALARS) - 1])
+
+
+def ema_triton(master, ema, weights, scalars, block: int = BLOCK, warps: int = WARPS) -> None:
+    """``ema_reference`` as one kernel over the flat buffers: 12 bytes per parameter."""
+    _ema_kernel[(triton.cdiv(ema.numel(), block),)](master, weights if weights is not None else master, ema, scalars,
+                                                    ema.numel(), HAS_W=weights is not None, BLOCK=block, num_warps=warps)
