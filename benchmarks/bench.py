@@ -90,7 +90,6 @@ LEVERS = {  # what each +lever adds, and where it applies
     "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
     "master": ("train",),  # bf16 weights, float32 masters: one flat AdamW + EMA kernel (ditkit.train.master_weights)
-    "ovema": ("train",),  # with +master: the EMA's move on a second stream, beside the next step (train.overlap_ema)
 }
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),
@@ -365,8 +364,7 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
     params = [p for p in model.parameters() if p.requires_grad]
     tail = bool(levers(variant) & {"tail", "master"})  # the optimizer's step also does the norm and the EMA
     if "master" in levers(variant):
-        overlap = {"overlap_ema": True} if "ovema" in levers(variant) else {}  # (an A/B run may use older code)
-        opt = MasterWeightAdamW(model, ema, lr=1e-4, weight_decay=0, **overlap)
+        opt = MasterWeightAdamW(model, ema, lr=1e-4, weight_decay=0)
         opt.ema_decay = 0.9999
     elif tail:  # compiled on a GPU; the CPU smoke test runs its eager form
         opt = AdamWEMA(*ema_counterparts(model, ema), lr=1e-4, weight_decay=0, compile=device.type == "cuda")
@@ -542,9 +540,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         base, extra = variant.split("+")[0], levers(variant)
         if (base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra)
                 or (base == "fp32" and extra & {"bf16w", "bf16res", "master"}) or extra >= {"fp8", "mlp"}
-                or extra >= {"master", "tail"} or extra >= {"master", "fp8"} or ("ovema" in extra and "master" not in extra)):
+                or extra >= {"master", "tail"} or extra >= {"master", "fp8"}):
             raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of "
-                             + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + " (not +fp8 with +mlp; +master not with +tail or +fp8; +ovema only with +master); e.g. " + ", ".join(VARIANTS))
+                             + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + " (not +fp8 with +mlp; +master not with +tail or +fp8); e.g. " + ", ".join(VARIANTS))
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.
     args.rows = sorted((r for r in args.rows if args.compile or not compiled(r[3])), key=lambda r: compiled(r[3]))
     return args

@@ -89,12 +89,6 @@ def main(argv: list[str] | None = None) -> int:
              ("bf16 weights: sum of squares (Triton)", median_ms(
                  lambda: master_kernels.sum_squares_triton(table, torch.bfloat16, low.layout), 20, device), 2),
              ("bf16 weights: AdamW + EMA + bf16 copy (Triton)", median_ms(update, 20, device), 34),
-             ("bf16 weights: AdamW + bf16 copy, no EMA (overlap_ema's first kernel)", median_ms(
-                 lambda: master_kernels.adamw_ema_triton(table, torch.bfloat16, low.layout, low.master, low.exp_avg,
-                                                         low.exp_avg_sq, low.ema, low.weights, scalars, 0.9, 0.999, 1e-8,
-                                                         with_ema=False), 20, device), 26),
-             ("bf16 weights: the EMA's move alone (overlap_ema's second kernel)", median_ms(
-                 lambda: master_kernels.ema_triton(low.master, low.ema, low.weights, scalars), 20, device), 12),
              ("bf16 weights: whole opt.step (both groups, scalars)", median_ms(opt.step, 20, device), None)]
     numels = [p.numel() for p in low.params]
     for block, warps in [(b, w) for b in (1024, 2048, 4096) for w in (4, 8)] if args.sweep else []:

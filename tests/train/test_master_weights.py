@@ -123,49 +123,6 @@ def test_update_kernel_matches_its_equations(keep, grad_dtype):
         assert not torch.equal(got["ema"], before["ema"])
 
 
-@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
-def test_adamw_without_ema_then_ema_kernel_is_the_fused_update(grad_dtype):
-    """overlap_ema's two kernels (AdamW alone, then the EMA's move) give the one-kernel update."""
-    pytest.importorskip("triton")
-    scalars = torch.tensor([0.37, 1.0, 1e-3 * 0.05, 1e-3 / (1 - 0.9 ** 3), (1 - 0.999 ** 3) ** 0.5, 1e-2], device=DEVICE)
-    grads, layout, fused = _flat_state(grad_dtype)
-    split, ref = copy.deepcopy(fused), copy.deepcopy(fused)
-    table, _ = master_kernels.pointer_table(grads, torch.device(DEVICE))
-    master_kernels.adamw_ema_triton(table, grad_dtype, layout, *fused.values(), scalars, 0.9, 0.999, 1e-8)
-    ema_before = split["ema"].clone()
-    master_kernels.adamw_ema_triton(table, grad_dtype, layout, *split.values(), scalars, 0.9, 0.999, 1e-8, with_ema=False)
-    assert torch.equal(split["ema"], ema_before)
-    master_kernels.ema_triton(split["master"], split["ema"], split["weights"], scalars)
-    for key in fused:
-        assert fused[key] is None or torch.equal(split[key], fused[key]), key
-    master_kernels.adamw_ema_reference(grads, layout, *ref.values(), scalars, 0.9, 0.999, 1e-8)
-    ema_ref = copy.deepcopy(ref)  # the reference's EMA move alone, from the same state
-    ema_ref["ema"] = ema_before.clone()
-    master_kernels.ema_reference(ema_ref["master"], ema_ref["ema"], ema_ref["weights"], scalars)
-    torch.testing.assert_close(ema_ref["ema"], ref["ema"], rtol=0, atol=0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a second CUDA stream")
-def test_overlapped_ema_gives_the_same_numbers():
-    results = []
-    for overlap in (False, True):
-        torch.manual_seed(0)
-        net = _Net().to(DEVICE)
-        ema = copy.deepcopy(net)
-        opt = MasterWeightAdamW(net, ema, lr=1e-2, max_norm=0.5, overlap_ema=overlap)
-        opt.ema_decay = 0.9
-        for step in range(5):
-            x, y = torch.randn(16, 8, device=DEVICE), torch.randint(0, 4, (16,), device=DEVICE)
-            _loss(net, x, y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        opt.ema_settled()
-        results.append(([p.detach().clone() for p in ema.parameters()], opt.master_state_dict(net)))
-    (ema_a, master_a), (ema_b, master_b) = results
-    assert all(torch.equal(a, b) for a, b in zip(ema_a, ema_b))
-    assert all(torch.equal(master_a[k], master_b[k]) for k in master_a)
-
-
 def test_sum_squares_kernel():
     pytest.importorskip("triton")
     grads, layout, _ = _flat_state(torch.bfloat16)

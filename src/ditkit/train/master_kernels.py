@@ -181,7 +181,7 @@ if triton is not None:
     @triton.jit
     def _adamw_ema_kernel(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, p_ptr, m_ptr, v_ptr,
                           e_ptr, w_ptr, s_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                          G_TYPE: tl.constexpr, HAS_W: tl.constexpr, HAS_EMA: tl.constexpr, BLOCK: tl.constexpr):
+                          G_TYPE: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
         g_ptrs, offs, mask = _block(table_ptr, offset_ptr, numel_ptr, block_param_ptr, block_start_ptr, G_TYPE, BLOCK)
         if HAS_W:  # p_ptr: the int16 remainder
             p = _joined(tl.load(w_ptr + offs, mask=mask, other=0.0), tl.load(p_ptr + offs, mask=mask, other=0))
@@ -204,19 +204,6 @@ if triton is not None:
                 p = _joined(w, lo)  # the master as stored: the EMA moves toward it
             else:
                 tl.store(p_ptr + offs, p, mask=mask)
-        if HAS_EMA:
-            e = tl.load(e_ptr + offs, mask=mask, other=0.0)
-            tl.store(e_ptr + offs, e + tl.load(s_ptr + _EMA_WEIGHT) * (p - e), mask=mask)
-
-    @triton.jit
-    def _ema_kernel(p_ptr, w_ptr, e_ptr, s_ptr, size, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-        """θ_ema ← θ_ema + (1 − decay)(p − θ_ema) over the flat buffers (the padding is zeros in both)."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < size
-        if HAS_W:
-            p = _joined(tl.load(w_ptr + offs, mask=mask, other=0.0), tl.load(p_ptr + offs, mask=mask, other=0))
-        else:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         e = tl.load(e_ptr + offs, mask=mask, other=0.0)
         tl.store(e_ptr + offs, e + tl.load(s_ptr + _EMA_WEIGHT) * (p - e), mask=mask)
 
@@ -236,21 +223,11 @@ def sum_squares_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: Fla
 
 
 def adamw_ema_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: FlatLayout, master, exp_avg, exp_avg_sq, ema,
-                     weights, scalars, beta1: float, beta2: float, eps: float, with_ema: bool = True) -> None:
+                     weights, scalars, beta1: float, beta2: float, eps: float) -> None:
     """``adamw_ema_reference`` for the gradients at the addresses in ``table``; ``weights`` bf16 (``master``
-    then the int16 remainder) or None.  ``with_ema=False``: AdamW alone (``ema_triton`` then moves the EMA)."""
+    then the int16 remainder) or None."""
     _adamw_ema_kernel[(layout.block_param.numel(),)](
         *_layout_args(layout, table), master, exp_avg, exp_avg_sq, ema, weights if weights is not None else master,
         scalars, beta1, 1 - beta1, beta2, 1 - beta2, eps, G_TYPE=G_TYPES[grad_dtype], HAS_W=weights is not None,
-        HAS_EMA=with_ema, BLOCK=layout.block, num_warps=layout.warps)
+        BLOCK=layout.block, num_warps=layout.warps)
 
-
-def ema_reference(master, ema, weights, scalars) -> None:
-    """The EMA's move toward the master alone (``adamw_ema_reference``'s last line), in place."""
-    ema.lerp_(join_master(weights, master) if weights is not None else master, scalars[len(SCALARS) - 1])
-
-
-def ema_triton(master, ema, weights, scalars, block: int = BLOCK, warps: int = WARPS) -> None:
-    """``ema_reference`` as one kernel over the flat buffers: 12 bytes per parameter."""
-    _ema_kernel[(triton.cdiv(ema.numel(), block),)](master, weights if weights is not None else master, ema, scalars,
-                                                    ema.numel(), HAS_W=weights is not None, BLOCK=block, num_warps=warps)

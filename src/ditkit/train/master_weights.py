@@ -106,15 +106,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
     """AdamW on float32 master weights with the EMA update, for a model whose autocast-cast layers
     (``AUTOCAST_CAST``) now hold bf16 weights.  ``step`` also clips (``max_norm`` > 0), skips a
     non-finite step on the device and updates ``ema``; it returns the gradient norm (no host sync).
-    Set ``ema_decay`` before each step.
-
-    ``overlap_ema`` (CUDA): the EMA's move is a kernel of its own on a second stream, so that it runs
-    beside the next step's forward and backward (which only read the weights); the next ``step`` waits
-    for it before it writes the masters.  The EMA's numbers are the same.  Call ``ema_settled()``
-    before reading the EMA model (a checkpoint, samples)."""
+    Set ``ema_decay`` before each step."""
 
     def __init__(self, model: nn.Module, ema: nn.Module, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, max_norm: float = 0.0, overlap_ema: bool = False):
+                 eps: float = 1e-8, weight_decay: float = 0.0, max_norm: float = 0.0):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("MasterWeightAdamW: the model has no trainable parameters")
@@ -135,14 +130,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.max_norm = max_norm
         self.ema_decay = 0.9999
         self.step_count = torch.zeros((), device=self.groups[0].master.device)
-        device = self.groups[0].master.device
-        self._ema_stream = torch.cuda.Stream(device) if overlap_ema and device.type == "cuda" else None
-        self._ema_done: torch.cuda.Event | None = None
-
-    def ema_settled(self) -> None:
-        """Make the current stream wait for the EMA's last move (``overlap_ema``): call before reading the EMA."""
-        if self._ema_done is not None:
-            torch.cuda.current_stream(self._ema_stream.device).wait_event(self._ema_done)
 
     @torch.no_grad()
     def step(self, closure=None) -> torch.Tensor:  # noqa: D102 - see the class
@@ -167,24 +154,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.step_count += torch.isfinite(norm).float()  # a skipped step is not counted, as in fused AdamW
         scalars = step_scalars(norm, self.step_count, group["lr"], group["betas"], group["weight_decay"], self.max_norm,
                                self.ema_decay)
-        overlap = kernels and self._ema_stream is not None
-        if overlap:
-            self.ema_settled()  # the last EMA move read the masters this step overwrites
         for i, g in enumerate(self.groups):
             state = (g.master, g.exp_avg, g.exp_avg_sq, g.ema, g.weights, scalars, *group["betas"], group["eps"])
-            if overlap:
-                master_kernels.adamw_ema_triton(tables[i][0], grads[i][0].dtype, g.layout, *state, with_ema=False)
-            elif kernels:
+            if kernels:
                 master_kernels.adamw_ema_triton(tables[i][0], grads[i][0].dtype, g.layout, *state)
             else:
                 master_kernels.adamw_ema_reference(grads[i], g.layout, *state)
-        if overlap:  # the EMA's move runs beside the next step's forward and backward, which only read the weights
-            self._ema_stream.wait_stream(torch.cuda.current_stream(self._ema_stream.device))
-            with torch.cuda.stream(self._ema_stream):
-                for g in self.groups:
-                    master_kernels.ema_triton(g.master, g.ema, g.weights, scalars)
-            scalars.record_stream(self._ema_stream)
-            self._ema_done = self._ema_stream.record_event()
         return norm
 
     def _flat_views(self, field: str) -> dict[int, torch.Tensor]:
