@@ -41,6 +41,8 @@ def test_stack_kernel_equals_torch(shape, dtype):
     assert got[0].shape == (n * tokens, 3 * heads * dh) and got[0].dtype == dtype
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    _, partial = qkv_kernels.stack_partial(*grads, block_m=16, block_n=32)  # the per-tile sums the operator returns
+    torch.testing.assert_close(partial, qkv_kernels.tile_sums(ref[0], 16), rtol=1e-5, atol=1e-5)
     # the layout: row m, column (j, h, d) is ∂{q,k,v}[n, h, t, d]
     m, h, d = n * tokens - 1, heads - 1, dh - 1
     assert got[0][m, 2 * heads * dh + h * dh + d] == grads[2][n - 1, h, tokens - 1, d]

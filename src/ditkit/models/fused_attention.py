@@ -87,7 +87,8 @@ def _attention_grads_reference(g, q, k, v):
                          schema="(Tensor g, Tensor qkv, Tensor o, Tensor lse, Tensor seed, Tensor offset, int n, "
                                 "int heads) -> (Tensor, Tensor)")
 def qkv_attention_backward(g, qkv, o, lse, seed, offset, n, heads):
-    """-> (∂qkv (N·T, 3D) in qkv's dtype, Σ_t ∂qkv (3D,) float32) for ∂o = g (N·T, D)."""
+    """-> (∂qkv (N·T, 3D) in qkv's dtype, Σ_t ∂qkv per tile of ``qkv_kernels.ROWS_PER_TILE`` rows
+    (⌈N·T / 64⌉, 3D) float32, summed by the traced backward) for ∂o = g (N·T, D)."""
     q, k, v = _heads(qkv, n, heads)
     dh = q.shape[-1]
     as_heads = lambda t: t.reshape(n, -1, heads, dh).transpose(1, 2)  # noqa: E731 - (N·T, D) -> (N, H, T, Dh)
@@ -98,13 +99,15 @@ def qkv_attention_backward(g, qkv, o, lse, seed, offset, n, heads):
     else:
         dq, dk, dv = (t.to(qkv.dtype) for t in _attention_grads_reference(as_heads(g), q, k, v))
     if qkv_kernels.triton is not None and qkv.is_cuda and all(map(qkv_kernels.rows_layout, (dq, dk, dv))):
-        return qkv_kernels.stack_triton(dq, dk, dv)
-    return qkv_kernels.stack_reference(dq, dk, dv)
+        return qkv_kernels.stack_partial(dq, dk, dv)
+    dqkv, _ = qkv_kernels.stack_reference(dq, dk, dv)
+    return dqkv, qkv_kernels.tile_sums(dqkv)
 
 
 @qkv_attention_backward.register_fake
 def _(g, qkv, o, lse, seed, offset, n, heads):
-    return qkv.new_empty(qkv.shape), qkv.new_empty(qkv.shape[1], dtype=torch.float32)
+    tiles = -(-qkv.shape[0] // qkv_kernels.ROWS_PER_TILE)
+    return qkv.new_empty(qkv.shape), qkv.new_empty(tiles, qkv.shape[1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -117,9 +120,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g, *_):
     x, w, o, qkv, lse, seed, offset = ctx.saved_tensors
-    dqkv, d_bias = qkv_attention_backward(g.contiguous(), qkv, o, lse, seed, offset, ctx.n, ctx.heads)
+    dqkv, tile_sums = qkv_attention_backward(g.contiguous(), qkv, o, lse, seed, offset, ctx.n, ctx.heads)
     return (tuned_matmul(dqkv, w), weight_grad(dqkv, x),
-            d_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None, None, None)
+            tile_sums.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None, None, None)
 
 
 qkv_attention.register_autograd(_backward, setup_context=_setup_context)

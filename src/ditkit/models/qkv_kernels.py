@@ -4,9 +4,10 @@ bias's gradient) in the same pass.
 
 Compiled, autograd's stacking of ∂q, ∂k, ∂v is one pass and the bias gradient another that reads them
 again (``benchmarks/bench.py --profile``: 1.0 and 0.5 ms per DiT-XL/2 step at batch 32 on an H100).  One
-program copies a (rows × columns) tile of one of the three and keeps its column sums; a torch sum over the row tiles'
-partial sums finishes them.  ``stack_reference`` is the same in torch: the CPU path, and what the tests
-compare the kernel with (Triton's interpreter on the CPU).
+program copies a (rows × columns) tile of one of the three and keeps its column sums; a sum over the row tiles'
+partial sums finishes them (``stack_partial``: left to the caller's traced code, where compile fuses it with
+what follows).  ``stack_reference`` is the same in torch: the CPU path, and what the tests compare the kernel
+with (Triton's interpreter on the CPU).
 """
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ def stack_reference(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tup
     n, heads, tokens, dh = dq.shape
     dqkv = torch.stack([dq, dk, dv], dim=1).permute(0, 3, 1, 2, 4).reshape(n * tokens, 3 * heads * dh)
     return dqkv, dqkv.float().sum(0)
+
+
+ROWS_PER_TILE = 64  # the kernel's rows per program: one partial column sum per tile of rows
+
+
+def tile_sums(dqkv: torch.Tensor, block_m: int = ROWS_PER_TILE) -> torch.Tensor:
+    """dqkv (R, C) -> its column sums per tile of ``block_m`` rows, (⌈R / block_m⌉, C) float32: the kernel's partial sums."""
+    rows, cols = dqkv.shape
+    tiles = -(-rows // block_m)
+    padded = torch.nn.functional.pad(dqkv.float(), (0, 0, 0, tiles * block_m - rows))
+    return padded.view(tiles, block_m, cols).sum(1)
 
 
 def rows_layout(g: torch.Tensor) -> bool:
@@ -55,9 +67,16 @@ if triton is not None:
         tl.store(partial_ptr + pid_m.to(tl.int64) * (3 * width) + out_cols, tl.sum(g.to(tl.float32), axis=0), mask=col_ok)
 
 
-def stack_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, block_m: int = 64, block_n: int = 128
+def stack_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, block_m: int = ROWS_PER_TILE, block_n: int = 128
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``stack_reference`` as one kernel launch and a sum over the row tiles; dq, dk, dv in ``rows_layout``."""
+    out, partial = stack_partial(dq, dk, dv, block_m, block_n)
+    return out, partial.sum(0)
+
+
+def stack_partial(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, block_m: int = ROWS_PER_TILE, block_n: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stack_triton`` without the sum over the row tiles: (∂qkv, ``tile_sums(∂qkv, block_m)``)."""
     if not (dq.shape == dk.shape == dv.shape and all(map(rows_layout, (dq, dk, dv)))):
         raise ValueError(f"stack_triton: ∂q, ∂k, ∂v must be (N, H, T, Dh) laid out as (N, T, H, Dh), got strides "
                          f"{dq.stride()}, {dk.stride()}, {dv.stride()}")
@@ -68,4 +87,4 @@ def stack_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, block_m: 
     partial = torch.empty(tiles, 3 * width, device=dq.device, dtype=torch.float32)
     _stack_heads_kernel[(tiles, triton.cdiv(width, block_n), 3)](dq, dk, dv, out, partial, rows, width,
                                                                  BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    return out, partial.sum(0)
+    return out, partial
