@@ -12,7 +12,9 @@ remainder): 36 bytes, read from the gradients where autograd left them (``ditkit
 For DiT-XL/2 (675 M parameters) that is 13 GB less traffic per step.
 
 What the model computes is unchanged: the same bf16 weights, the same bf16 gradients (their
-float32 cast is exact), AdamW and the EMA in float32 on the master weights.  Parameters autocast
+float32 cast is exact), AdamW and the EMA in float32 on the master weights (kept as the bf16 weight and
+a 16-bit remainder; an exact rounding tie, ~1 in 131,072 elements per step, moves its master one float32
+step toward the weight: ``master_kernels``).  Parameters autocast
 does not cast (embedding tables, norms' affine weights) stay float32 and are updated by the same
 kernel from a float32 flat buffer.  Checkpoints hold the float32 master weights and torch AdamW's
 state layout, so runs move freely between this and the plain optimizer.
