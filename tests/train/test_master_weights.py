@@ -44,18 +44,24 @@ def _master(state: dict) -> torch.Tensor:
     return master_kernels.join_master(state["weights"], state["master"])
 
 
-def test_master_split_is_exact_but_for_ties_rounded_down():
-    """w = bf16(p) to nearest even; p = join(w, lo) exactly, except an exact tie that rounded down,
-    stored one float32 step toward w; every case, and both signs, near one and near zero."""
+def _rounding_cases() -> torch.Tensor:
+    """float32 values whose low 16 bits are every rounding case (exact, just above, just below and at a tie,
+    past it, all ones), with even and odd upper halves, both signs, near one and near zero."""
     base = torch.tensor([1.0, 1.0078125, -1.0, -3.0e-3, 2.0e-38, 0.0], dtype=torch.float32).view(torch.int32)
     low = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int32)
-    bits = (base[:, None] & ~0xFFFF) | low[None, :]
-    p = bits.reshape(-1).view(torch.float32)
+    return ((base[:, None] & ~0xFFFF) | low[None, :]).reshape(-1).view(torch.float32)
+
+
+def test_master_split_is_exact_but_for_ties_rounded_down():
+    """w = bf16(p) to nearest even; p = join(w, lo) exactly, except an exact tie that rounded down,
+    stored one float32 step toward w."""
+    p = _rounding_cases()
+    bits = p.view(torch.int32)
     w, lo = master_kernels.split_master(p)
     assert torch.equal(w, p.bfloat16())
     joined = master_kernels.join_master(w, lo)
     assert torch.equal(joined.bfloat16(), w)  # the weight is still the stored master rounded to nearest even
-    tie_down = ((bits.reshape(-1) & 0xFFFF) == 0x8000) & ((bits.reshape(-1) >> 16) & 1 == 0)
+    tie_down = ((bits & 0xFFFF) == 0x8000) & ((bits >> 16) & 1 == 0)
     assert tie_down.sum() >= 4
     same = joined.view(torch.int32) == p.view(torch.int32)
     assert torch.equal(~same, tie_down)
@@ -78,10 +84,7 @@ def test_kernel_split_and_join_match_torch_on_every_case():
         tl.store(lo_ptr + at, lo, mask=mask)
         tl.store(back_ptr + at, master_kernels._joined(w, lo), mask=mask)
 
-    base = torch.tensor([1.0, 1.0078125, -1.0, -3.0e-3, 2.0e-38, 0.0], dtype=torch.float32).view(torch.int32)
-    low = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int32)
-    p = ((base[:, None] & ~0xFFFF) | low[None, :]).reshape(-1).view(torch.float32)
-    p = torch.cat([p, torch.randn(4000, generator=torch.Generator().manual_seed(0))]).to(DEVICE)
+    p = torch.cat([_rounding_cases(), torch.randn(4000, generator=torch.Generator().manual_seed(0))]).to(DEVICE)
     w, lo, back = torch.empty_like(p, dtype=torch.bfloat16), torch.empty_like(p, dtype=torch.int16), torch.empty_like(p)
     _split_join[(1,)](p, w, lo, back, p.numel(), BLOCK=triton.next_power_of_2(p.numel()))
     w_ref, lo_ref = master_kernels.split_master(p)

@@ -230,4 +230,3 @@ def adamw_ema_triton(table: torch.Tensor, grad_dtype: torch.dtype, layout: FlatL
         *_layout_args(layout, table), master, exp_avg, exp_avg_sq, ema, weights if weights is not None else master,
         scalars, beta1, 1 - beta1, beta2, 1 - beta2, eps, G_TYPE=G_TYPES[grad_dtype], HAS_W=weights is not None,
         BLOCK=layout.block, num_warps=layout.warps)
-
