@@ -1,5 +1,8 @@
 """A small DiT whose every path carries signal, and its output and gradients: what the tests of the fused
 and tuned modules compare between a converted DiT and the plain one (or compiled and eager)."""
+import copy
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,3 +27,23 @@ def output_and_grads(model: nn.Module, compile_it: bool = False) -> list[torch.T
     out = net(x, t, y)
     out.square().mean().backward()
     return [out.detach()] + [p.grad if p.grad is not None else torch.zeros(()) for p in model.parameters()]
+
+
+def assert_converted_equals_plain(*converts: Callable[[nn.Module], int]) -> None:
+    """``perturbed_dit`` converted by each of ``converts`` in turn gives the plain one's output and gradients."""
+    plain = perturbed_dit()
+    converted = copy.deepcopy(plain)
+    for convert in converts:
+        convert(converted)
+    for a, b in zip(output_and_grads(plain), output_and_grads(converted)):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+
+
+def assert_compiled_equals_eager(convert: Callable[[nn.Module], int]) -> None:
+    """``perturbed_dit`` converted by ``convert``, compiled, gives the eager output and gradients (in eval
+    mode: no label dropout, whose random numbers compiled code draws otherwise)."""
+    model = perturbed_dit().eval()
+    convert(model)
+    eager = output_and_grads(copy.deepcopy(model))
+    for a, b in zip(eager, output_and_grads(model, compile_it=True)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

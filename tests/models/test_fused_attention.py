@@ -15,7 +15,7 @@ from ditkit.models.fused_attention import (FusedAttention, _attention_grads_refe
 from ditkit.models.fused_mlp import convert_to_fused_mlp
 from ditkit.models.fused_norm import convert_to_fused_norm
 from ditkit.models.tuned_linear import convert_to_tuned_linear
-from tests.models.dit_cases import output_and_grads, perturbed_dit
+from tests.models.dit_cases import assert_compiled_equals_eager, assert_converted_equals_plain
 
 G = torch.Generator().manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,24 +101,15 @@ def test_conversion_is_in_place_and_reverts():
 def test_converted_dit_equals_the_plain_dit(others):
     """Alone, and with the fused MLP, the tuned linears and the fused norm (whose blocks take the attention's
     output without proj's bias)."""
-    plain = perturbed_dit()
-    fused = copy.deepcopy(plain)
     if others:
-        convert_to_fused_mlp(fused)
-        convert_to_tuned_linear(fused)
-    convert_to_fused_attention(fused)
-    if others:
-        convert_to_fused_norm(fused)
-    for a, b in zip(output_and_grads(plain), output_and_grads(fused)):
-        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+        assert_converted_equals_plain(convert_to_fused_mlp, convert_to_tuned_linear, convert_to_fused_attention,
+                                      convert_to_fused_norm)
+    else:
+        assert_converted_equals_plain(convert_to_fused_attention)
 
 
 def test_compiled_gradients_equal_eager():
-    model = perturbed_dit().eval()  # no label dropout: compiled code draws other random numbers
-    convert_to_fused_attention(model)
-    eager = output_and_grads(copy.deepcopy(model))
-    for a, b in zip(eager, output_and_grads(model, compile_it=True)):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_compiled_equals_eager(convert_to_fused_attention)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's attention needs a GPU")

@@ -15,7 +15,7 @@ from ditkit.models.fused_mlp import convert_to_fused_mlp
 from ditkit.models.fused_norm import convert_to_fused_norm
 from ditkit.models.tuned_linear import (TunedLinear, convert_to_tuned_linear, revert_tuned_linear, tuned_linear,
                                         tuned_matmul, weight_grad)
-from tests.models.dit_cases import output_and_grads, perturbed_dit
+from tests.models.dit_cases import assert_compiled_equals_eager, assert_converted_equals_plain
 
 G = torch.Generator().manual_seed(0)
 
@@ -73,24 +73,14 @@ def test_conversion_is_in_place_and_reverts():
 
 @pytest.mark.parametrize("with_fused", [False, True])
 def test_converted_dit_equals_the_plain_dit(with_fused):
-    plain = perturbed_dit()
-    tuned = copy.deepcopy(plain)
     if with_fused:
-        convert_to_fused_mlp(tuned)
-    convert_to_tuned_linear(tuned)
-    if with_fused:
-        convert_to_fused_norm(tuned)
-    for a, b in zip(output_and_grads(plain), output_and_grads(tuned)):
-        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+        assert_converted_equals_plain(convert_to_fused_mlp, convert_to_tuned_linear, convert_to_fused_norm)
+    else:
+        assert_converted_equals_plain(convert_to_tuned_linear)
 
 
 def test_compiled_gradients_equal_eager():
-    model = perturbed_dit()
-    convert_to_tuned_linear(model)
-    model.eval()  # no label dropout: compiled code draws other random numbers
-    eager = output_and_grads(copy.deepcopy(model))
-    for a, b in zip(eager, output_and_grads(model, compile_it=True)):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_compiled_equals_eager(convert_to_tuned_linear)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt needs a GPU")
