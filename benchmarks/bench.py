@@ -23,8 +23,9 @@ residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilo
 ``train.fused_norm``), +lt (every other linear's products through cuBLASLt's fastest candidate,
 ``train.tuned_linear``), +attn (the qkv linear and cuDNN's attention as one operator whose backward makes ∂qkv and
 its bias gradient in one kernel, ``train.fused_attention``), +loss (the loss compiled with the network inside it,
-``train.compile_loss``) and +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
-kernel, ``train.bf16_weights``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+``train.compile_loss``), +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
+kernel, ``train.bf16_weights``) and +fp8fwd (with +mlp+norm: fc1's forward as an FP8 product with GELU in its
+epilogue, ``train.fp8_forward``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
@@ -90,6 +91,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
     "master": ("train",),  # bf16 weights, float32 masters: one flat AdamW + EMA kernel (ditkit.train.master_weights)
+    "fp8fwd": ("train",),  # with +mlp+norm: fc1's forward in FP8, GELU in its epilogue (ditkit.models.fp8_forward)
 }
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),
@@ -361,6 +363,10 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
         convert_to_tuned_linear(model)
     if "norm" in levers(variant):
         convert_to_fused_norm(model)
+    if "fp8fwd" in levers(variant):
+        from ditkit.models.fused_norm import enable_fp8_forward  # here: an A/B run may import older code
+
+        enable_fp8_forward(model)
     params = [p for p in model.parameters() if p.requires_grad]
     tail = bool(levers(variant) & {"tail", "master"})  # the optimizer's step also does the norm and the EMA
     if "master" in levers(variant):

@@ -78,7 +78,7 @@ def test_operators_pass_opcheck():
                                 shift.requires_grad_(), scale.requires_grad_(), EPS, torch.float32))
     opcheck(modulated_norm_op, (x, o, gate, bias.requires_grad_(), shift, scale, EPS, torch.float32))
     opcheck(modulated_norm_op, (x, None, None, None, shift, scale, EPS, torch.bfloat16))
-    _, _, mean, rstd = modulated_norm_op(x, None, None, None, shift, scale, EPS, torch.float32)
+    _, _, mean, rstd, _ = modulated_norm_op(x, None, None, None, shift, scale, EPS, torch.float32)
     opcheck(modulated_norm_backward_op, (torch.randn_like(x), torch.randn_like(x), x.detach(), o.detach(), gate.detach(),
                                          scale.detach(), mean, rstd))
 

@@ -36,11 +36,14 @@ import torch
 _COMPUTE_32F = 68  # cublasComputeType_t CUBLAS_COMPUTE_32F
 _R_32F = 0  # cudaDataType
 _DTYPES = {torch.float16: 2, torch.bfloat16: 14}
+_FP8_DTYPES = {torch.float8_e4m3fn: 28, torch.float8_e5m2: 29}
 _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE = 3, 4, 7  # cublasLtMatmulDescAttributes_t
 _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 8, 11, 12
+_DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER, _DESC_FAST_ACCUM, _DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE = 17, 18, 25, 31, 32
+SCALAR, OUTER_VEC = 0, 3  # cublasLtMatmulMatrixScale_t: one float32 scale per operand, or one per row of op(A) / column of op(B)
 _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
-DEFAULT, BIAS, GELU_AUX_BIAS, DGELU, BGRADB = 1, 4, 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
+DEFAULT, BIAS, GELU_AUX, GELU_AUX_BIAS, DGELU, BGRADB = 1, 4, 32 | 128, 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
 _WITH_BIAS, _WITH_AUX = 4 | 256 | 512, 128  # the epilogue bits that use the bias (or its gradient) and the aux matrix
 _WORKSPACE = 32 << 20  # bytes, as torch gives cuBLASLt on Hopper
 
@@ -104,18 +107,27 @@ def _set(desc: ctypes.c_void_p, attr: int, value: ctypes._SimpleCData) -> None:
 
 
 @functools.cache
-def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int, k: int, device: int):
+def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int, k: int, device: int,
+          out_dtype: int | None = None, scale_mode: int | None = None):
     """Descriptors and the heuristic's candidate algorithms for one (column-major) product
-    D (m × n) = op(A) op(B), every matrix dense (D's leading dimension m); cached: a step's shapes repeat."""
+    D (m × n) = op(A) op(B), every matrix dense (D's leading dimension m); cached: a step's shapes repeat.
+    A and B are ``dtype``, D ``out_dtype`` (default: ``dtype``); with ``scale_mode`` (FP8 operands) each
+    operand comes with its scales (``SCALAR`` or ``OUTER_VEC``) and the tensor cores accumulate fast."""
     lib = _lib()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
     _set(desc, _DESC_TRANSA, ctypes.c_int32(trans_a))
     _set(desc, _DESC_TRANSB, ctypes.c_int32(trans_b))
     _set(desc, _DESC_EPILOGUE, ctypes.c_int32(epilogue))
+    if scale_mode is not None:
+        for pointer, mode in ((_DESC_A_SCALE_POINTER, _DESC_A_SCALE_MODE), (_DESC_B_SCALE_POINTER, _DESC_B_SCALE_MODE)):
+            _set(desc, pointer, ctypes.c_void_p(256))
+            if scale_mode != SCALAR:
+                _set(desc, mode, ctypes.c_int32(scale_mode))
+        _set(desc, _DESC_FAST_ACCUM, ctypes.c_int8(1))
     a = _layout(dtype, k, m, k) if trans_a == _OP_T else _layout(dtype, m, k, m)
     b = _layout(dtype, n, k, n) if trans_b == _OP_T else _layout(dtype, k, n, k)
-    d = _layout(dtype, m, n, m)
+    d = _layout(dtype if out_dtype is None else out_dtype, m, n, m)
     pref = ctypes.c_void_p()
     _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
     ws = ctypes.c_uint64(_WORKSPACE)
@@ -136,11 +148,18 @@ def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int,
 
 
 def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch.Tensor, m: int, n: int, k: int,
-            bias: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> torch.Tensor:
-    """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) op(B) with ``epilogue``."""
-    key = (_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index)
+            bias: torch.Tensor | None = None, aux: torch.Tensor | None = None,
+            scales: tuple[torch.Tensor, torch.Tensor, int] | None = None, out_dtype: torch.dtype | None = None
+            ) -> torch.Tensor:
+    """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) op(B) with ``epilogue``; ``scales``:
+    (A's, B's, the scale mode) for FP8 operands, whose result is ``out_dtype``."""
+    out_dtype = out_dtype or a.dtype
+    if scales is None:
+        key = (_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index)
+    else:
+        key = (_FP8_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index, _DTYPES[out_dtype], scales[2])
     desc, la, lb, ld, candidates = _plan(*key)
-    out = torch.empty(n, m, device=a.device, dtype=a.dtype)
+    out = torch.empty(n, m, device=a.device, dtype=out_dtype)
     workspace = torch.empty(_WORKSPACE, device=a.device, dtype=torch.uint8)
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
     torch_stream = torch.cuda.current_stream(a.device)
@@ -153,6 +172,9 @@ def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch
                                      ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(_WORKSPACE), stream)
 
     with _LOCK:  # the cached descriptor holds this call's pointers until the launch
+        if scales is not None:
+            _set(desc, _DESC_A_SCALE_POINTER, ctypes.c_void_p(scales[0].data_ptr()))
+            _set(desc, _DESC_B_SCALE_POINTER, ctypes.c_void_p(scales[1].data_ptr()))
         if bias is not None:
             _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
         if aux is not None:
@@ -232,3 +254,23 @@ def weight_and_bias_grad(gy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
     """-> (∂W = gyᵀ x, ∂b = Σ_M gy (N,) in gy's dtype), the sum in the product's epilogue (BGRADB)."""
     db = torch.empty(gy.shape[1], device=gy.device, dtype=gy.dtype)
     return mm(gy, x, trans_a=True, epilogue=BGRADB, bias=db), db
+
+
+def linear_fp8(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, b: torch.Tensor | None = None,
+               gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, mode: int = SCALAR
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = (sx xq)(sw wq)ᵀ + b for FP8 xq (M, K) and wq (N, K) with float32 scales (``SCALAR``: one each; ``OUTER_VEC``:
+    sx (M,) per token, sw (N,) per output), y (M, N) in ``out_dtype`` (b too).  With ``gelu``: (GELU(y), y), GELU
+    and its input written by the product (GELU_AUX_BIAS).  Hopper's FP8 kernels take both operands with K
+    contiguous, which a row-major x and W are."""
+    if xq.dtype not in _FP8_DTYPES or wq.dtype not in _FP8_DTYPES:
+        raise TypeError(f"linear_fp8 takes FP8 operands, got {xq.dtype} and {wq.dtype}")
+    if not (xq.is_contiguous() and wq.is_contiguous()):
+        raise ValueError("linear_fp8 takes contiguous row-major operands")
+    if b is not None and b.dtype != out_dtype:
+        raise TypeError(f"linear_fp8's bias must be {out_dtype}, got {b.dtype}")
+    (m, k), n = xq.shape, wq.shape[0]
+    epilogue = (GELU_AUX_BIAS if b is not None else GELU_AUX) if gelu else (BIAS if b is not None else DEFAULT)
+    pre = torch.empty(m, n, device=xq.device, dtype=out_dtype) if gelu else None
+    y = _matmul(epilogue, _OP_T, _OP_N, wq, xq, n, m, k, bias=b, aux=pre, scales=(sw, sx, mode), out_dtype=out_dtype)
+    return (y, pre) if gelu else y

@@ -21,6 +21,7 @@ against the compiled plain MLP).  No double backward.
 same state dict).  The fused products run on CUDA in bf16/fp16 (under autocast: its dtype) with
 sizes that are multiples of 8; otherwise, and on a CPU, the operators compute the same thing with
 torch's ops (which the CPU tests compare with the plain MLP's autograd).  ``train.fused_mlp=true``.
+Given fc1's input in FP8 (``x_fp8``), fc1's forward is an FP8 product (``ditkit.models.fp8_forward``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
+from ditkit.models.fp8_forward import quantize_weight
 from ditkit.models.module_swap import compute_dtype, swap_modules
 from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, weight_grad
 
@@ -38,11 +40,15 @@ from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, w
 # GELU applied) crosses the two linears, so no per-linear autograd could fuse it.  The backward is
 # traced; only the fused products are (opaque) operators of their own.
 @torch.library.custom_op("ditkit::gelu_mlp", mutates_args=(),
-                         schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor? b2) -> (Tensor, Tensor, Tensor)")
-def gelu_mlp(x, w1, b1, w2, b2):
+                         schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor? b2, Tensor? xq=None, "
+                                "Tensor? sx=None, Tensor? wq=None, Tensor? sw=None) -> (Tensor, Tensor, Tensor)")
+def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None):
     """x (M, D) -> y (M, D) (without b₂ when it is None), and for the backward a = GELU(pre) and
-    pre = x W₁ᵀ + b₁, both (M, H)."""
-    if lt_ready(x, w1, b1):
+    pre = x W₁ᵀ + b₁, both (M, H).  Given e4m3 xq ≈ x / sx and wq ≈ W₁ / sw (per-tensor scales, (1,) float32),
+    pre = sx sw · xq wqᵀ + b₁ instead (``ditkit.models.fp8_forward``); x and W₁ then serve the backward only."""
+    if xq is not None:
+        a, pre = _fp8_linear_gelu(xq, sx, wq, sw, b1)
+    elif lt_ready(x, w1, b1):
         a, pre = cublaslt.linear_gelu(x, w1, b1)
     else:
         pre = torch.addmm(b1, x, w1.t())
@@ -51,8 +57,17 @@ def gelu_mlp(x, w1, b1, w2, b2):
 
 
 @gelu_mlp.register_fake
-def _(x, w1, b1, w2, b2):
+def _(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
+
+
+def _fp8_linear_gelu(xq, sx, wq, sw, b1):
+    """(GELU(pre), pre) with pre = sx sw · xq wqᵀ + b₁ in b₁'s dtype: one cuBLASLt FP8 product on CUDA, else
+    float32 arithmetic on the same quantized operands (GELU of the float32 pre, each rounded once)."""
+    if xq.is_cuda and cublaslt.available(xq.device) and b1.dtype == torch.bfloat16:
+        return cublaslt.linear_fp8(xq, sx, wq, sw, b1, gelu=True)
+    pre = (xq.float() * sx) @ (wq.float() * sw).t() + b1.float()
+    return F.gelu(pre, approximate="tanh").to(b1.dtype), pre.to(b1.dtype)
 
 
 @torch.library.custom_op("ditkit::dgelu_matmul", mutates_args=(), schema="(Tensor g, Tensor w, Tensor pre) -> Tensor")
@@ -69,7 +84,7 @@ def _(g, w, pre):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, _, w2, b2 = inputs
+    x, w1, _, w2, b2, *_ = inputs
     _, a, pre = output
     ctx.save_for_backward(x, w1, w2, a, pre)
     ctx.mark_non_differentiable(a, pre)
@@ -81,7 +96,7 @@ def _backward(ctx, gy, ga, gpre):
     gy = gy.contiguous()
     gpre = dgelu_matmul(gy, w2, pre)
     return (tuned_matmul(gpre, w1), weight_grad(gpre, x), gpre.sum(0), weight_grad(gy, a),
-            gy.sum(0) if ctx.has_b2 else None)
+            gy.sum(0) if ctx.has_b2 else None, None, None, None, None)
 
 
 gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
@@ -90,12 +105,17 @@ gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
 class FusedMlp(Mlp):
     """``Mlp`` whose training step runs through ``gelu_mlp`` (see the module docstring)."""
 
-    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_bias: bool = True,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x_fp8``: (x / s in e4m3, s (1,) float32), fc1's input for an FP8 forward (``ditkit.models.fp8_forward``)."""
         lead = x.shape[:-1]
         dtype = compute_dtype(x)
         w1, b1, w2 = (p.to(dtype) for p in (self.fc1.weight, self.fc1.bias, self.fc2.weight))
         b2 = self.fc2.bias.to(dtype) if with_bias else None
-        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2)
+        quantized = ()
+        if x_fp8 is not None:
+            quantized = (x_fp8[0].reshape(-1, x.shape[-1]), x_fp8[1], *quantize_weight(w1))
+        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2, *quantized)
         return y.reshape(*lead, y.shape[-1])
 
 

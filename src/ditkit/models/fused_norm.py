@@ -30,6 +30,7 @@ from torch import nn
 
 from ditkit.models import norm_kernels
 from ditkit.models.dit import Attention, DiTBlock, FinalLayer, Mlp
+from ditkit.models.fp8_forward import norm_output_scale
 from ditkit.models.fused_mlp import FusedMlp
 from ditkit.models.module_swap import compute_dtype, swap_modules
 from ditkit.models.tuned_linear import TunedLinear
@@ -46,22 +47,24 @@ def _on_triton(x: torch.Tensor) -> bool:
 
 @torch.library.custom_op("ditkit::modulated_norm", mutates_args=(),
                          schema="(Tensor x, Tensor? o, Tensor? gate, Tensor? bias, Tensor shift, Tensor scale, "
-                                "float eps, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)")
-def modulated_norm_op(x, o, gate, bias, shift, scale, eps, dtype):
+                                "float eps, ScalarType dtype, Tensor? fp8_scale=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def modulated_norm_op(x, o, gate, bias, shift, scale, eps, dtype, fp8_scale=None):
     """x, o (N, T, D); gate, shift, scale (N, D); bias (D,) -> (x' = x + gate ⊙ (o + bias), or an empty tensor
-    without o; h (N, T, D) in ``dtype``; μ and r (N, T) float32)."""
+    without o; h (N, T, D) in ``dtype``; μ and r (N, T) float32; with ``fp8_scale`` s ((1,) float32) h / s in e4m3
+    for an FP8 product (``ditkit.models.fp8_forward``), else an empty tensor)."""
     x, o = x.contiguous(), (o.contiguous() if o is not None else None)
     forward = norm_kernels.forward_triton if _on_triton(x) else norm_kernels.forward_reference
-    stream, h, mean, rstd = forward(x, o, gate, bias, shift, scale, eps, dtype)
-    return (stream if stream is not None else x.new_empty(0)), h, mean, rstd
+    stream, h, mean, rstd, *q = forward(x, o, gate, bias, shift, scale, eps, dtype, fp8_scale)
+    return (stream if stream is not None else x.new_empty(0)), h, mean, rstd, (q[0] if q else x.new_empty(0))
 
 
 @modulated_norm_op.register_fake
-def _(x, o, gate, bias, shift, scale, eps, dtype):
+def _(x, o, gate, bias, shift, scale, eps, dtype, fp8_scale=None):
     n, tokens, _ = x.shape
     stream = x.new_empty(x.shape) if o is not None else x.new_empty(0)
+    q = x.new_empty(x.shape, dtype=torch.float8_e4m3fn) if fp8_scale is not None else x.new_empty(0)
     return stream, x.new_empty(x.shape, dtype=dtype), x.new_empty(n, tokens, dtype=torch.float32), \
-        x.new_empty(n, tokens, dtype=torch.float32)
+        x.new_empty(n, tokens, dtype=torch.float32), q
 
 
 @torch.library.custom_op("ditkit::modulated_norm_backward", mutates_args=(),
@@ -92,16 +95,16 @@ def _(gh, g_next, stream, o, gate, scale, mean, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    x, o, gate, bias, shift, scale, _, _ = inputs
-    stream, _, mean, rstd = output
+    x, o, gate, bias, shift, scale, *_ = inputs
+    stream, _, mean, rstd, q = output
     ctx.residual = o is not None
     ctx.shift_dtype = shift.dtype
     ctx.save_for_backward(stream if ctx.residual else x, o, gate, bias, scale, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd, q)
     ctx.set_materialize_grads(False)  # an unused x' (the final layer's) gives None, not a tensor of zeros to read
 
 
-def _backward(ctx, g_stream, gh, _g_mean, _g_rstd):
+def _backward(ctx, g_stream, gh, _g_mean, _g_rstd, _g_q):
     stream, o, gate, bias, scale, mean, rstd = ctx.saved_tensors
     if gh is None:
         gh = torch.zeros_like(stream)
@@ -110,12 +113,12 @@ def _backward(ctx, g_stream, gh, _g_mean, _g_rstd):
     sums = partial.sum(2)
     d_shift, d_scale = sums[0].to(ctx.shift_dtype), sums[1].to(scale.dtype)  # traced: compile fuses these casts
     if not ctx.residual:
-        return dx, None, None, None, d_shift, d_scale, None, None
+        return dx, None, None, None, d_shift, d_scale, None, None, None
     if bias is None:
-        return dx, do, sums[2].to(gate.dtype), None, d_shift, d_scale, None, None
+        return dx, do, sums[2].to(gate.dtype), None, d_shift, d_scale, None, None, None
     d_gate = sums[2] + bias.float() * sums[3]  # Σ_t ∂x' ⊙ (o + b)
     d_bias = (gate.float() * sums[3]).sum(0)  # Σ_n α ⊙ Σ_t ∂x' = Σ ∂o
-    return dx, do, d_gate.to(gate.dtype), d_bias.to(bias.dtype), d_shift, d_scale, None, None
+    return dx, do, d_gate.to(gate.dtype), d_bias.to(bias.dtype), d_shift, d_scale, None, None, None
 
 
 modulated_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -129,11 +132,13 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     return modulated_norm_op(x.contiguous(), None, None, None, shift, scale, eps, compute_dtype(x))[1]
 
 
-def residual_modulated_norm(x, o, gate, shift, scale, eps: float, bias: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x' = x + α ⊙ (o + b) (b: o's bias, if given) and h = LN(x')(1 + γ) + β -> (x', h)."""
-    stream, h, _, _ = modulated_norm_op(x.contiguous(), o.contiguous(), gate, bias, shift, scale, eps, compute_dtype(x))
-    return stream, h
+def residual_modulated_norm(x, o, gate, shift, scale, eps: float, bias: torch.Tensor | None = None,
+                            fp8_scale: torch.Tensor | None = None):
+    """x' = x + α ⊙ (o + b) (b: o's bias, if given) and h = LN(x')(1 + γ) + β -> (x', h), or with ``fp8_scale`` s
+    (x', h, h / s in e4m3)."""
+    stream, h, _, _, q = modulated_norm_op(x.contiguous(), o.contiguous(), gate, bias, shift, scale, eps,
+                                           compute_dtype(x), fp8_scale)
+    return (stream, h) if fp8_scale is None else (stream, h, q)
 
 
 #################################################################################
@@ -157,10 +162,14 @@ def _norm_of_input(x: torch.Tensor | PendingResidual, shift, scale, eps: float):
     return x, modulated_norm(x, shift, scale, eps)
 
 
-def _without_last_bias(module: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _without_last_bias(module: nn.Module, h: torch.Tensor, h_fp8=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(``module(h)`` less the bias of its last linear, that bias), or (``module(h)``, None) where the last
-    linear is not an ``nn.Linear`` or ``TunedLinear`` with a bias (FP8 training's runs whole)."""
+    linear is not an ``nn.Linear`` or ``TunedLinear`` with a bias (FP8 training's runs whole).  ``h_fp8``: h in
+    FP8 for a ``FusedMlp`` (see ``FusedMlp.forward``)."""
     last = module.proj if isinstance(module, Attention) else getattr(module, "fc2", None)
+    if isinstance(module, FusedMlp) and h_fp8 is not None:
+        return (module(h, with_bias=False, x_fp8=h_fp8), last.bias) if last.bias is not None else \
+            (module(h, x_fp8=h_fp8), None)
     if type(last) not in (nn.Linear, TunedLinear) or last.bias is None:
         return module(h), None
     if isinstance(module, FusedMlp):
@@ -178,13 +187,20 @@ class FusedNormBlock(DiTBlock):
     next) it returns its last residual as a ``PendingResidual``."""
 
     defer_residual = False
+    fp8_forward = False  # fc1's forward in FP8 (``enable_fp8_forward``)
 
     def forward(self, x, c: torch.Tensor, context: torch.Tensor | None = None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x, h = _norm_of_input(x, shift_msa, scale_msa, self.norm1.eps)
+        h_fp8 = None
         if context is None:
             a, a_bias = _without_last_bias(self.attn, h)
-            x, h = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, a_bias)
+            if self.fp8_forward:
+                s = norm_output_scale(shift_mlp, scale_mlp)
+                x, h, q = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, a_bias, s)
+                h_fp8 = (q, s)
+            else:
+                x, h = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, a_bias)
         else:
             x = x + gate_msa.unsqueeze(1) * self.attn(h)
             x = x + self.cross_attn(self.norm_cross(x), context)
@@ -192,9 +208,9 @@ class FusedNormBlock(DiTBlock):
         if self.defer_residual:
             # Under FSDP2 this block's gathered weights are freed after its forward, so fc2's bias cannot be
             # handed to the next block (which reads it there and in its backward): the MLP adds it itself.
-            m, m_bias = (self.mlp(h), None) if isinstance(self, FSDPModule) else _without_last_bias(self.mlp, h)
+            m, m_bias = (self.mlp(h), None) if isinstance(self, FSDPModule) else _without_last_bias(self.mlp, h, h_fp8)
             return PendingResidual(x, m, gate_mlp, m_bias)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(h)
+        return x + gate_mlp.unsqueeze(1) * (self.mlp(h, x_fp8=h_fp8) if h_fp8 is not None else self.mlp(h))
 
 
 class FusedNormFinalLayer(FinalLayer):
@@ -228,3 +244,13 @@ def convert_to_fused_norm(model: nn.Module) -> int:
 def revert_fused_norm(model: nn.Module) -> int:
     """Undo ``convert_to_fused_norm``; returns how many."""
     return swap_modules(model, {fused: plain for plain, fused in _FUSED.items()})
+
+
+def enable_fp8_forward(model: nn.Module, enabled: bool = True) -> int:
+    """Run fc1's forward in FP8 (``ditkit.models.fp8_forward``) in every ``FusedNormBlock`` of ``model`` whose MLP is
+    a ``FusedMlp`` and that has no cross-attention; returns how many."""
+    blocks = [m for m in model.modules()
+              if isinstance(m, FusedNormBlock) and isinstance(m.mlp, FusedMlp) and getattr(m, "cross_attn", None) is None]
+    for block in blocks:
+        block.fp8_forward = enabled
+    return len(blocks)

@@ -36,9 +36,18 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
+FP8_MAX = 448.0  # the largest finite e4m3 value
 
-def forward_reference(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype):
-    """-> (x' (or None without o), h in ``dtype``, μ (N, T) float32, r (N, T) float32)."""
+
+def quantize_fp8(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t / s as e4m3 (saturating at ±448), with s a (1,) float32 tensor: t ⊙ (1/s) in float32, rounded once,
+    as the forward kernel computes it."""
+    return (t.float() * (1.0 / scale.float())).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def forward_reference(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype, fp8_scale=None):
+    """-> (x' (or None without o), h in ``dtype``, μ (N, T) float32, r (N, T) float32), and with ``fp8_scale``
+    (a (1,) float32 s) a fifth: h / s in e4m3, quantized from h's float32 value (not the rounded h)."""
     stream = x
     if o is not None:
         branch = o.float() + bias.float() if bias is not None else o.float()
@@ -47,7 +56,8 @@ def forward_reference(x, o, gate, bias, shift, scale, eps: float, dtype: torch.d
     mean = xf.mean(-1)
     rstd = torch.rsqrt(xf.var(-1, unbiased=False) + eps)
     h = (xf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
-    return (stream if o is not None else None), h.to(dtype), mean, rstd
+    out = (stream if o is not None else None), h.to(dtype), mean, rstd
+    return out if fp8_scale is None else out + (quantize_fp8(h, fp8_scale),)
 
 
 def backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd):
@@ -68,8 +78,9 @@ def backward_reference(gh, g_next, stream, o, gate, scale, mean, rstd):
 if triton is not None:
     @triton.jit
     def _adaln_norm_forward_kernel(x_ptr, o_ptr, gate_ptr, bias_ptr, shift_ptr, scale_ptr, stream_ptr, h_ptr, mean_ptr,
-                        rstd_ptr, n_rows, tokens, width, stride_gate, stride_shift, stride_scale, eps,
-                        RESIDUAL: tl.constexpr, BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                        rstd_ptr, q_ptr, q_scale_ptr, n_rows, tokens, width, stride_gate, stride_shift, stride_scale, eps,
+                        RESIDUAL: tl.constexpr, BIAS: tl.constexpr, FP8: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         row_ok = rows < n_rows
@@ -93,6 +104,9 @@ if triton is not None:
         scale = tl.load(scale_ptr + sample[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = xc * rstd[:, None] * (1.0 + scale) + shift
         tl.store(h_ptr + at, h.to(h_ptr.dtype.element_ty), mask=mask)
+        if FP8:
+            q = tl.clamp(h * (1.0 / tl.load(q_scale_ptr)), -448.0, 448.0)
+            tl.store(q_ptr + at, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + rows, mean, mask=row_ok)
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
@@ -185,7 +199,8 @@ def backward_slices(n: int, tokens: int, width: int, residual: bool, device: tor
     return triton.cdiv(tokens, backward_config(n, tokens, width, residual, device)[2])
 
 
-def forward_triton(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype, config: tuple[int, int] | None = None):
+def forward_triton(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtype, fp8_scale=None,
+                   config: tuple[int, int] | None = None):
     """``forward_reference`` as one kernel launch; x and o contiguous (N, T, D).  ``config``: see ``forward_config``."""
     n, tokens, width, block = _shape(x)
     residual = o is not None
@@ -198,11 +213,14 @@ def forward_triton(x, o, gate, bias, shift, scale, eps: float, dtype: torch.dtyp
     rows, warps = config or forward_config(width)
     grid = (triton.cdiv(n * tokens, rows),)
     has_bias = residual and bias is not None
+    fp8 = fp8_scale is not None
+    q = torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn) if fp8 else h
     _adaln_norm_forward_kernel[grid](x, o if residual else x, gate, bias if has_bias else shift, shift, scale, stream, h,
-                                     mean, rstd, n * tokens, tokens, width, gate.stride(0), shift.stride(0),
-                                     scale.stride(0), eps, RESIDUAL=residual, BIAS=has_bias, ROWS=rows, BLOCK=block,
-                                     num_warps=warps)
-    return (stream if residual else None), h, mean, rstd
+                                     mean, rstd, q, fp8_scale.float() if fp8 else mean, n * tokens, tokens, width,
+                                     gate.stride(0), shift.stride(0), scale.stride(0), eps, RESIDUAL=residual,
+                                     BIAS=has_bias, FP8=fp8, ROWS=rows, BLOCK=block, num_warps=warps)
+    out = (stream if residual else None), h, mean, rstd
+    return out + (q,) if fp8 else out
 
 
 def backward_triton(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes,

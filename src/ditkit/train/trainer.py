@@ -24,7 +24,7 @@ from ditkit.models.dit import as_pair, build_model
 from ditkit.models.fp8_training import convert_for_fp8_training
 from ditkit.models.fused_attention import convert_to_fused_attention
 from ditkit.models.fused_mlp import convert_to_fused_mlp
-from ditkit.models.fused_norm import convert_to_fused_norm
+from ditkit.models.fused_norm import convert_to_fused_norm, enable_fp8_forward
 from ditkit.models.tuned_linear import convert_to_tuned_linear
 from ditkit.objectives import build_objective
 from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
@@ -251,6 +251,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         log.info(f"train.tuned_linear: {convert_to_tuned_linear(model)} linears converted{kernels}")
     if cfg.train.fused_norm:
         log.info(f"train.fused_norm: {convert_to_fused_norm(model)} modules (the blocks and the final layer) converted{kernels}")
+    if cfg.train.fp8_forward:
+        log.info(f"train.fp8_forward: fc1's forward in FP8 in {enable_fp8_forward(model)} blocks")
     model.train()
     ema.eval()
     train_model = _wrap_distributed(model, cfg, info)

@@ -1,0 +1,193 @@
+"""fc1's forward in FP8 (ditkit.models.fp8_forward): the scale bound against LayerNorm's extreme case, the
+norm kernel's FP8 output against the equations, the operator against a direct computation from the same
+quantized operands (and its gradients against the bf16 backward's), a block against the plain one within
+FP8's rounding, and the config's checks.  The cuBLASLt FP8 product itself runs on a GPU
+(``benchmarks/fp8_lt_products.py`` checks it against the float32 product of its operands; the GPU run of this
+file compares the operator with the emulation)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.library import opcheck
+
+from ditkit.config import Config, ConfigError
+from ditkit.models import norm_kernels
+from ditkit.models.dit import DiTBlock
+from ditkit.models.fp8_forward import norm_output_scale, quantize_weight
+from ditkit.models.fused_mlp import convert_to_fused_mlp, gelu_mlp
+from ditkit.models.fused_norm import convert_to_fused_norm, enable_fp8_forward, modulated_norm_op
+from tests.conftest import rel_err
+
+G = torch.Generator().manual_seed(0)
+EPS = 1e-6
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_scale_bounds_the_modulated_norm_and_is_reached_by_a_spike():
+    """|h| ≤ 448 s_h for any input; a row with one spike (x̂ = ±√(D−1) there) under a constant γ and β = 0
+    reaches the bound, so it is not looser than it has to be."""
+    n, tokens, width = 3, 9, 64
+    x = torch.randn(n, tokens, width, generator=G) * 5
+    x[1, 4] = 0.0
+    x[1, 4, 7] = 1e3  # the spike: x̂ = √(D−1) at column 7
+    shift, scale = torch.randn(n, width, generator=G), torch.randn(n, width, generator=G) * 3
+    _, h, _, _ = norm_kernels.forward_reference(x, None, None, None, shift, scale, EPS, torch.float32)
+    s = norm_output_scale(shift, scale)
+    assert s.shape == (1,) and s.dtype == torch.float32
+    assert h.abs().max() <= 448 * s
+    shift, scale = torch.zeros(n, width), torch.full((n, width), 0.5)
+    _, h, _, _ = norm_kernels.forward_reference(x, None, None, None, shift, scale, EPS, torch.float32)
+    assert h.abs().max() <= 448 * norm_output_scale(shift, scale) < 1.0001 * h.abs().max()
+
+
+def test_quantized_weight_maps_its_largest_entry_to_448_and_rounds_the_rest_to_e4m3():
+    w = torch.randn(32, 48, generator=G).bfloat16()
+    q, s = quantize_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (1,)
+    assert q.float().abs().max() == 448
+    # e4m3 keeps 3 mantissa bits: a normal value is within 2⁻⁴ relative of the scaled weight
+    scaled = w.float() / s
+    normal = scaled.abs() >= 2 ** -6
+    assert ((q.float() - scaled).abs()[normal] <= scaled.abs()[normal] * 2 ** -4).all()
+
+
+def test_quantize_weight_passes_no_gradient():
+    w = torch.randn(8, 16, requires_grad=True)
+    q, s = quantize_weight(w)
+    assert not q.requires_grad and not s.requires_grad
+
+
+@pytest.mark.skipif(norm_kernels.triton is None, reason="Triton is not installed")
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("shape", [(2, 7, 48), (3, 70, 1152)])
+def test_norm_kernel_writes_the_fp8_copy_of_h(shape, residual):
+    """The forward kernel's fifth output, q(h / s) from h's float32 value, against the reference.  On a GPU every
+    element agrees.  Triton's interpreter (the CPU run) rounds to e4m3 its own way: some values land one e4m3 step
+    off, and where rounding up crosses a power of two it drops the carry (127 -> 64, not 128)."""
+    x, o = torch.randn(*shape, generator=G).to(DEVICE), torch.randn(*shape, generator=G).to(DEVICE)
+    gate, shift, scale = (torch.randn(shape[0], shape[2], generator=G).bfloat16().to(DEVICE) for _ in range(3))
+    o, gate = (o.bfloat16(), gate) if residual else (None, None)
+    s = norm_output_scale(shift, scale)
+    ref = norm_kernels.forward_reference(x, o, gate, None, shift, scale, EPS, torch.bfloat16, s)
+    got = norm_kernels.forward_triton(x, o, gate, None, shift, scale, EPS, torch.bfloat16, s)
+    assert len(got) == 5 and got[4].dtype == torch.float8_e4m3fn and got[4].shape == x.shape
+    q_ref, q_got = ref[4].float(), got[4].float()
+    differ = q_ref != q_got
+    if DEVICE == "cuda":
+        assert not differ.any()
+    else:
+        step = torch.exp2(torch.floor(torch.log2(q_ref.abs().clamp(min=2 ** -6))) - 3)  # e4m3's spacing at q_ref
+        carry = (q_got * 2 == q_ref) & (q_ref.abs().log2() % 1 == 0)
+        assert ((q_got - q_ref).abs() <= step)[differ & ~carry].all()
+        assert differ.float().mean() < 0.05
+    assert rel_err(got[1].float(), ref[1].float()) < 1e-2  # h itself, as without FP8
+
+
+def _mlp_operands(m=20, d=32, hidden=64, dtype=torch.float32):
+    x = torch.randn(m, d, generator=G)
+    w1, b1 = torch.randn(hidden, d, generator=G) * 0.2, torch.randn(hidden, generator=G) * 0.1
+    w2, b2 = torch.randn(d, hidden, generator=G) * 0.2, torch.randn(d, generator=G) * 0.1
+    return [t.to(dtype).to(DEVICE) for t in (x, w1, b1, w2, b2)]
+
+
+def test_operator_multiplies_the_quantized_operands_and_backpropagates_as_the_bf16_mlp():
+    """pre = sx sw · xq wqᵀ + b₁ (float32 from the same e4m3 operands); ∂x, ∂W₁, ∂b₁, ∂W₂, ∂b₂ those of the plain
+    MLP evaluated at that pre (the quantization passes the gradient straight through)."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    x, w1, b1, w2, b2 = _mlp_operands(dtype=dtype)
+    sx = (x.float().abs().amax() / 448 * 1.5).reshape(1)  # a loose scale, as the bound gives
+    xq = norm_kernels.quantize_fp8(x, sx)
+    wq, sw = quantize_weight(w1)
+    pre = (xq.float() * sx) @ (wq.float() * sw).t() + b1.float()
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    y, a, got_pre = gelu_mlp(*leaves, xq, sx, wq, sw)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert rel_err(got_pre.float(), pre) < tol
+    assert rel_err(a.float(), nn.functional.gelu(pre, approximate="tanh")) < tol
+    gy = torch.randn(y.shape, generator=G).to(DEVICE, dtype)
+    y.backward(gy)
+    ref = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    linear = nn.functional.linear(ref[0], ref[1], ref[2])
+    straight = linear + (got_pre - linear).detach()  # pre's value, the linear's gradient
+    y_ref = nn.functional.linear(nn.functional.gelu(straight, approximate="tanh"), ref[3], ref[4])
+    y_ref.backward(gy)
+    assert rel_err(y.float(), y_ref.float()) < tol
+    for got, want in zip(leaves, ref):
+        assert rel_err(got.grad.float(), want.grad.float()) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_operators_with_fp8_inputs_pass_opcheck():
+    x, w1, b1, w2, b2 = _mlp_operands(m=6, d=16, hidden=32)
+    sx = torch.tensor([0.01])
+    wq, sw = quantize_weight(w1)
+    # Not test_schema, nor (for the norm, whose output is float8) test_aot_dispatch_dynamic: they alter the inputs or
+    # sum the outputs with ops the CPU has no float8 kernel for.  Compilation: the compiled-block test below.
+    opcheck(gelu_mlp, [*(t.cpu().requires_grad_() for t in (x, w1, b1, w2, b2)), norm_kernels.quantize_fp8(x.cpu(), sx),
+                       sx, wq.cpu(), sw.cpu()], test_utils=("test_autograd_registration", "test_faketensor",
+                                                             "test_aot_dispatch_dynamic"))
+    xn, shift, scale = torch.randn(2, 5, 16, generator=G), torch.randn(2, 16, generator=G), torch.randn(2, 16, generator=G)
+    opcheck(modulated_norm_op, (xn.requires_grad_(), None, None, None, shift.requires_grad_(), scale, EPS, torch.float32,
+                                norm_output_scale(shift, scale)), test_utils=("test_autograd_registration", "test_faketensor"))
+
+
+def _blocks():
+    torch.manual_seed(0)
+    plain = DiTBlock(64, num_heads=4)
+    for p in plain.parameters():  # adaLN-Zero starts at zero; random weights exercise every term
+        nn.init.normal_(p, std=0.1)
+    fused = nn.ModuleDict({"block": copy.deepcopy(plain)})
+    convert_to_fused_mlp(fused)
+    convert_to_fused_norm(fused)
+    return plain.to(DEVICE), fused["block"].to(DEVICE)
+
+
+def _output_and_grads(block, x, c, gy, autocast=True):
+    x, c = x.clone().requires_grad_(), c.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        y = block(x, c)
+    y.float().backward(gy)
+    return [y.detach().float(), x.grad, c.grad] + [p.grad.float() for p in block.parameters()]
+
+
+def test_block_with_fp8_forward_is_within_fp8_rounding_of_the_plain_block():
+    """Under bf16 autocast, a fused block with fc1's forward in FP8 against the plain block in float32: output and
+    every gradient within a few FP8 roundings, and further off than the same fused block without FP8 (the FP8
+    path ran)."""
+    plain, fused = _blocks()
+    x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
+    gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
+    ref = _output_and_grads(plain, x, c, gy, autocast=False)
+    bf16 = _output_and_grads(fused, x, c, gy)
+    fused.zero_grad()
+    assert enable_fp8_forward(nn.ModuleDict({"b": fused})) == 1
+    fp8 = _output_and_grads(fused, x, c, gy)
+    errs = [(rel_err(f, r), rel_err(b, r)) for f, b, r in zip(fp8, bf16, ref)]
+    assert max(e for e, _ in errs) < 0.05, errs
+    assert errs[0][0] > errs[0][1]  # the output moved: FP8 ran
+
+
+def test_compiled_block_with_fp8_forward_equals_eager():
+    """torch.compile traces the scale bound, the weight's quantization and the operators: the same output and
+    gradients as eager (the same quantized operands, so the same products)."""
+    _, fused = _blocks()
+    enable_fp8_forward(nn.ModuleDict({"b": fused}))
+    x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
+    gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
+    eager = _output_and_grads(fused, x, c, gy)
+    fused.zero_grad()
+    compiled = _output_and_grads(torch.compile(fused), x, c, gy)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b) or rel_err(b, a) < 1e-2  # bf16 autocast: compiled code may round in another order
+
+
+def test_fp8_forward_needs_the_fused_mlp_and_norm():
+    cfg = Config()
+    cfg.train.fp8_forward = True
+    with pytest.raises(ConfigError, match="train.fp8_forward"):
+        cfg.validate()
+    cfg.train.fused_mlp = cfg.train.fused_norm = True
+    cfg.validate()
+    cfg.train.precision = "fp16"
+    with pytest.raises(ConfigError, match="train.precision"):
+        cfg.validate()
