@@ -24,8 +24,8 @@ residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilo
 ``train.tuned_linear``), +attn (the qkv linear and cuDNN's attention as one operator whose backward makes ∂qkv and
 its bias gradient in one kernel, ``train.fused_attention``), +loss (the loss compiled with the network inside it,
 ``train.compile_loss``), +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
-kernel, ``train.bf16_weights``) and +fp8fwd (with +mlp+norm: fc1's forward as an FP8 product with GELU in its
-epilogue, ``train.fp8_forward``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+kernel, ``train.bf16_weights``) and +fp8fwd (with +norm and +mlp/+attn: fc1's and qkv's forward as FP8 products,
+fc1's with GELU in its epilogue, ``train.fp8_forward``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
@@ -91,7 +91,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
     "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
     "master": ("train",),  # bf16 weights, float32 masters: one flat AdamW + EMA kernel (ditkit.train.master_weights)
-    "fp8fwd": ("train",),  # with +mlp+norm: fc1's forward in FP8, GELU in its epilogue (ditkit.models.fp8_forward)
+    "fp8fwd": ("train",),  # with +norm and +mlp/+attn: fc1's and qkv's forward in FP8 (ditkit.models.fp8_forward)
 }
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),

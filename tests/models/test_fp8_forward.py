@@ -1,7 +1,7 @@
-"""fc1's forward in FP8 (ditkit.models.fp8_forward): the scale bound against LayerNorm's extreme case, the
-norm kernel's FP8 output against the equations, the operator against a direct computation from the same
-quantized operands (and its gradients against the bf16 backward's), a block against the plain one within
-FP8's rounding, and the config's checks.  The cuBLASLt FP8 product itself runs on a GPU
+"""fc1's and qkv's forward in FP8 (ditkit.models.fp8_forward): the scale bound against LayerNorm's extreme case,
+the norm kernel's FP8 output against the equations, the operators against a direct computation from the same
+quantized operands (and their gradients against the plain modules' at the same values), a block against the plain
+one within FP8's rounding, compilation, and the config's checks.  The cuBLASLt FP8 product itself runs on a GPU
 (``benchmarks/fp8_lt_products.py`` checks it against the float32 product of its operands; the GPU run of this
 file compares the operator with the emulation)."""
 import copy
@@ -13,8 +13,9 @@ from torch.library import opcheck
 
 from ditkit.config import Config, ConfigError
 from ditkit.models import norm_kernels
-from ditkit.models.dit import DiTBlock
+from ditkit.models.dit import Attention, DiTBlock
 from ditkit.models.fp8_forward import norm_output_scale, quantize_weight
+from ditkit.models.fused_attention import convert_to_fused_attention, qkv_attention
 from ditkit.models.fused_mlp import convert_to_fused_mlp, gelu_mlp
 from ditkit.models.fused_norm import convert_to_fused_norm, enable_fp8_forward, modulated_norm_op
 from tests.conftest import rel_err
@@ -117,6 +118,44 @@ def test_operator_multiplies_the_quantized_operands_and_backpropagates_as_the_bf
         assert rel_err(got.grad.float(), want.grad.float()) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+class _StraightThrough(nn.Module):
+    """A linear whose value is ``value`` and whose gradient is the linear's: what the FP8 forward backpropagates."""
+
+    def __init__(self, weight, bias, value):
+        super().__init__()
+        self.weight, self.bias, self.value = weight, bias, value
+
+    def forward(self, x):
+        linear = nn.functional.linear(x, self.weight, self.bias)
+        return linear + (self.value.reshape(linear.shape) - linear).detach()
+
+
+def test_qkv_operator_multiplies_the_quantized_operands_and_backpropagates_straight_through():
+    """qkv = sx sw · xq wqᵀ + b, then the attention; ∂x, ∂W, ∂b those of the plain ``Attention.attend`` at that qkv."""
+    n, tokens, width, heads = 2, 6, 32, 4
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    x = torch.randn(n * tokens, width, generator=G).to(DEVICE, dtype)
+    w, b = (torch.randn(3 * width, width, generator=G) * 0.2).to(DEVICE, dtype), torch.randn(3 * width, generator=G).to(DEVICE, dtype)
+    sx = (x.float().abs().amax() / 448 * 1.5).reshape(1)
+    xq = norm_kernels.quantize_fp8(x, sx)
+    wq, sw = quantize_weight(w)
+    exact = (xq.float() * sx) @ (wq.float() * sw).t() + b.float()
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    o, qkv, *_ = qkv_attention(*leaves, n, heads, xq, sx, wq, sw)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert rel_err(qkv.float(), exact) < tol
+    go = torch.randn(o.shape, generator=G).to(DEVICE, dtype)
+    o.backward(go)
+    attn = Attention(width, heads).to(DEVICE)
+    ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    attn.qkv = _StraightThrough(ref[1], ref[2], qkv.detach())
+    o_ref = attn.attend(ref[0].reshape(n, tokens, width)).reshape(n * tokens, width)
+    o_ref.backward(go)
+    assert rel_err(o.float(), o_ref.float()) < tol
+    for got, want in zip(leaves, ref):
+        assert rel_err(got.grad.float(), want.grad.float()) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 def test_operators_with_fp8_inputs_pass_opcheck():
     x, w1, b1, w2, b2 = _mlp_operands(m=6, d=16, hidden=32)
     sx = torch.tensor([0.01])
@@ -138,6 +177,7 @@ def _blocks():
         nn.init.normal_(p, std=0.1)
     fused = nn.ModuleDict({"block": copy.deepcopy(plain)})
     convert_to_fused_mlp(fused)
+    convert_to_fused_attention(fused)
     convert_to_fused_norm(fused)
     return plain.to(DEVICE), fused["block"].to(DEVICE)
 
@@ -151,9 +191,9 @@ def _output_and_grads(block, x, c, gy, autocast=True):
 
 
 def test_block_with_fp8_forward_is_within_fp8_rounding_of_the_plain_block():
-    """Under bf16 autocast, a fused block with fc1's forward in FP8 against the plain block in float32: output and
-    every gradient within a few FP8 roundings, and further off than the same fused block without FP8 (the FP8
-    path ran)."""
+    """Under bf16 autocast, a fused block (MLP, attention, norm) with qkv's and fc1's forward in FP8 against the plain
+    block in float32: output and every gradient within a few FP8 roundings, and further off than the same fused
+    block without FP8 (the FP8 path ran)."""
     plain, fused = _blocks()
     x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
     gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
@@ -181,12 +221,15 @@ def test_compiled_block_with_fp8_forward_equals_eager():
         assert torch.equal(a, b) or rel_err(b, a) < 1e-2  # bf16 autocast: compiled code may round in another order
 
 
-def test_fp8_forward_needs_the_fused_mlp_and_norm():
+def test_fp8_forward_needs_the_fused_norm_and_a_fused_product():
     cfg = Config()
     cfg.train.fp8_forward = True
     with pytest.raises(ConfigError, match="train.fp8_forward"):
         cfg.validate()
-    cfg.train.fused_mlp = cfg.train.fused_norm = True
+    cfg.train.fused_norm = True
+    with pytest.raises(ConfigError, match="train.fp8_forward"):
+        cfg.validate()
+    cfg.train.fused_attention = True
     cfg.validate()
     cfg.train.precision = "fp16"
     with pytest.raises(ConfigError, match="train.precision"):

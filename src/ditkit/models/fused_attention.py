@@ -16,7 +16,8 @@ on an H100; 4.2 and 2.3 at batch 128).  The operator calls the same cuDNN kernel
 Parameters, same state dict).  The fused path runs where cuDNN's attention takes the inputs (CUDA,
 bf16/fp16 under autocast, head sizes ``cudnn_takes``); elsewhere on a GPU the module computes as the plain
 one.  On a CPU the operator computes the same equations with torch's ops (what the
-tests compare with the plain module's autograd).  ``train.fused_attention=true``.
+tests compare with the plain module's autograd).  ``train.fused_attention=true``.  Given qkv's input in FP8
+(``attend(x, x_fp8)``), qkv's forward is an FP8 product (``ditkit.models.fp8_forward``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from torch import nn
 
 from ditkit.models import qkv_kernels
 from ditkit.models.dit import Attention
+from ditkit.models.fp8_forward import fp8_linear, quantize_weight
 from ditkit.models.module_swap import compute_dtype, retype_modules
 from ditkit.models.tuned_linear import TunedLinear, linear_product, tuned_matmul, weight_grad
 
@@ -61,15 +63,18 @@ def _attention(qkv: torch.Tensor, n: int, heads: int):
 
 
 @torch.library.custom_op("ditkit::qkv_attention", mutates_args=(),
-                         schema="(Tensor x, Tensor w, Tensor? b, int n, int heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-def qkv_attention(x, w, b, n, heads):
+                         schema="(Tensor x, Tensor w, Tensor? b, int n, int heads, Tensor? xq=None, Tensor? sx=None, "
+                                "Tensor? wq=None, Tensor? sw=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def qkv_attention(x, w, b, n, heads, xq=None, sx=None, wq=None, sw=None):
     """x (N·T, D), w (3D, D), b (3D,) -> (o (N·T, D): the heads' outputs, the input of ``proj``; for the
-    backward: qkv (N·T, 3D), cuDNN's log-sum-exp and its two random-number states (empty off cuDNN))."""
-    return _attention(linear_product(x, w, b), n, heads)
+    backward: qkv (N·T, 3D), cuDNN's log-sum-exp and its two random-number states (empty off cuDNN)).  Given
+    e4m3 xq ≈ x / sx and wq ≈ W / sw (per-tensor scales), qkv = sx sw · xq wqᵀ + b (``ditkit.models.fp8_forward``)."""
+    qkv = linear_product(x, w, b) if xq is None else fp8_linear(xq, sx, wq, sw, b, x.dtype)
+    return _attention(qkv, n, heads)
 
 
 @qkv_attention.register_fake
-def _(x, w, b, n, heads):
+def _(x, w, b, n, heads, xq=None, sx=None, wq=None, sw=None):
     return _attention(x.new_empty(x.shape[0], w.shape[0]), n, heads)  # cuDNN's output shapes from its own fake kernel
 
 
@@ -111,7 +116,7 @@ def _(g, qkv, o, lse, seed, offset, n, heads):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, b, n, heads = inputs
+    x, w, b, n, heads, *_ = inputs
     o, qkv, lse, seed, offset = output
     ctx.save_for_backward(x, w, o, qkv, lse, seed, offset)
     ctx.mark_non_differentiable(qkv, lse, seed, offset)
@@ -122,7 +127,7 @@ def _backward(ctx, g, *_):
     x, w, o, qkv, lse, seed, offset = ctx.saved_tensors
     dqkv, tile_sums = qkv_attention_backward(g.contiguous(), qkv, o, lse, seed, offset, ctx.n, ctx.heads)
     return (tuned_matmul(dqkv, w), weight_grad(dqkv, x),
-            tile_sums.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None, None, None)
+            tile_sums.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None, None, None, None, None, None, None)
 
 
 qkv_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -131,7 +136,8 @@ qkv_attention.register_autograd(_backward, setup_context=_setup_context)
 class FusedAttention(Attention):
     """``Attention`` whose ``attend`` runs through ``qkv_attention`` (see the module docstring)."""
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x_fp8``: (x / s in e4m3, s (1,) float32), qkv's input for an FP8 forward (``ditkit.models.fp8_forward``)."""
         n, tokens, width = x.shape
         dtype = compute_dtype(x)
         plain = x.is_cuda and (dtype not in (torch.bfloat16, torch.float16) or not cudnn_takes(width // self.num_heads))
@@ -139,7 +145,8 @@ class FusedAttention(Attention):
             return super().attend(x)  # FP8 training's qkv layer, or what cuDNN does not take on a GPU: the plain path
         w = self.qkv.weight.to(dtype)
         b = self.qkv.bias.to(dtype) if self.qkv.bias is not None else None
-        o, _, _, _, _ = qkv_attention(x.reshape(n * tokens, width).to(dtype), w, b, n, self.num_heads)
+        quantized = () if x_fp8 is None else (x_fp8[0].reshape(n * tokens, width), x_fp8[1], *quantize_weight(w))
+        o, _, _, _, _ = qkv_attention(x.reshape(n * tokens, width).to(dtype), w, b, n, self.num_heads, *quantized)
         return o.view(n, tokens, width)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
-from ditkit.models.fp8_forward import quantize_weight
+from ditkit.models.fp8_forward import fp8_linear, quantize_weight
 from ditkit.models.module_swap import compute_dtype, swap_modules
 from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, weight_grad
 
@@ -47,7 +47,7 @@ def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None):
     pre = x W₁ᵀ + b₁, both (M, H).  Given e4m3 xq ≈ x / sx and wq ≈ W₁ / sw (per-tensor scales, (1,) float32),
     pre = sx sw · xq wqᵀ + b₁ instead (``ditkit.models.fp8_forward``); x and W₁ then serve the backward only."""
     if xq is not None:
-        a, pre = _fp8_linear_gelu(xq, sx, wq, sw, b1)
+        a, pre = fp8_linear(xq, sx, wq, sw, b1, x.dtype, gelu=True)
     elif lt_ready(x, w1, b1):
         a, pre = cublaslt.linear_gelu(x, w1, b1)
     else:
@@ -59,15 +59,6 @@ def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None):
 @gelu_mlp.register_fake
 def _(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
-
-
-def _fp8_linear_gelu(xq, sx, wq, sw, b1):
-    """(GELU(pre), pre) with pre = sx sw · xq wqᵀ + b₁ in b₁'s dtype: one cuBLASLt FP8 product on CUDA, else
-    float32 arithmetic on the same quantized operands (GELU of the float32 pre, each rounded once)."""
-    if xq.is_cuda and cublaslt.available(xq.device) and b1.dtype == torch.bfloat16:
-        return cublaslt.linear_fp8(xq, sx, wq, sw, b1, gelu=True)
-    pre = (xq.float() * sx) @ (wq.float() * sw).t() + b1.float()
-    return F.gelu(pre, approximate="tanh").to(b1.dtype), pre.to(b1.dtype)
 
 
 @torch.library.custom_op("ditkit::dgelu_matmul", mutates_args=(), schema="(Tensor g, Tensor w, Tensor pre) -> Tensor")

@@ -30,6 +30,7 @@ from torch import nn
 
 from ditkit.models import norm_kernels
 from ditkit.models.dit import Attention, DiTBlock, FinalLayer, Mlp
+from ditkit.models.fused_attention import FusedAttention
 from ditkit.models.fp8_forward import norm_output_scale
 from ditkit.models.fused_mlp import FusedMlp
 from ditkit.models.module_swap import compute_dtype, swap_modules
@@ -124,12 +125,15 @@ def _backward(ctx, g_stream, gh, _g_mean, _g_rstd, _g_q):
 modulated_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """h = LN(x)(1 + γ) + β: x (N, T, D), shift β and scale γ (N, D) -> h (N, T, D)."""
+def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                   fp8_scale: torch.Tensor | None = None):
+    """h = LN(x)(1 + γ) + β: x (N, T, D), shift β and scale γ (N, D) -> h (N, T, D), or with ``fp8_scale`` s
+    (h, h / s in e4m3)."""
     # x made contiguous here, in traced code: compiled, the kernel that makes x writes it so (the patch
     # embedding's tokens are a transposed view); inside the operator it would be a copy of its own (inductor
     # hands an operator its inputs in eager's strides), and again in the backward: 0.29 ms per XL/2 b32 step.
-    return modulated_norm_op(x.contiguous(), None, None, None, shift, scale, eps, compute_dtype(x))[1]
+    _, h, _, _, q = modulated_norm_op(x.contiguous(), None, None, None, shift, scale, eps, compute_dtype(x), fp8_scale)
+    return h if fp8_scale is None else (h, q)
 
 
 def residual_modulated_norm(x, o, gate, shift, scale, eps: float, bias: torch.Tensor | None = None,
@@ -155,11 +159,20 @@ class PendingResidual(NamedTuple):
     bias: torch.Tensor | None = None
 
 
-def _norm_of_input(x: torch.Tensor | PendingResidual, shift, scale, eps: float):
-    """(the block's input stream, its modulated norm)."""
+def _norm_of_input(x: torch.Tensor | PendingResidual, shift, scale, eps: float, fp8_scale=None):
+    """(the block's input stream, its modulated norm), and with ``fp8_scale`` that norm in e4m3."""
     if isinstance(x, PendingResidual):
-        return residual_modulated_norm(x.x, x.o, x.gate, shift, scale, eps, x.bias)
-    return x, modulated_norm(x, shift, scale, eps)
+        return residual_modulated_norm(x.x, x.o, x.gate, shift, scale, eps, x.bias, fp8_scale)
+    h = modulated_norm(x, shift, scale, eps, fp8_scale)
+    return (x, h) if fp8_scale is None else (x, *h)
+
+
+def _fp8_norm(x, shift, scale, eps: float, o=None, gate=None, bias=None):
+    """The block's norm with h's FP8 copy for the product after it: (x', h, (q, s_h)), x' = x without o."""
+    s = norm_output_scale(shift, scale)
+    x, h, q = (_norm_of_input(x, shift, scale, eps, s) if o is None
+               else residual_modulated_norm(x, o, gate, shift, scale, eps, bias, s))
+    return x, h, (q, s)
 
 
 def _without_last_bias(module: nn.Module, h: torch.Tensor, h_fp8=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -171,11 +184,12 @@ def _without_last_bias(module: nn.Module, h: torch.Tensor, h_fp8=None) -> tuple[
         return (module(h, with_bias=False, x_fp8=h_fp8), last.bias) if last.bias is not None else \
             (module(h, x_fp8=h_fp8), None)
     if type(last) not in (nn.Linear, TunedLinear) or last.bias is None:
-        return module(h), None
+        return (module(h) if h_fp8 is None else module.proj(module.attend(h, h_fp8))), None
     if isinstance(module, FusedMlp):
         return module(h, with_bias=False), last.bias
     if isinstance(module, (Attention, Mlp)):
-        inner = module.attend(h) if isinstance(module, Attention) else module.hidden(h)
+        inner = (module.attend(h) if h_fp8 is None else module.attend(h, h_fp8)) if isinstance(module, Attention) \
+            else module.hidden(h)
         out = last(inner, with_bias=False) if isinstance(last, TunedLinear) else nn.functional.linear(inner, last.weight)
         return out, last.bias
     return module(h), None
@@ -187,19 +201,23 @@ class FusedNormBlock(DiTBlock):
     next) it returns its last residual as a ``PendingResidual``."""
 
     defer_residual = False
-    fp8_forward = False  # fc1's forward in FP8 (``enable_fp8_forward``)
+    fp8_forward = False  # fc1's and qkv's forward in FP8 (``enable_fp8_forward``)
 
     def forward(self, x, c: torch.Tensor, context: torch.Tensor | None = None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x, h = _norm_of_input(x, shift_msa, scale_msa, self.norm1.eps)
+        fp8_attn = self.fp8_forward and isinstance(self.attn, FusedAttention) and context is None
+        fp8_mlp = self.fp8_forward and isinstance(self.mlp, FusedMlp) and context is None
         h_fp8 = None
+        if fp8_attn:
+            x, h, h_fp8 = _fp8_norm(x, shift_msa, scale_msa, self.norm1.eps)
+        else:
+            x, h = _norm_of_input(x, shift_msa, scale_msa, self.norm1.eps)
         if context is None:
-            a, a_bias = _without_last_bias(self.attn, h)
-            if self.fp8_forward:
-                s = norm_output_scale(shift_mlp, scale_mlp)
-                x, h, q = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, a_bias, s)
-                h_fp8 = (q, s)
+            a, a_bias = _without_last_bias(self.attn, h, h_fp8)
+            if fp8_mlp:
+                x, h, h_fp8 = _fp8_norm(x, shift_mlp, scale_mlp, self.norm2.eps, a, gate_msa, a_bias)
             else:
+                h_fp8 = None
                 x, h = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, a_bias)
         else:
             x = x + gate_msa.unsqueeze(1) * self.attn(h)
@@ -247,10 +265,12 @@ def revert_fused_norm(model: nn.Module) -> int:
 
 
 def enable_fp8_forward(model: nn.Module, enabled: bool = True) -> int:
-    """Run fc1's forward in FP8 (``ditkit.models.fp8_forward``) in every ``FusedNormBlock`` of ``model`` whose MLP is
-    a ``FusedMlp`` and that has no cross-attention; returns how many."""
+    """Run fc1's and qkv's forward products in FP8 (``ditkit.models.fp8_forward``) in every ``FusedNormBlock`` of
+    ``model`` without cross-attention, where the MLP is a ``FusedMlp`` and the attention a ``FusedAttention``
+    (either suffices); returns how many blocks."""
     blocks = [m for m in model.modules()
-              if isinstance(m, FusedNormBlock) and isinstance(m.mlp, FusedMlp) and getattr(m, "cross_attn", None) is None]
+              if isinstance(m, FusedNormBlock) and getattr(m, "cross_attn", None) is None
+              and (isinstance(m.mlp, FusedMlp) or isinstance(m.attn, FusedAttention))]
     for block in blocks:
         block.fp8_forward = enabled
     return len(blocks)

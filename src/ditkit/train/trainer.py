@@ -252,7 +252,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     if cfg.train.fused_norm:
         log.info(f"train.fused_norm: {convert_to_fused_norm(model)} modules (the blocks and the final layer) converted{kernels}")
     if cfg.train.fp8_forward:
-        log.info(f"train.fp8_forward: fc1's forward in FP8 in {enable_fp8_forward(model)} blocks")
+        log.info(f"train.fp8_forward: fc1's and qkv's forward products in FP8 in {enable_fp8_forward(model)} blocks")
     model.train()
     ema.eval()
     train_model = _wrap_distributed(model, cfg, info)
