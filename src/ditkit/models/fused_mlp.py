@@ -21,7 +21,8 @@ against the compiled plain MLP).  No double backward.
 same state dict).  The fused products run on CUDA in bf16/fp16 (under autocast: its dtype) with
 sizes that are multiples of 8; otherwise, and on a CPU, the operators compute the same thing with
 torch's ops (which the CPU tests compare with the plain MLP's autograd).  ``train.fused_mlp=true``.
-Given fc1's input in FP8 (``x_fp8``), fc1's forward is an FP8 product (``ditkit.models.fp8_forward``).
+Given fc1's input in FP8 (``x_fp8``), fc1's forward is an FP8 product (``ditkit.models.fp8_forward``); with
+``enable_fp8_backward``, fc1's ∂x product is one (``ditkit.models.fp8_backward``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
+from ditkit.models.fp8_backward import fc1_dx_and_bias_grad
 from ditkit.models.fp8_forward import fp8_linear, quantize_weight
 from ditkit.models.module_swap import compute_dtype, swap_modules
 from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, weight_grad
@@ -41,11 +43,12 @@ from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, w
 # traced; only the fused products are (opaque) operators of their own.
 @torch.library.custom_op("ditkit::gelu_mlp", mutates_args=(),
                          schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor? b2, Tensor? xq=None, "
-                                "Tensor? sx=None, Tensor? wq=None, Tensor? sw=None) -> (Tensor, Tensor, Tensor)")
-def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None):
+                                "Tensor? sx=None, Tensor? wq=None, Tensor? sw=None, bool fp8_dx=False) -> (Tensor, Tensor, Tensor)")
+def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None, fp8_dx=False):
     """x (M, D) -> y (M, D) (without b₂ when it is None), and for the backward a = GELU(pre) and
     pre = x W₁ᵀ + b₁, both (M, H).  Given e4m3 xq ≈ x / sx and wq ≈ W₁ / sw (per-tensor scales, (1,) float32),
-    pre = sx sw · xq wqᵀ + b₁ instead (``ditkit.models.fp8_forward``); x and W₁ then serve the backward only."""
+    pre = sx sw · xq wqᵀ + b₁ instead (``ditkit.models.fp8_forward``); x and W₁ then serve the backward only.
+    ``fp8_dx``: the backward's ∂x product in FP8 (``ditkit.models.fp8_backward``)."""
     if xq is not None:
         a, pre = fp8_linear(xq, sx, wq, sw, b1, x.dtype, gelu=True)
     elif lt_ready(x, w1, b1):
@@ -57,7 +60,7 @@ def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None):
 
 
 @gelu_mlp.register_fake
-def _(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None):
+def _(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None, fp8_dx=False):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
 
 
@@ -80,21 +83,26 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w1, w2, a, pre)
     ctx.mark_non_differentiable(a, pre)
     ctx.has_b2 = b2 is not None
+    ctx.fp8_dx = bool(inputs[9]) if len(inputs) > 9 else False
 
 
 def _backward(ctx, gy, ga, gpre):
     x, w1, w2, a, pre = ctx.saved_tensors
     gy = gy.contiguous()
     gpre = dgelu_matmul(gy, w2, pre)
-    return (tuned_matmul(gpre, w1), weight_grad(gpre, x), gpre.sum(0), weight_grad(gy, a),
-            gy.sum(0) if ctx.has_b2 else None, None, None, None, None)
+    gx, gb1 = fc1_dx_and_bias_grad(gpre, w1) if ctx.fp8_dx else (tuned_matmul(gpre, w1), gpre.sum(0))
+    return (gx, weight_grad(gpre, x), gb1, weight_grad(gy, a), gy.sum(0) if ctx.has_b2 else None,
+            None, None, None, None, None)
 
 
 gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FusedMlp(Mlp):
-    """``Mlp`` whose training step runs through ``gelu_mlp`` (see the module docstring)."""
+    """``Mlp`` whose training step runs through ``gelu_mlp`` (see the module docstring); ``fp8_backward``: fc1's ∂x
+    product in FP8 (``enable_fp8_backward``)."""
+
+    fp8_backward = False
 
     def forward(self, x: torch.Tensor, with_bias: bool = True,
                 x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -106,13 +114,22 @@ class FusedMlp(Mlp):
         quantized = ()
         if x_fp8 is not None:
             quantized = (x_fp8[0].reshape(-1, x.shape[-1]), x_fp8[1], *quantize_weight(w1))
-        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2, *quantized)
+        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2, *quantized, fp8_dx=self.fp8_backward)
         return y.reshape(*lead, y.shape[-1])
 
 
 def convert_to_fused_mlp(model: nn.Module) -> int:
     """Replace every ``Mlp`` in ``model`` by a ``FusedMlp`` holding the same layers; returns how many."""
     return swap_modules(model, {Mlp: FusedMlp})
+
+
+def enable_fp8_backward(model: nn.Module, enabled: bool = True) -> int:
+    """Run fc1's ∂x product in FP8 with per-token scales (``ditkit.models.fp8_backward``) in every ``FusedMlp`` of
+    ``model``; returns how many."""
+    mlps = [m for m in model.modules() if isinstance(m, FusedMlp)]
+    for mlp in mlps:
+        mlp.fp8_backward = enabled
+    return len(mlps)
 
 
 def revert_fused_mlp(model: nn.Module) -> int:

@@ -1,0 +1,148 @@
+"""fc1's ∂x product in FP8 (e4m3) with one scale per token row, in the fused MLP's backward.
+
+    ∂pre = (∂y W₂) ⊙ GELU'(pre)                        cuBLASLt's DGELU product, bf16 (as without FP8)
+    s_m  = max_j |∂pre_mj| / 448                        per token row m
+    one kernel pass over ∂pre: q(∂pre / s) in e4m3, s, and the partial column sums for ∂b₁ = Σ_m ∂pre
+    s'_i = max_o |W₁_oi| / 448                          per input channel i, from the bf16 weight
+    ∂x   = (s ⊗ s') ⊙ (q(∂pre / s) q(W₁ᵀ / s')ᵀ)         one cuBLASLt FP8 product (OUTER_VEC scales)
+
+with q the rounding to e4m3 (saturating; no value saturates, each row's scale is its own amax).  ∂W₁ = ∂preᵀ x
+stays a bf16 product from the bf16 ∂pre, so the weights' gradients are what they are without FP8; only the
+gradient that flows on to the layers below goes through e4m3 (relative error ≈ 2·10⁻³ per product, measured).
+
+Why this product and not the others (``benchmarks/fp8_backward_products.py``, H100, 32,768 tokens): fc1's ∂x
+takes 0.439 ms in bf16, 0.232 in FP8 with per-tensor scales; fc2's ∂x keeps GELU's derivative in its epilogue,
+and cuBLASLt's FP8 form of that epilogue is 2.7 times slower than bf16.  Why per-row scales: a per-tensor scale
+needs the amax of all of ∂pre before its cast can start (a second pass over 302 MB at XL/2 batch 128), a row's
+amax only that row, which the kernel re-reads from the cache.  The pass replaces the column sum for ∂b₁ that
+the backward ran anyway (one read of ∂pre) and adds the e4m3 write (half of ∂pre's bytes).
+
+``forward`` of ``rows_fp8_and_column_sums`` is the kernel on CUDA and the same equations in torch elsewhere
+(``rows_fp8_reference``, what the tests compare the kernel with under Triton's interpreter); ``fp8_dx`` runs
+the product (emulated in float32 from the same quantized operands on a CPU).  ``train.fp8_backward``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ditkit.models import cublaslt
+from ditkit.models.norm_kernels import FP8_MAX
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch comes without Triton
+    triton = None
+
+_TINY = 1e-30  # the scale of an all-zero row (its e4m3 values are 0 whatever the scale)
+
+
+def row_scales(t: torch.Tensor) -> torch.Tensor:
+    """max_j |t_mj| / 448 per row of a 2-D tensor, float32 (M,)."""
+    return t.detach().abs().amax(dim=1).float().clamp(min=_TINY) / FP8_MAX
+
+
+def quantize_rows(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """t_mj / s_m in e4m3: t ⊙ (1/s) in float32, rounded once, as the kernel computes it."""
+    return (t.float() * (1.0 / s)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def rows_fp8_reference(g: torch.Tensor, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """g (M, N) -> (q(g / s) e4m3 (M, N), s (M,) float32, column sums (parts, N) float32 whose sum over dim 0 is
+    Σ_m g_m).  The reference and CPU path of ``rows_fp8_and_column_sums``."""
+    s = row_scales(g)
+    sums = torch.zeros(parts, g.shape[1], device=g.device, dtype=torch.float32)
+    sums[0] = g.float().sum(0)
+    return quantize_rows(g, s), s, sums
+
+
+if triton is not None:
+    @triton.jit
+    def _rows_fp8_kernel(g_ptr, q_ptr, s_ptr, part_ptr, n_rows, width, rows_per_program, BLOCK: tl.constexpr):
+        """Program p walks rows [p·rows_per_program, …), one whole row at a time: its amax, its e4m3 values, and
+        its values added to the program's column sums (registers, written once at the end)."""
+        p = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < width
+        sums = tl.zeros([BLOCK], dtype=tl.float32)
+        first = p.to(tl.int64) * rows_per_program
+        for i in range(0, tl.minimum(rows_per_program, n_rows - first)):
+            row = first + i
+            at = row * width + cols
+            t = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            s = tl.maximum(tl.max(tl.abs(t), axis=0), 1e-30) / 448.0
+            tl.store(s_ptr + row, s)
+            tl.store(q_ptr + at, tl.clamp(t * (1.0 / s), -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=ok)
+            sums += t
+        tl.store(part_ptr + p.to(tl.int64) * width + cols, sums, mask=ok)
+
+
+_PER_SM, _WARPS = 4, 8
+
+
+def _programs(n_rows: int, device: torch.device) -> tuple[int, int]:
+    """(rows per program, programs): about ``_PER_SM`` programs per multiprocessor."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    per = max(1, -(-n_rows // (_PER_SM * sms)))
+    return per, -(-n_rows // per)
+
+
+def rows_fp8_triton(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows_fp8_reference`` as one kernel launch (its column sums in one row per program)."""
+    if not g.is_contiguous() or g.dim() != 2:
+        raise ValueError(f"rows_fp8_triton takes a contiguous 2-D tensor, got shape {tuple(g.shape)}")
+    (m, n), device = g.shape, g.device
+    per, programs = _programs(m, device)
+    q = torch.empty(m, n, device=device, dtype=torch.float8_e4m3fn)
+    s = torch.empty(m, device=device, dtype=torch.float32)
+    sums = torch.empty(programs, n, device=device, dtype=torch.float32)
+    _rows_fp8_kernel[(programs,)](g, q, s, sums, m, n, per, BLOCK=triton.next_power_of_2(n), num_warps=_WARPS)
+    return q, s, sums
+
+
+@torch.library.custom_op("ditkit::rows_fp8_and_column_sums", mutates_args=())
+def rows_fp8_and_column_sums(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """g (M, N) -> (q(g / s) e4m3, s (M,) float32 = each row's amax / 448, column sums (P, N) float32 to be summed
+    over dim 0): the kernel on CUDA, ``rows_fp8_reference`` elsewhere."""
+    if g.is_cuda and triton is not None:
+        return rows_fp8_triton(g.contiguous())
+    return rows_fp8_reference(g, _programs(g.shape[0], g.device)[1])
+
+
+@rows_fp8_and_column_sums.register_fake
+def _(g):
+    m, n = g.shape
+    programs = _programs(m, g.device)[1]
+    return (g.new_empty(m, n, dtype=torch.float8_e4m3fn), g.new_empty(m, dtype=torch.float32),
+            g.new_empty(programs, n, dtype=torch.float32))
+
+
+def quantize_weight_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (O, I) -> (q(Wᵀ / s') e4m3 (I, O) contiguous, s' (I,) float32 = max_o |W_oi| / 448): ∂x's second operand
+    (K = O contiguous, as Hopper's FP8 kernels take it).  No gradient flows through it."""
+    wt = w.detach().t()
+    s = row_scales(wt)
+    return quantize_rows(wt, s).contiguous(), s
+
+
+@torch.library.custom_op("ditkit::fp8_dx", mutates_args=(),
+                         schema="(Tensor gq, Tensor sg, Tensor wtq, Tensor sw, ScalarType dtype) -> Tensor")
+def fp8_dx(gq, sg, wtq, sw, dtype):
+    """∂x = (sg ⊗ sw) ⊙ (gq wtqᵀ) in ``dtype``: gq (M, O) e4m3 with sg (M,), wtq (I, O) e4m3 with sw (I,).  One cuBLASLt
+    FP8 product on CUDA in bf16, else float32 arithmetic on the same quantized operands, rounded once."""
+    if gq.is_cuda and cublaslt.available(gq.device) and dtype == torch.bfloat16:
+        return cublaslt.linear_fp8(gq, sg, wtq, sw, mode=cublaslt.OUTER_VEC)
+    return ((gq.float() * sg[:, None]) @ (wtq.float() * sw[:, None]).t()).to(dtype)
+
+
+@fp8_dx.register_fake
+def _(gq, sg, wtq, sw, dtype):
+    return gq.new_empty(gq.shape[0], wtq.shape[0], dtype=dtype)
+
+
+def fc1_dx_and_bias_grad(gpre: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂pre (M, H), W₁ (H, D) -> (∂x = ∂pre W₁ (M, D) through e4m3 as above, ∂b₁ = Σ_m ∂pre (H,)), both in ∂pre's dtype."""
+    q, s, sums = rows_fp8_and_column_sums(gpre)
+    wtq, sw = quantize_weight_columns(w1)
+    return fp8_dx(q, s, wtq, sw, gpre.dtype), sums.sum(0).to(gpre.dtype)
+

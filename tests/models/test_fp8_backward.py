@@ -1,0 +1,199 @@
+"""fc1's ∂x product in FP8 (ditkit.models.fp8_backward): the rows kernel against its equations (Triton's interpreter on
+the CPU), the per-row and per-column scales, the product against the float32 product of the same quantized operands,
+the fused MLP's backward against ∂pre computed independently by autograd, a block and a compiled block against the
+plain block, and the config's checks."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.library import opcheck
+
+from ditkit.config import Config, ConfigError
+from ditkit.models import fp8_backward
+from ditkit.models.dit import DiTBlock
+from ditkit.models.fp8_backward import (fp8_dx, quantize_rows, quantize_weight_columns, row_scales,
+                                        rows_fp8_and_column_sums, rows_fp8_reference)
+from ditkit.models.fused_attention import convert_to_fused_attention
+from ditkit.models.fused_mlp import convert_to_fused_mlp, enable_fp8_backward, gelu_mlp
+from ditkit.models.fused_norm import convert_to_fused_norm, enable_fp8_forward
+from tests.conftest import rel_err
+
+G = torch.Generator().manual_seed(0)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _gradient(m, n):
+    """Rows of very different sizes (as ∂pre's are), one of them all zero."""
+    g = torch.randn(m, n, generator=G) * torch.exp2(torch.randint(-12, 4, (m, 1), generator=G).float())
+    g[m // 3] = 0
+    return g.bfloat16()
+
+
+def _assert_e4m3_close(got: torch.Tensor, want: torch.Tensor):
+    """Equal on a GPU.  Triton's interpreter (the CPU run) rounds to e4m3 its own way: some values land one e4m3
+    step off, and where rounding up crosses a power of two it drops the carry (127 -> 64, not 128)."""
+    got, want = got.float(), want.float()
+    differ = got != want
+    if DEVICE == "cuda":
+        assert not differ.any()
+        return
+    step = torch.exp2(torch.floor(torch.log2(want.abs().clamp(min=2 ** -6))) - 3)  # e4m3's spacing at want
+    carry = (got * 2 == want) & (want.abs().log2() % 1 == 0)
+    assert ((got - want).abs() <= step)[differ & ~carry].all()
+    assert differ.float().mean() < 0.05
+
+
+def test_row_scales_map_each_rows_largest_value_to_448():
+    g = _gradient(9, 40)
+    s = row_scales(g)
+    q = quantize_rows(g, s)
+    assert s.shape == (9,) and s.dtype == torch.float32 and q.dtype == torch.float8_e4m3fn
+    nonzero = g.float().abs().amax(1) > 0
+    assert (q.float().abs().amax(1)[nonzero] == 448).all()
+    assert (q.float()[~nonzero] == 0).all() and torch.isfinite(s).all() and (s > 0).all()
+    scaled = g.float() / s[:, None]  # e4m3 keeps 3 mantissa bits: a normal value within 2⁻⁴ relative
+    normal = scaled.abs() >= 2 ** -6
+    assert ((q.float() - scaled).abs()[normal] <= scaled.abs()[normal] * 2 ** -4).all()
+
+
+def test_weight_columns_are_quantized_transposed_with_one_scale_per_input_channel():
+    w = (torch.randn(48, 16, generator=G) * torch.rand(1, 16, generator=G)).bfloat16()
+    wtq, s = quantize_weight_columns(w)
+    assert wtq.shape == (16, 48) and wtq.is_contiguous() and s.shape == (16,)
+    assert torch.equal(s, w.float().abs().amax(0) / 448)
+    assert (wtq.float().abs().amax(1) == 448).all()
+    w.requires_grad_()
+    assert not quantize_weight_columns(w)[0].requires_grad
+
+
+@pytest.mark.skipif(fp8_backward.triton is None, reason="Triton is not installed")
+@pytest.mark.parametrize("shape", [(37, 100), (70, 1152), (5, 4608)])
+def test_rows_kernel_against_its_equations(shape):
+    """q, s and the column sums (summed over the programs' rows) from one pass, against the reference."""
+    g = _gradient(*shape).to(DEVICE)
+    q, s, sums = fp8_backward.rows_fp8_triton(g)
+    q_ref, s_ref, _ = rows_fp8_reference(g)
+    assert torch.equal(s, s_ref)
+    assert sums.shape[1] == shape[1] and sums.dtype == torch.float32
+    torch.testing.assert_close(sums.sum(0), g.float().sum(0), rtol=1e-5, atol=1e-6)
+    _assert_e4m3_close(q, q_ref)
+
+
+def test_product_is_the_float32_product_of_the_quantized_operands():
+    gpre = _gradient(24, 64).to(DEVICE)
+    w1 = (torch.randn(64, 32, generator=G) * 0.1).bfloat16().to(DEVICE)
+    q, s, _ = rows_fp8_and_column_sums(gpre)
+    wtq, sw = quantize_weight_columns(w1)
+    want = (q.float() * s[:, None]) @ (wtq.float() * sw[:, None]).t()
+    got = fp8_dx(q, s, wtq, sw, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (24, 32)
+    assert rel_err(got.float(), want) < (1e-2 if DEVICE == "cuda" else 4e-3)  # one rounding to bf16
+    assert rel_err(got.float(), gpre.float() @ w1.float()) < 0.1  # and FP8's error against the exact product
+
+
+def test_operators_pass_opcheck():
+    g = _gradient(12, 40)
+    opcheck(rows_fp8_and_column_sums, (g,), test_utils=("test_faketensor",))
+    q, s, _ = rows_fp8_reference(g)
+    wtq, sw = quantize_weight_columns(torch.randn(40, 8, generator=G))
+    opcheck(fp8_dx, (q, s, wtq, sw, torch.float32), test_utils=("test_faketensor",))
+
+
+def _mlp_operands(m=20, d=32, hidden=64, dtype=torch.float32):
+    x = torch.randn(m, d, generator=G)
+    w1, b1 = torch.randn(hidden, d, generator=G) * 0.2, torch.randn(hidden, generator=G) * 0.1
+    w2, b2 = torch.randn(d, hidden, generator=G) * 0.2, torch.randn(d, generator=G) * 0.1
+    return [t.to(dtype).to(DEVICE) for t in (x, w1, b1, w2, b2)]
+
+
+def test_mlp_backward_runs_fc1_dx_through_e4m3_and_leaves_the_rest_unchanged():
+    """With fp8_dx: y, ∂W₁, ∂b₁, ∂W₂, ∂b₂ those of the bf16 operator; ∂x the product of ∂pre (from autograd of the
+    plain MLP) quantized per row and W₁ quantized per input channel."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    operands = _mlp_operands(dtype=dtype)
+    gy = torch.randn(20, 32, generator=G).to(DEVICE, dtype)
+    plain = [t.clone().requires_grad_() for t in operands]
+    y_plain, _, _ = gelu_mlp(*plain)
+    y_plain.backward(gy)
+    fp8 = [t.clone().requires_grad_() for t in operands]
+    y, _, _ = gelu_mlp(*fp8, fp8_dx=True)
+    y.backward(gy)
+    assert torch.equal(y, y_plain)
+    for got, want in zip(fp8[1:], plain[1:]):
+        assert torch.equal(got.grad, want.grad)
+    x, w1, b1, w2, b2 = (t.detach().float().requires_grad_() for t in operands)
+    pre = nn.functional.linear(x, w1, b1)
+    (gpre,) = torch.autograd.grad(nn.functional.linear(nn.functional.gelu(pre, approximate="tanh"), w2, b2), pre,
+                                  gy.float())
+    s = row_scales(gpre)
+    wtq, sw = quantize_weight_columns(w1)
+    want = (quantize_rows(gpre, s).float() * s[:, None]) @ (wtq.float() * sw[:, None]).t()
+    assert rel_err(fp8[0].grad.float(), want) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert 1e-3 < rel_err(fp8[0].grad.float(), plain[0].grad.float()) < 0.1  # FP8 ran, within its rounding
+
+
+def _blocks():
+    torch.manual_seed(0)
+    plain = DiTBlock(64, num_heads=4)
+    for p in plain.parameters():  # adaLN-Zero starts at zero; random weights exercise every term
+        nn.init.normal_(p, std=0.1)
+    fused = nn.ModuleDict({"block": copy.deepcopy(plain)})
+    convert_to_fused_mlp(fused)
+    convert_to_fused_attention(fused)
+    convert_to_fused_norm(fused)
+    return plain.to(DEVICE), fused
+
+
+def _output_and_grads(block, x, c, gy, autocast=True):
+    x, c = x.clone().requires_grad_(), c.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        y = block(x, c)
+    y.float().backward(gy)
+    return [y.detach().float(), x.grad, c.grad] + [p.grad.float() for p in block.parameters()]
+
+
+def test_block_with_fp8_forward_and_backward_is_within_fp8_rounding_of_the_plain_block():
+    """Under bf16 autocast, a fused block with FP8 forward products and fc1's ∂x in FP8 against the plain block in
+    float32: every gradient within a few FP8 roundings; the block input's gradient moved against FP8 forward alone."""
+    plain, fused = _blocks()
+    x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
+    gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
+    ref = _output_and_grads(plain, x, c, gy, autocast=False)
+    enable_fp8_forward(fused)
+    forward_only = _output_and_grads(fused["block"], x, c, gy)
+    fused["block"].zero_grad()
+    assert enable_fp8_backward(fused) == 1
+    both = _output_and_grads(fused["block"], x, c, gy)
+    errs = [rel_err(b, r) for b, r in zip(both, ref)]
+    assert max(errs) < 0.06, errs
+    assert torch.equal(both[0], forward_only[0])  # the forward is unchanged
+    assert not torch.equal(both[1], forward_only[1])  # ∂x went through the FP8 product
+
+
+def test_compiled_block_with_fp8_backward_equals_eager():
+    """Within FP8's rounding: compiled code rounds ∂pre's bf16 values in another order, and a one-ulp change moves
+    a value to the next e4m3 step (2⁻³ relative) now and then."""
+    _, fused = _blocks()
+    enable_fp8_backward(fused)
+    block = fused["block"]
+    x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
+    gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
+    eager = _output_and_grads(block, x, c, gy)
+    block.zero_grad()
+    compiled = _output_and_grads(torch.compile(block), x, c, gy)
+    assert torch.equal(eager[0], compiled[0]) or rel_err(compiled[0], eager[0]) < 1e-2  # the forward: bf16's rounding
+    for a, b in zip(eager[1:], compiled[1:]):
+        assert torch.equal(a, b) or rel_err(b, a) < 3e-2
+
+
+def test_fp8_backward_needs_the_fused_mlp_and_bf16():
+    cfg = Config()
+    cfg.train.fp8_backward = True
+    with pytest.raises(ConfigError, match="train.fp8_backward"):
+        cfg.validate()
+    cfg.train.fused_mlp = True
+    cfg.validate()
+    cfg.train.precision = "fp32"
+    with pytest.raises(ConfigError, match="train.precision"):
+        cfg.validate()
