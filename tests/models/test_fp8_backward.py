@@ -142,7 +142,7 @@ def _blocks():
     convert_to_fused_mlp(fused)
     convert_to_fused_attention(fused)
     convert_to_fused_norm(fused)
-    return plain.to(DEVICE), fused
+    return plain.to(DEVICE), fused.to(DEVICE)
 
 
 def _output_and_grads(block, x, c, gy, autocast=True):
