@@ -2,8 +2,6 @@
 the CPU), the per-row and per-column scales, the product against the float32 product of the same quantized operands,
 the fused MLP's backward against ∂pre computed independently by autograd, a block and a compiled block against the
 plain block, and the config's checks."""
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -11,16 +9,14 @@ from torch.library import opcheck
 
 from ditkit.config import Config, ConfigError
 from ditkit.models import fp8_backward
-from ditkit.models.dit import DiTBlock
 from ditkit.models.fp8_backward import (fp8_dx, quantize_rows, quantize_weight_columns, row_scales,
                                         rows_fp8_and_column_sums, rows_fp8_reference)
-from ditkit.models.fused_attention import convert_to_fused_attention
-from ditkit.models.fused_mlp import convert_to_fused_mlp, enable_fp8_backward, gelu_mlp
-from ditkit.models.fused_norm import convert_to_fused_norm, enable_fp8_forward
+from ditkit.models.fused_mlp import enable_fp8_backward, gelu_mlp
+from ditkit.models.fused_norm import enable_fp8_forward
 from tests.conftest import rel_err
+from tests.models.fp8_cases import DEVICE, assert_e4m3_close, block_output_and_grads, mlp_operands, plain_and_fused_blocks
 
 G = torch.Generator().manual_seed(0)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _gradient(m, n):
@@ -28,20 +24,6 @@ def _gradient(m, n):
     g = torch.randn(m, n, generator=G) * torch.exp2(torch.randint(-12, 4, (m, 1), generator=G).float())
     g[m // 3] = 0
     return g.bfloat16()
-
-
-def _assert_e4m3_close(got: torch.Tensor, want: torch.Tensor):
-    """Equal on a GPU.  Triton's interpreter (the CPU run) rounds to e4m3 its own way: some values land one e4m3
-    step off, and where rounding up crosses a power of two it drops the carry (127 -> 64, not 128)."""
-    got, want = got.float(), want.float()
-    differ = got != want
-    if DEVICE == "cuda":
-        assert not differ.any()
-        return
-    step = torch.exp2(torch.floor(torch.log2(want.abs().clamp(min=2 ** -6))) - 3)  # e4m3's spacing at want
-    carry = (got * 2 == want) & (want.abs().log2() % 1 == 0)
-    assert ((got - want).abs() <= step)[differ & ~carry].all()
-    assert differ.float().mean() < 0.05
 
 
 def test_row_scales_map_each_rows_largest_value_to_448():
@@ -77,7 +59,7 @@ def test_rows_kernel_against_its_equations(shape):
     assert torch.equal(s, s_ref)
     assert sums.shape[1] == shape[1] and sums.dtype == torch.float32
     torch.testing.assert_close(sums.sum(0), g.float().sum(0), rtol=1e-5, atol=1e-6)
-    _assert_e4m3_close(q, q_ref)
+    assert_e4m3_close(q, q_ref)
 
 
 def test_product_is_the_float32_product_of_the_quantized_operands():
@@ -100,18 +82,11 @@ def test_operators_pass_opcheck():
     opcheck(fp8_dx, (q, s, wtq, sw, torch.float32), test_utils=("test_faketensor",))
 
 
-def _mlp_operands(m=20, d=32, hidden=64, dtype=torch.float32):
-    x = torch.randn(m, d, generator=G)
-    w1, b1 = torch.randn(hidden, d, generator=G) * 0.2, torch.randn(hidden, generator=G) * 0.1
-    w2, b2 = torch.randn(d, hidden, generator=G) * 0.2, torch.randn(d, generator=G) * 0.1
-    return [t.to(dtype).to(DEVICE) for t in (x, w1, b1, w2, b2)]
-
-
 def test_mlp_backward_runs_fc1_dx_through_e4m3_and_leaves_the_rest_unchanged():
     """With fp8_dx: y, ∂W₁, ∂b₁, ∂W₂, ∂b₂ those of the bf16 operator; ∂x the product of ∂pre (from autograd of the
     plain MLP) quantized per row and W₁ quantized per input channel."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    operands = _mlp_operands(dtype=dtype)
+    operands = mlp_operands(G, dtype=dtype)
     gy = torch.randn(20, 32, generator=G).to(DEVICE, dtype)
     plain = [t.clone().requires_grad_() for t in operands]
     y_plain, _, _ = gelu_mlp(*plain)
@@ -133,38 +108,18 @@ def test_mlp_backward_runs_fc1_dx_through_e4m3_and_leaves_the_rest_unchanged():
     assert 1e-3 < rel_err(fp8[0].grad.float(), plain[0].grad.float()) < 0.1  # FP8 ran, within its rounding
 
 
-def _blocks():
-    torch.manual_seed(0)
-    plain = DiTBlock(64, num_heads=4)
-    for p in plain.parameters():  # adaLN-Zero starts at zero; random weights exercise every term
-        nn.init.normal_(p, std=0.1)
-    fused = nn.ModuleDict({"block": copy.deepcopy(plain)})
-    convert_to_fused_mlp(fused)
-    convert_to_fused_attention(fused)
-    convert_to_fused_norm(fused)
-    return plain.to(DEVICE), fused.to(DEVICE)
-
-
-def _output_and_grads(block, x, c, gy, autocast=True):
-    x, c = x.clone().requires_grad_(), c.clone().requires_grad_()
-    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-        y = block(x, c)
-    y.float().backward(gy)
-    return [y.detach().float(), x.grad, c.grad] + [p.grad.float() for p in block.parameters()]
-
-
 def test_block_with_fp8_forward_and_backward_is_within_fp8_rounding_of_the_plain_block():
     """Under bf16 autocast, a fused block with FP8 forward products and fc1's ∂x in FP8 against the plain block in
     float32: every gradient within a few FP8 roundings; the block input's gradient moved against FP8 forward alone."""
-    plain, fused = _blocks()
+    plain, fused = plain_and_fused_blocks()
     x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
     gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
-    ref = _output_and_grads(plain, x, c, gy, autocast=False)
+    ref = block_output_and_grads(plain, x, c, gy, autocast=False)
     enable_fp8_forward(fused)
-    forward_only = _output_and_grads(fused["block"], x, c, gy)
-    fused["block"].zero_grad()
+    forward_only = block_output_and_grads(fused, x, c, gy)
+    fused.zero_grad()
     assert enable_fp8_backward(fused) == 1
-    both = _output_and_grads(fused["block"], x, c, gy)
+    both = block_output_and_grads(fused, x, c, gy)
     errs = [rel_err(b, r) for b, r in zip(both, ref)]
     assert max(errs) < 0.06, errs
     assert torch.equal(both[0], forward_only[0])  # the forward is unchanged
@@ -174,14 +129,13 @@ def test_block_with_fp8_forward_and_backward_is_within_fp8_rounding_of_the_plain
 def test_compiled_block_with_fp8_backward_equals_eager():
     """Within FP8's rounding: compiled code rounds ∂pre's bf16 values in another order, and a one-ulp change moves
     a value to the next e4m3 step (2⁻³ relative) now and then."""
-    _, fused = _blocks()
-    enable_fp8_backward(fused)
-    block = fused["block"]
+    _, block = plain_and_fused_blocks()
+    enable_fp8_backward(block)
     x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
     gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
-    eager = _output_and_grads(block, x, c, gy)
+    eager = block_output_and_grads(block, x, c, gy)
     block.zero_grad()
-    compiled = _output_and_grads(torch.compile(block), x, c, gy)
+    compiled = block_output_and_grads(torch.compile(block), x, c, gy)
     assert torch.equal(eager[0], compiled[0]) or rel_err(compiled[0], eager[0]) < 1e-2  # the forward: bf16's rounding
     for a, b in zip(eager[1:], compiled[1:]):
         assert torch.equal(a, b) or rel_err(b, a) < 3e-2

@@ -4,8 +4,6 @@ quantized operands (and their gradients against the plain modules' at the same v
 one within FP8's rounding, compilation, and the config's checks.  The cuBLASLt FP8 product itself runs on a GPU
 (``benchmarks/fp8_lt_products.py`` checks it against the float32 product of its operands; the GPU run of this
 file compares the operator with the emulation)."""
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -13,16 +11,16 @@ from torch.library import opcheck
 
 from ditkit.config import Config, ConfigError
 from ditkit.models import norm_kernels
-from ditkit.models.dit import Attention, DiTBlock
+from ditkit.models.dit import Attention
 from ditkit.models.fp8_forward import norm_output_scale, quantize_weight
-from ditkit.models.fused_attention import convert_to_fused_attention, qkv_attention
-from ditkit.models.fused_mlp import convert_to_fused_mlp, gelu_mlp
-from ditkit.models.fused_norm import convert_to_fused_norm, enable_fp8_forward, modulated_norm_op
+from ditkit.models.fused_attention import qkv_attention
+from ditkit.models.fused_mlp import gelu_mlp
+from ditkit.models.fused_norm import enable_fp8_forward, modulated_norm_op
 from tests.conftest import rel_err
+from tests.models.fp8_cases import DEVICE, assert_e4m3_close, block_output_and_grads, mlp_operands, plain_and_fused_blocks
 
 G = torch.Generator().manual_seed(0)
 EPS = 1e-6
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_scale_bounds_the_modulated_norm_and_is_reached_by_a_spike():
@@ -73,30 +71,15 @@ def test_norm_kernel_writes_the_fp8_copy_of_h(shape, residual):
     ref = norm_kernels.forward_reference(x, o, gate, None, shift, scale, EPS, torch.bfloat16, s)
     got = norm_kernels.forward_triton(x, o, gate, None, shift, scale, EPS, torch.bfloat16, s)
     assert len(got) == 5 and got[4].dtype == torch.float8_e4m3fn and got[4].shape == x.shape
-    q_ref, q_got = ref[4].float(), got[4].float()
-    differ = q_ref != q_got
-    if DEVICE == "cuda":
-        assert not differ.any()
-    else:
-        step = torch.exp2(torch.floor(torch.log2(q_ref.abs().clamp(min=2 ** -6))) - 3)  # e4m3's spacing at q_ref
-        carry = (q_got * 2 == q_ref) & (q_ref.abs().log2() % 1 == 0)
-        assert ((q_got - q_ref).abs() <= step)[differ & ~carry].all()
-        assert differ.float().mean() < 0.05
+    assert_e4m3_close(got[4], ref[4])
     assert rel_err(got[1].float(), ref[1].float()) < 1e-2  # h itself, as without FP8
-
-
-def _mlp_operands(m=20, d=32, hidden=64, dtype=torch.float32):
-    x = torch.randn(m, d, generator=G)
-    w1, b1 = torch.randn(hidden, d, generator=G) * 0.2, torch.randn(hidden, generator=G) * 0.1
-    w2, b2 = torch.randn(d, hidden, generator=G) * 0.2, torch.randn(d, generator=G) * 0.1
-    return [t.to(dtype).to(DEVICE) for t in (x, w1, b1, w2, b2)]
 
 
 def test_operator_multiplies_the_quantized_operands_and_backpropagates_as_the_bf16_mlp():
     """pre = sx sw · xq wqᵀ + b₁ (float32 from the same e4m3 operands); ∂x, ∂W₁, ∂b₁, ∂W₂, ∂b₂ those of the plain
     MLP evaluated at that pre (the quantization passes the gradient straight through)."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    x, w1, b1, w2, b2 = _mlp_operands(dtype=dtype)
+    x, w1, b1, w2, b2 = mlp_operands(G, dtype=dtype)
     sx = (x.float().abs().amax() / 448 * 1.5).reshape(1)  # a loose scale, as the bound gives
     xq = norm_kernels.quantize_fp8(x, sx)
     wq, sw = quantize_weight(w1)
@@ -157,7 +140,7 @@ def test_qkv_operator_multiplies_the_quantized_operands_and_backpropagates_strai
 
 
 def test_operators_with_fp8_inputs_pass_opcheck():
-    x, w1, b1, w2, b2 = _mlp_operands(m=6, d=16, hidden=32)
+    x, w1, b1, w2, b2 = mlp_operands(G, m=6, d=16, hidden=32)
     sx = torch.tensor([0.01])
     wq, sw = quantize_weight(w1)
     # Not test_schema, nor (for the norm, whose output is float8) test_aot_dispatch_dynamic: they alter the inputs or
@@ -170,38 +153,18 @@ def test_operators_with_fp8_inputs_pass_opcheck():
                                 norm_output_scale(shift, scale)), test_utils=("test_autograd_registration", "test_faketensor"))
 
 
-def _blocks():
-    torch.manual_seed(0)
-    plain = DiTBlock(64, num_heads=4)
-    for p in plain.parameters():  # adaLN-Zero starts at zero; random weights exercise every term
-        nn.init.normal_(p, std=0.1)
-    fused = nn.ModuleDict({"block": copy.deepcopy(plain)})
-    convert_to_fused_mlp(fused)
-    convert_to_fused_attention(fused)
-    convert_to_fused_norm(fused)
-    return plain.to(DEVICE), fused["block"].to(DEVICE)
-
-
-def _output_and_grads(block, x, c, gy, autocast=True):
-    x, c = x.clone().requires_grad_(), c.clone().requires_grad_()
-    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-        y = block(x, c)
-    y.float().backward(gy)
-    return [y.detach().float(), x.grad, c.grad] + [p.grad.float() for p in block.parameters()]
-
-
 def test_block_with_fp8_forward_is_within_fp8_rounding_of_the_plain_block():
     """Under bf16 autocast, a fused block (MLP, attention, norm) with qkv's and fc1's forward in FP8 against the plain
     block in float32: output and every gradient within a few FP8 roundings, and further off than the same fused
     block without FP8 (the FP8 path ran)."""
-    plain, fused = _blocks()
+    plain, fused = plain_and_fused_blocks()
     x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
     gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
-    ref = _output_and_grads(plain, x, c, gy, autocast=False)
-    bf16 = _output_and_grads(fused, x, c, gy)
+    ref = block_output_and_grads(plain, x, c, gy, autocast=False)
+    bf16 = block_output_and_grads(fused, x, c, gy)
     fused.zero_grad()
     assert enable_fp8_forward(nn.ModuleDict({"b": fused})) == 1
-    fp8 = _output_and_grads(fused, x, c, gy)
+    fp8 = block_output_and_grads(fused, x, c, gy)
     errs = [(rel_err(f, r), rel_err(b, r)) for f, b, r in zip(fp8, bf16, ref)]
     assert max(e for e, _ in errs) < 0.05, errs
     assert errs[0][0] > errs[0][1]  # the output moved: FP8 ran
@@ -210,13 +173,13 @@ def test_block_with_fp8_forward_is_within_fp8_rounding_of_the_plain_block():
 def test_compiled_block_with_fp8_forward_equals_eager():
     """torch.compile traces the scale bound, the weight's quantization and the operators: the same output and
     gradients as eager (the same quantized operands, so the same products)."""
-    _, fused = _blocks()
+    _, fused = plain_and_fused_blocks()
     enable_fp8_forward(nn.ModuleDict({"b": fused}))
     x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
     gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
-    eager = _output_and_grads(fused, x, c, gy)
+    eager = block_output_and_grads(fused, x, c, gy)
     fused.zero_grad()
-    compiled = _output_and_grads(torch.compile(fused), x, c, gy)
+    compiled = block_output_and_grads(torch.compile(fused), x, c, gy)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b) or rel_err(b, a) < 1e-2  # bf16 autocast: compiled code may round in another order
 

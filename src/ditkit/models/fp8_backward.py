@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ditkit.models import cublaslt
-from ditkit.models.norm_kernels import FP8_MAX
+from ditkit.models.norm_kernels import FP8_MAX, quantize_fp8
 
 try:
     import triton
@@ -45,7 +45,7 @@ def row_scales(t: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """t_mj / s_m in e4m3: t ⊙ (1/s) in float32, rounded once, as the kernel computes it."""
-    return (t.float() * (1.0 / s)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return quantize_fp8(t, s[:, None])
 
 
 def rows_fp8_reference(g: torch.Tensor, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -83,7 +83,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w1, w2, a, pre)
     ctx.mark_non_differentiable(a, pre)
     ctx.has_b2 = b2 is not None
-    ctx.fp8_dx = bool(inputs[9]) if len(inputs) > 9 else False
+    ctx.fp8_dx = inputs[9]
 
 
 def _backward(ctx, gy, ga, gpre):

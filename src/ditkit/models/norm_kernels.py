@@ -40,8 +40,8 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 
 
 def quantize_fp8(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """t / s as e4m3 (saturating at ±448), with s a (1,) float32 tensor: t ⊙ (1/s) in float32, rounded once,
-    as the forward kernel computes it."""
+    """t / s as e4m3 (saturating at ±448), with s a float32 tensor that broadcasts against t ((1,): one scale;
+    (M, 1): one per row): t ⊙ (1/s) in float32, rounded once, as the kernels compute it."""
     return (t.float() * (1.0 / scale.float())).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
