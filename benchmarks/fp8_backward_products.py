@@ -2,7 +2,9 @@
 whose gradient a norm kernel writes (fc2's, with GELU's derivative in the epilogue, and proj's), at DiT-XL/2's
 shapes, bf16 against cuBLASLt FP8 (e4m3 operands; per-tensor scales, or per row of ∂y and of Wᵀ); and the qkv backward as one product over
 the stacked ∂qkv against three over ∂q, ∂k, ∂v (what dropping the stacking kernel would cost the products).
-Then what ``ditkit.models.fp8_backward`` runs for fc1's ∂x and ∂b₁ against the bf16 sum and product it replaces.
+Then what ``ditkit.models.fp8_backward`` runs for fc1's ∂x and ∂b₁ against the bf16 sum and product it replaces,
+and for qkv's ∂x and ∂b (``qkv_kernels.stack_rows_fp8`` and the FP8 product) against the stacking kernel and bf16
+product (W's quantization compiled, as in the step).
 
     PYTHONPATH=src:benchmarks python benchmarks/fp8_backward_products.py [--tokens 8192,32768]
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import median_ms, rel_err
-from ditkit.models import cublaslt, fp8_backward
+from ditkit.models import cublaslt, fp8_backward, qkv_kernels
 from fp8_lt_products import quantize
 
 D, HIDDEN = 1152, 4608
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="8192,32768")
     args = ap.parse_args()
     dev, bf = torch.device("cuda"), torch.bfloat16
+    quantize_weight = torch.compile(fp8_backward.quantize_weight_columns)  # as in the compiled step: two kernels
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     print("| product | tokens | mode | bf16 ms (TFLOP/s) | FP8 ms (TFLOP/s) | speed-up | FP8 rel err |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -79,13 +82,13 @@ def main() -> None:
 
         def fp8():
             q, s, sums = fp8_backward.rows_fp8_triton(gpre)
-            wtq, sw = fp8_backward.quantize_weight_columns(w1)
+            wtq, sw = quantize_weight(w1)
             return fp8_backward.fp8_dx(q, s, wtq, sw, bf), sums.sum(0)
 
         dx, db = fp8()
         t8 = median_ms(fp8, 20, dev)
         kernel = median_ms(lambda: fp8_backward.rows_fp8_triton(gpre), 20, dev)
-        moved = gpre.numel() * 3 + fp8_backward._programs(m, dev)[1] * HIDDEN * 4
+        moved = gpre.numel() * 3 + fp8_backward.programs_per_rows(m, dev)[1] * HIDDEN * 4
         print(f"| fc1 | {m} | {bf16:.3f} | {t8:.3f} | {kernel:.3f} ({moved / kernel / 1e6:.0f}) | "
               f"{rel_err(dx, gpre.float() @ w1.float()):.1e} | {rel_err(db, gpre.float().sum(0)):.1e} |", flush=True)
     print()
@@ -103,6 +106,35 @@ def main() -> None:
         three_dw = median_ms(lambda: [cublaslt.mm(p, h, trans_a=True) for p in parts], 20, dev)
         print(f"| ∂h | {m} | {one_dx:.3f} | {three_dx:.3f} |")
         print(f"| ∂W | {m} | {one_dw:.3f} | {three_dw:.3f} |", flush=True)
+    print()
+    print("| qkv ∂x and ∂b | tokens | bf16: stacking kernel + Σ + ∂qkv W (ms) | FP8: rows kernel + Σ + OUTER_VEC product "
+          "(ms) | stacking kernel (ms, GB/s) | rows kernel (ms, GB/s) | ∂x rel err | ∂b rel err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    heads, dh, tokens = 16, D // 16, 256
+    for m in (int(t) for t in args.tokens.split(",")):
+        grads = [(torch.randn(m // tokens, tokens, heads, dh, device=dev) * torch.rand(m // tokens, tokens, 1, 1, device=dev)
+                  ).to(bf).transpose(1, 2) for _ in range(3)]  # cuDNN's layout, rows of different sizes
+        w = (torch.randn(3 * D, D, device=dev) * 0.02).to(bf)
+
+        def bf16():
+            dqkv, tiles = qkv_kernels.stack_partial(*grads)
+            return cublaslt.mm(dqkv, w), tiles.sum(0)
+
+        def fp8():
+            dqkv, sums, q, s = qkv_kernels.stack_rows_fp8(*grads)
+            wtq, sw = quantize_weight(w)
+            return fp8_backward.fp8_dx(q, s, wtq, sw, bf), sums.sum(0)
+
+        (dx16, _), (dx, db) = bf16(), fp8()
+        t16, t8 = median_ms(bf16, 20, dev), median_ms(fp8, 20, dev)
+        stack = median_ms(lambda: qkv_kernels.stack_partial(*grads), 20, dev)
+        rows = median_ms(lambda: qkv_kernels.stack_rows_fp8(*grads), 20, dev)
+        moved16 = m * 3 * D * 4 + (m // qkv_kernels.ROWS_PER_TILE) * 3 * D * 4
+        moved8 = m * 3 * D * 5 + fp8_backward.programs_per_rows(m, dev)[1] * 3 * D * 4
+        dqkv = qkv_kernels.stack_reference(*grads)[0].float()
+        print(f"| qkv | {m} | {t16:.3f} | {t8:.3f} | {stack:.3f} ({moved16 / stack / 1e6:.0f}) | {rows:.3f} "
+              f"({moved8 / rows / 1e6:.0f}) | {rel_err(dx, dqkv @ w.float()):.1e} (bf16 {rel_err(dx16, dqkv @ w.float()):.1e}) "
+              f"| {rel_err(db, dqkv.sum(0)):.1e} |", flush=True)
 
 
 if __name__ == "__main__":

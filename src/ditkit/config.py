@@ -135,7 +135,7 @@ class TrainConfig:
     tuned_linear: bool = False  # the other linears' products through cuBLASLt's fastest candidate on CUDA (ditkit.models.tuned_linear)
     fused_norm: bool = False  # adaLN's LayerNorm, modulation and gated residual as Triton kernels on CUDA (ditkit.models.fused_norm)
     fp8_forward: bool = False  # with fused_norm and fused_mlp/fused_attention: fc1's and qkv's forward in FP8 (ditkit.models.fp8_forward)
-    fp8_backward: bool = False  # with fused_mlp: fc1's ∂x product in FP8, per-token scales (ditkit.models.fp8_backward)
+    fp8_backward: bool = False  # with fused_mlp/fused_attention: fc1's and qkv's ∂x products in FP8, per-token scales (ditkit.models.fp8_backward)
     bf16_residual: bool = False  # under bf16 autocast, the residual stream in bf16 instead of float32 (Megatron's default)
     fused_tail: bool = False  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema); slower on an H100, see README
     bf16_weights: bool = False  # linears/convs hold bf16 weights, float32 masters in a flat AdamW + EMA (ditkit.train.master_weights)
@@ -217,8 +217,8 @@ class Config:
              "(it runs inside their operators)"),
             (not self.train.fp8_forward or self.train.precision in ("auto", "bf16"), "train.precision",
              "bf16 (or auto on a GPU) with train.fp8_forward=true (the FP8 product returns bf16)"),
-            (not self.train.fp8_backward or self.train.fused_mlp, "train.fp8_backward",
-             "false without train.fused_mlp=true (it runs inside the fused MLP's backward)"),
+            (not self.train.fp8_backward or self.train.fused_mlp or self.train.fused_attention, "train.fp8_backward",
+             "false without train.fused_mlp or train.fused_attention=true (it runs inside their backward)"),
             (not self.train.fp8_backward or self.train.precision in ("auto", "bf16"), "train.precision",
              "bf16 (or auto on a GPU) with train.fp8_backward=true (the FP8 product returns bf16)"),
             (not (self.train.bf16_weights and self.train.fused_tail), "train.fused_tail",

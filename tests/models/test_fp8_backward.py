@@ -9,9 +9,9 @@ from torch.library import opcheck
 
 from ditkit.config import Config, ConfigError
 from ditkit.models import fp8_backward
-from ditkit.models.fp8_backward import (fp8_dx, quantize_rows, quantize_weight_columns, row_scales,
-                                        rows_fp8_and_column_sums, rows_fp8_reference)
-from ditkit.models.fused_mlp import enable_fp8_backward, gelu_mlp
+from ditkit.models.fp8_backward import (enable_fp8_backward, fp8_dx, quantize_rows, quantize_weight_columns,
+                                        row_scales, rows_fp8_and_column_sums, rows_fp8_reference)
+from ditkit.models.fused_mlp import gelu_mlp
 from ditkit.models.fused_norm import enable_fp8_forward
 from tests.conftest import rel_err
 from tests.models.fp8_cases import DEVICE, assert_e4m3_close, block_output_and_grads, mlp_operands, plain_and_fused_blocks
@@ -109,8 +109,9 @@ def test_mlp_backward_runs_fc1_dx_through_e4m3_and_leaves_the_rest_unchanged():
 
 
 def test_block_with_fp8_forward_and_backward_is_within_fp8_rounding_of_the_plain_block():
-    """Under bf16 autocast, a fused block with FP8 forward products and fc1's ∂x in FP8 against the plain block in
-    float32: every gradient within a few FP8 roundings; the block input's gradient moved against FP8 forward alone."""
+    """Under bf16 autocast, a fused block with FP8 forward products and fc1's and qkv's ∂x in FP8 against the plain
+    block in float32: every gradient within a few FP8 roundings; the block input's gradient moved against FP8 forward
+    alone, and again once qkv's ∂x joins fc1's."""
     plain, fused = plain_and_fused_blocks()
     x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
     gy = torch.randn(2, 16, 64, generator=G).to(DEVICE)
@@ -118,12 +119,16 @@ def test_block_with_fp8_forward_and_backward_is_within_fp8_rounding_of_the_plain
     enable_fp8_forward(fused)
     forward_only = block_output_and_grads(fused, x, c, gy)
     fused.zero_grad()
-    assert enable_fp8_backward(fused) == 1
+    assert enable_fp8_backward(fused, parts=("fc1",)) == 1
+    fc1_only = block_output_and_grads(fused, x, c, gy)
+    fused.zero_grad()
+    assert enable_fp8_backward(fused) == 2
     both = block_output_and_grads(fused, x, c, gy)
     errs = [rel_err(b, r) for b, r in zip(both, ref)]
     assert max(errs) < 0.06, errs
     assert torch.equal(both[0], forward_only[0])  # the forward is unchanged
-    assert not torch.equal(both[1], forward_only[1])  # ∂x went through the FP8 product
+    assert not torch.equal(fc1_only[1], forward_only[1])  # ∂x went through fc1's FP8 product
+    assert not torch.equal(both[1], fc1_only[1])  # and through qkv's
 
 
 def test_compiled_block_with_fp8_backward_equals_eager():
@@ -141,12 +146,22 @@ def test_compiled_block_with_fp8_backward_equals_eager():
         assert torch.equal(a, b) or rel_err(b, a) < 3e-2
 
 
-def test_fp8_backward_needs_the_fused_mlp_and_bf16():
+def test_enable_switches_the_parts_asked_for():
+    _, block = plain_and_fused_blocks()
+    assert enable_fp8_backward(block, parts=("qkv",)) == 1
+    assert block.attn.fp8_backward and not block.mlp.fp8_backward
+    assert enable_fp8_backward(block, enabled=False) == 2 and not block.attn.fp8_backward
+    with pytest.raises(ValueError, match="unknown parts.*proj"):
+        enable_fp8_backward(block, parts=("proj",))
+
+
+@pytest.mark.parametrize("fused", ["fused_mlp", "fused_attention"])
+def test_fp8_backward_needs_a_fused_mlp_or_attention_and_bf16(fused):
     cfg = Config()
     cfg.train.fp8_backward = True
     with pytest.raises(ConfigError, match="train.fp8_backward"):
         cfg.validate()
-    cfg.train.fused_mlp = True
+    setattr(cfg.train, fused, True)
     cfg.validate()
     cfg.train.precision = "fp32"
     with pytest.raises(ConfigError, match="train.precision"):

@@ -4,8 +4,8 @@ bias's gradient in one kernel (``ditkit.models.qkv_kernels``).
     forward   qkv = x Wᵀ + b  (N·T, 3D)       cuBLASLt, the bias in the epilogue (``ditkit.models.tuned_linear``)
               o = attention(q, k, v)          cuDNN's flash attention on q, k, v as views of qkv
     backward  ∂q, ∂k, ∂v                      cuDNN's attention backward
-              ∂qkv and Σ_t ∂qkv               one Triton kernel
-              ∂x = ∂qkv W,  ∂W = ∂qkvᵀ x      cuBLASLt
+              ∂qkv and Σ_t ∂qkv               one Triton kernel (with ∂qkv in e4m3 too, for an FP8 ∂x)
+              ∂x = ∂qkv W,  ∂W = ∂qkvᵀ x      cuBLASLt (∂x in FP8 with ``train.fp8_backward``)
 
 Under plain autograd (compiled or not) the attention's three gradients are stacked into ∂qkv by one
 pass, and the bias gradient is another over the same data (1.0 and 0.5 ms per DiT-XL/2 step at batch 32
@@ -29,6 +29,7 @@ from torch import nn
 
 from ditkit.models import qkv_kernels
 from ditkit.models.dit import Attention
+from ditkit.models.fp8_backward import fp8_dx, programs_per_rows, quantize_weight_columns
 from ditkit.models.fp8_forward import fp8_linear, quantize_weight
 from ditkit.models.module_swap import compute_dtype, retype_modules
 from ditkit.models.tuned_linear import TunedLinear, linear_product, tuned_matmul, weight_grad
@@ -64,17 +65,18 @@ def _attention(qkv: torch.Tensor, n: int, heads: int):
 
 @torch.library.custom_op("ditkit::qkv_attention", mutates_args=(),
                          schema="(Tensor x, Tensor w, Tensor? b, int n, int heads, Tensor? xq=None, Tensor? sx=None, "
-                                "Tensor? wq=None, Tensor? sw=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-def qkv_attention(x, w, b, n, heads, xq=None, sx=None, wq=None, sw=None):
+                                "Tensor? wq=None, Tensor? sw=None, bool fp8_dx=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def qkv_attention(x, w, b, n, heads, xq=None, sx=None, wq=None, sw=None, fp8_dx=False):
     """x (N·T, D), w (3D, D), b (3D,) -> (o (N·T, D): the heads' outputs, the input of ``proj``; for the
     backward: qkv (N·T, 3D), cuDNN's log-sum-exp and its two random-number states (empty off cuDNN)).  Given
-    e4m3 xq ≈ x / sx and wq ≈ W / sw (per-tensor scales), qkv = sx sw · xq wqᵀ + b (``ditkit.models.fp8_forward``)."""
+    e4m3 xq ≈ x / sx and wq ≈ W / sw (per-tensor scales), qkv = sx sw · xq wqᵀ + b (``ditkit.models.fp8_forward``).
+    ``fp8_dx``: the backward's ∂x product in FP8 with per-token scales (``ditkit.models.fp8_backward``)."""
     qkv = linear_product(x, w, b) if xq is None else fp8_linear(xq, sx, wq, sw, b, x.dtype)
     return _attention(qkv, n, heads)
 
 
 @qkv_attention.register_fake
-def _(x, w, b, n, heads, xq=None, sx=None, wq=None, sw=None):
+def _(x, w, b, n, heads, xq=None, sx=None, wq=None, sw=None, fp8_dx=False):
     return _attention(x.new_empty(x.shape[0], w.shape[0]), n, heads)  # cuDNN's output shapes from its own fake kernel
 
 
@@ -88,24 +90,32 @@ def _attention_grads_reference(g, q, k, v):
     return ds @ k * s, ds.transpose(-1, -2) @ q * s, p.transpose(-1, -2) @ g
 
 
+def _attention_grads(g, qkv, o, lse, seed, offset, n, heads):
+    """∂q, ∂k, ∂v (N, H, T, Dh) for ∂o = g (N·T, D): cuDNN's backward (``lse`` non-empty), else float32 equations."""
+    q, k, v = _heads(qkv, n, heads)
+    dh = q.shape[-1]
+    as_heads = lambda t: t.reshape(n, -1, heads, dh).transpose(1, 2)  # noqa: E731 - (N·T, D) -> (N, H, T, Dh)
+    if lse.numel():
+        tokens = q.shape[2]
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            as_heads(g), q, k, v, as_heads(o), lse, seed, offset, None, None, None, tokens, tokens, 0.0, False)
+    return tuple(t.to(qkv.dtype) for t in _attention_grads_reference(as_heads(g), q, k, v))
+
+
+def _on_kernel(qkv, grads) -> bool:
+    return qkv_kernels.triton is not None and qkv.is_cuda and all(map(qkv_kernels.rows_layout, grads))
+
+
 @torch.library.custom_op("ditkit::qkv_attention_backward", mutates_args=(),
                          schema="(Tensor g, Tensor qkv, Tensor o, Tensor lse, Tensor seed, Tensor offset, int n, "
                                 "int heads) -> (Tensor, Tensor)")
 def qkv_attention_backward(g, qkv, o, lse, seed, offset, n, heads):
     """-> (∂qkv (N·T, 3D) in qkv's dtype, Σ_t ∂qkv per tile of ``qkv_kernels.ROWS_PER_TILE`` rows
     (⌈N·T / 64⌉, 3D) float32, summed by the traced backward) for ∂o = g (N·T, D)."""
-    q, k, v = _heads(qkv, n, heads)
-    dh = q.shape[-1]
-    as_heads = lambda t: t.reshape(n, -1, heads, dh).transpose(1, 2)  # noqa: E731 - (N·T, D) -> (N, H, T, Dh)
-    if lse.numel():
-        tokens = q.shape[2]
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            as_heads(g), q, k, v, as_heads(o), lse, seed, offset, None, None, None, tokens, tokens, 0.0, False)
-    else:
-        dq, dk, dv = (t.to(qkv.dtype) for t in _attention_grads_reference(as_heads(g), q, k, v))
-    if qkv_kernels.triton is not None and qkv.is_cuda and all(map(qkv_kernels.rows_layout, (dq, dk, dv))):
-        return qkv_kernels.stack_partial(dq, dk, dv)
-    dqkv, _ = qkv_kernels.stack_reference(dq, dk, dv)
+    grads = _attention_grads(g, qkv, o, lse, seed, offset, n, heads)
+    if _on_kernel(qkv, grads):
+        return qkv_kernels.stack_partial(*grads)
+    dqkv, _ = qkv_kernels.stack_reference(*grads)
     return dqkv, qkv_kernels.tile_sums(dqkv)
 
 
@@ -115,26 +125,55 @@ def _(g, qkv, o, lse, seed, offset, n, heads):
     return qkv.new_empty(qkv.shape), qkv.new_empty(tiles, qkv.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("ditkit::qkv_attention_backward_fp8", mutates_args=(),
+                         schema="(Tensor g, Tensor qkv, Tensor o, Tensor lse, Tensor seed, Tensor offset, int n, "
+                                "int heads) -> (Tensor, Tensor, Tensor, Tensor)")
+def qkv_attention_backward_fp8(g, qkv, o, lse, seed, offset, n, heads):
+    """``qkv_attention_backward`` with ∂qkv also in e4m3 for the FP8 ∂x product: -> (∂qkv, column sums
+    (P, 3D) float32 to be summed over dim 0, q(∂qkv / s) e4m3 (N·T, 3D), s (N·T,) float32 = each row's amax / 448)."""
+    grads = _attention_grads(g, qkv, o, lse, seed, offset, n, heads)
+    if _on_kernel(qkv, grads):
+        return qkv_kernels.stack_rows_fp8(*grads)
+    return qkv_kernels.stack_rows_fp8_reference(*grads, parts=programs_per_rows(qkv.shape[0], qkv.device)[1])
+
+
+@qkv_attention_backward_fp8.register_fake
+def _(g, qkv, o, lse, seed, offset, n, heads):
+    rows, cols = qkv.shape
+    return (qkv.new_empty(rows, cols), qkv.new_empty(programs_per_rows(rows, qkv.device)[1], cols, dtype=torch.float32),
+            qkv.new_empty(rows, cols, dtype=torch.float8_e4m3fn), qkv.new_empty(rows, dtype=torch.float32))
+
+
 def _setup_context(ctx, inputs, output):
     x, w, b, n, heads, *_ = inputs
     o, qkv, lse, seed, offset = output
     ctx.save_for_backward(x, w, o, qkv, lse, seed, offset)
     ctx.mark_non_differentiable(qkv, lse, seed, offset)
     ctx.n, ctx.heads, ctx.bias_dtype = n, heads, (b.dtype if b is not None else None)
+    ctx.fp8_dx = inputs[9]
 
 
 def _backward(ctx, g, *_):
     x, w, o, qkv, lse, seed, offset = ctx.saved_tensors
-    dqkv, tile_sums = qkv_attention_backward(g.contiguous(), qkv, o, lse, seed, offset, ctx.n, ctx.heads)
-    return (tuned_matmul(dqkv, w), weight_grad(dqkv, x),
-            tile_sums.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None, None, None, None, None, None, None)
+    args = (g.contiguous(), qkv, o, lse, seed, offset, ctx.n, ctx.heads)
+    if ctx.fp8_dx:
+        dqkv, sums, dqkv_e4m3, s = qkv_attention_backward_fp8(*args)
+        dx = fp8_dx(dqkv_e4m3, s, *quantize_weight_columns(w), dqkv.dtype)
+    else:
+        dqkv, sums = qkv_attention_backward(*args)
+        dx = tuned_matmul(dqkv, w)
+    return (dx, weight_grad(dqkv, x), sums.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
+            None, None, None, None, None, None, None)
 
 
 qkv_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FusedAttention(Attention):
-    """``Attention`` whose ``attend`` runs through ``qkv_attention`` (see the module docstring)."""
+    """``Attention`` whose ``attend`` runs through ``qkv_attention`` (see the module docstring); ``fp8_backward``:
+    qkv's ∂x product in FP8 (``ditkit.models.fp8_backward.enable_fp8_backward``)."""
+
+    fp8_backward = False
 
     def attend(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``x_fp8``: (x / s in e4m3, s (1,) float32), qkv's input for an FP8 forward (``ditkit.models.fp8_forward``)."""
@@ -146,7 +185,8 @@ class FusedAttention(Attention):
         w = self.qkv.weight.to(dtype)
         b = self.qkv.bias.to(dtype) if self.qkv.bias is not None else None
         quantized = () if x_fp8 is None else (x_fp8[0].reshape(n * tokens, width), x_fp8[1], *quantize_weight(w))
-        o, _, _, _, _ = qkv_attention(x.reshape(n * tokens, width).to(dtype), w, b, n, self.num_heads, *quantized)
+        o, _, _, _, _ = qkv_attention(x.reshape(n * tokens, width).to(dtype), w, b, n, self.num_heads, *quantized,
+                                      fp8_dx=self.fp8_backward)
         return o.view(n, tokens, width)
 
 

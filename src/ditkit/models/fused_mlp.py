@@ -22,7 +22,7 @@ same state dict).  The fused products run on CUDA in bf16/fp16 (under autocast: 
 sizes that are multiples of 8; otherwise, and on a CPU, the operators compute the same thing with
 torch's ops (which the CPU tests compare with the plain MLP's autograd).  ``train.fused_mlp=true``.
 Given fc1's input in FP8 (``x_fp8``), fc1's forward is an FP8 product (``ditkit.models.fp8_forward``); with
-``enable_fp8_backward``, fc1's ∂x product is one (``ditkit.models.fp8_backward``).
+``fp8_backward.enable_fp8_backward``, fc1's ∂x product is one (``ditkit.models.fp8_backward``).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 class FusedMlp(Mlp):
     """``Mlp`` whose training step runs through ``gelu_mlp`` (see the module docstring); ``fp8_backward``: fc1's ∂x
-    product in FP8 (``enable_fp8_backward``)."""
+    product in FP8 (``ditkit.models.fp8_backward.enable_fp8_backward``)."""
 
     fp8_backward = False
 
@@ -121,15 +121,6 @@ class FusedMlp(Mlp):
 def convert_to_fused_mlp(model: nn.Module) -> int:
     """Replace every ``Mlp`` in ``model`` by a ``FusedMlp`` holding the same layers; returns how many."""
     return swap_modules(model, {Mlp: FusedMlp})
-
-
-def enable_fp8_backward(model: nn.Module, enabled: bool = True) -> int:
-    """Run fc1's ∂x product in FP8 with per-token scales (``ditkit.models.fp8_backward``) in every ``FusedMlp`` of
-    ``model``; returns how many."""
-    mlps = [m for m in model.modules() if isinstance(m, FusedMlp)]
-    for mlp in mlps:
-        mlp.fp8_backward = enabled
-    return len(mlps)
 
 
 def revert_fused_mlp(model: nn.Module) -> int:

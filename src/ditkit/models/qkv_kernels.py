@@ -8,10 +8,16 @@ program copies a (rows × columns) tile of one of the three and keeps its column
 partial sums finishes them (``stack_partial``: left to the caller's traced code, where compile fuses it with
 what follows).  ``stack_reference`` is the same in torch: the CPU path, and what the tests compare the kernel
 with (Triton's interpreter on the CPU).
+
+For an FP8 ∂x product (``train.fp8_backward``) the copy also writes ∂qkv in e4m3 with one scale per token row,
+s_m = max_j |∂qkv_mj| / 448 (``stack_rows_fp8``): one program then walks whole rows (the three gradients' 3D
+values at once), as ``ditkit.models.fp8_backward``'s kernel does for fc1's ∂pre.
 """
 from __future__ import annotations
 
 import torch
+
+from ditkit.models.fp8_backward import programs_per_rows, rows_fp8_reference
 
 try:
     import triton
@@ -88,3 +94,73 @@ def stack_partial(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, block_m:
     _stack_heads_kernel[(tiles, triton.cdiv(width, block_n), 3)](dq, dk, dv, out, partial, rows, width,
                                                                  BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out, partial
+
+
+def stack_rows_fp8_reference(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, parts: int = 1
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (∂qkv (N·T, 3D), its column sums (parts, 3D) float32 to be summed over dim 0, q(∂qkv / s) e4m3, s (N·T,)
+    float32 = each row's amax / 448): the reference and CPU path of ``stack_rows_fp8``."""
+    dqkv, _ = stack_reference(dq, dk, dv)
+    q, s, sums = rows_fp8_reference(dqkv, parts)
+    return dqkv, sums, q, s
+
+
+if triton is not None:
+    @triton.jit
+    def _stack_rows_fp8_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out8_ptr, s_ptr, part_ptr, n_rows, width,
+                               rows_per_program, BLOCK: tl.constexpr):
+        """Program p walks rows [p·rows_per_program, …): a row's ∂q, ∂k, ∂v (``width`` values each) copied into
+        ∂qkv's row, their amax over all three, the row in e4m3, and the program's column sums (written at the end)."""
+        p = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < width
+        sum_q = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_k = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_v = tl.zeros([BLOCK], dtype=tl.float32)
+        first = p.to(tl.int64) * rows_per_program
+        for i in range(0, tl.minimum(rows_per_program, n_rows - first)):
+            row = first + i
+            src = row * width + cols
+            dst = row * (3 * width) + cols
+            gq = tl.load(q_ptr + src, mask=ok, other=0.0)
+            gk = tl.load(k_ptr + src, mask=ok, other=0.0)
+            gv = tl.load(v_ptr + src, mask=ok, other=0.0)
+            tl.store(out_ptr + dst, gq, mask=ok)
+            tl.store(out_ptr + dst + width, gk, mask=ok)
+            tl.store(out_ptr + dst + 2 * width, gv, mask=ok)
+            fq, fk, fv = gq.to(tl.float32), gk.to(tl.float32), gv.to(tl.float32)
+            amax = tl.maximum(tl.maximum(tl.max(tl.abs(fq), axis=0), tl.max(tl.abs(fk), axis=0)),
+                              tl.max(tl.abs(fv), axis=0))
+            s = tl.maximum(amax, 1e-30) / 448.0
+            tl.store(s_ptr + row, s)
+            r = 1.0 / s
+            e4m3 = out8_ptr.dtype.element_ty
+            tl.store(out8_ptr + dst, tl.clamp(fq * r, -448.0, 448.0).to(e4m3), mask=ok)
+            tl.store(out8_ptr + dst + width, tl.clamp(fk * r, -448.0, 448.0).to(e4m3), mask=ok)
+            tl.store(out8_ptr + dst + 2 * width, tl.clamp(fv * r, -448.0, 448.0).to(e4m3), mask=ok)
+            sum_q += fq
+            sum_k += fk
+            sum_v += fv
+        part = part_ptr + p.to(tl.int64) * (3 * width) + cols
+        tl.store(part, sum_q, mask=ok)
+        tl.store(part + width, sum_k, mask=ok)
+        tl.store(part + 2 * width, sum_v, mask=ok)
+
+
+def stack_rows_fp8(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``stack_rows_fp8_reference`` as one kernel launch (dq, dk, dv in ``rows_layout``; the column sums one row per
+    program, ``programs_per_rows``)."""
+    if not (dq.shape == dk.shape == dv.shape and all(map(rows_layout, (dq, dk, dv)))):
+        raise ValueError(f"stack_rows_fp8: ∂q, ∂k, ∂v must be (N, H, T, Dh) laid out as (N, T, H, Dh), got strides "
+                         f"{dq.stride()}, {dk.stride()}, {dv.stride()}")
+    n, heads, tokens, dh = dq.shape
+    rows, width, device = n * tokens, heads * dh, dq.device
+    per, programs = programs_per_rows(rows, device)
+    out = torch.empty(rows, 3 * width, device=device, dtype=dq.dtype)
+    out8 = torch.empty(rows, 3 * width, device=device, dtype=torch.float8_e4m3fn)
+    s = torch.empty(rows, device=device, dtype=torch.float32)
+    sums = torch.empty(programs, 3 * width, device=device, dtype=torch.float32)
+    _stack_rows_fp8_kernel[(programs,)](dq, dk, dv, out, out8, s, sums, rows, width, per,
+                                        BLOCK=triton.next_power_of_2(width), num_warps=8)
+    return out, sums, out8, s
