@@ -65,7 +65,8 @@ def rows_fp8_reference(g: torch.Tensor, parts: int = 1) -> tuple[torch.Tensor, t
 
 if triton is not None:
     @triton.jit
-    def _rows_fp8_kernel(g_ptr, q_ptr, s_ptr, part_ptr, n_rows, width, rows_per_program, BLOCK: tl.constexpr):
+    def _rows_fp8_kernel(g_ptr, q_ptr, s_ptr, part_ptr, n_rows, width, rows_per_program, BLOCK: tl.constexpr,
+                         STAGES: tl.constexpr):
         """Program p walks rows [p·rows_per_program, …), one whole row at a time: its amax, its e4m3 values, and
         its values added to the program's column sums (registers, written once at the end)."""
         p = tl.program_id(0)
@@ -73,7 +74,7 @@ if triton is not None:
         ok = cols < width
         sums = tl.zeros([BLOCK], dtype=tl.float32)
         first = p.to(tl.int64) * rows_per_program
-        for i in range(0, tl.minimum(rows_per_program, n_rows - first)):
+        for i in tl.range(0, tl.minimum(rows_per_program, n_rows - first), num_stages=STAGES):
             row = first + i
             at = row * width + cols
             t = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
@@ -84,13 +85,13 @@ if triton is not None:
         tl.store(part_ptr + p.to(tl.int64) * width + cols, sums, mask=ok)
 
 
-_PER_SM, _WARPS = 4, 8
+PER_SM, WARPS, STAGES = 4, 8, 1  # the rows kernels' launch: programs per multiprocessor, warps, loads in flight
 
 
 def programs_per_rows(n_rows: int, device: torch.device) -> tuple[int, int]:
-    """(rows per program, programs): about ``_PER_SM`` programs per multiprocessor."""
+    """(rows per program, programs): about ``PER_SM`` programs per multiprocessor."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    per = max(1, -(-n_rows // (_PER_SM * sms)))
+    per = max(1, -(-n_rows // (PER_SM * sms)))
     return per, -(-n_rows // per)
 
 
@@ -103,7 +104,8 @@ def rows_fp8_triton(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     q = torch.empty(m, n, device=device, dtype=torch.float8_e4m3fn)
     s = torch.empty(m, device=device, dtype=torch.float32)
     sums = torch.empty(programs, n, device=device, dtype=torch.float32)
-    _rows_fp8_kernel[(programs,)](g, q, s, sums, m, n, per, BLOCK=triton.next_power_of_2(n), num_warps=_WARPS)
+    _rows_fp8_kernel[(programs,)](g, q, s, sums, m, n, per, BLOCK=triton.next_power_of_2(n), STAGES=STAGES,
+                                  num_warps=WARPS)
     return q, s, sums
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ditkit.models import fp8_backward
 from ditkit.models.fp8_backward import programs_per_rows, rows_fp8_reference
 
 try:
@@ -108,7 +109,7 @@ def stack_rows_fp8_reference(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tenso
 if triton is not None:
     @triton.jit
     def _stack_rows_fp8_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out8_ptr, s_ptr, part_ptr, n_rows, width,
-                               rows_per_program, BLOCK: tl.constexpr):
+                               rows_per_program, BLOCK: tl.constexpr, STAGES: tl.constexpr):
         """Program p walks rows [p·rows_per_program, …): a row's ∂q, ∂k, ∂v (``width`` values each) copied into
         ∂qkv's row, their amax over all three, the row in e4m3, and the program's column sums (written at the end)."""
         p = tl.program_id(0)
@@ -118,7 +119,7 @@ if triton is not None:
         sum_k = tl.zeros([BLOCK], dtype=tl.float32)
         sum_v = tl.zeros([BLOCK], dtype=tl.float32)
         first = p.to(tl.int64) * rows_per_program
-        for i in range(0, tl.minimum(rows_per_program, n_rows - first)):
+        for i in tl.range(0, tl.minimum(rows_per_program, n_rows - first), num_stages=STAGES):
             row = first + i
             src = row * width + cols
             dst = row * (3 * width) + cols
@@ -162,5 +163,6 @@ def stack_rows_fp8(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
     s = torch.empty(rows, device=device, dtype=torch.float32)
     sums = torch.empty(programs, 3 * width, device=device, dtype=torch.float32)
     _stack_rows_fp8_kernel[(programs,)](dq, dk, dv, out, out8, s, sums, rows, width, per,
-                                        BLOCK=triton.next_power_of_2(width), num_warps=8)
+                                        BLOCK=triton.next_power_of_2(width), STAGES=fp8_backward.STAGES,
+                                        num_warps=fp8_backward.WARPS)
     return out, sums, out8, s
