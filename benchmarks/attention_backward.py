@@ -49,17 +49,17 @@ def main() -> None:
         def flash_fwd():
             return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
 
-        def flash_bwd_of(o, l, s, off):
-            return lambda: aten._scaled_dot_product_flash_attention_backward(g, q, k, v, o, l, None, None, TOKENS, TOKENS,
-                                                                              0.0, False, s, off)
+        def flash_bwd_of(o, l, fo):
+            return lambda: aten._scaled_dot_product_flash_attention_backward(g, q, k, v, o, l, fo[2], fo[3], TOKENS, TOKENS,
+                                                                              0.0, False, fo[6], fo[7])
 
         def eff_fwd():
             return aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False)
 
         try:
             fo = flash_fwd()
-            rows["flash"] = (flash_fwd, flash_bwd_of(fo[0], fo[1], fo[6], fo[7]))
-            rows["cuDNN forward + flash backward"] = (cudnn_fwd, flash_bwd_of(out, lse.view(n, HEADS, TOKENS), fo[6], fo[7]))
+            rows["flash"] = (flash_fwd, flash_bwd_of(fo[0], fo[1], fo))
+            rows["cuDNN forward + flash backward"] = (cudnn_fwd, flash_bwd_of(out, lse.view(n, HEADS, TOKENS), fo))
         except RuntimeError as e:
             print(f"| flash | {n} | refused: {str(e).splitlines()[0]} | | | | |")
         try:
