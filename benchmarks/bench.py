@@ -371,7 +371,7 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
 
         enable_fp8_forward(model)
     if levers(variant) & {"fp8bwd", "fp8bwd1"}:
-        from ditkit.models.fp8_backward import enable_fp8_backward  # here: an A/B run may import older code
+        from ditkit.models.fp8_backward import enable_fp8_backward  # here: an A/B run may import older code (from session 15)
 
         enable_fp8_backward(model, parts=("fc1", "qkv") if "fp8bwd" in levers(variant) else ("fc1",))
     params = [p for p in model.parameters() if p.requires_grad]

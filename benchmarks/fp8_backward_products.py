@@ -4,7 +4,8 @@ shapes, bf16 against cuBLASLt FP8 (e4m3 operands; per-tensor scales, or per row 
 the stacked ∂qkv against three over ∂q, ∂k, ∂v (what dropping the stacking kernel would cost the products).
 Then what ``ditkit.models.fp8_backward`` runs for fc1's ∂x and ∂b₁ against the bf16 sum and product it replaces,
 and for qkv's ∂x and ∂b (``qkv_kernels.stack_rows_fp8`` and the FP8 product) against the stacking kernel and bf16
-product (W's quantization compiled, as in the step).
+product (W's quantization compiled, as in the step; the FP8 columns of these two sections are back-to-back eager
+calls, so at 8,192 tokens they time the host's launches, not the GPU: read them at 32,768).
 
     PYTHONPATH=src:benchmarks python benchmarks/fp8_backward_products.py [--tokens 8192,32768]
 

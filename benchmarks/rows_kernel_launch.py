@@ -2,7 +2,7 @@
 ``qkv_kernels.stack_rows_fp8`` for ∂qkv) at DiT-XL/2's shapes: programs per multiprocessor, warps and loads in
 flight (the loop's ``num_stages``) against time and GB/s.  Each setting's outputs are checked against the default's.
 
-    PYTHONPATH=src:benchmarks python benchmarks/rows_kernel_launch.py [--tokens 32768]
+    PYTHONPATH=src:benchmarks python benchmarks/rows_kernel_launch.py [--tokens 8192,32768]
 """
 from __future__ import annotations
 
@@ -33,18 +33,26 @@ def main() -> None:
                  "qkv stack rows": (lambda: qkv_kernels.stack_rows_fp8(*grads), m * 3 * D * 5, 3 * D)}
         for name, (call, moved, width) in cases.items():
             want = call()
-            for per_sm, warps, stages in itertools.product((2, 4, 8), (4, 8, 16), (1, 2)):
-                fp8_backward.PER_SM, fp8_backward.WARPS, fp8_backward.STAGES = per_sm, warps, stages
+            for setting in itertools.product((2, 4, 8), (4, 8, 16), (1, 2)):
                 try:
-                    got = call()
-                    ms = median_ms(call, 20, dev)
+                    got, ms = launched_with(setting, call, dev)
                 except Exception as e:  # noqa: BLE001 - a launch the GPU refuses is a row of the table
-                    print(f"| {name} | {m} | {per_sm} | {warps} | {stages} | refused: {type(e).__name__} | | |", flush=True)
+                    print(f"| {name} | {m} | {' | '.join(map(str, setting))} | refused: {type(e).__name__} | | |", flush=True)
                     continue
-                same = same_outputs(got, want)
                 total = moved + programs_bytes(m, dev, width)
-                print(f"| {name} | {m} | {per_sm} | {warps} | {stages} | {ms:.3f} | {total / ms / 1e6:.0f} | {same} |", flush=True)
-            fp8_backward.PER_SM, fp8_backward.WARPS, fp8_backward.STAGES = 4, 8, 1
+                print(f"| {name} | {m} | {' | '.join(map(str, setting))} | {ms:.3f} | {total / ms / 1e6:.0f} | "
+                      f"{same_outputs(got, want)} |", flush=True)
+
+
+def launched_with(setting: tuple[int, int, int], call, dev: torch.device) -> tuple[tuple, float]:
+    """call's outputs and median ms with the kernels launched at (programs per SM, warps, stages); the module's
+    settings restored afterwards."""
+    saved = fp8_backward.PER_SM, fp8_backward.WARPS, fp8_backward.STAGES
+    fp8_backward.PER_SM, fp8_backward.WARPS, fp8_backward.STAGES = setting
+    try:
+        return call(), median_ms(call, 20, dev)
+    finally:
+        fp8_backward.PER_SM, fp8_backward.WARPS, fp8_backward.STAGES = saved
 
 
 def same_outputs(got: tuple, want: tuple) -> bool:

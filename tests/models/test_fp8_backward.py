@@ -1,4 +1,4 @@
-"""fc1's ∂x product in FP8 (ditkit.models.fp8_backward): the rows kernel against its equations (Triton's interpreter on
+"""fc1's ∂x product in FP8 (ditkit.models.fp8_backward; qkv's in test_fp8_backward_qkv.py): the rows kernel against its equations (Triton's interpreter on
 the CPU), the per-row and per-column scales, the product against the float32 product of the same quantized operands,
 the fused MLP's backward against ∂pre computed independently by autograd, a block and a compiled block against the
 plain block, and the config's checks."""
@@ -132,8 +132,8 @@ def test_block_with_fp8_forward_and_backward_is_within_fp8_rounding_of_the_plain
 
 
 def test_compiled_block_with_fp8_backward_equals_eager():
-    """Within FP8's rounding: compiled code rounds ∂pre's bf16 values in another order, and a one-ulp change moves
-    a value to the next e4m3 step (2⁻³ relative) now and then."""
+    """fc1's and qkv's ∂x in FP8, within FP8's rounding: compiled code rounds ∂pre's and ∂qkv's bf16 values in
+    another order, and a one-ulp change moves a value to the next e4m3 step (2⁻³ relative) now and then."""
     _, block = plain_and_fused_blocks()
     enable_fp8_backward(block)
     x, c = torch.randn(2, 16, 64, generator=G).to(DEVICE), torch.randn(2, 64, generator=G).to(DEVICE)
@@ -153,6 +153,8 @@ def test_enable_switches_the_parts_asked_for():
     assert enable_fp8_backward(block, enabled=False) == 2 and not block.attn.fp8_backward
     with pytest.raises(ValueError, match="unknown parts.*proj"):
         enable_fp8_backward(block, parts=("proj",))
+    with pytest.raises(TypeError, match="tuple of names"):
+        enable_fp8_backward(block, parts="qkv")
 
 
 @pytest.mark.parametrize("fused", ["fused_mlp", "fused_attention"])

@@ -49,6 +49,8 @@ def _attention_inputs(n=2, tokens=8, dim=64, heads=4, dtype=torch.float32):
 
 
 def test_backward_operator_adds_the_e4m3_copy_to_the_bf16_ones_outputs():
+    """On a GPU the two operators run different kernels (the tile copy, the rows kernel); on the CPU both take the
+    torch equations, and what this checks there is the fake implementation (opcheck) and the outputs' form."""
     x, w, b, g = _attention_inputs(dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
     o, qkv, lse, seed, offset = qkv_attention(x, w, b, 2, 4)
     args = (g, qkv, o, lse, seed, offset, 2, 4)
@@ -74,8 +76,8 @@ def test_fp8_dx_runs_through_e4m3_and_leaves_the_rest_unchanged():
     o = qkv_attention(*fp8, 2, 4, fp8_dx=True)[0]
     o.backward(g)
     assert torch.equal(o, qkv_attention(*operands, 2, 4)[0])
-    for got, want in zip(fp8[1:], plain[1:]):
-        assert torch.equal(got.grad, want.grad)
+    assert torch.equal(fp8[1].grad, plain[1].grad)  # ∂W: the same bf16 ∂qkv and product
+    torch.testing.assert_close(fp8[2].grad, plain[2].grad, rtol=1e-5, atol=1e-5)  # ∂b: other partial sums, same total
     x, w, b = (t.detach().float() for t in operands)
     qkv = F.linear(x, w, b).requires_grad_()
     q, k, v = qkv.view(2, 8, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
@@ -83,5 +85,6 @@ def test_fp8_dx_runs_through_e4m3_and_leaves_the_rest_unchanged():
     s = row_scales(qkv.grad)
     wtq, sw = quantize_weight_columns(w)
     want = (quantize_rows(qkv.grad, s).float() * s[:, None]) @ (wtq.float() * sw[:, None]).t()
-    assert rel_err(fp8[0].grad.float(), want) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert rel_err(fp8[0].grad.float(), want) < (2e-2 if dtype == torch.bfloat16 else 5e-3)  # a last-bit change may
+    # move a value to the next e4m3 step
     assert 1e-3 < rel_err(fp8[0].grad.float(), plain[0].grad.float()) < 0.1  # FP8 ran, within its rounding

@@ -103,6 +103,7 @@ def _attention_grads(g, qkv, o, lse, seed, offset, n, heads):
 
 
 def _on_kernel(qkv, grads) -> bool:
+    """Whether the Triton kernels take cuDNN's gradients: CUDA, Triton, and ``qkv_kernels.rows_layout``."""
     return qkv_kernels.triton is not None and qkv.is_cuda and all(map(qkv_kernels.rows_layout, grads))
 
 
@@ -145,12 +146,12 @@ def _(g, qkv, o, lse, seed, offset, n, heads):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, b, n, heads, *_ = inputs
+    x, w, b, n, heads, *_, fp8_dx = inputs
     o, qkv, lse, seed, offset = output
     ctx.save_for_backward(x, w, o, qkv, lse, seed, offset)
     ctx.mark_non_differentiable(qkv, lse, seed, offset)
     ctx.n, ctx.heads, ctx.bias_dtype = n, heads, (b.dtype if b is not None else None)
-    ctx.fp8_dx = inputs[9]
+    ctx.fp8_dx = fp8_dx
 
 
 def _backward(ctx, g, *_):
@@ -185,8 +186,9 @@ class FusedAttention(Attention):
         w = self.qkv.weight.to(dtype)
         b = self.qkv.bias.to(dtype) if self.qkv.bias is not None else None
         quantized = () if x_fp8 is None else (x_fp8[0].reshape(n * tokens, width), x_fp8[1], *quantize_weight(w))
+        fp8_dx = self.fp8_backward and width % 16 == 0  # FP8 products take sizes in multiples of 16 bytes
         o, _, _, _, _ = qkv_attention(x.reshape(n * tokens, width).to(dtype), w, b, n, self.num_heads, *quantized,
-                                      fp8_dx=self.fp8_backward)
+                                      fp8_dx=fp8_dx)
         return o.view(n, tokens, width)
 
 

@@ -78,12 +78,12 @@ def _(g, w, pre):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, _, w2, b2, *_ = inputs
+    x, w1, _, w2, b2, *_, fp8_dx = inputs
     _, a, pre = output
     ctx.save_for_backward(x, w1, w2, a, pre)
     ctx.mark_non_differentiable(a, pre)
     ctx.has_b2 = b2 is not None
-    ctx.fp8_dx = inputs[9]
+    ctx.fp8_dx = fp8_dx
 
 
 def _backward(ctx, gy, ga, gpre):

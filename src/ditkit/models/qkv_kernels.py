@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkit.models import fp8_backward
+from ditkit.models import fp8_backward  # its launch constants, read at each call (a benchmark sweeps them)
 from ditkit.models.fp8_backward import programs_per_rows, rows_fp8_reference
 
 try:
@@ -52,6 +52,12 @@ def rows_layout(g: torch.Tensor) -> bool:
     return g.stride() == (tokens * heads * dh, dh, heads * dh, 1)
 
 
+def _check_rows_layout(caller: str, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    if not (dq.shape == dk.shape == dv.shape and all(map(rows_layout, (dq, dk, dv)))):
+        raise ValueError(f"{caller}: ∂q, ∂k, ∂v must be (N, H, T, Dh) laid out as (N, T, H, Dh), got strides "
+                         f"{dq.stride()}, {dk.stride()}, {dv.stride()}")
+
+
 if triton is not None:
     @triton.jit
     def _stack_heads_kernel(q_ptr, k_ptr, v_ptr, out_ptr, partial_ptr, rows, width,
@@ -84,9 +90,7 @@ def stack_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, block_m: 
 def stack_partial(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, block_m: int = ROWS_PER_TILE, block_n: int = 128
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``stack_triton`` without the sum over the row tiles: (∂qkv, ``tile_sums(∂qkv, block_m)``)."""
-    if not (dq.shape == dk.shape == dv.shape and all(map(rows_layout, (dq, dk, dv)))):
-        raise ValueError(f"stack_triton: ∂q, ∂k, ∂v must be (N, H, T, Dh) laid out as (N, T, H, Dh), got strides "
-                         f"{dq.stride()}, {dk.stride()}, {dv.stride()}")
+    _check_rows_layout("stack_triton", dq, dk, dv)
     n, heads, tokens, dh = dq.shape
     rows, width = n * tokens, heads * dh
     out = torch.empty(rows, 3 * width, device=dq.device, dtype=dq.dtype)
@@ -152,9 +156,7 @@ def stack_rows_fp8(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``stack_rows_fp8_reference`` as one kernel launch (dq, dk, dv in ``rows_layout``; the column sums one row per
     program, ``programs_per_rows``)."""
-    if not (dq.shape == dk.shape == dv.shape and all(map(rows_layout, (dq, dk, dv)))):
-        raise ValueError(f"stack_rows_fp8: ∂q, ∂k, ∂v must be (N, H, T, Dh) laid out as (N, T, H, Dh), got strides "
-                         f"{dq.stride()}, {dk.stride()}, {dv.stride()}")
+    _check_rows_layout("stack_rows_fp8", dq, dk, dv)
     n, heads, tokens, dh = dq.shape
     rows, width, device = n * tokens, heads * dh, dq.device
     per, programs = programs_per_rows(rows, device)

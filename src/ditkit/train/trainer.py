@@ -21,10 +21,10 @@ from ditkit.config import Config, ConfigError, save_config
 from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.models.dit import as_pair, build_model
+from ditkit.models.fp8_backward import enable_fp8_backward
 from ditkit.models.fp8_training import convert_for_fp8_training
 from ditkit.models.fused_attention import convert_to_fused_attention
 from ditkit.models.fused_mlp import convert_to_fused_mlp
-from ditkit.models.fp8_backward import enable_fp8_backward
 from ditkit.models.fused_norm import convert_to_fused_norm, enable_fp8_forward
 from ditkit.models.tuned_linear import convert_to_tuned_linear
 from ditkit.objectives import build_objective
@@ -255,8 +255,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     if cfg.train.fp8_forward:
         log.info(f"train.fp8_forward: fc1's and qkv's forward products in FP8 in {enable_fp8_forward(model)} blocks")
     if cfg.train.fp8_backward:
-        log.info(f"train.fp8_backward: fc1's and qkv's ∂x products in FP8 in {enable_fp8_backward(model)} MLP and "
-                 "attention layers")
+        log.info(f"train.fp8_backward: the ∂x products in FP8 in {enable_fp8_backward(model)} layers (fc1 of the fused "
+                 "MLPs, qkv of the fused attention)")
     model.train()
     ema.eval()
     train_model = _wrap_distributed(model, cfg, info)
