@@ -23,7 +23,14 @@ from bench import median_ms, rel_err
 from ditkit.models import cublaslt, fp8_backward, qkv_kernels
 from fp8_lt_products import quantize
 
-D, HIDDEN = 1152, 4608
+D, HIDDEN, HEADS, TOKENS = 1152, 4608, 16, 256
+
+
+def cudnn_layout_grads(m: int, dev: torch.device) -> list[torch.Tensor]:
+    """∂q, ∂k, ∂v for ``m`` tokens at XL's shapes, bf16 (N, H, T, Dh) in cuDNN's (N, T, H, Dh) memory, token rows of
+    different sizes."""
+    return [(torch.randn(m // TOKENS, TOKENS, HEADS, D // HEADS, device=dev)
+             * torch.rand(m // TOKENS, TOKENS, 1, 1, device=dev)).to(torch.bfloat16).transpose(1, 2) for _ in range(3)]
 
 
 def fp8_dx(gq: torch.Tensor, sg: torch.Tensor, wtq: torch.Tensor, sw: torch.Tensor, pre: torch.Tensor | None,
@@ -111,10 +118,8 @@ def main() -> None:
     print("| qkv ∂x and ∂b | tokens | bf16: stacking kernel + Σ + ∂qkv W (ms) | FP8: rows kernel + Σ + OUTER_VEC product "
           "(ms) | stacking kernel (ms, GB/s) | rows kernel (ms, GB/s) | ∂x rel err | ∂b rel err |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    heads, dh, tokens = 16, D // 16, 256
     for m in (int(t) for t in args.tokens.split(",")):
-        grads = [(torch.randn(m // tokens, tokens, heads, dh, device=dev) * torch.rand(m // tokens, tokens, 1, 1, device=dev)
-                  ).to(bf).transpose(1, 2) for _ in range(3)]  # cuDNN's layout, rows of different sizes
+        grads = cudnn_layout_grads(m, dev)
         w = (torch.randn(3 * D, D, device=dev) * 0.02).to(bf)
 
         def bf16():

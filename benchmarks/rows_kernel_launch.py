@@ -13,8 +13,7 @@ import torch
 
 from bench import median_ms
 from ditkit.models import fp8_backward, qkv_kernels
-
-D, HIDDEN, HEADS, TOKENS = 1152, 4608, 16, 256
+from fp8_backward_products import D, HIDDEN, cudnn_layout_grads
 
 
 def main() -> None:
@@ -27,8 +26,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for m in (int(t) for t in args.tokens.split(",")):
         gpre = torch.randn(m, HIDDEN, device=dev, dtype=bf) * torch.rand(m, 1, device=dev, dtype=bf)
-        grads = [(torch.randn(m // TOKENS, TOKENS, HEADS, D // HEADS, device=dev) * torch.rand(m // TOKENS, TOKENS, 1, 1, device=dev)
-                  ).to(bf).transpose(1, 2) for _ in range(3)]
+        grads = cudnn_layout_grads(m, dev)
         cases = {"fc1 rows": (lambda: fp8_backward.rows_fp8_triton(gpre), m * HIDDEN * 3, HIDDEN),
                  "qkv stack rows": (lambda: qkv_kernels.stack_rows_fp8(*grads), m * 3 * D * 5, 3 * D)}
         for name, (call, moved, width) in cases.items():
