@@ -26,7 +26,8 @@ its bias gradient in one kernel, ``train.fused_attention``), +loss (the loss com
 ``train.compile_loss``), +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
 kernel, ``train.bf16_weights``) and +fp8fwd (with +norm and +mlp/+attn: fc1's and qkv's forward as FP8 products,
 fc1's with GELU in its epilogue, ``train.fp8_forward``) and +fp8bwd (with +mlp/+attn: fc1's and qkv's ∂x products in
-FP8 with per-token scales, ``train.fp8_backward``; +fp8bwd1: fc1's alone); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+FP8 with per-token scales, ``train.fp8_backward``; +fp8bwd1: fc1's alone) and +inorder (with +mlp: the MLP backward's
+weight-gradient products in order, not on a side stream, ``ditkit.models.side_stream``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
@@ -95,6 +96,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     "fp8fwd": ("train",),  # with +norm and +mlp/+attn: fc1's and qkv's forward in FP8 (ditkit.models.fp8_forward)
     "fp8bwd": ("train",),  # with +mlp/+attn: fc1's and qkv's ∂x products in FP8, per-token scales (ditkit.models.fp8_backward)
     "fp8bwd1": ("train",),  # +fp8bwd for fc1 only (session 14's form)
+    "inorder": ("train",),  # with +mlp: the MLP backward's ∂W products in order on one stream (before session 16)
 }
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),
@@ -374,6 +376,10 @@ def bench_train(name: str, batch: int, variant: str, args, device: torch.device,
         from ditkit.models.fp8_backward import enable_fp8_backward  # here: an A/B run may import older code (from session 15)
 
         enable_fp8_backward(model, parts=("fc1", "qkv") if "fp8bwd" in levers(variant) else ("fc1",))
+    if "inorder" in levers(variant):
+        for m in model.modules():
+            if hasattr(m, "overlap_weight_grads"):
+                m.overlap_weight_grads = False
     params = [p for p in model.parameters() if p.requires_grad]
     tail = bool(levers(variant) & {"tail", "master"})  # the optimizer's step also does the norm and the EMA
     if "master" in levers(variant):

@@ -10,7 +10,9 @@ from torch.library import opcheck
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp, build_model
-from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp, dgelu_matmul, gelu_mlp, revert_fused_mlp
+from ditkit.models.fp8_backward import quantize_weight_columns
+from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp, dgelu_matmul, gelu_mlp, gelu_mlp_backward, revert_fused_mlp
+from ditkit.models.side_stream import side_stream
 from ditkit.models.tuned_linear import weight_grad
 
 G = torch.Generator().manual_seed(0)
@@ -55,6 +57,56 @@ def test_operators_pass_opcheck():
     opcheck(dgelu_matmul, (torch.randn(6, 16, generator=G), w2.detach(), torch.randn(6, 64, generator=G)))
     opcheck(gelu_mlp, [x, w1, b1, w2, None])
     opcheck(weight_grad, (torch.randn(6, 16, generator=G), torch.randn(6, 64, generator=G)))
+
+
+def _backward_operands(device="cpu", m=6, d=16, h=64, dtype=torch.float32):
+    gen = torch.Generator(device).manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device).to(dtype)  # noqa: E731
+    gy, x, w1, w2 = r(m, d), r(m, d), r(h, d) / d**0.5, r(d, h) / h**0.5
+    pre = (x.float() @ w1.float().t()).to(dtype)  # b₁ = 0
+    return gy, x, w1, w2, torch.nn.functional.gelu(pre, approximate="tanh"), pre
+
+
+def test_backward_operator_passes_opcheck_and_equals_autograd():
+    """``gelu_mlp_backward`` (bf16 ∂x, FP8 ∂x, without b₂) against opcheck, and its bf16 form against the plain MLP's
+    autograd; on a CPU there is no side stream, so ``overlap`` changes nothing."""
+    gy, x, w1, w2, a, pre = _backward_operands()
+    assert side_stream(gy.device) is None
+    for extra in ({}, {"has_b2": False}, {"overlap": True}):
+        opcheck(gelu_mlp_backward, (gy, x, w1, w2, a, pre), extra)
+    opcheck(gelu_mlp_backward, (gy, x, w1, w2, a, pre, *quantize_weight_columns(w1)), {"overlap": True},
+            test_utils=("test_faketensor",))  # the schema check's copies multiply e4m3 tensors, which a CPU cannot
+    xx, ww1, ww2 = (t.clone().requires_grad_() for t in (x, w1, w2))
+    bb1, bb2 = torch.zeros(w1.shape[0], requires_grad=True), torch.zeros(w2.shape[0], requires_grad=True)
+    y = torch.nn.functional.gelu(xx @ ww1.t() + bb1, approximate="tanh") @ ww2.t() + bb2
+    y.backward(gy)
+    gx, gw1, sums, gw2, gb2 = gelu_mlp_backward(gy, x, w1, w2, a, pre)
+    for got, want in ((gx, xx.grad), (gw1, ww1.grad), (sums.sum(0), bb1.grad), (gw2, ww2.grad), (gb2, bb2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream needs a GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_weight_gradients_on_the_side_stream_change_no_bit(fp8):
+    """With ∂W₂, ∂b₂ and ∂W₁ on the side stream every output is bit-equal to the in-order backward's, eager and
+    replayed from a CUDA graph (captured with the fork and the join)."""
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 products need compute capability 8.9")
+    ops = _backward_operands("cuda", m=4096, d=256, h=1024, dtype=torch.bfloat16)
+    args = (*ops, *quantize_weight_columns(ops[2])) if fp8 else ops
+    want = gelu_mlp_backward(*args, overlap=False)
+    got = gelu_mlp_backward(*args, overlap=True)
+    graph, capture = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture):
+        gelu_mlp_backward(*args, overlap=True)  # warm-up on the capture stream
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph, stream=capture):
+        replayed = gelu_mlp_backward(*args, overlap=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, r, w in zip(got, replayed, want):
+        assert torch.equal(g, w) and torch.equal(r, w)
 
 
 def test_without_bias_leaves_fc2_bias_to_the_caller():

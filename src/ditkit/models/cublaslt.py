@@ -38,7 +38,7 @@ _R_32F = 0  # cudaDataType
 _DTYPES = {torch.float16: 2, torch.bfloat16: 14}
 _FP8_DTYPES = {torch.float8_e4m3fn: 28, torch.float8_e5m2: 29}
 _OP_N, _OP_T = 0, 1
-_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE = 3, 4, 7  # cublasLtMatmulDescAttributes_t
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_SM_COUNT_TARGET = 3, 4, 7, 15  # cublasLtMatmulDescAttributes_t
 _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 8, 11, 12
 _DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER, _DESC_FAST_ACCUM, _DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE = 17, 18, 25, 31, 32
 SCALAR, OUTER_VEC = 0, 3  # cublasLtMatmulMatrixScale_t: one float32 scale per operand, or one per row of op(A) / column of op(B)
@@ -108,17 +108,20 @@ def _set(desc: ctypes.c_void_p, attr: int, value: ctypes._SimpleCData) -> None:
 
 @functools.cache
 def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int, k: int, device: int,
-          out_dtype: int | None = None, scale_mode: int | None = None):
+          out_dtype: int | None = None, scale_mode: int | None = None, sm_target: int = 0):
     """Descriptors and the heuristic's candidate algorithms for one (column-major) product
     D (m × n) = op(A) op(B), every matrix dense (D's leading dimension m); cached: a step's shapes repeat.
     A and B are ``dtype``, D ``out_dtype`` (default: ``dtype``); with ``scale_mode`` (FP8 operands) each
-    operand comes with its scales (``SCALAR`` or ``OUTER_VEC``) and the tensor cores accumulate fast."""
+    operand comes with its scales (``SCALAR`` or ``OUTER_VEC``) and the tensor cores accumulate fast.  ``sm_target``
+    (0: all): the multiprocessors the product should plan for, leaving the others to work on another stream."""
     lib = _lib()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
     _set(desc, _DESC_TRANSA, ctypes.c_int32(trans_a))
     _set(desc, _DESC_TRANSB, ctypes.c_int32(trans_b))
     _set(desc, _DESC_EPILOGUE, ctypes.c_int32(epilogue))
+    if sm_target:
+        _set(desc, _DESC_SM_COUNT_TARGET, ctypes.c_int32(sm_target))
     if scale_mode is not None:
         for pointer, mode in ((_DESC_A_SCALE_POINTER, _DESC_A_SCALE_MODE), (_DESC_B_SCALE_POINTER, _DESC_B_SCALE_MODE)):
             _set(desc, pointer, ctypes.c_void_p(256))
@@ -149,15 +152,16 @@ def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int,
 
 def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch.Tensor, m: int, n: int, k: int,
             bias: torch.Tensor | None = None, aux: torch.Tensor | None = None,
-            scales: tuple[torch.Tensor, torch.Tensor, int] | None = None, out_dtype: torch.dtype | None = None
-            ) -> torch.Tensor:
+            scales: tuple[torch.Tensor, torch.Tensor, int] | None = None, out_dtype: torch.dtype | None = None,
+            sm_target: int = 0) -> torch.Tensor:
     """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) op(B) with ``epilogue``; ``scales``:
     (A's, B's, the scale mode) for FP8 operands, whose result is ``out_dtype``."""
     out_dtype = out_dtype or a.dtype
     if scales is None:
-        key = (_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index)
+        key = (_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index, None, None, sm_target)
     else:
-        key = (_FP8_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index, _DTYPES[out_dtype], scales[2])
+        key = (_FP8_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index, _DTYPES[out_dtype], scales[2],
+               sm_target)
     desc, la, lb, ld, candidates = _plan(*key)
     out = torch.empty(n, m, device=a.device, dtype=out_dtype)
     workspace = torch.empty(_WORKSPACE, device=a.device, dtype=torch.uint8)
@@ -224,13 +228,15 @@ def _operands(*tensors: torch.Tensor) -> None:
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, trans_a: bool = False, trans_b: bool = False, epilogue: int = DEFAULT,
-       bias: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> torch.Tensor:
+       bias: torch.Tensor | None = None, aux: torch.Tensor | None = None, sm_target: int = 0) -> torch.Tensor:
     """op(a) op(b) for row-major a and b (op: transposed where asked), (P, Q), with ``epilogue``: the product
-    cuBLAS sees is the column-major Cᵀ (Q × P) = op(b)ᵀ op(a)ᵀ, whose operands are b's and a's memory."""
+    cuBLAS sees is the column-major Cᵀ (Q × P) = op(b)ᵀ op(a)ᵀ, whose operands are b's and a's memory.
+    ``sm_target``: see ``_plan``."""
     _operands(a, b, *(t for t in (bias, aux) if t is not None))
     p, r = (a.shape[1], a.shape[0]) if trans_a else a.shape
     q = b.shape[0] if trans_b else b.shape[1]
-    return _matmul(epilogue, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, b, a, q, p, r, bias, aux)
+    return _matmul(epilogue, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, b, a, q, p, r, bias, aux,
+                   sm_target=sm_target)
 
 
 def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,13 +152,6 @@ def _(gq, sg, wtq, sw, dtype):
     return gq.new_empty(gq.shape[0], wtq.shape[0], dtype=dtype)
 
 
-def fc1_dx_and_bias_grad(gpre: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """∂pre (M, H), W₁ (H, D) -> (∂x = ∂pre W₁ (M, D) through e4m3 as above, ∂b₁ = Σ_m ∂pre (H,)), both in ∂pre's dtype."""
-    q, s, sums = rows_fp8_and_column_sums(gpre)
-    wtq, sw = quantize_weight_columns(w1)
-    return fp8_dx(q, s, wtq, sw, gpre.dtype), sums.sum(0).to(gpre.dtype)
-
-
 PARTS = ("fc1", "qkv")  # the ∂x products enable_fp8_backward can switch: the fused MLP's fc1, the fused attention's qkv
 
 

@@ -32,9 +32,10 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
-from ditkit.models.fp8_backward import fc1_dx_and_bias_grad
+from ditkit.models.fp8_backward import fp8_dx, programs_per_rows, quantize_weight_columns, rows_fp8_and_column_sums
 from ditkit.models.fp8_forward import fp8_linear, quantize_weight
 from ditkit.models.module_swap import compute_dtype, swap_modules
+from ditkit.models.side_stream import beside, join, side_stream
 from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, weight_grad
 
 
@@ -43,12 +44,14 @@ from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, w
 # traced; only the fused products are (opaque) operators of their own.
 @torch.library.custom_op("ditkit::gelu_mlp", mutates_args=(),
                          schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor? b2, Tensor? xq=None, "
-                                "Tensor? sx=None, Tensor? wq=None, Tensor? sw=None, bool fp8_dx=False) -> (Tensor, Tensor, Tensor)")
-def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None, fp8_dx=False):
+                                "Tensor? sx=None, Tensor? wq=None, Tensor? sw=None, bool fp8_dx=False, bool overlap=False) "
+                                "-> (Tensor, Tensor, Tensor)")
+def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None, fp8_dx=False, overlap=False):
     """x (M, D) -> y (M, D) (without b₂ when it is None), and for the backward a = GELU(pre) and
     pre = x W₁ᵀ + b₁, both (M, H).  Given e4m3 xq ≈ x / sx and wq ≈ W₁ / sw (per-tensor scales, (1,) float32),
     pre = sx sw · xq wqᵀ + b₁ instead (``ditkit.models.fp8_forward``); x and W₁ then serve the backward only.
-    ``fp8_dx``: the backward's ∂x product in FP8 (``ditkit.models.fp8_backward``)."""
+    ``fp8_dx``: the backward's ∂x product in FP8 (``ditkit.models.fp8_backward``); ``overlap``: the backward's weight
+    gradients on a side stream (``gelu_mlp_backward``)."""
     if xq is not None:
         a, pre = fp8_linear(xq, sx, wq, sw, b1, x.dtype, gelu=True)
     elif lt_ready(x, w1, b1):
@@ -60,7 +63,7 @@ def gelu_mlp(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None, fp8_dx=False
 
 
 @gelu_mlp.register_fake
-def _(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None, fp8_dx=False):
+def _(x, w1, b1, w2, b2, xq=None, sx=None, wq=None, sw=None, fp8_dx=False, overlap=False):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
 
 
@@ -77,22 +80,54 @@ def _(g, w, pre):
     return pre.new_empty(pre.shape)
 
 
+@torch.library.custom_op("ditkit::gelu_mlp_backward", mutates_args=(),
+                         schema="(Tensor gy, Tensor x, Tensor w1, Tensor w2, Tensor a, Tensor pre, Tensor? wtq=None, "
+                                "Tensor? sw=None, bool has_b2=True, bool overlap=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def gelu_mlp_backward(gy, x, w1, w2, a, pre, wtq=None, sw=None, has_b2=True, overlap=False):
+    """∂y = gy (M, D) -> (∂x (M, D), ∂W₁ (H, D), ∂b₁ as column sums (P, H) float32 to be summed over dim 0, ∂W₂ (D, H),
+    ∂b₂ (D,), or (0,) without b₂).  Given wtq, sw = ``quantize_weight_columns(W₁)``, ∂x is the FP8 product
+    (``ditkit.models.fp8_backward``).  ``overlap``: ∂W₂, ∂b₂ and ∂W₁ on the side stream (``ditkit.models.side_stream``),
+    beside the DGELU product, the rows kernel and ∂x, which carry the gradient on."""
+    side = side_stream(gy.device, overlap)
+    with beside(side):
+        gw2 = weight_grad(gy, a)
+        gb2 = gy.sum(0) if has_b2 else gy.new_empty(0)
+    gpre = dgelu_matmul(gy, w2, pre)
+    if wtq is not None:
+        q, s, sums = rows_fp8_and_column_sums(gpre)
+        gx = fp8_dx(q, s, wtq, sw, gpre.dtype)
+    else:
+        gx, sums = tuned_matmul(gpre, w1), gpre.sum(0, keepdim=True, dtype=torch.float32)
+    with beside(side):
+        gw1 = weight_grad(gpre, x)
+    join(side)
+    return gx, gw1, sums, gw2, gb2
+
+
+@gelu_mlp_backward.register_fake
+def _(gy, x, w1, w2, a, pre, wtq=None, sw=None, has_b2=True, overlap=False):
+    (m, d), h = gy.shape, pre.shape[1]
+    parts = programs_per_rows(m, gy.device)[1] if wtq is not None else 1
+    return (gy.new_empty(m, x.shape[1]), gy.new_empty(h, x.shape[1]), gy.new_empty(parts, h, dtype=torch.float32),
+            gy.new_empty(d, h), gy.new_empty(d if has_b2 else 0))
+
+
 def _setup_context(ctx, inputs, output):
-    x, w1, _, w2, b2, *_, fp8_dx = inputs
+    x, w1, _, w2, b2, *_, fp8_dx, overlap = inputs
     _, a, pre = output
     ctx.save_for_backward(x, w1, w2, a, pre)
     ctx.mark_non_differentiable(a, pre)
     ctx.has_b2 = b2 is not None
-    ctx.fp8_dx = fp8_dx
+    ctx.fp8_dx, ctx.overlap = fp8_dx, overlap
 
 
 def _backward(ctx, gy, ga, gpre):
     x, w1, w2, a, pre = ctx.saved_tensors
-    gy = gy.contiguous()
-    gpre = dgelu_matmul(gy, w2, pre)
-    gx, gb1 = fc1_dx_and_bias_grad(gpre, w1) if ctx.fp8_dx else (tuned_matmul(gpre, w1), gpre.sum(0))
-    return (gx, weight_grad(gpre, x), gb1, weight_grad(gy, a), gy.sum(0) if ctx.has_b2 else None,
-            None, None, None, None, None)
+    wq = quantize_weight_columns(w1) if ctx.fp8_dx else (None, None)  # traced: compile fuses its amax and cast
+    gx, gw1, sums, gw2, gb2 = gelu_mlp_backward(gy.contiguous(), x, w1, w2, a, pre, *wq, has_b2=ctx.has_b2,
+                                                overlap=ctx.overlap)
+    return (gx, gw1, sums.sum(0).to(gx.dtype), gw2, gb2 if ctx.has_b2 else None,
+            None, None, None, None, None, None)
 
 
 gelu_mlp.register_autograd(_backward, setup_context=_setup_context)
@@ -103,6 +138,7 @@ class FusedMlp(Mlp):
     product in FP8 (``ditkit.models.fp8_backward.enable_fp8_backward``)."""
 
     fp8_backward = False
+    overlap_weight_grads = True  # the backward's ∂W products on a side stream (gelu_mlp_backward)
 
     def forward(self, x: torch.Tensor, with_bias: bool = True,
                 x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -114,7 +150,8 @@ class FusedMlp(Mlp):
         quantized = ()
         if x_fp8 is not None:
             quantized = (x_fp8[0].reshape(-1, x.shape[-1]), x_fp8[1], *quantize_weight(w1))
-        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2, *quantized, fp8_dx=self.fp8_backward)
+        y, _, _ = gelu_mlp(x.reshape(-1, x.shape[-1]).to(dtype), w1, b1, w2, b2, *quantized, fp8_dx=self.fp8_backward,
+                           overlap=self.overlap_weight_grads)
         return y.reshape(*lead, y.shape[-1])
 
 
