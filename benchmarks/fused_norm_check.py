@@ -71,7 +71,7 @@ def sweep(device: torch.device) -> None:
             fwd_times = sorted((graph_ms(lambda: norm_kernels.forward_triton(*args, config=(r, w)), device), (r, w))
                                for r in (1, 2, 4, 8) for w in (2, 4, 8, 16) if r * width <= 16384)
             bwd_times = sorted((graph_ms(lambda: norm_kernels.backward_triton(*bwd, config=(r, w, c)), device), (r, w, c))
-                               for r in (1, 2, 4) for w in (4, 8, 16) for c in (16, 32, 64, 128)
+                               for r in (1, 2, 4) for w in (2, 4, 8) for c in (16, 32, 64, 128)
                                if c % r == 0 and r * width <= 8192)
             default_f = graph_ms(lambda: norm_kernels.forward_triton(*args), device)
             default_b = graph_ms(lambda: norm_kernels.backward_triton(*bwd), device)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkit.models import cublaslt
+from ditkit.models import cublaslt, row_blocks
 from ditkit.models.norm_kernels import FP8_MAX, quantize_fp8
 
 try:
@@ -68,24 +68,26 @@ def rows_fp8_reference(g: torch.Tensor, parts: int = 1) -> tuple[torch.Tensor, t
 
 if triton is not None:
     @triton.jit
-    def _rows_fp8_kernel(g_ptr, q_ptr, s_ptr, part_ptr, n_rows, width, rows_per_program, BLOCK: tl.constexpr,
-                         STAGES: tl.constexpr):
-        """Program p walks rows [p·rows_per_program, …), one whole row at a time: its amax, its e4m3 values, and
-        its values added to the program's column sums (registers, written once at the end)."""
+    def _rows_fp8_kernel(g_ptr, q_ptr, s_ptr, part_ptr, n_rows, width, rows_per_program, A: tl.constexpr,
+                         B: tl.constexpr, STAGES: tl.constexpr):
+        """Program p walks rows [p·rows_per_program, …), one whole row (blocks of A and B columns) at a time: its
+        amax, its e4m3 values, and its values added to the program's column sums (registers, written once at the end)."""
         p = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < width
-        sums = tl.zeros([BLOCK], dtype=tl.float32)
+        a_cols = tl.arange(0, A)
+        b_cols = A + tl.arange(0, B)
+        b_ok = b_cols < width
+        sum_a = tl.zeros([A], dtype=tl.float32)
+        sum_b = tl.zeros([B], dtype=tl.float32)
         first = p.to(tl.int64) * rows_per_program
         for i in tl.range(0, tl.minimum(rows_per_program, n_rows - first), num_stages=STAGES):
             row = first + i
-            at = row * width + cols
-            t = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            s = tl.maximum(tl.max(tl.abs(t), axis=0), 1e-30) / 448.0
+            ta, tb = row_blocks.load_row(g_ptr, row * width, a_cols, b_cols, b_ok)
+            s = tl.maximum(tl.maximum(tl.max(tl.abs(ta), axis=0), tl.max(tl.abs(tb), axis=0)), 1e-30) / 448.0
             tl.store(s_ptr + row, s)
-            tl.store(q_ptr + at, tl.clamp(t * (1.0 / s), -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=ok)
-            sums += t
-        tl.store(part_ptr + p.to(tl.int64) * width + cols, sums, mask=ok)
+            row_blocks.store_row_e4m3(q_ptr, row * width, a_cols, b_cols, b_ok, ta, tb, 1.0 / s)
+            sum_a += ta
+            sum_b += tb
+        row_blocks.store_row(part_ptr, p.to(tl.int64) * width, a_cols, b_cols, b_ok, sum_a, sum_b)
 
 
 PER_SM, WARPS, STAGES = 4, 8, 1  # the rows kernels' launch: programs per multiprocessor, warps, loads in flight
@@ -107,8 +109,8 @@ def rows_fp8_triton(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     q = torch.empty(m, n, device=device, dtype=torch.float8_e4m3fn)
     s = torch.empty(m, device=device, dtype=torch.float32)
     sums = torch.empty(programs, n, device=device, dtype=torch.float32)
-    _rows_fp8_kernel[(programs,)](g, q, s, sums, m, n, per, BLOCK=triton.next_power_of_2(n), STAGES=STAGES,
-                                  num_warps=WARPS)
+    a, b = row_blocks.split(n)
+    _rows_fp8_kernel[(programs,)](g, q, s, sums, m, n, per, A=a, B=b, STAGES=STAGES, num_warps=WARPS)
     return q, s, sums
 
 
