@@ -3,7 +3,7 @@
 Triton's blocks are powers of two, so one block for a row of DiT-XL's 1152 values is 2048 wide and 44% of its
 lanes are masked: registers and instructions held for nothing, fewer rows in flight.  As 1024 + 128 (fc1's 4608 as
 4096 + 512) every lane holds a value.  Measured on an H100 at DiT-XL/2 batch-128 shapes
-(``benchmarks/split_block.py``): fc1's rows kernel 0.208 → 0.167 ms, the residual norm backward 0.251 → 0.191.
+(trial kernels, ``docs/results/split_block_h100.txt``): fc1's rows kernel 0.208 → 0.167 ms, the residual norm backward 0.251 → 0.191.
 """
 from __future__ import annotations
 
