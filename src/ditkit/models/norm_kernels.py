@@ -207,6 +207,10 @@ def _shape(x: torch.Tensor) -> tuple[int, int, int, int]:
 # residual backward is fastest with 4 rows per step (0.208 against 0.318 ms at batch 128, 0.065 against
 # 0.091 at 32), B's with 2.  Its best forward for XL (4 rows, 8 warps: 0.116 against 0.129 ms alone)
 # was slower inside the step (1.85 against 1.66 ms per XL/2 batch-32 step), so the forward keeps its own.
+# Session 16's sweep, the backward's rows as two blocks (``ditkit.models.row_blocks``,
+# ``fused_norm_sweep_row_blocks_h100.txt``): one row per step and 2 warps; XL's residual backward 0.203 ms at
+# batch 128 (0.218 before), 0.060 at 32 (0.063); B's 0.154 (0.145); without the residual (one call per step)
+# XL's 0.116 (0.102), B's 0.078 (0.062).
 def forward_config(width: int) -> tuple[int, int]:
     """(rows per program, warps) of the forward kernel."""
     return max(1, 4096 // triton.next_power_of_2(width)), 4
@@ -215,7 +219,7 @@ def forward_config(width: int) -> tuple[int, int]:
 def backward_config(n: int, tokens: int, width: int, residual: bool, device: torch.device) -> tuple[int, int, int]:
     """(rows per loop step, warps, tokens per program) of the backward kernel: as many tokens per program
     as still give about three programs per multiprocessor (the per-sample partial sums stay few)."""
-    rows, warps = (1, 2) if residual else (2, 4)
+    rows, warps = (1, 2) if residual else (2, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     chunk = next((c for c in (64, 32, 16) if n * triton.cdiv(tokens, c) >= 3 * sms), 8)
     return rows, warps, triton.cdiv(chunk, rows) * rows

@@ -11,13 +11,15 @@ with (Triton's interpreter on the CPU).
 
 For an FP8 ∂x product (``train.fp8_backward``) the copy also writes ∂qkv in e4m3 with one scale per token row,
 s_m = max_j |∂qkv_mj| / 448 (``stack_rows_fp8``): one program then walks whole rows (the three gradients' 3D
-values at once), as ``ditkit.models.fp8_backward``'s kernel does for fc1's ∂pre.
+values at once), as ``ditkit.models.fp8_backward``'s kernel does for fc1's ∂pre.  Unlike that kernel it keeps one
+block of the next power of two per gradient: as two blocks (``ditkit.models.row_blocks``) it took 0.282 ms at XL/2
+batch-128 shapes with 8 warps, 0.216 with 4, against 0.215 as one (``benchmarks/rows_kernel_launch.py``, H100).
 """
 from __future__ import annotations
 
 import torch
 
-from ditkit.models import fp8_backward, row_blocks  # fp8_backward: its launch constants, read at each call (a benchmark sweeps them)
+from ditkit.models import fp8_backward  # its launch constants, read at each call (a benchmark sweeps them)
 from ditkit.models.fp8_backward import programs_per_rows, rows_fp8_reference
 
 try:
@@ -113,41 +115,43 @@ def stack_rows_fp8_reference(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tenso
 if triton is not None:
     @triton.jit
     def _stack_rows_fp8_kernel(q_ptr, k_ptr, v_ptr, out_ptr, out8_ptr, s_ptr, part_ptr, n_rows, width,
-                               rows_per_program, A: tl.constexpr, B: tl.constexpr, STAGES: tl.constexpr):
-        """Program p walks rows [p·rows_per_program, …): a row's ∂q, ∂k, ∂v (``width`` values each, as blocks of A
-        and B columns, ``ditkit.models.row_blocks``) copied into ∂qkv's row, their amax over all three, the row in
-        e4m3, and the program's column sums (written at the end)."""
+                               rows_per_program, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+        """Program p walks rows [p·rows_per_program, …): a row's ∂q, ∂k, ∂v (``width`` values each) copied into
+        ∂qkv's row, their amax over all three, the row in e4m3, and the program's column sums (written at the end)."""
         p = tl.program_id(0)
-        a_cols = tl.arange(0, A)
-        b_cols = A + tl.arange(0, B)
-        b_ok = b_cols < width
-        sum_qa, sum_ka, sum_va = tl.zeros([A], dtype=tl.float32), tl.zeros([A], dtype=tl.float32), tl.zeros([A], dtype=tl.float32)
-        sum_qb, sum_kb, sum_vb = tl.zeros([B], dtype=tl.float32), tl.zeros([B], dtype=tl.float32), tl.zeros([B], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < width
+        sum_q = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_k = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_v = tl.zeros([BLOCK], dtype=tl.float32)
         first = p.to(tl.int64) * rows_per_program
         for i in tl.range(0, tl.minimum(rows_per_program, n_rows - first), num_stages=STAGES):
             row = first + i
-            src, dst = row * width, row * (3 * width)
-            qa, qb = row_blocks.load_row(q_ptr, src, a_cols, b_cols, b_ok)
-            ka, kb = row_blocks.load_row(k_ptr, src, a_cols, b_cols, b_ok)
-            va, vb = row_blocks.load_row(v_ptr, src, a_cols, b_cols, b_ok)
-            row_blocks.store_row(out_ptr, dst, a_cols, b_cols, b_ok, qa, qb)
-            row_blocks.store_row(out_ptr, dst + width, a_cols, b_cols, b_ok, ka, kb)
-            row_blocks.store_row(out_ptr, dst + 2 * width, a_cols, b_cols, b_ok, va, vb)
-            amax = tl.maximum(tl.maximum(tl.maximum(tl.max(tl.abs(qa), axis=0), tl.max(tl.abs(qb), axis=0)),
-                                         tl.maximum(tl.max(tl.abs(ka), axis=0), tl.max(tl.abs(kb), axis=0))),
-                              tl.maximum(tl.max(tl.abs(va), axis=0), tl.max(tl.abs(vb), axis=0)))
+            src = row * width + cols
+            dst = row * (3 * width) + cols
+            gq = tl.load(q_ptr + src, mask=ok, other=0.0)
+            gk = tl.load(k_ptr + src, mask=ok, other=0.0)
+            gv = tl.load(v_ptr + src, mask=ok, other=0.0)
+            tl.store(out_ptr + dst, gq, mask=ok)
+            tl.store(out_ptr + dst + width, gk, mask=ok)
+            tl.store(out_ptr + dst + 2 * width, gv, mask=ok)
+            fq, fk, fv = gq.to(tl.float32), gk.to(tl.float32), gv.to(tl.float32)
+            amax = tl.maximum(tl.maximum(tl.max(tl.abs(fq), axis=0), tl.max(tl.abs(fk), axis=0)),
+                              tl.max(tl.abs(fv), axis=0))
             s = tl.maximum(amax, 1e-30) / 448.0
             tl.store(s_ptr + row, s)
             r = 1.0 / s
-            row_blocks.store_row_e4m3(out8_ptr, dst, a_cols, b_cols, b_ok, qa, qb, r)
-            row_blocks.store_row_e4m3(out8_ptr, dst + width, a_cols, b_cols, b_ok, ka, kb, r)
-            row_blocks.store_row_e4m3(out8_ptr, dst + 2 * width, a_cols, b_cols, b_ok, va, vb, r)
-            sum_qa, sum_ka, sum_va = sum_qa + qa, sum_ka + ka, sum_va + va
-            sum_qb, sum_kb, sum_vb = sum_qb + qb, sum_kb + kb, sum_vb + vb
-        part = p.to(tl.int64) * (3 * width)
-        row_blocks.store_row(part_ptr, part, a_cols, b_cols, b_ok, sum_qa, sum_qb)
-        row_blocks.store_row(part_ptr, part + width, a_cols, b_cols, b_ok, sum_ka, sum_kb)
-        row_blocks.store_row(part_ptr, part + 2 * width, a_cols, b_cols, b_ok, sum_va, sum_vb)
+            e4m3 = out8_ptr.dtype.element_ty
+            tl.store(out8_ptr + dst, tl.clamp(fq * r, -448.0, 448.0).to(e4m3), mask=ok)
+            tl.store(out8_ptr + dst + width, tl.clamp(fk * r, -448.0, 448.0).to(e4m3), mask=ok)
+            tl.store(out8_ptr + dst + 2 * width, tl.clamp(fv * r, -448.0, 448.0).to(e4m3), mask=ok)
+            sum_q += fq
+            sum_k += fk
+            sum_v += fv
+        part = part_ptr + p.to(tl.int64) * (3 * width) + cols
+        tl.store(part, sum_q, mask=ok)
+        tl.store(part + width, sum_k, mask=ok)
+        tl.store(part + 2 * width, sum_v, mask=ok)
 
 
 def stack_rows_fp8(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
@@ -158,12 +162,11 @@ def stack_rows_fp8(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
     n, heads, tokens, dh = dq.shape
     rows, width, device = n * tokens, heads * dh, dq.device
     per, programs = programs_per_rows(rows, device)
-    blocks = row_blocks.split(width)
     out = torch.empty(rows, 3 * width, device=device, dtype=dq.dtype)
     out8 = torch.empty(rows, 3 * width, device=device, dtype=torch.float8_e4m3fn)
     s = torch.empty(rows, device=device, dtype=torch.float32)
     sums = torch.empty(programs, 3 * width, device=device, dtype=torch.float32)
     _stack_rows_fp8_kernel[(programs,)](dq, dk, dv, out, out8, s, sums, rows, width, per,
-                                        A=blocks[0], B=blocks[1], STAGES=fp8_backward.STAGES,
+                                        BLOCK=triton.next_power_of_2(width), STAGES=fp8_backward.STAGES,
                                         num_warps=fp8_backward.WARPS)
     return out, sums, out8, s
