@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import torch
 
-from ditkit.models import row_blocks
-
 try:
     import triton
     import triton.language as tl
@@ -115,79 +113,53 @@ if triton is not None:
     @triton.jit
     def _adaln_norm_backward_kernel(gh_ptr, next_ptr, x_ptr, o_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
                          gx_ptr, go_ptr, partial_ptr, tokens, width, chunk, plane, stride_gate, stride_scale,
-                         RESIDUAL: tl.constexpr, HAS_NEXT: tl.constexpr, ROWS: tl.constexpr, A: tl.constexpr,
-                         B: tl.constexpr):
-        """Program (n, part) walks tokens [part·chunk, …) of sample n, ROWS at a time, each row as blocks of A and B
-        columns (``ditkit.models.row_blocks``); every input of a row is loaded before its arithmetic starts."""
+                         RESIDUAL: tl.constexpr, HAS_NEXT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         n = tl.program_id(0)
         part = tl.program_id(1)
-        a_cols = tl.arange(0, A)
-        b_cols = A + tl.arange(0, B)
-        b_ok = b_cols < width
-        scale1_a = 1.0 + tl.load(scale_ptr + n * stride_scale + a_cols).to(tl.float32)
-        scale1_b = 1.0 + tl.load(scale_ptr + n * stride_scale + b_cols, mask=b_ok, other=0.0).to(tl.float32)
-        gate_a = tl.zeros([A], dtype=tl.float32)
-        gate_b = tl.zeros([B], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK)
+        col_ok = cols < width
+        scale1 = 1.0 + tl.load(scale_ptr + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+        gate = tl.zeros([BLOCK], dtype=tl.float32)
         if RESIDUAL:
-            gate_a = tl.load(gate_ptr + n * stride_gate + a_cols).to(tl.float32)
-            gate_b = tl.load(gate_ptr + n * stride_gate + b_cols, mask=b_ok, other=0.0).to(tl.float32)
-        d_shift_a, d_scale_a = tl.zeros([A], dtype=tl.float32), tl.zeros([A], dtype=tl.float32)
-        d_gate_a, d_stream_a = tl.zeros([A], dtype=tl.float32), tl.zeros([A], dtype=tl.float32)
-        d_shift_b, d_scale_b = tl.zeros([B], dtype=tl.float32), tl.zeros([B], dtype=tl.float32)
-        d_gate_b, d_stream_b = tl.zeros([B], dtype=tl.float32), tl.zeros([B], dtype=tl.float32)
+            gate = tl.load(gate_ptr + n * stride_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
+        d_shift = tl.zeros([BLOCK], dtype=tl.float32)
+        d_scale = tl.zeros([BLOCK], dtype=tl.float32)
+        d_gate = tl.zeros([BLOCK], dtype=tl.float32)
+        d_stream = tl.zeros([BLOCK], dtype=tl.float32)
         start = part * chunk
         stop = tl.minimum(start + chunk, tokens)
         for t0 in range(start, stop, ROWS):
             tok = t0 + tl.arange(0, ROWS)
             row_ok = tok < stop
             rows = n.to(tl.int64) * tokens + tok
-            mask_a = row_ok[:, None] & (a_cols < A)[None, :]
-            mask_b = row_ok[:, None] & b_ok[None, :]
-            at_a = rows[:, None] * width + a_cols[None, :]
-            at_b = rows[:, None] * width + b_cols[None, :]
-            gh_a = tl.load(gh_ptr + at_a, mask=mask_a, other=0.0).to(tl.float32)
-            gh_b = tl.load(gh_ptr + at_b, mask=mask_b, other=0.0).to(tl.float32)
-            x_a = tl.load(x_ptr + at_a, mask=mask_a, other=0.0).to(tl.float32)
-            x_b = tl.load(x_ptr + at_b, mask=mask_b, other=0.0).to(tl.float32)
+            mask = row_ok[:, None] & col_ok[None, :]
+            at = rows[:, None] * width + cols[None, :]
+            gh = tl.load(gh_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            d_shift += tl.sum(gh, axis=0)
+            d_scale += tl.sum(gh * xhat, axis=0)
+            u = gh * scale1[None, :]
+            mean_u = tl.sum(u, axis=1) / width
+            mean_ux = tl.sum(u * xhat, axis=1) / width
+            dx = rstd[:, None] * (u - mean_u[:, None] - xhat * mean_ux[:, None])
             if HAS_NEXT:
-                next_a = tl.load(next_ptr + at_a, mask=mask_a, other=0.0).to(tl.float32)
-                next_b = tl.load(next_ptr + at_b, mask=mask_b, other=0.0).to(tl.float32)
+                dx += tl.load(next_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            tl.store(gx_ptr + at, dx.to(gx_ptr.dtype.element_ty), mask=mask)
             if RESIDUAL:
-                o_a = tl.load(o_ptr + at_a, mask=mask_a, other=0.0).to(tl.float32)
-                o_b = tl.load(o_ptr + at_b, mask=mask_b, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            xhat_a = tl.where(mask_a, (x_a - mean) * rstd, 0.0)
-            xhat_b = tl.where(mask_b, (x_b - mean) * rstd, 0.0)
-            d_shift_a += tl.sum(gh_a, axis=0)
-            d_shift_b += tl.sum(gh_b, axis=0)
-            d_scale_a += tl.sum(gh_a * xhat_a, axis=0)
-            d_scale_b += tl.sum(gh_b * xhat_b, axis=0)
-            u_a = gh_a * scale1_a[None, :]
-            u_b = gh_b * scale1_b[None, :]
-            mean_u = ((tl.sum(u_a, axis=1) + tl.sum(u_b, axis=1)) / width)[:, None]
-            mean_ux = ((tl.sum(u_a * xhat_a, axis=1) + tl.sum(u_b * xhat_b, axis=1)) / width)[:, None]
-            dx_a = rstd * (u_a - mean_u - xhat_a * mean_ux)
-            dx_b = rstd * (u_b - mean_u - xhat_b * mean_ux)
-            if HAS_NEXT:
-                dx_a += next_a
-                dx_b += next_b
-            tl.store(gx_ptr + at_a, dx_a.to(gx_ptr.dtype.element_ty), mask=mask_a)
-            tl.store(gx_ptr + at_b, dx_b.to(gx_ptr.dtype.element_ty), mask=mask_b)
-            if RESIDUAL:
-                tl.store(go_ptr + at_a, (dx_a * gate_a[None, :]).to(go_ptr.dtype.element_ty), mask=mask_a)
-                tl.store(go_ptr + at_b, (dx_b * gate_b[None, :]).to(go_ptr.dtype.element_ty), mask=mask_b)
-                d_gate_a += tl.sum(tl.where(mask_a, dx_a * o_a, 0.0), axis=0)
-                d_gate_b += tl.sum(tl.where(mask_b, dx_b * o_b, 0.0), axis=0)
-                d_stream_a += tl.sum(tl.where(mask_a, dx_a, 0.0), axis=0)
-                d_stream_b += tl.sum(tl.where(mask_b, dx_b, 0.0), axis=0)
-        here = (n * tl.num_programs(1) + part).to(tl.int64) * width
+                o = tl.load(o_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                tl.store(go_ptr + at, (dx * gate[None, :]).to(go_ptr.dtype.element_ty), mask=mask)
+                d_gate += tl.sum(tl.where(mask, dx * o, 0.0), axis=0)
+                d_stream += tl.sum(tl.where(mask, dx, 0.0), axis=0)
+        here = (n * tl.num_programs(1) + part).to(tl.int64) * width + cols
         plane = plane.to(tl.int64)
-        row_blocks.store_row(partial_ptr, here, a_cols, b_cols, b_ok, d_shift_a, d_shift_b)
-        row_blocks.store_row(partial_ptr, plane + here, a_cols, b_cols, b_ok, d_scale_a, d_scale_b)
+        tl.store(partial_ptr + here, d_shift, mask=col_ok)
+        tl.store(partial_ptr + plane + here, d_scale, mask=col_ok)
         if RESIDUAL:
-            row_blocks.store_row(partial_ptr, 2 * plane + here, a_cols, b_cols, b_ok, d_gate_a, d_gate_b)
-            row_blocks.store_row(partial_ptr, 3 * plane + here, a_cols, b_cols, b_ok, d_stream_a, d_stream_b)
+            tl.store(partial_ptr + 2 * plane + here, d_gate, mask=col_ok)
+            tl.store(partial_ptr + 3 * plane + here, d_stream, mask=col_ok)
 
 
 def _row_view(t: torch.Tensor) -> torch.Tensor:
@@ -207,10 +179,10 @@ def _shape(x: torch.Tensor) -> tuple[int, int, int, int]:
 # residual backward is fastest with 4 rows per step (0.208 against 0.318 ms at batch 128, 0.065 against
 # 0.091 at 32), B's with 2.  Its best forward for XL (4 rows, 8 warps: 0.116 against 0.129 ms alone)
 # was slower inside the step (1.85 against 1.66 ms per XL/2 batch-32 step), so the forward keeps its own.
-# Session 16's sweep, the backward's rows as two blocks (``ditkit.models.row_blocks``,
-# ``fused_norm_sweep_row_blocks_h100.txt``): one row per step and 2 warps; XL's residual backward 0.203 ms at
-# batch 128 (0.218 before), 0.060 at 32 (0.063); B's 0.154 (0.145); without the residual (one call per step)
-# XL's 0.116 (0.102), B's 0.078 (0.062).
+# Session 16 tried the backward with a row as two blocks (``ditkit.models.row_blocks``;
+# ``fused_norm_sweep_row_blocks_h100.txt``): XL's residual backward 0.203 ms at batch 128 (0.218 here), but B's
+# 0.154 (0.145) and without the residual XL's 0.116 (0.102), B's 0.078 (0.062); in the step no change
+# (XL/2 batch 128: 707.6 img/s before, 706.5 with it and fc1's rows kernel as two blocks).  Kept as it was.
 def forward_config(width: int) -> tuple[int, int]:
     """(rows per program, warps) of the forward kernel."""
     return max(1, 4096 // triton.next_power_of_2(width)), 4
@@ -219,10 +191,11 @@ def forward_config(width: int) -> tuple[int, int]:
 def backward_config(n: int, tokens: int, width: int, residual: bool, device: torch.device) -> tuple[int, int, int]:
     """(rows per loop step, warps, tokens per program) of the backward kernel: as many tokens per program
     as still give about three programs per multiprocessor (the per-sample partial sums stay few)."""
-    rows, warps = (1, 2) if residual else (2, 2)
+    block = triton.next_power_of_2(width)
+    rows = 2 if residual and block == 1024 else min(4, max(1, 8192 // block))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     chunk = next((c for c in (64, 32, 16) if n * triton.cdiv(tokens, c) >= 3 * sms), 8)
-    return rows, warps, triton.cdiv(chunk, rows) * rows
+    return rows, 4, triton.cdiv(chunk, rows) * rows
 
 
 def backward_slices(n: int, tokens: int, width: int, residual: bool, device: torch.device) -> int:
@@ -268,8 +241,7 @@ def backward_partial(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes
     """``backward_triton`` without the sum over the slices: the partial sums come stacked as
     (2 or 4, N, slices, D) float32, for a caller whose compiled code sums them with what it makes of them
     (``ditkit.models.fused_norm``: one fused reduction instead of a torch sum of its own, ~10 µs per call)."""
-    n, tokens, width, _ = _shape(stream)
-    blocks = row_blocks.split(width)
+    n, tokens, width, block = _shape(stream)
     residual = o is not None
     scale = _row_view(scale)
     gate = _row_view(gate) if residual else scale
@@ -281,5 +253,5 @@ def backward_partial(gh, g_next, stream, o, gate, scale, mean, rstd, grad_dtypes
     _adaln_norm_backward_kernel[(n, splits)](
         gh, g_next if g_next is not None else gh, stream, o if residual else stream, gate, scale, mean, rstd, gx, go,
         partial, tokens, width, chunk, n * splits * width, gate.stride(0), scale.stride(0),
-        RESIDUAL=residual, HAS_NEXT=g_next is not None, ROWS=rows, A=blocks[0], B=blocks[1], num_warps=warps)
+        RESIDUAL=residual, HAS_NEXT=g_next is not None, ROWS=rows, BLOCK=block, num_warps=warps)
     return gx, (go if residual else None), partial

@@ -1,9 +1,12 @@
 """A row of a width that is no power of two, held by a Triton kernel as two power-of-two blocks.
 
-Triton's blocks are powers of two, so one block for a row of DiT-XL's 1152 values is 2048 wide and 44% of its
-lanes are masked: registers and instructions held for nothing, fewer rows in flight.  As 1024 + 128 (fc1's 4608 as
-4096 + 512) every lane holds a value.  Measured on an H100 at DiT-XL/2 batch-128 shapes
-(trial kernels, ``docs/results/split_block_h100.txt``): fc1's rows kernel 0.208 → 0.167 ms, the residual norm backward 0.251 → 0.191.
+Triton's blocks are powers of two, so one block for a row of fc1's 4608 values is 8192 wide and 44% of its lanes
+are masked: registers and instructions held for nothing, fewer rows in flight.  As 4096 + 512 every lane holds a
+value.  Measured on an H100 at DiT-XL/2 batch-128 shapes (``benchmarks/rows_kernel_launch.py``): fc1's rows kernel
+(``ditkit.models.fp8_backward``) 0.208 → 0.167 ms.  Tried and not taken (``docs/results/split_block_h100.txt``,
+``fused_norm_sweep_row_blocks_h100.txt``): the qkv stacking kernel (0.282 ms as two blocks at its 8 warps, 0.215 as
+one) and the norm backward (XL's residual backward 0.218 → 0.203 ms, but slower at DiT-B's width and without the
+residual, and no change in the step).
 """
 from __future__ import annotations
 
