@@ -26,8 +26,8 @@ its bias gradient in one kernel, ``train.fused_attention``), +loss (the loss com
 ``train.compile_loss``), +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
 kernel, ``train.bf16_weights``) and +fp8fwd (with +norm and +mlp/+attn: fc1's and qkv's forward as FP8 products,
 fc1's with GELU in its epilogue, ``train.fp8_forward``) and +fp8bwd (with +mlp/+attn: fc1's and qkv's ∂x products in
-FP8 with per-token scales, ``train.fp8_backward``; +fp8bwd1: fc1's alone) and +inorder (with +mlp: the MLP backward's
-weight-gradient products in order, not on a side stream, ``ditkit.models.side_stream``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
+FP8 with per-token scales, ``train.fp8_backward``; +fp8bwd1: fc1's alone) and +inorder (with +mlp: session 16's MLP backward
+operator with its weight-gradient products in order, not on a side stream, ``ditkit.models.side_stream``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
 other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
@@ -96,7 +96,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     "fp8fwd": ("train",),  # with +norm and +mlp/+attn: fc1's and qkv's forward in FP8 (ditkit.models.fp8_forward)
     "fp8bwd": ("train",),  # with +mlp/+attn: fc1's and qkv's ∂x products in FP8, per-token scales (ditkit.models.fp8_backward)
     "fp8bwd1": ("train",),  # +fp8bwd for fc1 only (session 14's form)
-    "inorder": ("train",),  # with +mlp: the MLP backward's ∂W products in order on one stream (before session 16)
+    "inorder": ("train",),  # with +mlp: the MLP backward operator without its second stream (∂W products in order)
 }
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),

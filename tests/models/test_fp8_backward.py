@@ -50,7 +50,7 @@ def test_weight_columns_are_quantized_transposed_with_one_scale_per_input_channe
 
 
 @pytest.mark.skipif(fp8_backward.triton is None, reason="Triton is not installed")
-@pytest.mark.parametrize("shape", [(37, 100), (70, 1152), (5, 4608)])
+@pytest.mark.parametrize("shape", [(37, 100), (70, 1152), (5, 4608), (9, 24), (9, 64), (9, 65)])
 def test_rows_kernel_against_its_equations(shape):
     """q, s and the column sums (summed over the programs' rows) from one pass, against the reference."""
     g = _gradient(*shape).to(DEVICE)

@@ -40,8 +40,9 @@ from ditkit.models.tuned_linear import linear_product, lt_ready, tuned_matmul, w
 
 
 # The MLP is one operator with a registered backward: the GELU-gradient product (fc2's ∂x with fc1's
-# GELU applied) crosses the two linears, so no per-linear autograd could fuse it.  The backward is
-# traced; only the fused products are (opaque) operators of their own.
+# GELU applied) crosses the two linears, so no per-linear autograd could fuse it.  The backward is one
+# operator too (gelu_mlp_backward), so that its weight gradients can run on a second stream; only W₁'s
+# FP8 quantization and the sum of ∂b₁'s partial sums stay traced, where compile fuses them.
 @torch.library.custom_op("ditkit::gelu_mlp", mutates_args=(),
                          schema="(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor? b2, Tensor? xq=None, "
                                 "Tensor? sx=None, Tensor? wq=None, Tensor? sw=None, bool fp8_dx=False, bool overlap=False) "
@@ -108,8 +109,8 @@ def gelu_mlp_backward(gy, x, w1, w2, a, pre, wtq=None, sw=None, has_b2=True, ove
 def _(gy, x, w1, w2, a, pre, wtq=None, sw=None, has_b2=True, overlap=False):
     (m, d), h = gy.shape, pre.shape[1]
     parts = programs_per_rows(m, gy.device)[1] if wtq is not None else 1
-    return (gy.new_empty(m, x.shape[1]), gy.new_empty(h, x.shape[1]), gy.new_empty(parts, h, dtype=torch.float32),
-            gy.new_empty(d, h), gy.new_empty(d if has_b2 else 0))
+    return (pre.new_empty(m, x.shape[1]), pre.new_empty(h, x.shape[1]), gy.new_empty(parts, h, dtype=torch.float32),
+            gy.new_empty(d, h), gy.new_empty(d if has_b2 else 0))  # ∂x and ∂W₁ in ∂pre's dtype, which is pre's
 
 
 def _setup_context(ctx, inputs, output):

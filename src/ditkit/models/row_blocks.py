@@ -19,7 +19,8 @@ except ImportError:  # the CPU build of torch comes without Triton
 
 def split(width: int) -> tuple[int, int]:
     """(A, B): A the largest power of two below ``width`` (half of it when ``width`` is one), B the smallest power of
-    two that holds the rest; the row is columns [0, A) and [A, A + B), the second masked past ``width``."""
+    two that holds the rest; the row is columns [0, A) and [A, A + B), the second masked past ``width``.  A width of 1
+    (no layer has one) is refused."""
     if width < 2:
         raise ValueError(f"a row split in two blocks needs at least 2 values, got width {width}")
     a = 1 << (width.bit_length() - 1)
