@@ -21,8 +21,8 @@ from ditkit.models import qkv_kernels
 
 SHAPES = {"xl128": (128, 16, 256, 72), "xl32": (32, 16, 256, 72), "b128": (128, 12, 256, 64)}
 FORWARD_SWEEP = [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 128, 8, 3),
-                 (128, 64, 8, 3), (64, 256, 4, 2), (128, 256, 8, 2)]
-BACKWARD_SWEEP = [(m, n, w, s) for m, n, w, s in itertools.product((32, 64, 128), (64, 128), (4, 8), (1, 2))]
+                 (128, 64, 8, 3), (64, 128, 4, 3)]
+BACKWARD_SWEEP = [(m, n, w, s) for m, n, w, s in itertools.product((32, 64), (64, 128), (4, 8), (1, 2))]
 
 
 def cudnn(qkv, n, heads, g):

@@ -83,7 +83,7 @@ if triton is not None:
                  mask=rows_ok[:, None] & cols_ok[None, :])
 
     @triton.jit
-    def _forward_kernel(qkv_ptr, o_ptr, lse_ptr, tokens, heads, dh, scale_log2,
+    def _forward_kernel(qkv_ptr, o_ptr, lse_ptr, tokens, heads, scale_log2, dh: tl.constexpr,
                         A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (i, n·H + h): query rows [i·BLOCK_M, …) of head h of sample n, online softmax over key blocks."""
         bh = tl.program_id(1)
@@ -117,10 +117,11 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            if B > 0:  # float32 (TF32) operands: see the module docstring
+                v_b = _load_head(v_base, keys, keys_ok, stride, cb, cb_ok).to(tl.float32)
+                acc_b = acc_b * alpha[:, None] + tl.dot(p, v_b)
             p = p.to(qkv_ptr.dtype.element_ty)
             acc_a = acc_a * alpha[:, None] + tl.dot(p, _load_head(v_base, keys, keys_ok, stride, ca, ca_ok))
-            if B > 0:
-                acc_b = acc_b * alpha[:, None] + tl.dot(p, _load_head(v_base, keys, keys_ok, stride, cb, cb_ok))
             m_i = m_new
         o_base = o_ptr + (n * tokens).to(tl.int64) * width + h * dh
         _store_head(o_base, rows, rows_ok, width, ca, ca_ok, acc_a / l_i[:, None])
@@ -129,8 +130,8 @@ if triton is not None:
         tl.store(lse_ptr + bh.to(tl.int64) * tokens + rows, m_i + tl.log2(l_i), mask=rows_ok)
 
     @triton.jit
-    def _backward_kernel(qkv_ptr, o_ptr, g_ptr, lse_ptr, dqkv_ptr, dq_ptr, tokens, heads, dh, scale, scale_log2,
-                         A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _backward_kernel(qkv_ptr, o_ptr, g_ptr, lse_ptr, dqkv_ptr, dq_ptr, tokens, heads, scale, scale_log2,
+                         dh: tl.constexpr, A: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program n·H + h: head h of sample n.  Outer loop over key blocks (∂k, ∂v in registers), inner over query
         blocks; ∂q's partial sums in this program's float32 scratch dq_ptr (T, A + B) until the last key block."""
         bh = tl.program_id(0)
@@ -181,15 +182,16 @@ if triton is not None:
                 lse = tl.load(lse_base + rows, mask=rows_ok, other=float("inf"))  # rows past T: p = 0
                 p_t = tl.exp2(s_t * scale_log2 - lse[None, :])
                 p_t = tl.where(keys_ok[:, None], p_t, 0.0)
-                ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+                ds_t = p_t * (dp_t - delta[None, :])
+                if B > 0:  # float32 (TF32) operands: see the module docstring
+                    dv_b += tl.dot(p_t, g_b.to(tl.float32))
+                    dk_b += tl.dot(ds_t, q_b.to(tl.float32))
+                    dq_b = tl.dot(tl.trans(ds_t), k_b.to(tl.float32))
+                ds_t = ds_t.to(dtype)
                 p_t = p_t.to(dtype)
                 dv_a += tl.dot(p_t, g_a)
                 dk_a += tl.dot(ds_t, q_a)
                 dq_a = tl.dot(tl.trans(ds_t), k_a)  # (BLOCK_M, A)
-                if B > 0:
-                    dv_b += tl.dot(p_t, g_b)
-                    dk_b += tl.dot(ds_t, q_b)
-                    dq_b = tl.dot(tl.trans(ds_t), k_b)
                 acc_at = acc_base + rows[:, None] * (A + B)
                 if start_n > 0:
                     dq_a += tl.load(acc_at + ca[None, :], mask=rows_ok[:, None], other=0.0)
@@ -233,7 +235,7 @@ def attention_forward(qkv: torch.Tensor, n: int, heads: int, block_m: int | None
     a, b = head_blocks(dh)
     o = torch.empty(qkv.shape[0], heads * dh, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(n, heads, tokens, device=qkv.device, dtype=torch.float32)
-    _forward_kernel[(triton.cdiv(tokens, bm), n * heads)](qkv, o, lse, tokens, heads, dh, LOG2E / math.sqrt(dh),
+    _forward_kernel[(triton.cdiv(tokens, bm), n * heads)](qkv, o, lse, tokens, heads, LOG2E / math.sqrt(dh), dh=dh,
                                                           A=a, B=b, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                                           num_stages=stages)
     return o, lse
@@ -249,7 +251,7 @@ def attention_backward(g: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse:
     a, b = head_blocks(dh)
     dqkv = torch.empty_like(qkv)
     scratch = qkv.new_empty(n * heads, tokens if tokens > bn else 0, a + b, dtype=torch.float32)
-    _backward_kernel[(n * heads,)](qkv, o, g, lse, dqkv, scratch, tokens, heads, dh, 1.0 / math.sqrt(dh),
-                                   LOG2E / math.sqrt(dh), A=a, B=b, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+    _backward_kernel[(n * heads,)](qkv, o, g, lse, dqkv, scratch, tokens, heads, 1.0 / math.sqrt(dh),
+                                   LOG2E / math.sqrt(dh), dh=dh, A=a, B=b, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                    num_stages=stages)
     return dqkv
