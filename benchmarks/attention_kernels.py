@@ -19,7 +19,7 @@ from bench import median_ms, rel_err
 from ditkit.models import attention_kernels as ak
 from ditkit.models import qkv_kernels
 
-SHAPES = {"xl128": (128, 16, 256, 72), "xl32": (32, 16, 256, 72), "b128": (128, 12, 256, 64)}
+SHAPES = {"xl128": (128, 16, 256, 72), "xl32": (32, 16, 256, 72), "b128": (128, 12, 256, 64), "xl128d64": (128, 16, 256, 64), "xl128d128": (128, 16, 256, 128)}
 FORWARD_SWEEP = [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 128, 8, 3),
                  (128, 64, 8, 3), (64, 128, 4, 3)]
 BACKWARD_SWEEP = [(m, n, w, s) for m, n, w, s in itertools.product((32, 64), (64, 128), (4, 8), (1, 2))]

@@ -28,7 +28,8 @@ kernel, ``train.bf16_weights``) and +fp8fwd (with +norm and +mlp/+attn: fc1's an
 fc1's with GELU in its epilogue, ``train.fp8_forward``) and +fp8bwd (with +mlp/+attn: fc1's and qkv's ∂x products in
 FP8 with per-token scales, ``train.fp8_backward``; +fp8bwd1: fc1's alone) and +inorder (with +mlp: session 16's MLP backward
 operator with its weight-gradient products in order, not on a side stream, ``ditkit.models.side_stream``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
-other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``).  --profile:
+other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``); +plainmlp (with +fp8: the MLP's GELU and fc2's
+quantization as a compiled pass instead of in fc1's product, ``ditkit.models.fp8_mlp``).  --profile:
 CUDA time per step by kernel class and the longest kernels.
 
 Columns: img/s (training images/s); ms/step (median, CUDA events); TFLOP/s (counted FLOPs/s); % peak
@@ -97,6 +98,7 @@ LEVERS = {  # what each +lever adds, and where it applies
     "fp8bwd": ("train",),  # with +mlp/+attn: fc1's and qkv's ∂x products in FP8, per-token scales (ditkit.models.fp8_backward)
     "fp8bwd1": ("train",),  # +fp8bwd for fc1 only (session 14's form)
     "inorder": ("train",),  # with +mlp: the MLP backward operator without its second stream (∂W products in order)
+    "plainmlp": ("sample",),  # with +fp8: GELU and fc2's quantization as a compiled pass, not in fc1's product
 }
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),
@@ -436,7 +438,8 @@ def bench_sample(name: str, batch: int, variant: str, args, device: torch.device
     model, objective = make_model(name, args.input_size, device).eval(), create_ddpm()
     noise, y = random_batch(batch, args, device)
     precision = "fp32" if variant.startswith("fp32") else "bf16" if "bf16w" in levers(variant) else "amp-bf16"
-    net = for_inference(model, precision, fp8="fp8" in levers(variant))  # as `ditkit sample --precision P [--fp8]`
+    net = for_inference(model, precision, fp8="fp8" in levers(variant),  # as `ditkit sample --precision P [--fp8]`
+                        fp8_mlp="plainmlp" not in levers(variant))
     if "fp8" in levers(variant):  # static activation scales from one 25-step run on other noise, before compiling
         with torch.no_grad():
             calibrate_fp8(model, lambda: objective.sample(guided_fn(net, {"y": y}, args.cfg_scale), torch.randn_like(noise), steps=25))

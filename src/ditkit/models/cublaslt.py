@@ -41,9 +41,10 @@ _OP_N, _OP_T = 0, 1
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_SM_COUNT_TARGET = 3, 4, 7, 15  # cublasLtMatmulDescAttributes_t
 _DESC_BIAS_POINTER, _DESC_AUX_POINTER, _DESC_AUX_LD = 8, 11, 12
 _DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER, _DESC_FAST_ACCUM, _DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE = 17, 18, 25, 31, 32
+_DESC_D_SCALE_POINTER, _DESC_BIAS_DATA_TYPE = 20, 26
 SCALAR, OUTER_VEC = 0, 3  # cublasLtMatmulMatrixScale_t: one float32 scale per operand, or one per row of op(A) / column of op(B)
 _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
-DEFAULT, BIAS, GELU_AUX, GELU_AUX_BIAS, DGELU, BGRADB = 1, 4, 32 | 128, 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
+DEFAULT, BIAS, GELU, GELU_BIAS, GELU_AUX, GELU_AUX_BIAS, DGELU, BGRADB = 1, 4, 32, 32 | 4, 32 | 128, 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
 _WITH_BIAS, _WITH_AUX = 4 | 256 | 512, 128  # the epilogue bits that use the bias (or its gradient) and the aux matrix
 _WORKSPACE = 32 << 20  # bytes, as torch gives cuBLASLt on Hopper
 
@@ -113,7 +114,8 @@ def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int,
     D (m × n) = op(A) op(B), every matrix dense (D's leading dimension m); cached: a step's shapes repeat.
     A and B are ``dtype``, D ``out_dtype`` (default: ``dtype``); with ``scale_mode`` (FP8 operands) each
     operand comes with its scales (``SCALAR`` or ``OUTER_VEC``) and the tensor cores accumulate fast.  ``sm_target``
-    (0: all): the multiprocessors the product should plan for, leaving the others to work on another stream."""
+    (0: all): the multiprocessors the product should plan for, leaving the others to work on another stream.  An FP8
+    ``out_dtype`` comes with a scale for D (set per call) and a bf16 C (never read: β = 0) and bias."""
     lib = _lib()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
@@ -128,9 +130,14 @@ def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int,
             if scale_mode != SCALAR:
                 _set(desc, mode, ctypes.c_int32(scale_mode))
         _set(desc, _DESC_FAST_ACCUM, ctypes.c_int8(1))
+    fp8_out = out_dtype in _FP8_DTYPES.values()
+    if fp8_out:
+        _set(desc, _DESC_D_SCALE_POINTER, ctypes.c_void_p(256))
+        _set(desc, _DESC_BIAS_DATA_TYPE, ctypes.c_int32(_DTYPES[torch.bfloat16]))
     a = _layout(dtype, k, m, k) if trans_a == _OP_T else _layout(dtype, m, k, m)
     b = _layout(dtype, n, k, n) if trans_b == _OP_T else _layout(dtype, k, n, k)
     d = _layout(dtype if out_dtype is None else out_dtype, m, n, m)
+    c = _layout(_DTYPES[torch.bfloat16], m, n, m) if fp8_out else d
     pref = ctypes.c_void_p()
     _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
     ws = ctypes.c_uint64(_WORKSPACE)
@@ -143,26 +150,29 @@ def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int,
         _set(desc, _DESC_AUX_POINTER, ctypes.c_void_p(256))
         _set(desc, _DESC_AUX_LD, ctypes.c_int64(m))
     results, count = (_Heuristic * _CANDIDATES)(), ctypes.c_int(0)
-    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(), desc, a, b, d, d, pref, _CANDIDATES, results,
+    _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(), desc, a, b, c, d, pref, _CANDIDATES, results,
                                               ctypes.byref(count)), "cublasLtMatmulAlgoGetHeuristic")
     if count.value == 0:
         raise RuntimeError(f"cuBLASLt has no algorithm for epilogue {epilogue} at m={m} n={n} k={k}")
-    return desc, a, b, d, list(results[:count.value])
+    return desc, a, b, c, d, list(results[:count.value])
 
 
 def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch.Tensor, m: int, n: int, k: int,
             bias: torch.Tensor | None = None, aux: torch.Tensor | None = None,
             scales: tuple[torch.Tensor, torch.Tensor, int] | None = None, out_dtype: torch.dtype | None = None,
-            sm_target: int = 0) -> torch.Tensor:
+            sm_target: int = 0, d_scale: torch.Tensor | None = None) -> torch.Tensor:
     """D (m × n column-major, i.e. a row-major (n, m) tensor) = op(A) op(B) with ``epilogue``; ``scales``:
-    (A's, B's, the scale mode) for FP8 operands, whose result is ``out_dtype``."""
+    (A's, B's, the scale mode) for FP8 operands, whose result is ``out_dtype``; an FP8 result is
+    q(d_scale · epilogue(…)) with d_scale a (1,) float32 tensor."""
     out_dtype = out_dtype or a.dtype
     if scales is None:
         key = (_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index, None, None, sm_target)
     else:
-        key = (_FP8_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index, _DTYPES[out_dtype], scales[2],
-               sm_target)
-    desc, la, lb, ld, candidates = _plan(*key)
+        key = (_FP8_DTYPES[a.dtype], epilogue, trans_a, trans_b, m, n, k, a.device.index,
+               {**_DTYPES, **_FP8_DTYPES}[out_dtype], scales[2], sm_target)
+    if (out_dtype in _FP8_DTYPES) != (d_scale is not None):
+        raise ValueError(f"an FP8 result takes a d_scale and only an FP8 one does; out_dtype {out_dtype}")
+    desc, la, lb, lc, ld, candidates = _plan(*key)
     out = torch.empty(n, m, device=a.device, dtype=out_dtype)
     workspace = torch.empty(_WORKSPACE, device=a.device, dtype=torch.uint8)
     one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
@@ -171,7 +181,7 @@ def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch
 
     def run(algo: _Heuristic) -> int:
         return _lib().cublasLtMatmul(_handle(), desc, ctypes.byref(one), ctypes.c_void_p(a.data_ptr()), la,
-                                     ctypes.c_void_p(b.data_ptr()), lb, ctypes.byref(zero), ctypes.c_void_p(out.data_ptr()), ld,
+                                     ctypes.c_void_p(b.data_ptr()), lb, ctypes.byref(zero), ctypes.c_void_p(out.data_ptr()), lc,
                                      ctypes.c_void_p(out.data_ptr()), ld, ctypes.byref(algo.algo),
                                      ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(_WORKSPACE), stream)
 
@@ -179,6 +189,8 @@ def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch
         if scales is not None:
             _set(desc, _DESC_A_SCALE_POINTER, ctypes.c_void_p(scales[0].data_ptr()))
             _set(desc, _DESC_B_SCALE_POINTER, ctypes.c_void_p(scales[1].data_ptr()))
+        if d_scale is not None:
+            _set(desc, _DESC_D_SCALE_POINTER, ctypes.c_void_p(d_scale.data_ptr()))
         if bias is not None:
             _set(desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
         if aux is not None:
@@ -280,3 +292,19 @@ def linear_fp8(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.T
     pre = torch.empty(m, n, device=xq.device, dtype=out_dtype) if gelu else None
     y = _matmul(epilogue, _OP_T, _OP_N, wq, xq, n, m, k, bias=b, aux=pre, scales=(sw, sx, mode), out_dtype=out_dtype)
     return (y, pre) if gelu else y
+
+
+def linear_gelu_fp8(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, b: torch.Tensor | None,
+                    d_scale: torch.Tensor, mode: int = OUTER_VEC) -> torch.Tensor:
+    """q(d_scale · GELU((sx xq)(sw wq)ᵀ + b)) (M, N) in e4m3, saturating at ±448: an FP8 linear whose GELU and the
+    quantization of the next product's input happen in its epilogue (GELU_BIAS, an e4m3 D with a scale).  Scales as
+    ``linear_fp8``'s (``OUTER_VEC``: sx (M,), sw (N,)); b (N,) bf16; d_scale (1,) float32."""
+    if xq.dtype not in _FP8_DTYPES or wq.dtype not in _FP8_DTYPES:
+        raise TypeError(f"linear_gelu_fp8 takes FP8 operands, got {xq.dtype} and {wq.dtype}")
+    if not (xq.is_contiguous() and wq.is_contiguous()):
+        raise ValueError("linear_gelu_fp8 takes contiguous row-major operands")
+    if b is not None and b.dtype != torch.bfloat16:
+        raise TypeError(f"linear_gelu_fp8's bias must be bfloat16, got {b.dtype}")
+    (m, k), n = xq.shape, wq.shape[0]
+    return _matmul(GELU_BIAS if b is not None else GELU, _OP_T, _OP_N, wq, xq, n, m, k, bias=b, scales=(sw, sx, mode),
+                   out_dtype=torch.float8_e4m3fn, d_scale=d_scale)

@@ -132,20 +132,32 @@ class Float8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_fp8.float() * self.weight_scale.t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+    @property
+    def calibrated(self) -> bool:
+        """Whether the input scale is the static one (calibrated, and not calibrating now)."""
+        return self.static and self.observed_amax is None
+
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x2 (M, K) -> (q (M, K) e4m3, its scales (M, 1) float32), recording the range while calibrating."""
         if self.observed_amax is not None:  # calibrating: record the range, compute as dynamic
             self.observed_amax = torch.maximum(self.observed_amax, x2.detach().abs().amax().float())
-        if self.static and self.observed_amax is None:
-            q = quantize(x2, self.input_scale)
-            scale = self.input_scale.expand(x2.shape[0], 1).contiguous()  # _scaled_mm's row-wise form of one scale
-        else:
-            q, scale = quantize_rows(x2)
-        out_dtype = compute_dtype(x)
+        if self.calibrated:
+            return quantize(x2, self.input_scale), self.row_scales(x2.shape[0])
+        return quantize_rows(x2)
+
+    def row_scales(self, rows: int) -> torch.Tensor:
+        """The static scale as (rows, 1): _scaled_mm's row-wise form of one scale."""
+        return self.input_scale.expand(rows, 1).contiguous()
+
+    def product(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """y (M, N) = (scale ⊙ q) Wᵀ + b for e4m3 q (M, K) and its scales (M, 1)."""
         # mat2 column-major: the (N, K) row-major weight, transposed, with its (1, N) scales.
-        y = fp8_mm(q, scale, self.weight_fp8.t(), self.weight_scale, out_dtype, self.fast_accum, self.bias, self.bias_in_gemm)
-        return y.reshape(*lead, self.out_features)
+        return fp8_mm(q, scale, self.weight_fp8.t(), self.weight_scale, out_dtype, self.fast_accum, self.bias,
+                      self.bias_in_gemm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = self.quantize_input(x.reshape(-1, self.in_features))
+        return self.product(q, scale, compute_dtype(x)).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         act = "static per-layer" if self.static else "dynamic per-token"

@@ -20,6 +20,7 @@ from torch import nn
 
 from ditkit.config import COMPILE_MODES, PRECISIONS
 from ditkit.models.fp8 import Float8Linear, convert_to_fp8
+from ditkit.models.fp8_mlp import convert_to_fp8_mlp
 from ditkit.models.module_swap import AUTOCAST_CAST
 
 
@@ -39,15 +40,18 @@ class InferenceNetwork(nn.Module):
             return self.net(x, t, **kwargs).float()
 
 
-def for_inference(model: nn.Module, precision: str, fp8: bool = False) -> InferenceNetwork:
+def for_inference(model: nn.Module, precision: str, fp8: bool = False, fp8_mlp: bool = True) -> InferenceNetwork:
     """Wraps ``model`` (eval mode, changed in place) to run in ``precision``, with its block
-    linears in FP8 if ``fp8`` (ditkit.models.fp8; calibrate static scales afterwards).  Order
+    linears in FP8 if ``fp8`` (ditkit.models.fp8; calibrate static scales afterwards) and, unless
+    ``fp8_mlp`` is off, GELU and fc2's quantization in fc1's product (ditkit.models.fp8_mlp).  Order
     matters: FP8 quantizes the float32 weights first, then the rest is cast to bf16 (all of it for
     ``bf16``; for ``amp-bf16`` what autocast would cast on every call).  ``.fp8_layers``: how many
     linears became FP8."""
     if precision not in PRECISIONS:
         raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     fp8_layers = convert_to_fp8(model) if fp8 else 0
+    if fp8 and fp8_mlp:
+        convert_to_fp8_mlp(model)
     cast = {"bf16": nn.Module, "amp-bf16": AUTOCAST_CAST}.get(precision)
     for m in model.modules() if cast else []:
         if isinstance(m, cast) and not isinstance(m, Float8Linear):  # FP8 layers keep their own dtypes

@@ -1,0 +1,123 @@
+"""The FP8 sampling MLP with GELU in fc1's product (ditkit.models.fp8_mlp): the operator against the equations it
+states (and, on a GPU, cuBLASLt's result against the float32 emulation), the fused MLP against the MLP of two
+``Float8Linear`` layers and against float32, and its place in ``for_inference``."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.library import opcheck
+
+from ditkit.models import cublaslt
+from ditkit.models.dit import Mlp, build_model
+from ditkit.models.fp8 import FP8, FP8_MAX, Float8Linear, calibrate_fp8, convert_to_fp8, fp8_matmul_supported, quantize
+from ditkit.models.fp8_mlp import Float8Mlp, convert_to_fp8_mlp, fp8_gelu_linear
+from ditkit.models.inference import for_inference
+
+G = torch.Generator().manual_seed(0)
+ON_LT = torch.cuda.is_available() and fp8_matmul_supported(torch.device("cuda")) and cublaslt.available(torch.device("cuda"))
+
+
+def _operands(m=48, k=64, n=96, device="cpu"):
+    x, w = torch.randn(m, k, generator=G), torch.randn(n, k, generator=G) * 0.1
+    sx, sw = x.abs().amax(1) / FP8_MAX, w.abs().amax(1) / FP8_MAX
+    xq, wq = quantize(x, sx[:, None]), quantize(w, sw[:, None])
+    b = (torch.randn(n, generator=G) * 0.1).to(torch.bfloat16)
+    return [t.to(device) for t in (xq, sx, wq, sw, b)]
+
+
+def test_operator_is_gelu_of_the_dequantized_product_quantized_by_d_scale():
+    xq, sx, wq, sw, b = _operands()
+    d_scale = torch.tensor([3.0])
+    out = fp8_gelu_linear(xq, sx, wq, sw, b, d_scale)
+    y = (xq.double() * sx.double()[:, None]) @ (wq.double() * sw.double()[:, None]).t() + b.double()
+    a = F.gelu(y, approximate="tanh") * 3.0
+    assert out.dtype == FP8 and out.shape == (48, 96)
+    # e4m3 rounding: within half a step (2^-4 relative) of the exact value, and saturated beyond ±448
+    assert ((out.double() - a.clamp(-FP8_MAX, FP8_MAX)).abs() <= a.abs() * 2**-4 + 2**-10).all()
+    big = fp8_gelu_linear(xq, sx, wq, sw, b, torch.tensor([1e6]))
+    assert big.float().abs().max() == FP8_MAX and not big.float().isnan().any()
+
+
+def test_operator_without_bias_and_its_registration():
+    xq, sx, wq, sw, _ = _operands(16, 32, 48)
+    d_scale = torch.tensor([2.0])
+    torch.testing.assert_close(fp8_gelu_linear(xq, sx, wq, sw, None, d_scale).float(),
+                               fp8_gelu_linear(xq, sx, wq, sw, torch.zeros(48, dtype=torch.bfloat16), d_scale).float())
+    # test_schema compares inputs by arithmetic that e4m3 tensors lack on the CPU
+    opcheck(fp8_gelu_linear, (xq, sx, wq, sw, None, d_scale), test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.skipif(not ON_LT, reason="cuBLASLt's FP8 product needs a GPU with FP8 tensor cores")
+@pytest.mark.parametrize("m", [256, 1000])
+def test_cublaslt_result_equals_the_float32_emulation_but_for_rounding_ties(m):
+    """The GPU's e4m3 result against the emulation's: the product's float32 sum differs by accumulation order, so a
+    value near a rounding boundary may land one e4m3 step away; nothing more."""
+    xq, sx, wq, sw, b = _operands(m, 1152, 4608, "cuda")
+    d_scale = torch.tensor([20.0], device="cuda")
+    got = fp8_gelu_linear(xq, sx, wq, sw, b, d_scale).float()
+    y = (xq.float() * sx[:, None]) @ (wq.float() * sw[:, None]).t() + b.float()
+    ref = (F.gelu(y, approximate="tanh") * d_scale).clamp(-FP8_MAX, FP8_MAX)
+    step = ref.abs().clamp_min(2**-6) * 2**-3  # one e4m3 step (3 mantissa bits; subnormals below 2^-6)
+    assert ((got - ref).abs() <= step).all()
+    assert (got == ref.to(FP8).float()).float().mean() > 0.97
+    over = fp8_gelu_linear(xq, sx, wq, sw, b, torch.tensor([1e4], device="cuda")).float()
+    assert over.abs().max() == FP8_MAX and not over.isnan().any()  # saturates, as the emulation does
+
+
+def _calibrated_pair(device="cpu", dim=64):
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = Mlp(dim, 4 * dim)
+
+    torch.manual_seed(0)
+    ref = Holder().to(device)
+    fused = Holder().to(device)
+    fused.load_state_dict(ref.state_dict())
+    assert convert_to_fp8(fused) == 2 and convert_to_fp8_mlp(fused) == 1
+    x = torch.randn(3, 40, dim, generator=G).to(device)
+    calibrate_fp8(fused, lambda: fused.mlp(x))
+    return ref, fused, x
+
+
+def test_fused_mlp_is_close_to_the_two_fp8_linears_and_to_float32():
+    ref, fused, x = _calibrated_pair()
+    assert type(fused.mlp) is Float8Mlp and all(isinstance(m, Float8Linear) and m.calibrated
+                                                 for m in (fused.mlp.fc1, fused.mlp.fc2))
+    with torch.no_grad():
+        full, out = ref.mlp(x), fused.mlp(x)
+        two_linears = Mlp.forward(fused.mlp, x)  # the same FP8 layers without the fused product
+    assert out.shape == full.shape and out.dtype == full.dtype
+    assert (out - two_linears).norm() / two_linears.norm() < 0.02  # differs only by where GELU's input is rounded
+    assert (out - full).norm() / full.norm() < 0.05  # FP8 quantization noise against float32
+    assert not torch.equal(out, two_linears)  # the fused path ran
+
+
+def test_uncalibrated_or_calibrating_mlp_computes_as_the_plain_one():
+    ref, fused, x = _calibrated_pair()
+    fused.mlp.fc2.static = False  # dynamic scales: no static scale for fc2's input
+    with torch.no_grad():
+        torch.testing.assert_close(fused.mlp(x), Mlp.forward(fused.mlp, x))
+
+
+def test_fused_mlp_compiles():
+    _, fused, x = _calibrated_pair()
+    with torch.no_grad():
+        eager = fused.mlp(x)
+        compiled = torch.compile(fused.mlp, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02)
+
+
+def test_for_inference_fuses_the_mlps_unless_asked_not_to():
+    torch.manual_seed(0)
+    kw = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8, in_channels=4, num_classes=10)
+    model = build_model("custom", **kw)
+    net = for_inference(model, "fp32", fp8=True)
+    assert all(type(b.mlp) is Float8Mlp for b in model.blocks)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=G), torch.tensor([10, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        calibrate_fp8(model, lambda: net(x, t, y=y))
+        assert net(x, t, y=y).isfinite().all()
+    plain = build_model("custom", **kw)
+    for_inference(plain, "fp32", fp8=True, fp8_mlp=False)
+    assert all(type(b.mlp) is Mlp for b in plain.blocks)
