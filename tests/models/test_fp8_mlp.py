@@ -19,8 +19,8 @@ ON_LT = torch.cuda.is_available() and fp8_matmul_supported(torch.device("cuda"))
 
 def _operands(m=48, k=64, n=96, device="cpu"):
     x, w = torch.randn(m, k, generator=G), torch.randn(n, k, generator=G) * 0.1
-    sx, sw = x.abs().amax(1) / FP8_MAX, w.abs().amax(1) / FP8_MAX
-    xq, wq = quantize(x, sx[:, None]), quantize(w, sw[:, None])
+    sx, sw = x.abs().amax().view(1) / FP8_MAX, w.abs().amax().view(1) / FP8_MAX
+    xq, wq = quantize(x, sx), quantize(w, sw)
     b = (torch.randn(n, generator=G) * 0.1).to(torch.bfloat16)
     return [t.to(device) for t in (xq, sx, wq, sw, b)]
 
@@ -29,7 +29,7 @@ def test_operator_is_gelu_of_the_dequantized_product_quantized_by_d_scale():
     xq, sx, wq, sw, b = _operands()
     d_scale = torch.tensor([3.0])
     out = fp8_gelu_linear(xq, sx, wq, sw, b, d_scale)
-    y = (xq.double() * sx.double()[:, None]) @ (wq.double() * sw.double()[:, None]).t() + b.double()
+    y = (xq.double() * sx.double()) @ (wq.double() * sw.double()).t() + b.double()
     a = F.gelu(y, approximate="tanh") * 3.0
     assert out.dtype == FP8 and out.shape == (48, 96)
     # e4m3 rounding: within half a step (2^-4 relative) of the exact value, and saturated beyond ±448
@@ -55,7 +55,7 @@ def test_cublaslt_result_equals_the_float32_emulation_but_for_rounding_ties(m):
     xq, sx, wq, sw, b = _operands(m, 1152, 4608, "cuda")
     d_scale = torch.tensor([20.0], device="cuda")
     got = fp8_gelu_linear(xq, sx, wq, sw, b, d_scale).float()
-    y = (xq.float() * sx[:, None]) @ (wq.float() * sw[:, None]).t() + b.float()
+    y = (xq.float() * sx) @ (wq.float() * sw).t() + b.float()
     ref = (F.gelu(y, approximate="tanh") * d_scale).clamp(-FP8_MAX, FP8_MAX)
     step = ref.abs().clamp_min(2**-6) * 2**-3  # one e4m3 step (3 mantissa bits; subnormals below 2^-6)
     assert ((got - ref).abs() <= step).all()
@@ -74,7 +74,8 @@ def _calibrated_pair(device="cpu", dim=64):
     ref = Holder().to(device)
     fused = Holder().to(device)
     fused.load_state_dict(ref.state_dict())
-    assert convert_to_fp8(fused) == 2 and convert_to_fp8_mlp(fused) == 1
+    assert convert_to_fp8_mlp(fused) == 1 and convert_to_fp8(fused) == 2
+    assert convert_to_fp8_mlp(fused) == 0  # fc1 is FP8 now: nothing left to convert
     x = torch.randn(3, 40, dim, generator=G).to(device)
     calibrate_fp8(fused, lambda: fused.mlp(x))
     return ref, fused, x
@@ -88,8 +89,10 @@ def test_fused_mlp_is_close_to_the_two_fp8_linears_and_to_float32():
         full, out = ref.mlp(x), fused.mlp(x)
         two_linears = Mlp.forward(fused.mlp, x)  # the same FP8 layers without the fused product
     assert out.shape == full.shape and out.dtype == full.dtype
-    assert (out - two_linears).norm() / two_linears.norm() < 0.02  # differs only by where GELU's input is rounded
-    assert (out - full).norm() / full.norm() < 0.05  # FP8 quantization noise against float32
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    fused_err, plain_err = rel(out, full), rel(two_linears, full)  # FP8 quantization noise against float32
+    assert fused_err < 0.08 and fused_err < 1.1 * plain_err, (fused_err, plain_err)  # no less accurate
+    assert rel(out, two_linears) < 0.06  # fc1's weight per tensor instead of per row, GELU on fc1's float32 result
     assert not torch.equal(out, two_linears)  # the fused path ran
 
 

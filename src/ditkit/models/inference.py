@@ -20,7 +20,7 @@ from torch import nn
 
 from ditkit.config import COMPILE_MODES, PRECISIONS
 from ditkit.models.fp8 import Float8Linear, convert_to_fp8
-from ditkit.models.fp8_mlp import convert_to_fp8_mlp
+from ditkit.models.fp8_mlp import Float8Mlp, convert_to_fp8_mlp
 from ditkit.models.module_swap import AUTOCAST_CAST
 
 
@@ -49,12 +49,12 @@ def for_inference(model: nn.Module, precision: str, fp8: bool = False, fp8_mlp: 
     linears became FP8."""
     if precision not in PRECISIONS:
         raise ValueError(f"sample.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    fp8_layers = convert_to_fp8(model) if fp8 else 0
     if fp8 and fp8_mlp:
         convert_to_fp8_mlp(model)
+    fp8_layers = convert_to_fp8(model) if fp8 else 0
     cast = {"bf16": nn.Module, "amp-bf16": AUTOCAST_CAST}.get(precision)
     for m in model.modules() if cast else []:
-        if isinstance(m, cast) and not isinstance(m, Float8Linear):  # FP8 layers keep their own dtypes
+        if isinstance(m, cast) and not isinstance(m, (Float8Linear, Float8Mlp)):  # FP8 layers keep their own dtypes
             for name, v in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
                 if v is not None and v.is_floating_point():
                     v.data = v.data.to(torch.bfloat16)
