@@ -115,7 +115,8 @@ def _plan(dtype: int, epilogue: int, trans_a: int, trans_b: int, m: int, n: int,
     A and B are ``dtype``, D ``out_dtype`` (default: ``dtype``); with ``scale_mode`` (FP8 operands) each
     operand comes with its scales (``SCALAR`` or ``OUTER_VEC``) and the tensor cores accumulate fast.  ``sm_target``
     (0: all): the multiprocessors the product should plan for, leaving the others to work on another stream.  An FP8
-    ``out_dtype`` comes with a scale for D (set per call) and a bf16 C (never read: β = 0) and bias."""
+    ``out_dtype`` comes with a scale for D (set per call), a bf16 bias and a bf16 C layout with no matrix behind it (β = 0:
+    cuBLASLt refuses D's memory as C when their types differ, status 7, and takes a null C)."""
     lib = _lib()
     desc = ctypes.c_void_p()
     _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F), "cublasLtMatmulDescCreate")
@@ -179,9 +180,11 @@ def _matmul(epilogue: int, trans_a: int, trans_b: int, a: torch.Tensor, b: torch
     torch_stream = torch.cuda.current_stream(a.device)
     stream = ctypes.c_void_p(torch_stream.cuda_stream)
 
+    c = ctypes.c_void_p(0 if d_scale is not None else out.data_ptr())  # C: never read (β = 0); see _plan
+
     def run(algo: _Heuristic) -> int:
         return _lib().cublasLtMatmul(_handle(), desc, ctypes.byref(one), ctypes.c_void_p(a.data_ptr()), la,
-                                     ctypes.c_void_p(b.data_ptr()), lb, ctypes.byref(zero), ctypes.c_void_p(out.data_ptr()), lc,
+                                     ctypes.c_void_p(b.data_ptr()), lb, ctypes.byref(zero), c, lc,
                                      ctypes.c_void_p(out.data_ptr()), ld, ctypes.byref(algo.algo),
                                      ctypes.c_void_p(workspace.data_ptr()), ctypes.c_size_t(_WORKSPACE), stream)
 
