@@ -33,14 +33,16 @@ from ditkit.train.trainer import train
 
 from bench import make_model  # benchmarks/ is the script's folder, so on sys.path
 
-PRECISIONS = ("fp32", "amp-bf16", "amp-bf16+fp8", "bf16", "bf16+fp8")
+PRECISIONS = ("fp32", "amp-bf16", "amp-bf16+fp8", "amp-bf16+fp8+plainmlp", "bf16", "bf16+fp8")
+# +plainmlp: FP8 without GELU and fc2's quantization in fc1's product (ditkit.models.fp8_mlp), the form before session 17
 
 
 def prepared(model, precision: str, calibration) -> torch.nn.Module:
     """``model`` as `ditkit sample --precision P [--fp8]` runs it: cast, then FP8 with static
     scales from ``calibration(net)`` (a run on other inputs)."""
-    net = for_inference(model, precision.split("+")[0], fp8=precision.endswith("+fp8"))
-    if precision.endswith("+fp8"):
+    fp8 = "+fp8" in precision
+    net = for_inference(model, precision.split("+")[0], fp8=fp8, fp8_mlp="+plainmlp" not in precision)
+    if fp8:
         with torch.no_grad():
             calibrate_fp8(model, lambda: calibration(net))
     return net
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/fp8")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--network-only", action="store_true", help="only the DiT-XL/2 network error (no digits model)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +113,7 @@ def main() -> None:
     print("DiT-XL/2 relative error vs fp32: " + ", ".join(f"{k.removesuffix('_vs_fp32')} {v:.2e}" for k, v in net.items()
                                                            if k.endswith("_vs_fp32"))
           + f"; FP8 kernel vs emulation {net['kernel_vs_emulation']:.2e}", flush=True)
-    rows = digits(out, args.device, args.num_samples)
+    rows = [] if args.network_only else digits(out, args.device, args.num_samples)
     (out / "fp8_quality.json").write_text(json.dumps({"network": net, "digits": rows}, indent=2))
     print("\n| sampler | precision | agreement | digits FD |\n| --- | --- | --- | --- |")
     for r in rows:
