@@ -114,7 +114,8 @@ def main() -> None:
                                                            if k.endswith("_vs_fp32"))
           + f"; FP8 kernel vs emulation {net['kernel_vs_emulation']:.2e}", flush=True)
     rows = [] if args.network_only else digits(out, args.device, args.num_samples)
-    (out / "fp8_quality.json").write_text(json.dumps({"network": net, "digits": rows}, indent=2))
+    name = "fp8_quality_network.json" if args.network_only else "fp8_quality.json"
+    (out / name).write_text(json.dumps({"network": net, "digits": rows}, indent=2))
     print("\n| sampler | precision | agreement | digits FD |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['sampler']}-{r['steps']} | {r['precision']} | {r['agreement']:.1%} | {r['digits_fd']:.3f} |")

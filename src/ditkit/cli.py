@@ -148,7 +148,8 @@ def _inference_network(model, precision: str, fp8: bool, device):
               "are emulated in float32, slower than without --fp8", file=sys.stderr)
     net = for_inference(model, precision, fp8=fp8)
     if fp8:
-        print(f"fp8: {net.fp8_layers} block linears quantized to float8_e4m3fn (row-wise scales)")
+        print(f"fp8: {net.fp8_layers} block linears quantized to float8_e4m3fn (row-wise weight scales; fc1 per tensor, "
+              "its GELU and fc2's input cast in its product)")
         if not net.fp8_layers:
             print("fp8: warning: no layer has sizes that are multiples of 16; sampling without FP8", file=sys.stderr)
     return net, net.fp8_layers > 0
@@ -282,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guided-channels", type=int, help="guide only the first N channels (3: the official code)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("A", "B"), help="guide only for noise level in [A, B]")
     p.add_argument("--fp8", action="store_true", help="FP8 (e4m3) matrix products in the transformer blocks "
-                   "(ditkit.models.fp8; fastest on Hopper/Ada GPUs, emulated elsewhere)")
+                   "(ditkit.models.fp8, and the MLP's GELU and fc2's input cast in fc1's product: ditkit.models.fp8_mlp; "
+                   "fastest on Hopper/Ada GPUs, emulated elsewhere)")
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default: the official numerics), amp-bf16 "
                    "(autocast; the fast path, with --fp8 and --compile cudagraphs) or bf16 (weights too: less memory, "
                    "more error, not faster)")

@@ -1,4 +1,4 @@
-"""cuBLASLt matrix products with a GELU epilogue, for the MLP's training step (through ctypes).
+"""cuBLASLt matrix products with a GELU epilogue, for the MLP's training step and FP8 sampling (through ctypes).
 
 torch exposes cuBLASLt's fused epilogues only for the forward GELU without its input
 (``torch._addmm_activation``, which has no derivative).  Training needs two more: the forward
@@ -44,7 +44,9 @@ _DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER, _DESC_FAST_ACCUM, _DESC_A_SCALE_MO
 _DESC_D_SCALE_POINTER, _DESC_BIAS_DATA_TYPE = 20, 26
 SCALAR, OUTER_VEC = 0, 3  # cublasLtMatmulMatrixScale_t: one float32 scale per operand, or one per row of op(A) / column of op(B)
 _PREF_MAX_WORKSPACE_BYTES = 1  # cublasLtMatmulPreferenceAttributes_t
-DEFAULT, BIAS, GELU, GELU_BIAS, GELU_AUX, GELU_AUX_BIAS, DGELU, BGRADB = 1, 4, 32, 32 | 4, 32 | 128, 32 | 128 | 4, 64 | 128, 512  # cublasLtEpilogue_t
+# cublasLtEpilogue_t
+DEFAULT, BIAS, GELU, GELU_BIAS, GELU_AUX, GELU_AUX_BIAS = 1, 4, 32, 32 | 4, 32 | 128, 32 | 128 | 4
+DGELU, BGRADB = 64 | 128, 512
 _WITH_BIAS, _WITH_AUX = 4 | 256 | 512, 128  # the epilogue bits that use the bias (or its gradient) and the aux matrix
 _WORKSPACE = 32 << 20  # bytes, as torch gives cuBLASLt on Hopper
 
@@ -277,6 +279,16 @@ def weight_and_bias_grad(gy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
     return mm(gy, x, trans_a=True, epilogue=BGRADB, bias=db), db
 
 
+def _check_fp8_operands(caller: str, xq: torch.Tensor, wq: torch.Tensor, b: torch.Tensor | None,
+                        bias_dtype: torch.dtype) -> None:
+    if xq.dtype not in _FP8_DTYPES or wq.dtype not in _FP8_DTYPES:
+        raise TypeError(f"{caller} takes FP8 operands, got {xq.dtype} and {wq.dtype}")
+    if not (xq.is_contiguous() and wq.is_contiguous()):
+        raise ValueError(f"{caller} takes contiguous row-major operands")
+    if b is not None and b.dtype != bias_dtype:
+        raise TypeError(f"{caller}'s bias must be {bias_dtype}, got {b.dtype}")
+
+
 def linear_fp8(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, b: torch.Tensor | None = None,
                gelu: bool = False, out_dtype: torch.dtype = torch.bfloat16, mode: int = SCALAR
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -284,12 +296,7 @@ def linear_fp8(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.T
     sx (M,) per token, sw (N,) per output), y (M, N) in ``out_dtype`` (b too).  With ``gelu``: (GELU(y), y), GELU
     and its input written by the product (GELU_AUX_BIAS).  Hopper's FP8 kernels take both operands with K
     contiguous, which a row-major x and W are."""
-    if xq.dtype not in _FP8_DTYPES or wq.dtype not in _FP8_DTYPES:
-        raise TypeError(f"linear_fp8 takes FP8 operands, got {xq.dtype} and {wq.dtype}")
-    if not (xq.is_contiguous() and wq.is_contiguous()):
-        raise ValueError("linear_fp8 takes contiguous row-major operands")
-    if b is not None and b.dtype != out_dtype:
-        raise TypeError(f"linear_fp8's bias must be {out_dtype}, got {b.dtype}")
+    _check_fp8_operands("linear_fp8", xq, wq, b, out_dtype)
     (m, k), n = xq.shape, wq.shape[0]
     epilogue = (GELU_AUX_BIAS if b is not None else GELU_AUX) if gelu else (BIAS if b is not None else DEFAULT)
     pre = torch.empty(m, n, device=xq.device, dtype=out_dtype) if gelu else None
@@ -298,16 +305,15 @@ def linear_fp8(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.T
 
 
 def linear_gelu_fp8(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, b: torch.Tensor | None,
-                    d_scale: torch.Tensor, mode: int = OUTER_VEC) -> torch.Tensor:
+                    d_scale: torch.Tensor) -> torch.Tensor:
     """q(d_scale · GELU((sx xq)(sw wq)ᵀ + b)) (M, N) in e4m3, saturating at ±448: an FP8 linear whose GELU and the
-    quantization of the next product's input happen in its epilogue (GELU_BIAS, an e4m3 D with a scale).  Scales as
-    ``linear_fp8``'s (``OUTER_VEC``: sx (M,), sw (N,)); b (N,) bf16; d_scale (1,) float32."""
-    if xq.dtype not in _FP8_DTYPES or wq.dtype not in _FP8_DTYPES:
-        raise TypeError(f"linear_gelu_fp8 takes FP8 operands, got {xq.dtype} and {wq.dtype}")
-    if not (xq.is_contiguous() and wq.is_contiguous()):
-        raise ValueError("linear_gelu_fp8 takes contiguous row-major operands")
-    if b is not None and b.dtype != torch.bfloat16:
-        raise TypeError(f"linear_gelu_fp8's bias must be bfloat16, got {b.dtype}")
+    quantization of the next product's input happen in its epilogue (GELU_BIAS, an e4m3 D with a scale).  sx, sw,
+    d_scale: (1,) float32, one scale per operand (with an e4m3 result cuBLASLt refuses per-row scales: status 7 on
+    an H100); b (N,) bf16."""
+    _check_fp8_operands("linear_gelu_fp8", xq, wq, b, torch.bfloat16)
+    if any(t.dtype != torch.float32 or t.numel() != 1 for t in (sx, sw, d_scale)):
+        raise TypeError("linear_gelu_fp8 takes one float32 scale each for x, W and the result, got "
+                        f"{[(t.dtype, tuple(t.shape)) for t in (sx, sw, d_scale)]}")
     (m, k), n = xq.shape, wq.shape[0]
-    return _matmul(GELU_BIAS if b is not None else GELU, _OP_T, _OP_N, wq, xq, n, m, k, bias=b, scales=(sw, sx, mode),
+    return _matmul(GELU_BIAS if b is not None else GELU, _OP_T, _OP_N, wq, xq, n, m, k, bias=b, scales=(sw, sx, SCALAR),
                    out_dtype=torch.float8_e4m3fn, d_scale=d_scale)

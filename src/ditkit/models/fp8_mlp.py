@@ -25,8 +25,8 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
-from ditkit.models.fp8 import FP8, FP8_MAX, Float8Linear, amax_scales, fp8_matmul_supported, quantize
-from ditkit.models.module_swap import compute_dtype
+from ditkit.models.fp8 import FP8, FP8_MAX, Float8Linear, amax_scales, block_linears, fp8_matmul_supported, quantize
+from ditkit.models.module_swap import compute_dtype, retype_modules
 
 
 @torch.library.custom_op("ditkit::fp8_gelu_linear", mutates_args=(),
@@ -35,9 +35,10 @@ def fp8_gelu_linear(xq, sx, wq, sw, b, d_scale):
     """xq (M, K) and wq (N, K) e4m3 with per-tensor scales sx, sw (1,) float32, b (N,) bf16, d_scale (1,) float32
     -> q(d_scale · GELU(sx sw · xq wqᵀ + b)) (M, N) e4m3."""
     if fp8_matmul_supported(xq.device) and cublaslt.available(xq.device):
-        return cublaslt.linear_gelu_fp8(xq, sx, wq, sw, b, d_scale, mode=cublaslt.SCALAR)
-    y = (xq.float() * sx) @ (wq.float() * sw).t()
-    a = F.gelu(y if b is None else y + b.float(), approximate="tanh")
+        return cublaslt.linear_gelu_fp8(xq, sx, wq, sw, b, d_scale)
+    with torch.autocast(xq.device.type, enabled=False):  # the emulation multiplies in float32, autocast or not
+        y = (xq.float() * sx) @ (wq.float() * sw).t()
+        a = F.gelu(y if b is None else y + b.float(), approximate="tanh")
     return (a * d_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
@@ -68,14 +69,19 @@ class Float8Mlp(Mlp):
 
 
 def convert_to_fp8_mlp(model: nn.Module) -> int:
-    """Retype every plain ``Mlp`` whose fc1 is a float ``nn.Linear`` as a ``Float8Mlp`` (in place), quantizing fc1's
-    weight per tensor; returns how many.  For sampling, before ``convert_to_fp8`` (which needs the float weights
-    too); the fused path starts once ``calibrate_fp8`` has run."""
-    targets = [m for m in model.modules() if type(m) is Mlp and type(m.fc1) is nn.Linear]
+    """Retype, in place, every plain ``Mlp`` whose fc1 and fc2 ``convert_to_fp8`` will convert (float ``nn.Linear``
+    layers that ``fp8.block_linears`` selects) as a ``Float8Mlp``, quantizing fc1's weight per tensor; returns how
+    many.  For sampling, before ``convert_to_fp8`` (which needs the float weights too); the fused path starts once
+    ``calibrate_fp8`` has run.  As after ``convert_to_fp8``, a ``.to(dtype)`` afterwards would cast the e4m3 weights.
+    The two buffers are not in the state dict (derived here): a converted model's state dict is the same with or
+    without this step."""
+    convertible = {name for name, _ in block_linears(model)}
+    targets = [m for name, m in model.named_modules()
+               if type(m) is Mlp and {f"{name}.fc1", f"{name}.fc2"} <= convertible]
     for m in targets:
         w = m.fc1.weight.detach()
         scale = amax_scales(w.reshape(1, -1), -1).view(1)
-        m.__class__ = Float8Mlp
-        m.register_buffer("w1_fp8", quantize(w, scale))
-        m.register_buffer("w1_scale", scale)
+        retype_modules(m, {Mlp: Float8Mlp})
+        m.register_buffer("w1_fp8", quantize(w, scale), persistent=False)
+        m.register_buffer("w1_scale", scale, persistent=False)
     return len(targets)
