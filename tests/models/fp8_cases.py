@@ -1,16 +1,29 @@
-"""What the FP8 forward and backward tests share: MLP operands, a plain DiT block and its fused twin, a block's output
-and gradients, and the check of e4m3 values against a reference where Triton's interpreter rounds its own way."""
+"""What the FP8 tests share: MLP operands, a plain DiT block and its fused twin, a block's output and gradients, the
+check of e4m3 values against a reference where Triton's interpreter rounds its own way, and a small DiT whose blocks
+carry signal (for the sampling layers)."""
 import copy
 
 import torch
 from torch import nn
 
-from ditkit.models.dit import DiTBlock
+from ditkit.models.dit import DiTBlock, build_model
 from ditkit.models.fused_attention import convert_to_fused_attention
 from ditkit.models.fused_mlp import convert_to_fused_mlp
 from ditkit.models.fused_norm import convert_to_fused_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dit_with_real_weights() -> nn.Module:
+    """A DiT of 3 blocks (hidden 96, 4 heads, patch 2) on 8×8×4 latents, 10 classes, in eval mode, its linears drawn
+    from N(0, 0.05²): adaLN-Zero starts at identity, and the FP8 layers need blocks that carry signal."""
+    torch.manual_seed(0)
+    model = build_model("custom", depth=3, hidden_size=96, num_heads=4, patch_size=2, input_size=8,
+                        in_channels=4, num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.05)
+    return model
 
 
 def mlp_operands(generator: torch.Generator, m=20, d=32, hidden=64, dtype=torch.float32) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ from torch import nn
 
 from ditkit.models.dit import build_model
 from ditkit.models.fp8 import FP8_MAX, Float8Linear, convert_to_fp8, quantize_rows
+from tests.models.fp8_cases import dit_with_real_weights
 
 G = torch.Generator().manual_seed(0)
 
@@ -35,12 +36,7 @@ def test_linear_matches_float_within_quantization_noise():
 
 
 def test_dit_converted_to_fp8_stays_close_to_the_float_model():
-    torch.manual_seed(0)
-    model = build_model("custom", depth=3, hidden_size=96, num_heads=4, patch_size=2, input_size=8,
-                        in_channels=4, num_classes=10).eval()
-    for m in model.modules():  # adaLN-Zero starts at identity: give the blocks real weights
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.05)
+    model = dit_with_real_weights()
     x, t, y = torch.randn(6, 4, 8, 8, generator=G), torch.randint(0, 1000, (6,), generator=G), torch.arange(6)
     with torch.no_grad():
         ref = model(x, t, y)
@@ -61,20 +57,10 @@ def test_layers_not_multiple_of_16_are_kept():
     assert isinstance(model.mlp.fc1, nn.Linear) and isinstance(model.mlp.fc2, Float8Linear)
 
 
-def _dit_with_real_weights():
-    torch.manual_seed(0)
-    model = build_model("custom", depth=3, hidden_size=96, num_heads=4, patch_size=2, input_size=8,
-                        in_channels=4, num_classes=10).eval()
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.05)
-    return model
-
-
 def test_static_scales_from_calibration_stay_close_and_saturate_beyond_the_range():
     from ditkit.models.fp8 import calibrate_fp8
 
-    model = _dit_with_real_weights()
+    model = dit_with_real_weights()
     x, t, y = torch.randn(6, 4, 8, 8, generator=G), torch.randint(0, 1000, (6,), generator=G), torch.arange(6)
     with torch.no_grad():
         ref = model(x, t, y)

@@ -25,25 +25,27 @@ from torch import nn
 
 from ditkit.models import cublaslt
 from ditkit.models.dit import Mlp
-from ditkit.models.fp8 import FP8, FP8_MAX, Float8Linear, amax_scales, block_linears, fp8_matmul_supported, quantize
+from ditkit.models.fp8 import FP8, Float8Linear, amax_scales, block_linears, fp8_matmul_supported, quantize
 from ditkit.models.module_swap import compute_dtype, retype_modules
+from ditkit.models.norm_kernels import quantize_fp8
 
 
 @torch.library.custom_op("ditkit::fp8_gelu_linear", mutates_args=(),
-                         schema="(Tensor xq, Tensor sx, Tensor wq, Tensor sw, Tensor? b, Tensor d_scale) -> Tensor")
-def fp8_gelu_linear(xq, sx, wq, sw, b, d_scale):
-    """xq (M, K) and wq (N, K) e4m3 with per-tensor scales sx, sw (1,) float32, b (N,) bf16, d_scale (1,) float32
-    -> q(d_scale · GELU(sx sw · xq wqᵀ + b)) (M, N) e4m3."""
+                         schema="(Tensor xq, Tensor sx, Tensor wq, Tensor sw, Tensor? b, Tensor s_out) -> Tensor")
+def fp8_gelu_linear(xq, sx, wq, sw, b, s_out):
+    """xq (M, K) and wq (N, K) e4m3 with per-tensor scales sx, sw (1,) float32, b (N,) bf16, s_out (1,) float32 (the
+    next product's input scale) -> q(GELU(sx sw · xq wqᵀ + b) / s_out) (M, N) e4m3; cuBLASLt multiplies by 1 / s_out,
+    as ``norm_kernels.quantize_fp8`` (the emulation's rounding) does."""
     if fp8_matmul_supported(xq.device) and cublaslt.available(xq.device):
-        return cublaslt.linear_gelu_fp8(xq, sx, wq, sw, b, d_scale)
+        return cublaslt.linear_gelu_fp8(xq, sx, wq, sw, b, s_out.reciprocal())
     with torch.autocast(xq.device.type, enabled=False):  # the emulation multiplies in float32, autocast or not
         y = (xq.float() * sx) @ (wq.float() * sw).t()
         a = F.gelu(y if b is None else y + b.float(), approximate="tanh")
-    return (a * d_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return quantize_fp8(a, s_out)
 
 
 @fp8_gelu_linear.register_fake
-def _(xq, sx, wq, sw, b, d_scale):
+def _(xq, sx, wq, sw, b, s_out):
     return xq.new_empty(xq.shape[0], wq.shape[0], dtype=FP8)
 
 
@@ -63,7 +65,7 @@ class Float8Mlp(Mlp):
         sx = fc1.input_scale.view(1)
         bias = fc1.bias.to(torch.bfloat16) if fc1.bias is not None else None
         aq = fp8_gelu_linear(quantize(x2, sx), sx, self.w1_fp8, self.w1_scale, bias,
-                             fc2.input_scale.reciprocal().view(1))  # (M, 4·hidden) e4m3: fc2's input
+                             fc2.input_scale.view(1))  # (M, 4·hidden) e4m3: fc2's input
         y = fc2.product(aq, fc2.row_scales(aq.shape[0]), compute_dtype(x))
         return y.reshape(*x.shape[:-1], fc2.out_features)
 
