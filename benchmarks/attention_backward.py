@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from bench import median_ms, rel_err
 
 HEADS, TOKENS, DH = 16, 256, 72

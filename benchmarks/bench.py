@@ -1,43 +1,35 @@
-"""Speed of ditkit's DiT on one GPU (issue 8): matrix peak, training throughput, sampling cost.
+"""Speed of ditkit's DiT on one GPU: matrix peak, training throughput, sampling cost.
 
+    PYTHONPATH=src python benchmarks/bench.py --parts peak,train,sample --models DiT-XL/2 --batches 128 \
+        --train-speed reference,fastest --sample-speed reference,fastest   # the figures of docs/speed.md
     PYTHONPATH=src python benchmarks/bench.py --quick       # a subset, ~5 min on an H100 with compilation
-    PYTHONPATH=src python benchmarks/bench.py               # every model × batch × variant
-    PYTHONPATH=src python benchmarks/bench.py --device cpu --tiny --no-compile   # every code path in seconds
+    PYTHONPATH=src python benchmarks/bench.py --device cpu --tiny --compile-backend eager   # every code path in seconds
 
 In one process, so that shares are of the peak measured in the same run.  peak: a random 8192³
 matmul in bf16 and fp32 (TF32 per --tf32).  flops: matrix FLOPs per image of the network's forward
-and forward+backward (FlopCounterMode; the issue quotes 716 GFLOP per training image for XL/2).
+and forward+backward (FlopCounterMode; 716 GFLOP per training image is the figure usually quoted for XL/2).
 gemm (GPU): the block linears' forward, ∂x and ∂W products at the largest batch, bf16 against FP8.
 sdpa: the op SDPA dispatches to at each model's head dim (72 for XL/2), fwd+bwd ms of each backend
 forced, or why it refuses.  train: the official train.py's work per step on random 32×32×4 latents
-and labels (hybrid DDPM loss, backward, AdamW lr 1e-4 wd 0, EMA 0.9999) through ``train_step`` (which
-adds a gradient norm); warm-up and compilation excluded.  sample: DDPM with classifier-free guidance
-(2 × batch rows per call) via ``objective.sample`` and ``guided_fn``; --sample-steps steps are timed
-one by one (each does the same work whatever its t) and EXTRAPOLATED to 250 (DDIM: 50); flow
-matching's Euler and Heun samplers run on the same network (ms per network evaluation).  Variants are
-fp32 or bf16 (autocast) plus levers (LEVERS): +compile, +cudagraphs (compile mode reduce-overhead),
-for training +tail (norm, AdamW and EMA in one compiled pass, ``ditkit.train.adamw_ema``), +fp8 (the
-block linears' forward and ∂x products in FP8, ``ditkit.models.fp8_training``), +bf16res (a bf16
-residual stream, ``train.bf16_residual``), +mlp (GELU in the MLP products' epilogues,
-``train.fused_mlp``) and +norm (adaLN's LayerNorm, modulation and gated residual as Triton kernels,
-``train.fused_norm``), +lt (every other linear's products through cuBLASLt's fastest candidate,
-``train.tuned_linear``), +attn (the qkv linear and cuDNN's attention as one operator whose backward makes ∂qkv and
-its bias gradient in one kernel, ``train.fused_attention``), +loss (the loss compiled with the network inside it,
-``train.compile_loss``), +master (bf16 weights with float32 master weights, AdamW and the EMA as one flat
-kernel, ``train.bf16_weights``) and +fp8fwd (with +norm and +mlp/+attn: fc1's and qkv's forward as FP8 products,
-fc1's with GELU in its epilogue, ``train.fp8_forward``) and +fp8bwd (with +mlp/+attn: fc1's and qkv's ∂x products in
-FP8 with per-token scales, ``train.fp8_backward``; +fp8bwd1: fc1's alone) and +inorder (with +mlp: session 16's MLP backward
-operator with its weight-gradient products in order, not on a side stream, ``ditkit.models.side_stream``); for sampling +fp8 (FP8 block linears with static scales from a 25-step calibration run on
-other noise, ``ditkit.models.fp8``) and +bf16w (bf16 weights and activations, ``ditkit.models.inference``); +plainmlp (with +fp8: the MLP's GELU and fc2's
-quantization as a compiled pass instead of in fc1's product, ``ditkit.models.fp8_mlp``).  --profile:
-CUDA time per step by kernel class and the longest kernels.
+and labels (hybrid DDPM loss, backward, AdamW lr 1e-4 wd 0, EMA 0.9999) through the trainer's
+``train_step`` (which adds a gradient norm); warm-up and compilation excluded.  sample: DDPM with
+classifier-free guidance (2 × batch rows per call) via ``objective.sample`` and ``guided_fn``;
+--sample-steps steps are timed one by one (each does the same work whatever its t) and EXTRAPOLATED
+to 250 (DDIM: 50); flow matching's Euler and Heun samplers run on the same network (ms per network
+evaluation).
+
+A variant is a speed recipe (reference, fast, fastest: ``ditkit.fast``) or fp32 / bf16 (autocast)
+plus levers (LEVERS), each one field of ``ditkit.fast.TrainSpeed`` or ``SampleSpeed``: both go through
+the door the trainer and ``ditkit sample`` use (``train_speed``, ``sample_speed``).  fp32 and bf16
+without levers, with --no-fused-adamw --no-foreach-ema, are the official code's step.  --profile: CUDA
+time per step by kernel class and the longest kernels.
 
 Columns: img/s (training images/s); ms/step (median, CUDA events); TFLOP/s (counted FLOPs/s); % peak
 (of the bf16 peak); mem GiB (max_memory_allocated, reset per row); tail ms (optimizer + EMA +
 gradient norm timed alone: the memory-bound end of a step); host ms (``host_ms``: the CPU's time to
-issue one step on an idle GPU); first s (first step or sampler call:
-compilation).  Markdown on stdout; JSON, every step time included, to --out (default $OUT/bench.json)
-after each row.  A failed row (OOM) says so and the run goes on.
+issue one step on an idle GPU); first s (first step or sampler call: compilation).  Markdown on
+stdout; JSON, every step time included, to --out (default $OUT/bench.json) after each row.  A failed
+row (OOM) says so and the run goes on.
 """
 from __future__ import annotations
 
@@ -60,45 +52,37 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ditkit.config import Config
+from ditkit.fast import SAMPLE_RECIPES, TRAIN_RECIPES, SampleSpeed, TrainRun, TrainSpeed, sample_speed, train_speed
+from ditkit.fast.fp8 import amax_scales, quantize
+from ditkit.fast.sdpa import SDPA_CHOICES, use_sdpa_backend
 from ditkit.guidance import guided_fn
 from ditkit.models.dit import build_model
-from ditkit.models.fp8 import amax_scales, calibrate_fp8, quantize
-from ditkit.models.fp8_training import convert_for_fp8_training
-from ditkit.models.fused_mlp import convert_to_fused_mlp
-from ditkit.models.fused_norm import convert_to_fused_norm
-from ditkit.models.inference import for_inference
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.objectives.flow import FlowMatching
-from ditkit.train.adamw_ema import AdamWEMA, ema_counterparts
-from ditkit.train.ema import update_ema
-from ditkit.train.master_weights import MasterWeightAdamW
-from ditkit.train.trainer import gradient_norm, train_step
-from ditkit.utils.sdpa import SDPA_CHOICES, use_sdpa_backend
+from ditkit.training.ema import update_ema
+from ditkit.training.trainer import gradient_norm, train_step
 
-ISSUE_XL2_GFLOP = 716.0  # fwd+bwd per training image of DiT-XL/2 at 256 px, as the issue quotes
+QUOTED_XL2_GFLOP = 716.0  # fwd+bwd per training image of DiT-XL/2 at 256 px, the figure usually quoted
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-VARIANTS = ("fp32", "bf16", "fp32+compile", "bf16+compile")  # and, for sampling, +fp8 and +cudagraphs
-LEVERS = {  # what each +lever adds, and where it applies
-    "compile": ("train", "sample"),  # torch.compile (inductor) of the network
-    "cudagraphs": ("train", "sample"),  # compile mode reduce-overhead: replayed CUDA graphs
-    "tail": ("train",),  # gradient norm, AdamW and EMA in one compiled pass (ditkit.train.adamw_ema)
-    "fp8": ("train", "sample"),  # FP8 block linears: in training forward and ∂x with row-wise dynamic scales
-    # (ditkit.models.fp8_training); in sampling with static activation scales (ditkit.models.fp8)
-    "bf16res": ("train",),  # the residual stream (block inputs and outputs) in bf16 instead of float32
-    "mlp": ("train",),  # the MLP with GELU in cuBLASLt's epilogues (ditkit.models.fused_mlp, train.fused_mlp)
-    "attn": ("train",),  # qkv linear + cuDNN attention as one operator, ∂qkv and its bias sum in one kernel (ditkit.models.fused_attention)
-    "loss": ("train",),  # compile the loss function with the network inside it, not the network alone
-    "lt": ("train",),  # the other linears' products through cuBLASLt's fastest candidate (ditkit.models.tuned_linear)
-    "norm": ("train",),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels (ditkit.models.fused_norm)
-    "bf16w": ("sample",),  # bf16 weights and activations instead of autocast (sample.precision=bf16)
-    "master": ("train",),  # bf16 weights, float32 masters: one flat AdamW + EMA kernel (ditkit.train.master_weights)
-    "fp8fwd": ("train",),  # with +norm and +mlp/+attn: fc1's and qkv's forward in FP8 (ditkit.models.fp8_forward)
-    "fp8bwd": ("train",),  # with +mlp/+attn: fc1's and qkv's ∂x products in FP8, per-token scales (ditkit.models.fp8_backward)
-    "fp8bwd1": ("train",),  # +fp8bwd for fc1 only (session 14's form)
-    "inorder": ("train",),  # with +mlp: the MLP backward operator without its second stream (∂W products in order)
-    "plainmlp": ("sample",),  # with +fp8: GELU and fc2's quantization as a compiled pass, not in fc1's product
+VARIANTS = ("reference", "fast", "fastest", "fp32", "bf16", "fp32+compile", "bf16+compile")
+# A variant is a speed recipe of ditkit.fast (reference: float32 eager in sampling, train.precision's bf16 in
+# training; fast; fastest), or fp32/bf16 plus levers, each mapped to its field of TrainSpeed / SampleSpeed.
+LEVERS = {  # lever: (where it applies, the fields it sets)
+    "compile": (("train", "sample"), {"compile": True}),  # torch.compile (inductor) of the network
+    "cudagraphs": (("train", "sample"), {"compile": True, "cuda_graphs": True}),  # compile's reduce-overhead mode
+    "loss": (("train",), {"compile": True, "compile_loss": True}),  # the loss compiled with the network inside it
+    "bf16res": (("train",), {"bf16_residual": True}),  # the residual stream in bf16 instead of float32
+    "mlp": (("train",), {"fused_mlp": True}),  # GELU in cuBLASLt's epilogues (ditkit.fast.fused_mlp)
+    "attn": (("train",), {"fused_attention": True}),  # qkv linear + cuDNN attention as one operator
+    "lt": (("train",), {"tuned_linear": True}),  # the other linears through cuBLASLt's fastest candidate
+    "norm": (("train",), {"fused_norm": True}),  # adaLN's LayerNorm, modulation, gated residual as Triton kernels
+    "master": (("train",), {"master_weights": True}),  # bf16 weights, float32 masters: one flat AdamW + EMA kernel
+    "fp8fwd": (("train",), {"fp8_forward": True}),  # with +norm and +mlp/+attn: fc1's and qkv's forward in FP8
+    "fp8bwd": (("train",), {"fp8_backward": True}),  # with +mlp/+attn: fc1's and qkv's ∂x products in FP8
+    "fp8": (("sample",), {"fp8": True, "fp8_mlp": True}),  # FP8 block linears, static scales; GELU in fc1's product
+    "plainmlp": (("sample",), {"fp8_mlp": False}),  # with +fp8: GELU and fc2's quantization as a compiled pass
 }
 say = functools.partial(print, flush=True)
 QUICK_TRAIN = [("DiT-XL/2", 32, "fp32"), ("DiT-XL/2", 32, "bf16"), ("DiT-XL/2", 128, "bf16"), ("DiT-B/2", 128, "bf16"),
@@ -167,7 +151,7 @@ def reset_memory(device: torch.device) -> None:
 
 
 KERNEL_CLASSES = (  # first match wins; names of cuBLAS/CUTLASS GEMMs, SDPA kernels, optimizer kernels, fused code
-    ("adaLN norm (ditkit.models.norm_kernels)", ("adaln_norm",)),
+    ("adaLN norm (ditkit.kernels.norm)", ("adaln_norm",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),  # before gemm: flash kernels' names mention cutlass
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem")),  # triton_tem: max-autotune's GEMM templates
     ("optimizer/ema/norm", ("multi_tensor", "foreach", "adam", "lerp", "sum_squares")),
@@ -334,73 +318,57 @@ def levers(variant: str) -> set[str]:
     return set(variant.split("+")[1:])
 
 
+def train_levers(variant: str) -> tuple[TrainSpeed | str, torch.dtype | None]:
+    """(a recipe name or the TrainSpeed of fp32/bf16 + levers, the autocast dtype)."""
+    if variant in TRAIN_RECIPES:
+        return variant, torch.bfloat16
+    fields = {}
+    for lever in sorted(levers(variant)):
+        fields.update(LEVERS[lever][1])
+    return TrainSpeed(**fields), (torch.bfloat16 if variant.startswith("bf16") else None)
+
+
+def sample_levers(variant: str) -> SampleSpeed | str:
+    if variant in SAMPLE_RECIPES:
+        return variant
+    fields = {"precision": "amp-bf16" if variant.startswith("bf16") else "fp32"}
+    for lever in ("compile", "cudagraphs", "fp8", "plainmlp"):  # plainmlp after fp8: it turns fp8_mlp off
+        if lever in levers(variant):
+            fields.update({"compile": lever} if lever in ("compile", "cudagraphs") else LEVERS[lever][1])
+    if fields.get("compile") == "compile":
+        fields["compile"] = "default"
+    return SampleSpeed(**fields)
+
+
 def compiled(variant: str) -> bool:
-    return bool(levers(variant) & {"compile", "cudagraphs"})
+    return variant in ("fast", "fastest") or bool(levers(variant) & {"compile", "cudagraphs", "loss"})
 
 
-def compile_kwargs(variant: str, args) -> dict:
-    mode = "reduce-overhead" if "cudagraphs" in levers(variant) else args.compile_mode
-    return {"backend": args.compile_backend, **({"mode": mode} if mode else {})}
-
-
-def prepare(model: nn.Module, variant: str, args) -> tuple[nn.Module, torch.dtype | None]:
-    """The network a variant runs (compiled, CUDA graphs; with +loss the loss is compiled instead, the
-    network inside it) and its autocast dtype (None: fp32)."""
-    net = torch.compile(model, **compile_kwargs(variant, args)) if compiled(variant) and "loss" not in levers(variant) else model
-    return net, (torch.bfloat16 if variant.startswith("bf16") else None)
+def compile_options(args) -> dict:
+    return {"backend": args.compile_backend}
 
 
 def bench_train(name: str, batch: int, variant: str, args, device: torch.device, flops: dict) -> dict:
     torch.manual_seed(0)
     model = make_model(name, args.input_size, device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    if "fp8" in levers(variant):
-        convert_for_fp8_training(model)
-    if "bf16res" in levers(variant):  # autocast keeps x + gate·f(x) in float32 (train.bf16_residual)
-        model.residual_dtype = torch.bfloat16
-    if "mlp" in levers(variant):
-        convert_to_fused_mlp(model)
-    if "attn" in levers(variant):
-        from ditkit.models.fused_attention import convert_to_fused_attention  # here: an A/B run may import older code
-
-        convert_to_fused_attention(model)
-    if "lt" in levers(variant):
-        from ditkit.models.tuned_linear import convert_to_tuned_linear  # here: an A/B run may import older code
-
-        convert_to_tuned_linear(model)
-    if "norm" in levers(variant):
-        convert_to_fused_norm(model)
-    if "fp8fwd" in levers(variant):
-        from ditkit.models.fused_norm import enable_fp8_forward  # here: an A/B run may import older code
-
-        enable_fp8_forward(model)
-    if levers(variant) & {"fp8bwd", "fp8bwd1"}:
-        from ditkit.models.fp8_backward import enable_fp8_backward  # here: an A/B run may import older code (from session 15)
-
-        enable_fp8_backward(model, parts=("fc1", "qkv") if "fp8bwd" in levers(variant) else ("fc1",))
-    if "inorder" in levers(variant):
-        for m in model.modules():
-            if hasattr(m, "overlap_weight_grads"):
-                m.overlap_weight_grads = False
+    speed, amp_dtype = train_levers(variant)
+    plan = train_speed(speed, TrainRun(device, amp_dtype))  # the trainer's door: the same levers, the same order
+    for note in plan.notes:
+        say(f"  {name} b{batch} {variant}: {note}")
+    plan.apply(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    tail = bool(levers(variant) & {"tail", "master"})  # the optimizer's step also does the norm and the EMA
-    if "master" in levers(variant):
-        opt = MasterWeightAdamW(model, ema, lr=1e-4, weight_decay=0)
-        opt.ema_decay = 0.9999
-    elif tail:  # compiled on a GPU; the CPU smoke test runs its eager form
-        opt = AdamWEMA(*ema_counterparts(model, ema), lr=1e-4, weight_decay=0, compile=device.type == "cuda")
+    opt = plan.optimizer(model, ema, max_norm=0.0, lr=1e-4, weight_decay=0)
+    tail = opt is not None  # the optimizer's step also does the norm and the EMA
+    if tail:
         opt.ema_decay = 0.9999
     else:
         opt = (torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True) if args.fused_adamw
                else ForeachAdamW(params, lr=1e-4, weight_decay=0, foreach=device.type == "cuda"))
     ema_update = update_ema if args.foreach_ema else ema_loop
-    graphs = "cudagraphs" in levers(variant)
-    objective, cfg = create_ddpm(), Config()  # cfg.train: seed 0, grad_clip 0 (off): the official recipe
-    net, amp_dtype = prepare(model, variant, args)
-    if "loss" in levers(variant):  # (imported here: an A/B run may import older code)
-        from ditkit.train.compiled_loss import CompiledLoss
-
-        objective = CompiledLoss(objective, **compile_kwargs(variant, args))
+    graphs = plan.cuda_graphs
+    cfg = Config()  # cfg.train: seed 0, grad_clip 0 (off): the official recipe
+    net, objective = plan.compile(model, create_ddpm(), **compile_options(args))
     x, y = random_batch(batch, args, device)
     state = {"step": 0}
 
@@ -437,13 +405,11 @@ def bench_sample(name: str, batch: int, variant: str, args, device: torch.device
     torch.manual_seed(0)
     model, objective = make_model(name, args.input_size, device).eval(), create_ddpm()
     noise, y = random_batch(batch, args, device)
-    precision = "fp32" if variant.startswith("fp32") else "bf16" if "bf16w" in levers(variant) else "amp-bf16"
-    net = for_inference(model, precision, fp8="fp8" in levers(variant),  # as `ditkit sample --precision P [--fp8]`
-                        fp8_mlp="plainmlp" not in levers(variant))
-    if "fp8" in levers(variant):  # static activation scales from one 25-step run on other noise, before compiling
-        with torch.no_grad():
-            calibrate_fp8(model, lambda: objective.sample(guided_fn(net, {"y": y}, args.cfg_scale), torch.randn_like(noise), steps=25))
-    net, _ = prepare(net, variant, args)
+    net, notes = sample_speed(  # as `ditkit sample --speed`: static FP8 scales from one 25-step run on other noise
+        model, sample_levers(variant), device, **compile_options(args),
+        calibrate=lambda n: objective.sample(guided_fn(n, {"y": y}, args.cfg_scale), torch.randn_like(noise), steps=25))
+    for note in notes:
+        say(f"  sampling {variant}: {note}")
     fn = guided_fn(net, {"y": y}, args.cfg_scale)
     stamps = []
 
@@ -522,8 +488,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--parts", default="peak,sdpa,train,sample", help="comma list of peak, gemm, sdpa, train, sample")
     add("--models", help="default DiT-XL/2,DiT-B/2; any of --models/--batches/--variants: their product is run")
     add("--batches", help="per-GPU batch sizes, default 32,128")
-    add("--variants", help=f"of {', '.join(VARIANTS)}; default fp32,bf16,bf16+compile")
-    add("--sample-variants", default="fp32,bf16,bf16+compile", help="'' for none")
+    add("--variants", "--train-speed", dest="variants", help=f"training: a recipe or fp32/bf16+levers, e.g. "
+        f"{', '.join(VARIANTS)}; default fp32,bf16,bf16+compile")
+    add("--sample-variants", "--sample-speed", dest="sample_variants", default="fp32,bf16,bf16+compile",
+        help="sampling: a recipe or fp32/bf16+levers; '' for none")
     add("--sample-model", default="DiT-XL/2")
     add("--sample-batch", type=int, default=32, help="images per batch (guidance runs twice the rows)")
     add("--sample-steps", type=int, help="sampler steps run and timed (default 10 quick, 25 full; 250: exact)")
@@ -535,9 +503,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("--tf32", "torch.backends.cuda.matmul/cudnn.allow_tf32 (the official train.py sets both)")
     flag("--compile", "off: skip the +compile rows")
     add("--sdpa", choices=SDPA_CHOICES, default="auto", help="SDPA kernel preference in train and sample rows "
-        "(ditkit.utils.sdpa; auto, PyTorch's order, is ditkit's default)")
+        "(ditkit.fast.sdpa; auto, PyTorch's order, is ditkit's default)")
     add("--profile", action="store_true", help="also profile 3 steps of each row: CUDA time by kernel class and the top kernels")
-    add("--compile-mode", help="e.g. max-autotune-no-cudagraphs (default: torch.compile's default mode)")
     add("--compile-backend", default="inductor", help="'eager': dynamo tracing only (quick CPU checks)")
     add("--max-minutes", type=float, default=9.0, help="rows that would start later are skipped")
     add("--out", default=os.path.join(os.environ["OUT"], "bench.json") if os.environ.get("OUT") else None)
@@ -560,11 +527,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rows += [("sample", args.sample_model, args.sample_batch, v) for v in args.sample_variants.split(",") if v and "sample" in parts]
     for kind, _, _, variant in args.rows:
         base, extra = variant.split("+")[0], levers(variant)
-        if (base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ()) for lever in extra)
-                or (base == "fp32" and extra & {"bf16w", "bf16res", "master"}) or extra >= {"fp8", "mlp"}
-                or extra >= {"master", "tail"} or extra >= {"master", "fp8"}):
-            raise ValueError(f"unknown {kind} variant {variant!r}: fp32 or bf16, then any of "
-                             + ", ".join(f"+{k} ({'/'.join(v)})" for k, v in LEVERS.items()) + " (not +fp8 with +mlp; +master not with +tail or +fp8); e.g. " + ", ".join(VARIANTS))
+        if variant in TRAIN_RECIPES and kind == "train" or variant in SAMPLE_RECIPES and kind == "sample":
+            continue
+        if base not in ("fp32", "bf16") or any(kind not in LEVERS.get(lever, ((),))[0] for lever in extra):
+            raise ValueError(f"unknown {kind} variant {variant!r}: reference, fast, fastest, or fp32/bf16 then any of "
+                             + ", ".join(f"+{k} ({'/'.join(v[0])})" for k, v in LEVERS.items()) + "; e.g. " + ", ".join(VARIANTS))
+        if kind == "train":  # levers that cannot work together are refused here, not in the middle of the run
+            speed, amp_dtype = train_levers(variant)
+            try:
+                train_speed(speed, TrainRun(torch.device(args.device), amp_dtype))
+            except ValueError as err:
+                raise ValueError(f"train variant {variant!r}: {err}") from None
     # Eager rows first: if the time budget runs out, the long compilations are what is skipped.
     args.rows = sorted((r for r in args.rows if args.compile or not compiled(r[3])), key=lambda r: compiled(r[3]))
     return args
@@ -577,11 +550,11 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu --tiny to test on the CPU)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     t_start = time.perf_counter()
-    flags = {k: getattr(args, k) for k in ("fused_adamw", "foreach_ema", "tf32", "sdpa", "compile_mode", "compile_backend",
+    flags = {k: getattr(args, k) for k in ("fused_adamw", "foreach_ema", "tf32", "sdpa", "compile_backend",
                                            "steps", "warmup", "sample_steps", "input_size")}
     res = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
                     "cuda": torch.version.cuda, "argv": sys.argv[1:] if argv is None else list(argv), "flags": flags,
-                    "issue_xl2_gflop": ISSUE_XL2_GFLOP}, "peak": {}, "flops": {}, "gemm": [], "sdpa": [], "train": [], "sample": []}
+                    "quoted_xl2_gflop": QUOTED_XL2_GFLOP}, "peak": {}, "flops": {}, "gemm": [], "sdpa": [], "train": [], "sample": []}
 
     def save() -> None:
         if args.out:
@@ -601,8 +574,9 @@ def main(argv=None) -> dict:
         shapes[name] = (model.num_heads, model.blocks[0].attn.qkv.in_features // model.num_heads, len(model.pos_embed[0]))
         res["flops"][name] = f = count_flops(model, args, device)
         del model
-        issue = f" (issue: {ISSUE_XL2_GFLOP:.0f}; ratio {f['fwd_bwd_gflop_per_img'] / ISSUE_XL2_GFLOP:.3f})" if name == "DiT-XL/2" else ""
-        say(f"flops {name}: fwd {f['fwd_gflop_per_img']:.1f} GFLOP/img, fwd+bwd {f['fwd_bwd_gflop_per_img']:.1f} GFLOP/img{issue}")
+        quoted = (f" (quoted: {QUOTED_XL2_GFLOP:.0f}; ratio {f['fwd_bwd_gflop_per_img'] / QUOTED_XL2_GFLOP:.3f})"
+                  if name == "DiT-XL/2" else "")
+        say(f"flops {name}: fwd {f['fwd_gflop_per_img']:.1f} GFLOP/img, fwd+bwd {f['fwd_bwd_gflop_per_img']:.1f} GFLOP/img{quoted}")
     for name in sorted({r[1] for r in args.rows}) if "gemm" in args.parts and device.type == "cuda" else []:
         model = make_model(name, args.input_size, device)
         batch = max(r[2] for r in args.rows if r[1] == name)

@@ -5,7 +5,7 @@ objective, then classifier agreement and digits FD against the number of network
     PYTHONPATH=src python benchmarks/digits_objectives.py --out runs/objectives [--device cuda] [--steps 2000]
 
 Runs on a CPU (about 20 minutes on 2 cores) or a GPU (a few minutes).  Each objective is trained
-with `ditkit.train.trainer.train` from the `digits` preset; samples are 1,000 digits, 100 per
+with `ditkit.training.trainer.train` from the `digits` preset; samples are 1,000 digits, 100 per
 class, scored with `ditkit.eval.digits` (an SVC trained on real digits, 99.3% on held-out ones)."""
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ditkit.checkpoints import load_for_sampling
+from ditkit.checkpoints import load_model
 from ditkit.config import load_config
 from ditkit.eval.digits import evaluate_digits, to_digit_pixels
 from ditkit.objectives import build_objective
 from ditkit.sampling import generate, sample_labels, sample_noise
-from ditkit.train.trainer import train
+from ditkit.training.trainer import train
 
 # (objective, sampler, steps): the issue's grid.
 RUNS = [
@@ -32,7 +32,7 @@ RUNS = [
 
 
 def score(ckpt: Path, sampler: str, steps: int, cfg_scale: float, n: int, device: str, seed: int = 0) -> dict:
-    model, cfg = load_for_sampling(ckpt, device=device)
+    model, cfg = load_model(ckpt, device=device)
     cfg.sample.sampler, cfg.sample.steps, cfg.sample.cfg_scale = sampler, steps, cfg_scale
     objective = build_objective(cfg)
     idx = range(n)

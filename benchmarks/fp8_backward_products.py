@@ -2,7 +2,7 @@
 whose gradient a norm kernel writes (fc2's, with GELU's derivative in the epilogue, and proj's), at DiT-XL/2's
 shapes, bf16 against cuBLASLt FP8 (e4m3 operands; per-tensor scales, or per row of ∂y and of Wᵀ); and the qkv backward as one product over
 the stacked ∂qkv against three over ∂q, ∂k, ∂v (what dropping the stacking kernel would cost the products).
-Then what ``ditkit.models.fp8_backward`` runs for fc1's ∂x and ∂b₁ against the bf16 sum and product it replaces,
+Then what ``ditkit.fast.fp8_backward`` runs for fc1's ∂x and ∂b₁ against the bf16 sum and product it replaces,
 and for qkv's ∂x and ∂b (``qkv_kernels.stack_rows_fp8`` and the FP8 product) against the stacking kernel and bf16
 product (W's quantization compiled, as in the step; the FP8 columns of these two sections are back-to-back eager
 calls, so at 8,192 tokens they time the host's launches, not the GPU: read them at 32,768).
@@ -18,10 +18,12 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from bench import median_ms, rel_err
-from ditkit.models import cublaslt, fp8_backward, qkv_kernels
 from fp8_lt_products import quantize
+
+from ditkit.fast import fp8_backward
+from ditkit.kernels import cublaslt, fp8_rows
+from ditkit.kernels import qkv as qkv_kernels
 
 D, HIDDEN, HEADS, TOKENS = 1152, 4608, 16, 256
 
@@ -89,14 +91,14 @@ def main() -> None:
         bf16 = median_ms(lambda: (summed(gpre), cublaslt.mm(gpre, w1)), 20, dev)
 
         def fp8():
-            q, s, sums = fp8_backward.rows_fp8_triton(gpre)
+            q, s, sums = fp8_rows.rows_fp8_triton(gpre)
             wtq, sw = quantize_weight(w1)
             return fp8_backward.fp8_dx(q, s, wtq, sw, bf), sums.sum(0)
 
         dx, db = fp8()
         t8 = median_ms(fp8, 20, dev)
-        kernel = median_ms(lambda: fp8_backward.rows_fp8_triton(gpre), 20, dev)
-        moved = gpre.numel() * 3 + fp8_backward.programs_per_rows(m, dev)[1] * HIDDEN * 4
+        kernel = median_ms(lambda: fp8_rows.rows_fp8_triton(gpre), 20, dev)
+        moved = gpre.numel() * 3 + fp8_rows.programs_per_rows(m, dev)[1] * HIDDEN * 4
         print(f"| fc1 | {m} | {bf16:.3f} | {t8:.3f} | {kernel:.3f} ({moved / kernel / 1e6:.0f}) | "
               f"{rel_err(dx, gpre.float() @ w1.float()):.1e} | {rel_err(db, gpre.float().sum(0)):.1e} |", flush=True)
     print()
@@ -136,7 +138,7 @@ def main() -> None:
         stack = median_ms(lambda: qkv_kernels.stack_partial(*grads), 20, dev)
         rows = median_ms(lambda: qkv_kernels.stack_rows_fp8(*grads), 20, dev)
         moved16 = m * 3 * D * 4 + (m // qkv_kernels.ROWS_PER_TILE) * 3 * D * 4
-        moved8 = m * 3 * D * 5 + fp8_backward.programs_per_rows(m, dev)[1] * 3 * D * 4
+        moved8 = m * 3 * D * 5 + fp8_rows.programs_per_rows(m, dev)[1] * 3 * D * 4
         dqkv = qkv_kernels.stack_reference(*grads)[0].float()
         print(f"| qkv | {m} | {t16:.3f} | {t8:.3f} | {stack:.3f} ({moved16 / stack / 1e6:.0f}) | {rows:.3f} "
               f"({moved8 / rows / 1e6:.0f}) | {rel_err(dx, dqkv @ w.float()):.1e} (bf16 {rel_err(dx16, dqkv @ w.float()):.1e}) "

@@ -16,9 +16,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from bench import median_ms, rel_err
-from ditkit.models import cublaslt
+
+from ditkit.kernels import cublaslt
 
 E4M3_MAX = 448.0
 SHAPES = {"fc1": (1152, 4608), "qkv": (1152, 3456), "proj": (1152, 1152), "fc2": (4608, 1152)}

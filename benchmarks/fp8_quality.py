@@ -1,6 +1,5 @@
-"""Do the fast sampling precisions keep quality?  ``sample.precision`` (fp32, amp-bf16: autocast,
-bf16: bf16 weights and activations; ditkit.models.inference), each with and without FP8 block
-linears (ditkit.models.fp8).  Two checks, printed as tables, JSON to --out:
+"""Do the fast sampling precisions keep quality?  ``SampleSpeed.precision`` (fp32, amp-bf16: autocast;
+ditkit.fast.inference), each with and without FP8 block linears (ditkit.fast.fp8).  Two checks, printed as tables, JSON to --out:
 
 1. Network error at scale: a DiT-XL/2 with random weights (adaLN gates non-zero) on random
    latents; relative L2 error of each precision (FP8: static scales calibrated on other inputs)
@@ -21,31 +20,29 @@ import time
 from pathlib import Path
 
 import torch
-
-from ditkit.checkpoints import load_for_sampling
-from ditkit.config import load_config
-from ditkit.eval.digits import evaluate_digits, to_digit_pixels
-from ditkit.models.fp8 import calibrate_fp8, quantize
-from ditkit.models.inference import for_inference
-from ditkit.objectives import build_objective
-from ditkit.sampling import generate, sample_labels, sample_noise
-from ditkit.train.trainer import train
-
 from bench import make_model  # benchmarks/ is the script's folder, so on sys.path
 
-PRECISIONS = ("fp32", "amp-bf16", "amp-bf16+fp8", "amp-bf16+fp8+plainmlp", "bf16", "bf16+fp8")
-# +plainmlp: FP8 without GELU and fc2's quantization in fc1's product (ditkit.models.fp8_mlp), the form before session 17
+from ditkit.checkpoints import load_model
+from ditkit.config import load_config
+from ditkit.eval.digits import evaluate_digits, to_digit_pixels
+from ditkit.fast import SampleSpeed, sample_speed
+from ditkit.fast.fp8 import quantize
+from ditkit.objectives import build_objective
+from ditkit.sampling import generate, sample_labels, sample_noise
+from ditkit.training.trainer import train
+
+PRECISIONS = ("fp32", "amp-bf16", "amp-bf16+fp8", "amp-bf16+fp8+plainmlp")
+# +plainmlp: FP8 without GELU and fc2's quantization in fc1's product (ditkit.fast.fp8_mlp)
 
 
 def prepared(model, precision: str, calibration) -> torch.nn.Module:
-    """``model`` as `ditkit sample --precision P [--fp8]` runs it: cast, then FP8 with static
+    """``model`` as `ditkit sample --speed` runs it, through the same door: cast, then FP8 with static
     scales from ``calibration(net)`` (a run on other inputs)."""
     fp8 = "+fp8" in precision
-    net = for_inference(model, precision.split("+")[0], fp8=fp8, fp8_mlp="+plainmlp" not in precision)
-    if fp8:
-        with torch.no_grad():
-            calibrate_fp8(model, lambda: calibration(net))
-    return net
+    speed = SampleSpeed(precision=precision.split("+")[0], fp8=fp8, fp8_mlp=fp8 and "+plainmlp" not in precision)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return sample_speed(model, speed, device, calibrate=calibration)[0]
 
 
 def network_error(device: str) -> dict:
@@ -83,7 +80,7 @@ def digits(out: Path, device: str, n: int) -> list[dict]:
     rows = []
     for sampler, steps in (("ddpm", 250), ("ddim", 50)):
         for precision in PRECISIONS:
-            model, cfg = load_for_sampling(run / "checkpoints" / "last.pt", device=device)
+            model, cfg = load_model(run / "checkpoints" / "last.pt", device=device)
             cfg.sample.sampler, cfg.sample.steps = sampler, steps
             objective = build_objective(cfg)
             idx = range(n)

@@ -3,7 +3,7 @@ at DiT-XL/2's forward shapes for qkv and fc1 (the two linears whose input a norm
 
     PYTHONPATH=src:benchmarks python benchmarks/fp8_rowwise_products.py [--tokens 8192,32768]
 
-Per shape: the bf16 product (cuBLASLt's fastest candidate, ``ditkit.models.cublaslt``; for fc1 also the
+Per shape: the bf16 product (cuBLASLt's fastest candidate, ``ditkit.kernels.cublaslt``; for fc1 also the
 GELU_AUX_BIAS product the fused MLP runs), the FP8 product with per-row scales for the input and per
 output-channel scales for the weight (bias in the epilogue), the weight's quantization (amax per row and
 cast, once per step), and GELU as a pass of its own (what FP8 fc1 would need).  Each FP8 result is checked
@@ -15,9 +15,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from bench import median_ms, rel_err
-from ditkit.models import cublaslt
+
+from ditkit.kernels import cublaslt
 
 E4M3_MAX = 448.0
 SHAPES = {"qkv": (1152, 3456), "fc1": (1152, 4608)}

@@ -1,4 +1,4 @@
-"""The MLP with GELU in cuBLASLt's epilogues (``ditkit.models.fused_mlp``) against torch, on a GPU.
+"""The MLP with GELU in cuBLASLt's epilogues (``ditkit.fast.fused_mlp``) against torch, on a GPU.
 
     PYTHONPATH=src python benchmarks/fused_mlp_check.py
 
@@ -17,11 +17,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from bench import median_ms  # benchmarks/, on the path when run as a script
+from bench import rel_err as rel
 
-from bench import median_ms, rel_err as rel  # benchmarks/, on the path when run as a script
-from ditkit.models import cublaslt
+from ditkit.fast.fused_mlp import FusedMlp, convert_to_fused_mlp
+from ditkit.kernels import cublaslt
 from ditkit.models.dit import Mlp
-from ditkit.models.fused_mlp import FusedMlp, convert_to_fused_mlp
 
 
 def products(tokens: int, d: int, h: int, dev: torch.device) -> list[tuple[str, float, float]]:

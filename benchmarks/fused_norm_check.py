@@ -1,4 +1,4 @@
-"""adaLN's fused norm kernels (``ditkit.models.norm_kernels``) on a GPU: accuracy against their
+"""adaLN's fused norm kernels (``ditkit.kernels.norm``) on a GPU: accuracy against their
 equations in float32, and time against the same ops compiled by inductor.
 
     PYTHONPATH=src python benchmarks/fused_norm_check.py [--sweep]
@@ -15,9 +15,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from bench import median_ms, profile_kernels, rel_err  # benchmarks/, on the path when run as a script
-from ditkit.models import norm_kernels
+
+from ditkit.kernels import norm as norm_kernels
 from ditkit.models.dit import modulate
 
 EPS = 1e-6

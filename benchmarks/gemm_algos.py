@@ -5,7 +5,7 @@
 For each linear of a DiT-XL block (qkv, proj, fc1, fc2) and each product of its training step
 (forward y = x Wᵀ, input gradient ∂x = ∂y W, weight gradient ∂W = ∂yᵀ x), and for the fused MLP's
 GELU products, and the weight gradient with the bias gradient in its epilogue (BGRADB; torch: the
-product and a sum): the time of torch's product (median of 20) and of ``ditkit.models.cublaslt``'s
+product and a sum): the time of torch's product (median of 20) and of ``ditkit.kernels.cublaslt``'s
 fastest candidate (timed at the first call, ``cublaslt._time_all``, then median of 20), with TFLOP/s.  Each
 cuBLASLt result is checked against torch's (relative error printed).  It answers whether timing
 more candidates than the heuristic's first makes the step's products faster, and where.
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from bench import median_ms, rel_err
-from ditkit.models import cublaslt
+
+from ditkit.kernels import cublaslt
 
 LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 

@@ -1,5 +1,5 @@
-"""The end of a DiT-XL/2 training step with bf16 weights and float32 masters (``train.bf16_weights``,
-``ditkit.train.master_weights``) on a GPU: exact against its torch equations at full size, and its
+"""The end of a DiT-XL/2 training step with bf16 weights and float32 masters (``TrainSpeed.master_weights``,
+``ditkit.fast.master_weights``) on a GPU: exact against its torch equations at full size, and its
 parts' GPU time and bandwidth next to the plain path's (fused AdamW, foreach EMA, gradient norm).
 
     PYTHONPATH=src python benchmarks/master_weights_check.py [--model DiT-XL/2] [--sweep]
@@ -17,12 +17,11 @@ import copy
 import sys
 
 import torch
-
 from bench import median_ms, rel_err  # benchmarks/, on the path when run as a script
+
+from ditkit.fast.master_weights import MasterWeightAdamW, step_scalars
+from ditkit.kernels import master as master_kernels
 from ditkit.models.dit import build_model
-from ditkit.train import master_kernels
-from ditkit.train.adamw_ema import ema_counterparts
-from ditkit.train.master_weights import MasterWeightAdamW, step_scalars
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in trained:
         p.grad = torch.randn_like(p) * 1e-3
     plain = torch.optim.AdamW(trained, lr=1e-4, fused=True)
-    ema_params = ema_counterparts(model, ema)[1]
+    ema_named = dict(ema.named_parameters())  # the EMA parameter of each trained one, in the same order
+    ema_params = [ema_named[n] for n, p in model.named_parameters() if p.requires_grad]
     rows = [("plain: fused AdamW", median_ms(plain.step, 20, device), 28),
             ("plain: EMA (foreach lerp)", median_ms(lambda: torch._foreach_lerp_(ema_params, trained, 1e-4), 20, device), 12),
             ("plain: gradient norm", median_ms(lambda: torch.nn.utils.get_total_norm([p.grad for p in trained]), 20, device), 4)]

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
 from bench import rel_err  # benchmarks/, on the path when run as a script
-
 
 # Largest relative loss difference accepted between an N-GPU run and its 1-GPU twin at any logged
 # step: about 2.5× bf16's rounding (2^-8).  The twins may differ only in the order in which the per-GPU

@@ -1,4 +1,4 @@
-"""The launch of the FP8 backward's rows kernels (``fp8_backward.rows_fp8_triton`` for fc1's ∂pre,
+"""The launch of the FP8 backward's rows kernels (``fp8_rows.rows_fp8_triton`` for fc1's ∂pre,
 ``qkv_kernels.stack_rows_fp8`` for ∂qkv) at DiT-XL/2's shapes: programs per multiprocessor, warps and loads in
 flight (the loop's ``num_stages``) against time and GB/s.  Each setting's outputs are checked against the default's.
 
@@ -10,10 +10,11 @@ import argparse
 import itertools
 
 import torch
-
 from bench import median_ms
-from ditkit.models import fp8_backward, qkv_kernels
-from fp8_backward_products import D, HIDDEN, cudnn_layout_grads
+from fp8_backward_products import HIDDEN, D, cudnn_layout_grads
+
+from ditkit.kernels import fp8_rows
+from ditkit.kernels import qkv as qkv_kernels
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     for m in (int(t) for t in args.tokens.split(",")):
         gpre = torch.randn(m, HIDDEN, device=dev, dtype=bf) * torch.rand(m, 1, device=dev, dtype=bf)
         grads = cudnn_layout_grads(m, dev)
-        cases = {"fc1 rows": (lambda: fp8_backward.rows_fp8_triton(gpre), m * HIDDEN * 3, HIDDEN),
+        cases = {"fc1 rows": (lambda: fp8_rows.rows_fp8_triton(gpre), m * HIDDEN * 3, HIDDEN),
                  "qkv stack rows": (lambda: qkv_kernels.stack_rows_fp8(*grads), m * 3 * D * 5, 3 * D)}
         for name, (call, moved, width) in cases.items():
             want = call()
@@ -45,12 +46,12 @@ def main() -> None:
 def launched_with(setting: tuple[int, int, int], call, dev: torch.device) -> tuple[tuple, float]:
     """call's outputs and median ms with the kernels launched at (programs per SM, warps, stages); the module's
     settings restored afterwards."""
-    saved = fp8_backward.PER_SM, fp8_backward.WARPS, fp8_backward.STAGES
-    fp8_backward.PER_SM, fp8_backward.WARPS, fp8_backward.STAGES = setting
+    saved = fp8_rows.PER_SM, fp8_rows.WARPS, fp8_rows.STAGES
+    fp8_rows.PER_SM, fp8_rows.WARPS, fp8_rows.STAGES = setting
     try:
         return call(), median_ms(call, 20, dev)
     finally:
-        fp8_backward.PER_SM, fp8_backward.WARPS, fp8_backward.STAGES = saved
+        fp8_rows.PER_SM, fp8_rows.WARPS, fp8_rows.STAGES = saved
 
 
 def same_outputs(got: tuple, want: tuple) -> bool:
@@ -61,7 +62,7 @@ def same_outputs(got: tuple, want: tuple) -> bool:
 
 def programs_bytes(m: int, dev: torch.device, width: int) -> int:
     """The partial column sums' bytes (one float32 row per program)."""
-    return fp8_backward.programs_per_rows(m, dev)[1] * width * 4
+    return fp8_rows.programs_per_rows(m, dev)[1] * width * 4
 
 
 if __name__ == "__main__":

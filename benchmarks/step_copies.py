@@ -14,17 +14,17 @@ import argparse
 import copy
 
 import torch
+from bench import make_model, random_batch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import make_model, random_batch
 from ditkit.config import Config
-from ditkit.models.fused_attention import convert_to_fused_attention
-from ditkit.models.fused_mlp import convert_to_fused_mlp
-from ditkit.models.fused_norm import convert_to_fused_norm
-from ditkit.models.tuned_linear import convert_to_tuned_linear
+from ditkit.fast.fused_attention import convert_to_fused_attention
+from ditkit.fast.fused_mlp import convert_to_fused_mlp
+from ditkit.fast.fused_norm import convert_to_fused_norm
+from ditkit.fast.master_weights import MasterWeightAdamW
+from ditkit.fast.tuned_linear import convert_to_tuned_linear
 from ditkit.objectives.ddpm import create_ddpm
-from ditkit.train.master_weights import MasterWeightAdamW
-from ditkit.train.trainer import train_step
+from ditkit.training.trainer import train_step
 
 COPY_OPS = ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy", "aten::reshape", "aten::cat", "aten::stack")
 

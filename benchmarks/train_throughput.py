@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs), through torchrun")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--latent", type=int, default=32)
-    ap.add_argument("--extra", nargs="*", default=[], help="more --set overrides, e.g. train.compile=true")
+    ap.add_argument("--extra", nargs="*", default=[], help="more --set overrides, e.g. train.speed=fastest")
     ap.add_argument("--tag", default="run", help="in the JSON file's name under $OUT")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())

@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# ditkit on N GPUs of one host (issue 11), in three parts (PARTS, default all three):
+# ditkit on N GPUs of one host, in three parts (PARTS, default all three):
 #   train   DiT-XL/2, bf16, 32 images per GPU, 100 steps: 1 GPU alone, then DDP and FSDP on N GPUs (img/s
 #           per GPU, scaling efficiency). Each N-GPU loss curve against 1 GPU with N accumulation steps
 #           (the same global batch, logged every step), and each N-GPU checkpoint resumed on 1 GPU for 10
 #           more steps against the 1-GPU run resumed alike.
-#   fast    the same throughput with the speed issue's levers (FAST_SET).
+#   fast    the same throughput with a speed recipe (SPEED, default fastest: the levers valid for the run).
 #   sample  50,000 256-pixel samples over N GPUs into one ADM .npz, checked index by index.
 #   profile (not in the default) where the step's time goes, steps 81-90 under the profiler: 1 GPU eager,
-#           compiled, with FAST_SET; FSDP on N GPUs (N may be 1): resharding after the forward or not, bf16 gathering.
+#           compiled, with SPEED; FSDP on N GPUs (N may be 1): resharding after the forward or not, bf16 gathering.
 #   PYTHONPATH=src bash scripts/multi_gpu.sh [OUT_DIR]
 #   (PARTS="train fast sample" MODEL=DiT-XL/2 LATENT=32 MICRO=32 STEPS=100 SAMPLES=50000 DEVICE=cuda
 #    NPROC=<processes, default: every GPU>)
 set -euo pipefail
-# NVLink multicast off: on the lent machines it can take the host's shared GPUs out of service (KINDS.md).
+# NVLink multicast off: on shared hosts it can take the host's GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${1:-runs/multi_gpu}
 parts=" ${PARTS:-train fast sample} "
 model=${MODEL:-DiT-XL/2} latent=${LATENT:-32} micro=${MICRO:-32} steps=${STEPS:-100} device=${DEVICE:-cuda}
-fast=${FAST_SET:-train.compile=true train.bf16_residual=true train.fused_mlp=true train.fused_norm=true}
+fast=${SPEED:-fastest}
 n=${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}
 [ "$n" -ge 2 ] || [ "$parts" = " profile " ] || { echo "multi_gpu.sh: needs 2 or more GPUs, found $n" >&2; exit 1; }
 mkdir -p "$out"
@@ -32,11 +32,10 @@ train() {
     local args=(-m ditkit train --preset imagenet256 --model "$model" --steps "$steps" --run-dir "$out/$run"
                 --set data.path="$out/latents" --set model.input_size="$latent" --set train.sample_every=0
                 --set train.global_batch_size=$((micro * procs * accum)) --set train.grad_accum="$accum"
-                --set train.ckpt_every=1000000 "$@")
+                --set train.ckpt_every=1000000 --speed reference "$@")
     if [ "$procs" -gt 1 ] || [[ "$*" == *distributed=fsdp* ]]; then quiet python -m torch.distributed.run --standalone --nproc_per_node "$procs" "${args[@]}"
     else quiet python "${args[@]}" --device "$device"; fi
 }
-sets() { for o in "$@"; do printf -- "--set %s " "$o"; done; }
 since() { python -c "print(f'{$(date +%s.%N) - $1:.1f} s')"; }  # seconds since a `date +%s.%N`
 all_gpus=$(seq -s, 0 $((n - 1)))
 echo "## $n × $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'), NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
@@ -68,11 +67,9 @@ fi
 
 if [[ $parts == *" fast "* ]]; then
     echo "## $model, $micro per GPU, $steps steps, with $fast"
-    # shellcheck disable=SC2046
-    CUDA_VISIBLE_DEVICES=0 train fast_one 1 1 --set train.log_every=$((steps / 2)) $(sets $fast) || echo "fast_one FAILED"
+    CUDA_VISIBLE_DEVICES=0 train fast_one 1 1 --set train.log_every=$((steps / 2)) --speed "$fast" || echo "fast_one FAILED"
     for dist in ddp fsdp; do
-        # shellcheck disable=SC2046
-        train "fast_$dist" "$n" 1 --set train.log_every=$((steps / 2)) --set train.distributed="$dist" $(sets $fast) \
+        train "fast_$dist" "$n" 1 --set train.log_every=$((steps / 2)) --set train.distributed="$dist" --speed "$fast" \
             || echo "fast_$dist FAILED"
     done
     check throughput "$out/fast_one:1" "$out/fast_ddp:$n" "$out/fast_fsdp:$n"
@@ -98,9 +95,8 @@ if [[ $parts == *" profile "* ]]; then
     GPUS=$all_gpus prof prof_fsdp_bf16 "$n" 1 --set train.distributed=fsdp --set train.fsdp_bf16_gather=true \
         --set train.precision=bf16
     prof prof_eager 1 1
-    # shellcheck disable=SC2046
-    prof prof_fast 1 1 $(sets $fast)
-    prof prof_compile 1 1 --set train.compile=true
+    prof prof_fast 1 1 --speed "$fast"
+    prof prof_compile 1 1 --speed compile
 fi
 
 if [[ $parts == *" sample "* ]]; then
@@ -109,7 +105,7 @@ if [[ $parts == *" sample "* ]]; then
     echo "## DDIM-25, guidance 1.5, amp-bf16; the SD VAE's decoder (random weights) in float32"
     python benchmarks/multi_gpu_check.py fake-checkpoint "$out/lat" "$latent"
     sample=(-m ditkit sample --ckpt "$out/lat/dit.safetensors" --vae "$out/lat/vae" --sampler ddim --steps 25
-            --cfg-scale 1.5 --precision amp-bf16 --batch-size 250)
+            --cfg-scale 1.5 --speed amp_bf16 --batch-size 250)
     start=$(date +%s.%N)
     quiet python -m torch.distributed.run --standalone --nproc_per_node "$n" "${sample[@]}" --num-samples "$total" --out "$out/many"
     echo "wall time, $n GPUs, $total samples: $(since "$start") (start-up included)"

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels (ditkit.models.norm_kernels) run in its interpreter on the CPU
+if not torch.cuda.is_available():  # Triton kernels (ditkit.kernels.norm) run in its interpreter on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"

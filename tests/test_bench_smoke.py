@@ -33,8 +33,9 @@ def dit_flops(tokens: int, dim: int, depth: int, in_ch: int, out_ch: int, patch:
 def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
     out = tmp_path / "bench.json"
     res = bench.main(["--device", "cpu", "--tiny", "--batches", "2", "--compile-backend", "eager", "--out", str(out),
-                      "--variants", "fp32,bf16,bf16+compile,bf16+tail,bf16+fp8+bf16res,bf16+master+bf16res",
-                      "--sample-variants", "fp32,bf16,bf16+compile,bf16+fp8+compile,bf16+bf16w+fp8"])
+                      "--train-speed", "reference,fastest,fp32,bf16,bf16+compile,bf16+mlp+attn+lt+norm+bf16res+master,"
+                      "bf16+mlp+norm+fp8fwd+fp8bwd",
+                      "--sample-speed", "reference,fastest,fp32,bf16,bf16+compile,bf16+fp8+compile,bf16+fp8+plainmlp"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
 
     fwd, fwd_bwd = dit_flops(tokens=16, dim=64, depth=2, in_ch=4, out_ch=8, patch=2)
@@ -47,14 +48,15 @@ def test_tiny_cpu_run_reports_every_part(bench, tmp_path):
         assert r["default_ops"] and isinstance(r["math"], float)
         assert all(isinstance(r[b], float) or r[b].startswith("refused") for b in bench.BACKENDS)
 
-    assert [r["variant"] for r in res["train"]] == ["fp32", "bf16", "bf16+tail", "bf16+fp8+bf16res", "bf16+master+bf16res",
-                                                   "bf16+compile"]
+    assert [r["variant"] for r in res["train"]] == ["reference", "fp32", "bf16", "bf16+mlp+attn+lt+norm+bf16res+master",
+                                                   "bf16+mlp+norm+fp8fwd+fp8bwd", "fastest", "bf16+compile"]  # compiled last
     for r in res["train"]:
         assert r["status"] == "ok" and r["finite"], r
         assert len(r["step_ms_all"]) == 3 and r["img_per_s"] == pytest.approx(2e3 / r["step_ms"])
         assert r["tail_ms"] == pytest.approx(r["opt_ms"] + r["ema_ms"] + r["grad_norm_ms"])
-        assert (r["ema_ms"] == r["grad_norm_ms"] == 0) == any(k in r["variant"] for k in ("tail", "master"))  # in opt.step
-    assert [r["variant"] for r in res["sample"]] == ["fp32", "bf16", "bf16+bf16w+fp8", "bf16+compile", "bf16+fp8+compile"]
+        assert (r["ema_ms"] == r["grad_norm_ms"] == 0) == ("master" in r["variant"])  # in opt.step
+    assert [r["variant"] for r in res["sample"]] == ["reference", "fp32", "bf16", "bf16+fp8+plainmlp", "fastest", "bf16+compile",
+                                                    "bf16+fp8+compile"]
     for r in res["sample"]:
         assert r["status"] == "ok" and r["extrapolated"], r
         for sampler, steps in (("ddpm", 250), ("ddim", 50), ("euler", 50), ("heun", 25)):
@@ -76,14 +78,12 @@ def test_failing_row_is_reported_and_the_run_goes_on(bench, capsys):
 def test_unknown_variant_is_refused_at_the_boundary(bench):
     with pytest.raises(ValueError, match="unknown train variant 'bf8'"):
         bench.parse_args(["--tiny", "--variants", "bf8"])
-    with pytest.raises(ValueError, match="unknown train variant 'fp32\\+bf16res'"):  # a bf16 residual on an fp32 base
-        bench.parse_args(["--tiny", "--variants", "fp32+bf16res"])
+    with pytest.raises(ValueError, match="train variant 'fp32\\+bf16res': TrainSpeed.bf16_residual"):  # needs bf16
+        bench.parse_args(["--tiny", "--device", "cpu", "--variants", "fp32+bf16res"])
     with pytest.raises(ValueError, match="unknown sample variant 'bf16\\+bf16res'"):  # a training lever
         bench.parse_args(["--tiny", "--sample-variants", "bf16+bf16res"])
-    with pytest.raises(ValueError, match="unknown sample variant 'fp32\\+bf16w'"):  # bf16 weights on an fp32 base
-        bench.parse_args(["--tiny", "--sample-variants", "fp32+bf16w"])
-    with pytest.raises(ValueError, match="unknown sample variant 'bf16\\+tail'"):  # the optimizer tail is for training
-        bench.parse_args(["--tiny", "--sample-variants", "bf16+tail"])
+    with pytest.raises(ValueError, match="unknown train variant 'bf16\\+tail'"):  # a lever that was removed
+        bench.parse_args(["--tiny", "--variants", "bf16+tail"])
     assert bench.parse_args(["--tiny", "--sample-variants", "bf16+fp8+cudagraphs"]).rows[-1][3] == "bf16+fp8+cudagraphs"
-    rows = bench.parse_args(["--tiny", "--variants", "bf16+cudagraphs+tail", "--batches", "2"]).rows
-    assert [r[3] for r in rows if r[0] == "train"] == ["bf16+cudagraphs+tail"]
+    rows = bench.parse_args(["--tiny", "--device", "cpu", "--variants", "bf16+cudagraphs+master", "--batches", "2"]).rows
+    assert [r[3] for r in rows if r[0] == "train"] == ["bf16+cudagraphs+master"]

@@ -8,7 +8,7 @@ import torch
 
 from ditkit.cli import main
 from ditkit.config import load_config
-from ditkit.train.trainer import train
+from ditkit.training.trainer import train
 
 TINY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=16", "train.steps=1"]
 
@@ -82,27 +82,32 @@ def test_sample_and_eval_end_to_end(tmp_path, ckpt):
 
 
 def test_fp8_sampling_from_the_cli(tmp_path, ckpt, capsys):
-    """--fp8 converts the block linears (here emulated on the CPU) and samples as usual."""
-    main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-samples", "4", "--steps", "2", "--fp8"])
+    """--speed fp8+fp8_mlp converts the block linears (here emulated on the CPU) and samples as usual."""
+    main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-samples", "4", "--steps", "2", "--speed", "fp8+fp8_mlp"])
     out = capsys.readouterr().out
-    assert "fp8: 4 block linears quantized" in out and "static activation scales of 4 layers calibrated" in out
+    assert "fp8: 4 block linears in float8_e4m3fn" in out and "static activation scales of 4 layers calibrated" in out
     import numpy as np
 
     assert np.load(tmp_path / "samples.npz")["samples"].shape[0] == 4
 
 
-def test_bf16_compiled_sampling_from_the_cli_is_part_of_the_run_identity(tmp_path, ckpt, capsys):
-    """--precision changes the samples, so a rerun into the same folder with another one is refused;
-    --compile does not (a kernel choice), so it may change between reruns."""
+def test_a_named_recipe_on_the_cpu_says_it_samples_the_reference(tmp_path, ckpt, capsys):
+    main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-samples", "2", "--steps", "2", "--speed", "fastest"])
+    assert "speed fastest: the fast levers need a CUDA GPU; sampling on cpu with the reference numerics" in capsys.readouterr().out
+
+
+def test_bf16_sampling_from_the_cli_is_part_of_the_run_identity(tmp_path, ckpt, capsys):
+    """The precision changes the samples, so a rerun into the same folder with another one is refused;
+    compilation does not (a kernel choice), so it may change between reruns."""
     import numpy as np
 
     common = ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-samples", "4", "--steps", "2"]
-    main([*common, "--precision", "bf16"])
+    main([*common, "--speed", "amp_bf16"])
     bf16 = np.load(tmp_path / "samples.npz")["samples"]
-    main([*common, "--precision", "bf16", "--compile", "none"])  # same identity: the parts are reused
+    main([*common, "--speed", "amp_bf16+compile"])  # same identity: the parts are reused, nothing is compiled
     assert np.array_equal(np.load(tmp_path / "samples.npz")["samples"], bf16)
     capsys.readouterr()
-    one_line_error(capsys, [*common, "--precision", "fp32"], "differing: sample.precision")
+    one_line_error(capsys, [*common, "--speed", "reference"], "differing: source")
     main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "fp32"), "--num-samples", "4", "--steps", "2"])
     fp32 = np.load(tmp_path / "fp32" / "samples.npz")["samples"]
     assert bf16.shape == fp32.shape and np.abs(bf16.astype(float) - fp32.astype(float)).mean() < 0.05 * np.abs(fp32).mean() + 1
@@ -112,11 +117,11 @@ def test_export_to_safetensors_and_diffusers_then_sample_from_it(tmp_path, ckpt)
     main(["export", "--ckpt", str(ckpt), "--to", "safetensors", "--out", str(tmp_path / "m.safetensors")])
     main(["export", "--ckpt", str(ckpt), "--to", "diffusers", "--out", str(tmp_path / "diffusers")])
     assert (tmp_path / "diffusers" / "config.json").exists()
-    from ditkit.checkpoints import load_for_sampling
+    from ditkit.checkpoints import load_model
 
-    a, _ = load_for_sampling(ckpt)
+    a, _ = load_model(ckpt)
     for source in (tmp_path / "m.safetensors", tmp_path / "diffusers"):
-        b, _ = load_for_sampling(source)
+        b, _ = load_model(source)
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k]), (source, k)
 
@@ -129,19 +134,19 @@ def test_official_train_py_checkpoint_samples_and_exports(tmp_path):
     sd = ditkit.DiT_models["DiT-S/8"](input_size=16, num_classes=10).state_dict()  # heads inferred from width
     path = tmp_path / "0400000.pt"
     torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(model="DiT-custom")}, path)
-    from ditkit.checkpoints import load_for_sampling
+    from ditkit.checkpoints import load_model
 
-    model, cfg = load_for_sampling(path)
+    model, cfg = load_model(path)
     assert cfg.sample.guided_channels == 3 and torch.equal(model.state_dict()["pos_embed"], sd["pos_embed"])
     main(["export", "--ckpt", str(path), "--to", "safetensors", "--out", str(tmp_path / "w.safetensors")])
 
 
 def test_export_keeps_the_runs_objective(tmp_path):
-    from ditkit.checkpoints import load_for_sampling
+    from ditkit.checkpoints import load_model
 
     run = tmp_path / "run"
     train(load_config("digits", overrides=[*TINY, "objective.name=flow", "sample.sampler=heun"]), run, device="cpu")
     main(["export", "--ckpt", str(run / "checkpoints" / "last.pt"), "--to", "safetensors",
           "--out", str(tmp_path / "f.safetensors")])
-    _, cfg = load_for_sampling(tmp_path / "f.safetensors")
+    _, cfg = load_model(tmp_path / "f.safetensors")
     assert (cfg.objective.name, cfg.sample.sampler, cfg.data.kind) == ("flow", "heun", "digits")

@@ -31,7 +31,8 @@ def _resolve_config(args):
         for key, value in (("sample.sampler", sampler), ("sample.steps", steps)):
             if not any(o.startswith(f"{key}=") for o in args.overrides):
                 shortcuts.append(f"{key}={value}")
-    for flag, key in (("objective", "objective.name"), ("model", "model.name"), ("steps", "train.steps")):
+    for flag, key in (("objective", "objective.name"), ("model", "model.name"), ("steps", "train.steps"),
+                      ("speed", "train.speed")):
         value = getattr(args, flag, None)
         if value is not None:
             shortcuts.append(f"{key}={value}")
@@ -42,7 +43,7 @@ def _resolve_config(args):
 
 
 def cmd_train(args) -> None:
-    from ditkit.train.trainer import train
+    from ditkit.training.trainer import train
 
     cfg = _resolve_config(args)
     result = train(cfg, args.run_dir, resume=args.resume, device=args.device, init_from=args.init_from)
@@ -50,143 +51,16 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from ditkit.checkpoints import load_run
-    from ditkit.config import from_dict
-    from ditkit.models.inference import compiled
-    from ditkit.objectives import build_objective
-    from ditkit.sampling import grid_labels, sample_to_npz
-    from ditkit.train.distributed import barrier, cleanup, setup_distributed
+    from ditkit.generation import sample_checkpoint
 
-    info = setup_distributed(args.device)
-    model, cfg, stored = load_run(args.ckpt, use_ema=not args.no_ema, device=info.device)
-    overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                                   "eta": args.eta, "guided_channels": args.guided_channels, "grid": args.grid,
-                                   "sde_diffusion": args.sde_diffusion,
-                                   "guidance_interval": args.guidance_interval, "precision": args.precision,
-                                   "compile": args.compile}.items() if v is not None}
-    cfg = from_dict({"sample": overrides}, cfg).validate()
-    net, fp8 = _inference_network(model, cfg.sample.precision, args.fp8, info.device)
-    if cfg.model.num_params or cfg.model.cond_channels:
-        return _sample_fields(args, model, net, cfg, stored, info.device, fp8)
-    objective = build_objective(cfg)
-    if fp8:
-        from ditkit.sampling import generate, sample_labels, sample_noise
-
-        idx = range(8)  # a calibration run on 8 samples of their own (seed 12345), not the ones written
-        noise = sample_noise(idx, (cfg.model.in_channels, *model.input_size), 12345).to(info.device)
-        kwargs = {"y": sample_labels(idx, cfg.model.num_classes, "random", 12345).to(info.device)} if cfg.model.num_classes else {}
-        _calibrate_fp8(model, lambda: generate(net, objective, noise, kwargs, cfg.sample, progress=False), cfg, len(idx))
-    net = compiled(net, cfg.sample.compile)
-    decode = _decoder(cfg, args.vae, info.device)
-    labels = args.labels if args.labels in ("balanced", "random") else _class_ids(args.labels, cfg.model.num_classes)
-    out = Path(args.out)
-    path = sample_to_npz(net, objective, cfg, args.num_samples, out, args.batch_size, seed=args.seed, labels=labels,
-                         decode=decode, rank=info.rank, world_size=info.world_size, device=info.device,
-                         barrier=lambda: barrier(info),
-                         source=f"{Path(args.ckpt).resolve()} ema={not args.no_ema}" + (" fp8" if fp8 else ""))
-    if path is not None:
-        import numpy as np
-
-        data = np.load(path)
-        images, y = data["arr_0"], data["arr_1"]
-        if cfg.model.num_classes > 0:
-            wanted = grid_labels(min(cfg.model.num_classes, 10), per_class=10)
-            picks = [int(np.flatnonzero(y == c)[k]) for c, k in zip(wanted.tolist(), list(range(10)) * 10)
-                     if (y == c).sum() > k]
-            images = images[picks]
-        from ditkit.utils.images import save_grid
-
-        save_grid(images[:100], out / "grid.png", nrow=10, scale=max(1, 64 // images.shape[1]))
-        print(f"{len(data['arr_0'])} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps, "
-              f"guidance {cfg.sample.cfg_scale}) -> {path}; grid -> {out / 'grid.png'}")
-    cleanup(info)
-
-
-def _sample_fields(args, model, net, cfg, stored: dict, device, fp8: bool) -> None:
-    """A model conditioned on parameters and/or fields: one sample per condition of --cond, all in
-    physical units (the run's normaliser is applied on the way in and undone on the way out)."""
-    import numpy as np
-    import torch
-
-    from ditkit.eval.field_benchmark import field_generator, field_normalizer
-    from ditkit.models.inference import compiled
-    from ditkit.sampling import save_sample_grid
-    from ditkit.utils.io import atomic_save_npz
-
-    if args.cond is None:
-        raise ValueError(f"{args.ckpt} is conditioned on parameters/fields: give --cond FILE.npz with 'params' "
-                         "(N, P) and/or 'field' (N, C, H, W) in physical units")
-    norm = field_normalizer(args.ckpt, stored)
-    with np.load(args.cond) as cond:
-        need = [k for k, on in (("params", cfg.model.num_params), ("field", cfg.model.cond_channels)) if on]
-        missing = [k for k in need if k not in cond.files]
-        if missing:
-            raise ValueError(f"{args.cond} lacks {', '.join(missing)} (it has: {', '.join(cond.files)})")
-        arrays = {k: torch.from_numpy(np.asarray(cond[k], dtype=np.float64)) for k in need}
-    if fp8:  # calibrated on the first 8 conditions, with noise of its own (seed 12345)
-        first = {k: v[:8] for k, v in arrays.items()}
-        calibration = field_generator(net, cfg, norm, device, batch_size=8, seed=12345)
-        _calibrate_fp8(model, lambda: calibration(first.get("params"), first.get("field")),
-                       cfg, len(next(iter(first.values()))))
-    generate_fields = field_generator(compiled(net, cfg.sample.compile), cfg, norm, device, batch_size=args.batch_size,
-                                      seed=args.seed)
-    x = generate_fields(arrays.get("params"), arrays.get("field")).float()
-    out = Path(args.out)
-    atomic_save_npz(out / "samples.npz", samples=x.numpy(), **{k: v.numpy() for k, v in arrays.items()})
-    save_sample_grid(x[:64], cfg, out / "grid.png", nrow=8)
-    print(f"{len(x)} fields in physical units ({cfg.sample.sampler}, {cfg.sample.steps} steps) -> {out / 'samples.npz'}")
-
-
-def _inference_network(model, precision: str, fp8: bool, device):
-    """``--precision`` and ``--fp8`` (block linears to FP8, ditkit.models.fp8): the network to sample
-    with, and whether any layer became FP8."""
-    from ditkit.models.fp8 import fp8_matmul_supported
-    from ditkit.models.inference import for_inference
-
-    if fp8 and device.type == "cuda" and not fp8_matmul_supported(device):
-        print("fp8: warning: this GPU has no FP8 tensor cores (compute capability < 8.9); the FP8 products "
-              "are emulated in float32, slower than without --fp8", file=sys.stderr)
-    net = for_inference(model, precision, fp8=fp8)
-    if fp8:
-        print(f"fp8: {net.fp8_layers} block linears quantized to float8_e4m3fn (row-wise weight scales; fc1 per tensor, "
-              "its GELU and fc2's input cast in its product)")
-        if not net.fp8_layers:
-            print("fp8: warning: no layer has sizes that are multiples of 16; sampling without FP8", file=sys.stderr)
-    return net, net.fp8_layers > 0
-
-
-def _calibrate_fp8(model, run, cfg, n: int) -> None:
-    """Static FP8 activation scales from ``run()``, one run of the sampler on n samples."""
-    from ditkit.models.fp8 import calibrate_fp8
-
-    layers = calibrate_fp8(model, run)
-    print(f"fp8: static activation scales of {layers} layers calibrated on {n} samples ({cfg.sample.sampler}, "
-          f"{cfg.sample.steps} steps)")
-
-
-def _class_ids(text: str, num_classes: int) -> list[int]:
-    try:
-        ids = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--labels must be balanced, random or comma-separated class ids, got {text!r}") from None
-    bad = [i for i in ids if not 0 <= i < num_classes]
-    if bad:
-        raise ValueError(f"label {bad[0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
-    return ids
-
-
-def _decoder(cfg, vae_path: str | None, device):
-    """x -> (uint8 N×H×W×3, raw float array or None) for the data kind of the run."""
-    from ditkit.utils.images import to_uint8
-
-    if cfg.data.kind == "latents":
-        if vae_path is None:
-            raise SystemExit("ditkit: this model samples VAE latents; give --vae PATH (a local sd-vae-ft-ema/-mse folder)")
-        from ditkit.models.vae import decode, load_vae
-
-        vae = load_vae(vae_path, device=device)
-        return lambda x: (to_uint8(decode(vae, x)), None)
-    return lambda x: (to_uint8(x), x.float().cpu().numpy())
+    settings = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale, "eta": args.eta,
+                "guided_channels": args.guided_channels, "grid": args.grid, "sde_diffusion": args.sde_diffusion,
+                "guidance_interval": args.guidance_interval}
+    line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
+                             settings=settings, speed=args.speed, labels=args.labels, seed=args.seed, vae=args.vae,
+                             cond=args.cond, ema=not args.no_ema, device=args.device)
+    if line:
+        print(line)
 
 
 def cmd_eval(args) -> None:
@@ -201,7 +75,7 @@ def cmd_eval(args) -> None:
         from ditkit.eval.evaluate import evaluate, format_table
 
         if args.inception is None:
-            raise SystemExit("ditkit: image metrics need --inception PATH (pt_inception-2015-12-05-6726825d.pth, see README)")
+            raise SystemExit("ditkit: image metrics need --inception PATH (pt_inception-2015-12-05-6726825d.pth, see docs/sampling.md)")
         result = evaluate(args.samples, args.ref, args.inception, batch_size=args.batch_size, device=args.device,
                           resize=args.resize, progress=True)
         print(format_table(result))
@@ -223,10 +97,9 @@ def cmd_extract(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ditkit.checkpoints import load_for_sampling, save_weights
-    from ditkit.interop import export_diffusers
+    from ditkit.checkpoints import export_diffusers, load_model, save_weights
 
-    model, cfg = load_for_sampling(args.ckpt, use_ema=not args.no_ema)
+    model, cfg = load_model(args.ckpt, ema=not args.no_ema, device="cpu")
     if args.to == "diffusers":
         labels = json.loads(Path(args.id2label).read_text()) if args.id2label else None
         export_diffusers(model, args.out, vae=args.vae, id2label=labels)
@@ -254,7 +127,7 @@ def cmd_eval_fields(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ditkit.config import COMPILE_MODES, PRECISIONS
+    from ditkit.config import SPEEDS
     from ditkit.samplers.sde import DIFFUSION_FORMS
 
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
@@ -266,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoints/last.pt")
     p.add_argument("--init-from", help="start from these weights (ditkit, official .pt, safetensors)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU if any)")
+    p.add_argument("--speed", metavar="|".join(SPEEDS), help="shortcut for --set train.speed=...: a recipe (auto: the "
+                   "fastest valid for the run on a GPU, reference on a CPU) or levers joined by + (docs/speed.md)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample into an ADM-style .npz and a PNG grid")
@@ -282,14 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion coefficient of the sde sampler (SiT's forms)")
     p.add_argument("--guided-channels", type=int, help="guide only the first N channels (3: the official code)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("A", "B"), help="guide only for noise level in [A, B]")
-    p.add_argument("--fp8", action="store_true", help="FP8 (e4m3) matrix products in the transformer blocks "
-                   "(ditkit.models.fp8, and the MLP's GELU and fc2's input cast in fc1's product: ditkit.models.fp8_mlp; "
-                   "fastest on Hopper/Ada GPUs, emulated elsewhere)")
-    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default: the official numerics), amp-bf16 "
-                   "(autocast; the fast path, with --fp8 and --compile cudagraphs) or bf16 (weights too: less memory, "
-                   "more error, not faster)")
-    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the network; cudagraphs: also replay each "
-                   "call as a CUDA graph (GPU)")
+    p.add_argument("--speed", metavar="|".join(SPEEDS), help="the speed recipe: reference (float32, eager: the official "
+                   "numerics), fast (bf16 + CUDA graphs), fastest (+ FP8 products), auto (fastest on a GPU, reference on "
+                   "a CPU), or levers joined by + (docs/speed.md); default: the checkpoint's sample.speed, auto")
     p.add_argument("--labels", default="balanced", help="balanced, random, or a comma-separated list of class ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="local VAE (folder or file) to decode latents")
@@ -363,8 +233,8 @@ def _has_cuda() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ditkit.checkpoints.training import CheckpointError
     from ditkit.config import ConfigError
-    from ditkit.train.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:

@@ -17,10 +17,7 @@ from typing import Any
 
 import yaml
 
-from ditkit.utils.sdpa import SDPA_CHOICES
-
-PRECISIONS = ("fp32", "amp-bf16", "bf16")  # sample.precision (ditkit.models.inference)
-COMPILE_MODES = ("none", "default", "cudagraphs")  # sample.compile
+SPEEDS = ("auto", "reference", "fast", "fastest")  # train.speed, sample.speed (ditkit.fast.recipes)
 
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -126,29 +123,16 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 | fp16
     seed: int = 0
     distributed: str = "ddp"  # ddp | fsdp (when launched with torchrun)
-    compile: bool = False
-    compile_loss: bool = False  # with compile: the loss compiled with the network inside it, one process (ditkit.train.compiled_loss)
-    compile_mode: str = "default"  # default | cudagraphs (torch.compile's reduce-overhead: each step's graphs replayed)
-    fp8: bool = False  # block linears' forward and ∂x products in FP8, row-wise scales (ditkit.models.fp8_training)
-    fused_mlp: bool = False  # the MLP with GELU and its derivative in cuBLASLt's epilogues on CUDA (ditkit.models.fused_mlp)
-    fused_attention: bool = False  # qkv linear + cuDNN attention as one operator, ∂qkv and its bias sum in one kernel (ditkit.models.fused_attention)
-    tuned_linear: bool = False  # the other linears' products through cuBLASLt's fastest candidate on CUDA (ditkit.models.tuned_linear)
-    fused_norm: bool = False  # adaLN's LayerNorm, modulation and gated residual as Triton kernels on CUDA (ditkit.models.fused_norm)
-    fp8_forward: bool = False  # with fused_norm and fused_mlp/fused_attention: fc1's and qkv's forward in FP8 (ditkit.models.fp8_forward)
-    fp8_backward: bool = False  # with fused_mlp/fused_attention: fc1's and qkv's ∂x products in FP8, per-token scales (ditkit.models.fp8_backward)
-    bf16_residual: bool = False  # under bf16 autocast, the residual stream in bf16 instead of float32 (Megatron's default)
-    fused_tail: bool = False  # norm, clip, skip, AdamW and EMA in one pass (ditkit.train.adamw_ema); slower on an H100, see README
-    bf16_weights: bool = False  # linears/convs hold bf16 weights, float32 masters in a flat AdamW + EMA (ditkit.train.master_weights)
-    activation_checkpointing: bool = False
+    speed: str = "auto"  # auto | reference | fast | fastest, or levers joined by + (ditkit.fast.recipes; auto: fastest on a GPU)
+    activation_checkpointing: bool = False  # recompute each block in the backward (less memory, ~1/3 more compute)
     log_every: int = 100
     ckpt_every: int = 50_000
     keep_last: int = 3
     ckpt_format: str = "pt"  # pt | safetensors (same content; safetensors never runs pickle)
     sample_every: int = 0  # 0: off
     max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
-    sdpa: str = "auto"  # attention kernel on CUDA: auto | flash | cudnn | efficient | math (ditkit.utils.sdpa)
     max_minutes: float = 0.0  # wall-clock budget: checkpoint and stop at the first log step past it (0: off)
-    profile: str = ""  # "A-B": the PyTorch profiler over steps A to B, written to the run folder (ditkit.train.profiling)
+    profile: str = ""  # "A-B": the PyTorch profiler over steps A to B, written to the run folder (ditkit.training.profiling)
     fsdp_reshard: bool = True  # FSDP: free each block's gathered weights after its forward (false: keep them for the backward)
     fsdp_bf16_gather: bool = False  # FSDP: gather the weights in bf16 (half the all-gather traffic; gradients reduced in float32)
     vae: str | None = None  # local VAE (folder or file) to decode the sample grids of latent runs
@@ -164,9 +148,7 @@ class SampleConfig:
     eta: float = 0.0  # ddim
     grid: str = "uniform"  # euler/heun/sde time grid: uniform | shifted (objective.shift)
     sde_diffusion: str = "sigma"  # sde: sigma | constant | SBDM | linear | decreasing | increasing-decreasing
-    sdpa: str = "auto"  # attention kernel on CUDA (ditkit.utils.sdpa)
-    precision: str = "fp32"  # fp32 | amp-bf16 | bf16 (ditkit.models.inference), for `ditkit sample`
-    compile: str = "none"  # none | default | cudagraphs (torch.compile's reduce-overhead mode), for `ditkit sample`
+    speed: str = "auto"  # auto | reference | fast | fastest: the speed recipe (ditkit.fast.recipes; auto: fastest on a GPU)
 
 
 @dataclass
@@ -189,11 +171,6 @@ class Config:
             (self.train.ckpt_format in ("pt", "safetensors"), "train.ckpt_format", "pt or safetensors"),
             (self.sample.sampler in ("ddpm", "ddim", "euler", "heun", "dopri5", "sde"), "sample.sampler",
              "ddpm, ddim, euler, heun, dopri5 or sde"),
-            (self.train.compile_mode in ("default", "cudagraphs"), "train.compile_mode", "default or cudagraphs"),
-            (self.train.compile or self.train.compile_mode == "default", "train.compile_mode",
-             "default unless train.compile=true (CUDA graphs come with compilation)"),
-            (self.sample.precision in PRECISIONS, "sample.precision", f"one of {', '.join(PRECISIONS)}"),
-            (self.sample.compile in COMPILE_MODES, "sample.compile", f"one of {', '.join(COMPILE_MODES)}"),
             (self.train.global_batch_size > 0, "train.global_batch_size", "a positive integer"),
             (self.train.grad_accum > 0, "train.grad_accum", "a positive integer"),
             (self.train.steps >= 0, "train.steps", "a non-negative integer"),
@@ -203,32 +180,7 @@ class Config:
             (self.train.ckpt_every > 0, "train.ckpt_every", "a positive integer (a checkpoint is also written at the end)"),
             (self.train.sample_every >= 0, "train.sample_every", "0 (off) or a positive integer"),
             (self.train.max_nonfinite >= 1, "train.max_nonfinite", "at least 1"),
-            (self.train.sdpa in SDPA_CHOICES, "train.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
-            (self.sample.sdpa in SDPA_CHOICES, "sample.sdpa", f"one of {', '.join(SDPA_CHOICES)}"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
-            (self.train.compile or not self.train.compile_loss, "train.compile_loss",
-             "false without train.compile=true (it compiles the loss with the network inside)"),
-            (not self.train.fused_attention or self.train.sdpa in ("auto", "cudnn"), "train.sdpa",
-             "auto or cudnn with train.fused_attention=true (its operator calls cuDNN's attention)"),
-            (not (self.train.fp8 and self.train.fused_mlp), "train.fused_mlp",
-             "false with train.fp8=true (both replace the MLP's products)"),
-            (not self.train.fp8_forward or (self.train.fused_norm and (self.train.fused_mlp or self.train.fused_attention)),
-             "train.fp8_forward", "false without train.fused_norm=true and train.fused_mlp or train.fused_attention=true "
-             "(it runs inside their operators)"),
-            (not self.train.fp8_forward or self.train.precision in ("auto", "bf16"), "train.precision",
-             "bf16 (or auto on a GPU) with train.fp8_forward=true (the FP8 product returns bf16)"),
-            (not self.train.fp8_backward or self.train.fused_mlp or self.train.fused_attention, "train.fp8_backward",
-             "false without train.fused_mlp or train.fused_attention=true (it runs inside their backward)"),
-            (not self.train.fp8_backward or self.train.precision in ("auto", "bf16"), "train.precision",
-             "bf16 (or auto on a GPU) with train.fp8_backward=true (the FP8 product returns bf16)"),
-            (not (self.train.bf16_weights and self.train.fused_tail), "train.fused_tail",
-             "false with train.bf16_weights=true (both replace the optimizer's step)"),
-            (not (self.train.bf16_weights and self.train.fp8), "train.fp8",
-             "false with train.bf16_weights=true (FP8 quantizes from the float32 weights)"),
-            (not self.train.bf16_weights or self.train.grad_accum == 1, "train.grad_accum",
-             "1 with train.bf16_weights=true (bf16 gradients are not summed over micro-batches)"),
-            (not self.train.bf16_weights or self.train.precision in ("auto", "bf16"), "train.precision",
-             "bf16 (or auto on a GPU) with train.bf16_weights=true"),
             (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
              "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),
         ]
@@ -236,6 +188,13 @@ class Config:
             if not ok:
                 raise ConfigError(f"{name} must be {what}, got {_get(self, name)!r}")
         parse_profile(self.train.profile)
+        from ditkit.fast.recipes import check_speed
+
+        for kind in ("train", "sample"):
+            try:
+                check_speed(getattr(self, kind).speed, kind)
+            except ValueError as err:
+                raise ConfigError(f"{kind}.speed: {err}") from None
         from ditkit.models.dit import DiT_models
 
         if self.model.name != "custom" and self.model.name not in DiT_models:
@@ -285,11 +244,40 @@ def _check_type(value: Any, annotation: Any, name: str) -> Any:
     raise ConfigError(f"{name} must be {names}, got {value!r} ({type(value).__name__})")
 
 
+# Speed keys of configs written before the speed recipes (ditkit.fast.recipes): one key per lever.
+_OLD_TRAIN_SPEED = ("compile", "compile_mode", "compile_loss", "fp8", "fused_mlp", "fused_attention", "tuned_linear",
+                    "fused_norm", "fp8_forward", "fp8_backward", "bf16_residual", "fused_tail", "bf16_weights", "sdpa")
+_OLD_SAMPLE_SPEED = ("precision", "compile", "sdpa")
+
+
+def migrate(data: dict) -> dict:
+    """A config dict with the per-lever speed keys of older configs and checkpoints replaced by the
+    recipe that ran what they asked for: any FP8 lever -> ``fastest``; any other lever -> ``fast``;
+    none -> ``reference`` (what such a run computed).  Levers without a recipe (the fused optimizer
+    tail, row-wise FP8 training, bf16 sampling weights, a forced SDPA kernel) are dropped."""
+    if not isinstance(data, dict):
+        return data
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    train, sample = data.get("train"), data.get("sample")
+    if isinstance(train, dict) and any(k in train for k in _OLD_TRAIN_SPEED) and "speed" not in train:
+        old = {k: train.pop(k) for k in _OLD_TRAIN_SPEED if k in train}
+        on = {k for k, v in old.items() if v is True or (k == "compile_mode" and v == "cudagraphs")}
+        train["speed"] = ("fastest" if on & {"fp8", "fp8_forward", "fp8_backward"}
+                          else "fast" if on - {"fused_tail"} else "reference")
+    if isinstance(sample, dict) and any(k in sample for k in _OLD_SAMPLE_SPEED) and "speed" not in sample:
+        old = {k: sample.pop(k) for k in _OLD_SAMPLE_SPEED if k in sample}
+        fast = old.get("precision", "fp32") != "fp32" or old.get("compile", "none") != "none"
+        sample["speed"] = "fast" if fast else "reference"
+    return data
+
+
 def from_dict(data: dict, base: Config | None = None) -> Config:
-    """Fill a Config from nested dicts; unknown sections or keys and wrong types are errors."""
+    """Fill a Config from nested dicts; unknown sections or keys and wrong types are errors.  The
+    per-lever speed keys of older configs are migrated to a recipe (``migrate``)."""
     cfg = base or Config()
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    data = migrate(data)
     sections = {f.name: f for f in fields(Config)}
     for section, values in data.items():
         if section not in sections:
@@ -318,12 +306,17 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("ditkit.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(preset: str | None = None, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Preset (packaged YAML), then a user YAML file, then ``section.key=value`` overrides."""
+def load_config(preset: str | Path | None = None, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """``load_config("digits", ["train.steps=100"])``: a preset (packaged YAML) or a YAML file, then a
+    YAML file given as ``path`` (applied after the preset), then ``section.key=value`` overrides."""
+    if preset is not None and (str(preset).endswith((".yaml", ".yml")) or Path(preset).is_file()):
+        if path is not None:
+            raise ConfigError(f"give one config file: {preset} or {path}")
+        preset, path = None, preset
     cfg = Config()
     if preset is not None:
         if preset not in preset_names():
-            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
+            raise ConfigError(f"unknown preset {preset!r} (and no such file); presets: {', '.join(preset_names())}")
         cfg = from_dict(yaml.safe_load(resources.files("ditkit.presets").joinpath(f"{preset}.yaml").read_text()), cfg)
     if path is not None:
         path = Path(path)
@@ -352,5 +345,5 @@ def save_config(cfg: Config, path: Path) -> None:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "ObjectiveConfig", "SampleConfig", "TrainConfig",
-    "config_from_checkpoint", "from_dict", "load_config", "parse_override", "preset_names", "save_config",
+    "config_from_checkpoint", "from_dict", "load_config", "migrate", "parse_override", "preset_names", "save_config",
 ]

@@ -14,7 +14,6 @@ from ditkit.guidance import NFECounter, conditional_fn, guided_fn
 from ditkit.models.dit import as_pair
 from ditkit.utils.images import save_grid, to_uint8
 from ditkit.utils.io import atomic_save_npz
-from ditkit.utils.sdpa import sdpa_backend
 
 
 def grid_labels(num_classes: int, per_class: int, max_total: int | None = None) -> torch.Tensor:
@@ -38,8 +37,7 @@ def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dic
         fn = conditional_fn(model, model_kwargs, counter)
     opts = {"ddim": {"eta": cfg.eta}, "euler": {"grid": cfg.grid}, "heun": {"grid": cfg.grid},
             "sde": {"grid": cfg.grid, "diffusion": cfg.sde_diffusion}}.get(cfg.sampler, {})
-    with sdpa_backend(cfg.sdpa):
-        x, _ = objective.sample(fn, noise, sampler=cfg.sampler, steps=cfg.steps, progress=progress, **opts)
+    x, _ = objective.sample(fn, noise, sampler=cfg.sampler, steps=cfg.steps, progress=progress, **opts)
     return x, counter.nfe
 
 
@@ -101,7 +99,8 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     ``parts/``.  An interrupted run resumes by skipping finished parts; rank 0 merges them in
     order (after ``barrier()``, which waits for the other ranks) and checks that every index is
     present exactly once.  ``decode(x) -> (uint8, raw)``.  ``parts/settings.json`` records what
-    made the parts (``source``: the checkpoint; sampler, steps, guidance, seed, labels, sizes); a
+    made the parts (``source``: the checkpoint and the speed levers that change numbers; sampler, steps,
+    guidance, seed, labels, sizes); a
     rerun with other settings into the same folder is refused instead of mixing samples."""
     from tqdm import tqdm
 
@@ -110,9 +109,7 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     out_dir = Path(out_dir)
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k not in ("sdpa", "compile")}  # kernels change no sample
-    if sample["precision"] == "fp32":  # the default, and what folders written before the option meant
-        del sample["precision"]
+    sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "speed"}  # the caller's source names the levers
     _check_settings(parts, {"source": source, "sample": sample, "seed": seed, "labels": labels,
                             "num_samples": num_samples, "batch_size": batch_size})
     shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from ditkit.data.random_fields import (
-    FieldBenchmark, field_variance, gaussian_field, gaussian_smooth, lognormal_field, lognormal_spectrum,
-    power_law_spectrum, wavenumbers, write_benchmark,
+    FieldBenchmark,
+    field_variance,
+    gaussian_field,
+    gaussian_smooth,
+    lognormal_field,
+    lognormal_spectrum,
+    power_law_spectrum,
+    wavenumbers,
+    write_benchmark,
 )
 from ditkit.eval.fields import bin_spectrum, power_spectrum
 

@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ditkit.eval.batches import (has_images, load_sample_batch, open_images, read_reference_stats,
-                                 save_sample_batch)
+from ditkit.eval.batches import has_images, load_sample_batch, open_images, read_reference_stats, save_sample_batch
 
 
 @pytest.fixture

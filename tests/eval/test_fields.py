@@ -8,8 +8,15 @@ import torch
 
 from ditkit.data.random_fields import FieldBenchmark
 from ditkit.eval.fields import (
-    bin_spectrum, cross_correlation, evaluate_benchmark, plot_benchmark, plot_field_grid, plot_power_spectra,
-    power_spectrum, radial_bins, relative_error,
+    bin_spectrum,
+    cross_correlation,
+    evaluate_benchmark,
+    plot_benchmark,
+    plot_field_grid,
+    plot_power_spectra,
+    power_spectrum,
+    radial_bins,
+    relative_error,
 )
 
 G = torch.Generator().manual_seed(0)

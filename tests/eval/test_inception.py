@@ -7,8 +7,15 @@ from torch import nn
 
 from ditkit.eval.batches import ArrayImages
 from ditkit.eval.evaluate import compute_activations
-from ditkit.eval.inception import (WEIGHTS_FILE, WEIGHTS_URL, FIDInceptionV3, full_fp32, load_inception,
-                                   preprocess, resize_tf1)
+from ditkit.eval.inception import (
+    WEIGHTS_FILE,
+    WEIGHTS_URL,
+    FIDInceptionV3,
+    full_fp32,
+    load_inception,
+    preprocess,
+    resize_tf1,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from ditkit.eval import metrics
-from ditkit.eval.metrics import (feature_statistics, frechet_distance, inception_score, manifold_radii,
-                                 precision_recall)
+from ditkit.eval.metrics import feature_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
 
 
 def random_spd(rng, d):

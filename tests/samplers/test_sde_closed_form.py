@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from ditkit.samplers.sde import DIFFUSION_FORMS, diffusion_fn, euler_maruyama
 from ditkit.samplers.ode import uniform_grid
+from ditkit.samplers.sde import DIFFUSION_FORMS, diffusion_fn, euler_maruyama
 from tests.samplers.gaussian import GaussianFlow, assert_gaussian
 
 FLOW = GaussianFlow()

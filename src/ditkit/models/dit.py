@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ditkit.models.conditioning import ConditionEmbedders, CrossAttention
 from ditkit.models.pos_embed import sincos_2d_pos_embed
@@ -264,10 +263,6 @@ class DiT(nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, cross_attention=cross) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
-        # None: the residual stream takes the embedding's dtype (float32 under autocast, which keeps
-        # x + α·f(x) in float32); torch.bfloat16 halves its memory traffic (train.bf16_residual).
-        self.residual_dtype: torch.dtype | None = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -353,8 +348,6 @@ class DiT(nn.Module):
             field = self.cond.drop_field(field, self.training, force_drop_ids)  # dropped -> zeros, the null field
             x = torch.cat([x, field.to(x.dtype)], dim=1)
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        if self.residual_dtype is not None:
-            tokens = tokens.to(self.residual_dtype)
         t_emb = self.t_embedder(t)  # (B, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids) if self.num_classes > 0 else None
         p_emb = self.cond.embed_params(params, self.training, force_drop_ids)
@@ -375,10 +368,7 @@ class DiT(nn.Module):
                 context = extra if context is None else torch.cat([context, extra], dim=1)
 
         for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, c, context, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, context)
+            tokens = block(tokens, c, context)
         if n_extra:
             tokens = tokens[:, :-n_extra]
         return self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)

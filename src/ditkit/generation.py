@@ -1,0 +1,248 @@
+"""From a model to images: ``ditkit.sample`` for a notebook, and ``sample_checkpoint``, the work of
+``ditkit sample`` (many samples on many processes into an ADM ``.npz`` and a PNG grid).
+
+Both prepare the network through the one door for speed (``ditkit.fast.sample_speed``); with FP8
+the static activation scales are calibrated on 8 samples of their own (noise and labels from seed
+12345), never on the samples returned.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ditkit.config import Config, from_dict
+from ditkit.fast import SampleSpeed, sample_speed
+from ditkit.fast.recipes import resolve_sample_speed
+from ditkit.models.dit import as_pair
+from ditkit.objectives import build_objective
+from ditkit.sampling import generate, grid_labels, sample_labels, sample_noise, sample_to_npz, save_sample_grid
+from ditkit.utils.images import save_grid, to_uint8
+
+CALIBRATION_SAMPLES, CALIBRATION_SEED = 8, 12345
+
+
+@dataclass
+class Samples:
+    """What ``ditkit.sample`` returns."""
+    images: np.ndarray  # (N, H, W, 3) uint8: decoded through the VAE for latent models, else shown as they are
+    x: torch.Tensor  # (N, C, H, W) float32 on the CPU: what the network made (latents, pixels, normalised fields)
+    labels: torch.Tensor | None  # (N,) class ids, or None for an unconditional model
+    nfe: int  # network evaluations per batch (guidance counts its doubled batch once)
+
+
+def with_sample_settings(cfg: Config, **settings) -> Config:
+    """``cfg`` with ``sample.<key>`` set for every setting that is not None, validated."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    return from_dict({"sample": given}, copy.deepcopy(cfg)).validate() if given else cfg
+
+
+def _calibration_run(objective, cfg: Config, shape: tuple[int, ...], device, kwargs: dict | None = None):
+    """net -> one sampler run on ``CALIBRATION_SAMPLES`` samples of their own (for FP8's static scales);
+    with ``kwargs`` (conditions), on as many samples as they hold rows."""
+    idx = range(len(next(iter(kwargs.values()))) if kwargs else CALIBRATION_SAMPLES)
+    noise = sample_noise(idx, shape, CALIBRATION_SEED).to(device)
+    if kwargs is None:
+        kwargs = ({"y": sample_labels(idx, cfg.model.num_classes, "random", CALIBRATION_SEED).to(device)}
+                  if cfg.model.num_classes else {})
+    return lambda net: generate(net, objective, noise, kwargs, cfg.sample, progress=False)
+
+
+_prepared: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def prepare_network(model: nn.Module, cfg: Config, speed: str | SampleSpeed, device: torch.device,
+                    calibration_kwargs: dict | None = None, copy_model: bool = True) -> tuple[nn.Module, list[str]]:
+    """The network to sample ``model`` with under ``speed`` (``ditkit.fast.sample_speed``) and its notes.
+    With ``copy_model`` the levers act on a copy, so ``model`` itself stays the reference network; the
+    prepared copy is kept for the next call with the same speed and sampler settings."""
+    key = (speed, cfg.sample.sampler, cfg.sample.steps, cfg.sample.cfg_scale)
+    cache = _prepared.setdefault(model, {}) if copy_model else {}
+    if key in cache:
+        return cache[key], []
+    target = copy.deepcopy(model) if copy_model and speed != "reference" else model
+    shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
+    calibrate = _calibration_run(build_objective(cfg), cfg, shape, device, calibration_kwargs)
+    net, notes = sample_speed(target, speed, device, calibrate=calibrate)
+    cache[key] = net
+    return net, notes
+
+
+def _images(x: torch.Tensor, cfg: Config, vae) -> np.ndarray:
+    if cfg.data.kind == "latents" and vae is not None:
+        from ditkit.models.vae import decode
+
+        return to_uint8(decode(vae, x))
+    if cfg.data.kind in ("digits", "images") or cfg.model.in_channels in (1, 3):
+        return to_uint8(x)
+    first = x[:, :1].float()  # latents without a VAE, fields: the first channel, stretched per image
+    lo, hi = first.amin(dim=(1, 2, 3), keepdim=True), first.amax(dim=(1, 2, 3), keepdim=True)
+    return to_uint8(2 * (first - lo) / (hi - lo).clamp_min(1e-12) - 1)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | None = None, num_samples: int | None = None,
+           steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None, vae=None, seed: int = 0,
+           speed: str | SampleSpeed = "auto", batch_size: int = 64, params: torch.Tensor | None = None,
+           field: torch.Tensor | None = None, progress: bool = True) -> Samples:
+    """Samples from ``model`` (from ``ditkit.load_model``) with the sampler of ``cfg`` unless given.
+
+    ``labels``: class ids, one sample each (default: ``num_samples`` of them, classes in turn);
+    ``vae``: a VAE (``ditkit.models.vae.load_vae``) or a local path, to decode latent models' samples;
+    ``params`` (N, P) and ``field`` (N, C, H, W): the conditions of a field model, in the model's
+    (normalised) units; ``seed``: sample i's noise comes from (seed, i), whatever the batch size;
+    ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed)."""
+    cfg = with_sample_settings(cfg, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+    device = next(model.parameters()).device
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if cfg.model.num_classes <= 0:
+            raise ValueError("this model is unconditional (num_classes=0): give no labels")
+        bad = labels[(labels < 0) | (labels >= cfg.model.num_classes)]
+        if len(bad):
+            raise ValueError(f"label {int(bad[0])} is out of range: the model has {cfg.model.num_classes} classes")
+    given = [len(v) for v in (labels, params, field) if v is not None]
+    n = num_samples if num_samples is not None else (given[0] if given else 16)
+    if n <= 0:
+        raise ValueError(f"num_samples must be positive, got {n}")
+    if any(g != n for g in given):
+        raise ValueError(f"labels/params/field hold {given} rows, but {n} samples were asked for")
+    if isinstance(vae, (str, Path)):
+        from ditkit.models.vae import load_vae
+
+        vae = load_vae(vae, device=device)
+    conds = {k: v for k, v in (("params", params), ("field", field)) if v is not None}
+    net, notes = prepare_network(model, cfg, speed, device,
+                                 calibration_kwargs={k: v[:CALIBRATION_SAMPLES].to(device) for k, v in conds.items()} or None)
+    for note in notes:
+        print(note)
+    objective = build_objective(cfg)
+    shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
+    if cfg.model.num_classes > 0 and labels is None:
+        labels = sample_labels(range(n), cfg.model.num_classes, "balanced", seed)
+    xs, nfe = [], 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc="sample", unit="img", disable=not progress, dynamic_ncols=True)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(start + batch_size, n))
+        kwargs = {k: v[idx.start:idx.stop].float().to(device) for k, v in conds.items()}
+        if labels is not None:
+            kwargs["y"] = labels[idx.start:idx.stop].to(device)
+        torch.manual_seed(seed * 1_000_003 + start)  # the sampler's own noise (DDPM, SDE) for this batch
+        x, nfe = generate(net, objective, sample_noise(idx, shape, seed).to(device), kwargs, cfg.sample, progress=False)
+        xs.append(x.float().cpu())
+        bar.update(len(idx))
+    bar.close()
+    x = torch.cat(xs)
+    return Samples(images=_images(x, cfg, vae), x=x, labels=labels, nfe=nfe)
+
+
+#################################################################################
+#                  ditkit sample: a checkpoint to an .npz and a grid                 #
+#################################################################################
+
+
+def _class_ids(text: str, num_classes: int) -> list[int]:
+    try:
+        ids = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--labels must be balanced, random or comma-separated class ids, got {text!r}") from None
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(f"label {bad[0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+    return ids
+
+
+def _decoder(cfg: Config, vae_path: str | None, device):
+    """x -> (uint8 N×H×W×3, raw float array or None) for the data kind of the run."""
+    if cfg.data.kind == "latents":
+        if vae_path is None:
+            raise ValueError("this model samples VAE latents; give --vae PATH (a local sd-vae-ft-ema/-mse folder)")
+        from ditkit.models.vae import decode, load_vae
+
+        vae = load_vae(vae_path, device=device)
+        return lambda x: (to_uint8(decode(vae, x)), None)
+    return lambda x: (to_uint8(x), x.float().cpu().numpy())
+
+
+def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100, batch_size: int = 250,
+                      settings: dict | None = None, speed: str | None = None, labels: str = "balanced", seed: int = 0,
+                      vae: str | None = None, cond: str | None = None, ema: bool = True,
+                      device: str | None = None) -> str:
+    """``ditkit sample``: ``num_samples`` from a checkpoint of any format into ``out/samples.npz`` (ADM layout,
+    resumable, one part per batch, on every process of a torchrun launch) and ``out/grid.png``; a field model
+    takes its conditions from ``cond`` (an .npz in physical units).  ``speed``: a recipe or levers (default: the
+    config's ``sample.speed``).  Returns the line to print."""
+    from ditkit.checkpoints import load_run
+    from ditkit.training.distributed import barrier, cleanup, setup_distributed
+
+    info = setup_distributed(device)
+    try:
+        model, cfg, stored = load_run(ckpt, use_ema=ema, device=info.device)
+        cfg = with_sample_settings(cfg, **(settings or {}))
+        speed = speed or cfg.sample.speed
+        if cfg.model.num_params or cfg.model.cond_channels:
+            return _sample_fields(ckpt, model, cfg, stored, cond, out, batch_size, speed, seed, info.device)
+        net, notes = prepare_network(model, cfg, speed, info.device, copy_model=False)
+        for note in notes:
+            print(note)
+        wanted = labels if labels in ("balanced", "random") else _class_ids(labels, cfg.model.num_classes)
+        out = Path(out)
+        s = resolve_sample_speed(speed, info.device)[0]  # the levers that change the numbers (compilation does not)
+        source = f"{Path(ckpt).resolve()} ema={ema} precision={s.precision} fp8={s.fp8} fp8_mlp={s.fp8_mlp}"
+        path = sample_to_npz(net, build_objective(cfg), cfg, num_samples, out, batch_size, seed=seed, labels=wanted,
+                             decode=_decoder(cfg, vae, info.device), rank=info.rank, world_size=info.world_size,
+                             device=info.device, barrier=lambda: barrier(info), source=source)
+        if path is None:
+            return ""
+        _write_grid(path, cfg, out / "grid.png")
+        return (f"{num_samples} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps, guidance {cfg.sample.cfg_scale}) "
+                f"-> {path}; grid -> {out / 'grid.png'}")
+    finally:
+        cleanup(info)
+
+
+def _write_grid(npz: Path, cfg: Config, path: Path) -> None:
+    """Up to 10 classes × 10 samples (or the first 100) of a merged ``samples.npz``."""
+    with np.load(npz) as data:
+        images, y = data["arr_0"], data["arr_1"]
+    if cfg.model.num_classes > 0:
+        wanted = grid_labels(min(cfg.model.num_classes, 10), per_class=10)
+        picks = [int(np.flatnonzero(y == c)[k]) for c, k in zip(wanted.tolist(), list(range(10)) * 10) if (y == c).sum() > k]
+        images = images[picks]
+    save_grid(images[:100], path, nrow=10, scale=max(1, 64 // images.shape[1]))
+
+
+def _sample_fields(ckpt, model, cfg: Config, stored: dict, cond: str | None, out, batch_size: int, speed, seed: int,
+                   device) -> str:
+    """A model conditioned on parameters and/or fields: one sample per condition of ``cond``, in physical
+    units (the run's normaliser applied on the way in and undone on the way out)."""
+    from ditkit.eval.field_benchmark import field_generator, field_normalizer
+    from ditkit.utils.io import atomic_save_npz
+
+    if cond is None:
+        raise ValueError(f"{ckpt} is conditioned on parameters/fields: give --cond FILE.npz with 'params' (N, P) "
+                         "and/or 'field' (N, C, H, W) in physical units")
+    norm = field_normalizer(ckpt, stored)
+    with np.load(cond) as data:
+        need = [k for k, on in (("params", cfg.model.num_params), ("field", cfg.model.cond_channels)) if on]
+        missing = [k for k in need if k not in data.files]
+        if missing:
+            raise ValueError(f"{cond} lacks {', '.join(missing)} (it has: {', '.join(data.files)})")
+        arrays = {k: torch.from_numpy(np.asarray(data[k], dtype=np.float64)) for k in need}
+    first = {k: norm.normalize(v[:CALIBRATION_SAMPLES], k).float().to(device) for k, v in arrays.items()}
+    net, notes = prepare_network(model, cfg, speed, device, calibration_kwargs=first, copy_model=False)
+    for note in notes:
+        print(note)
+    x = field_generator(net, cfg, norm, device, batch_size=batch_size, seed=seed)(arrays.get("params"),
+                                                                                    arrays.get("field")).float()
+    out = Path(out)
+    atomic_save_npz(out / "samples.npz", samples=x.numpy(), **{k: v.numpy() for k, v in arrays.items()})
+    save_sample_grid(x[:64], cfg, out / "grid.png", nrow=8)
+    return f"{len(x)} fields in physical units ({cfg.sample.sampler}, {cfg.sample.steps} steps) -> {out / 'samples.npz'}"

@@ -1,0 +1,413 @@
+"""The training loop: one process or many (torchrun, DDP or FSDP), AdamW, warmup, clipping,
+accumulation, EMA, bf16/fp16, non-finite steps skipped on the device, atomic checkpoints, exact
+resume, TensorBoard and sample grids.  The hot path is ``train_step``."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ditkit.checkpoints import load_weights_for_finetune, save_weights
+from ditkit.checkpoints.training import list_checkpoints, load_checkpoint, save_checkpoint
+from ditkit.config import Config, ConfigError, save_config
+from ditkit.data import build_dataset, split_batch
+from ditkit.data.sampler import ShardBatchSampler, step_seed
+from ditkit.fast import TrainRun, describe, train_speed
+from ditkit.models.dit import as_pair, build_model
+from ditkit.objectives import build_objective
+from ditkit.training.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
+from ditkit.training.ema import ema_decay_at, update_ema
+from ditkit.training.profiling import StepProfiler
+from ditkit.utils.io import atomic_write_text
+
+log = logging.getLogger("ditkit.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the last good checkpoint is kept."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warmup from 0 to ``base_lr`` over ``warmup_steps``, then constant (the DiT recipe)."""
+    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+
+
+def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg: Config, amp_dtype, scaler,
+               device: torch.device, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches.  Returns (mean loss, grad norm, bad)
+    as device tensors; nothing here waits for the device.  A non-finite gradient makes the fused
+    AdamW skip the update on the device (``found_inf``), as a GradScaler would.  ``bad`` marks a
+    skipped step; with fp16's scaler an overflow is routine (the scale drops) and only a
+    non-finite loss counts."""
+    accum = len(micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for m, batch in enumerate(micro_batches):
+        torch.manual_seed(step_seed(cfg.train.seed, step, shard0 + m))  # noise, t, label drop of this shard
+        x0, model_kwargs = split_batch(batch, device)
+        last = m == accum - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last micro-batch
+            model.set_requires_gradient_sync(last)
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()  # DDP
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = objective.loss(model, x0, model_kwargs)["loss"].mean() / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+    if getattr(opt, "updates_ema", False):  # norm, clip, skip, AdamW and EMA in the optimizer's step
+        grad_norm = opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm, ~torch.isfinite(grad_norm)
+    if scaler is not None:
+        scaler.unscale_(opt)
+    grad_norm = gradient_norm(params, cfg.train.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor -> a plain tensor
+        grad_norm = grad_norm.full_tensor()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+        bad = ~torch.isfinite(loss_sum)
+    else:
+        bad = ~torch.isfinite(grad_norm)
+        opt.found_inf = bad.float()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, bad
+
+
+def gradient_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
+    """The global L2 norm of the gradients, clipping them to ``clip`` when ``clip`` > 0.  Without
+    clipping, only the norm: clip_grad_norm_(max_norm=inf) would also multiply every gradient by
+    1.0, a read and a write of all of them (~2 ms per step for DiT-XL/2 on an H100)."""
+    if clip > 0 or not hasattr(torch.nn.utils, "get_total_norm"):  # get_total_norm: torch >= 2.6
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
+
+def _make_optimizer(model: nn.Module, ema: nn.Module, cfg: Config, plan) -> torch.optim.Optimizer:
+    """The recipe's optimizer (bf16 master weights) or torch's fused AdamW."""
+    kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.adam_betas), "weight_decay": cfg.train.weight_decay}
+    opt = plan.optimizer(model, ema, max_norm=cfg.train.grad_clip, **kwargs)
+    return opt if opt is not None else torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs,
+                                                        fused=True)
+
+
+def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool = False) -> nn.Module:
+    """DDP for the trained model; FSDP2 (``fully_shard`` per block, then the root) shards the
+    model and, identically, its EMA so that the EMA update is shard-by-shard."""
+    if not info.enabled or (ema and cfg.train.distributed != "fsdp"):
+        return model
+    if cfg.train.distributed == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 gathering: the blocks' inputs (the residual stream) keep their dtype; gradients are reduced in float32.
+        # Not for the EMA: the sample grids run it outside autocast, at full precision.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+            if cfg.train.fsdp_bf16_gather and not ema else MixedPrecisionPolicy()
+        for block in model.blocks:  # without resharding, the backward reuses the forward's gathered weights
+            fully_shard(block, reshard_after_forward=cfg.train.fsdp_reshard or ema, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def _full_state_dict(model: nn.Module, cfg: Config, info: DistInfo) -> dict:
+    """The unsharded state dict (gathered on every rank for FSDP, used on rank 0)."""
+    if info.enabled and cfg.train.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _optimizer_state(model: nn.Module, opt, cfg: Config, info: DistInfo) -> dict:
+    if info.enabled and cfg.train.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def _load_optimizer_state(model: nn.Module, opt, state: dict, cfg: Config, info: DistInfo) -> None:
+    if info.enabled and cfg.train.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        impl = [{k: g[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in g} for g in opt.param_groups]
+        opt.load_state_dict(state)
+        for group, flags in zip(opt.param_groups, impl):  # the saved run may have used the other optimizer
+            group.update(flags)
+
+
+def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
+    for section in ("model", "objective"):
+        if saved.get(section) != cfg.to_dict()[section]:
+            raise ConfigError(f"cannot resume from {path}: its {section} config differs from this run's")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a crash the log may run past the checkpoint; drop the lines the resumed run redoes."""
+    if path.exists():
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line torn by the crash
+                continue
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | None = None,
+          init_from: str | None = None, speed=None) -> dict:
+    """Train ``cfg`` into ``run_dir`` (checkpoints/, config.yaml, metrics.jsonl, tb/, samples/).
+
+    ``resume``: continue from ``run_dir/checkpoints/last.pt`` bit-for-bit as if never stopped.
+    ``init_from``: start from another checkpoint's weights (e.g. an official DiT one).
+    ``speed``: a ``ditkit.fast.TrainSpeed`` (levers, for ablations) instead of ``cfg.train.speed``."""
+    run_dir = Path(run_dir)
+    info = setup_distributed(device)
+    dev = info.device
+    ckpt_dir = run_dir / "checkpoints"
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.name, **cfg.model.kwargs()).to(dev)
+    objective = build_objective(cfg)
+    start_step, extra = 0, {}
+    state = None
+    saved = list_checkpoints(ckpt_dir)
+    if resume and saved:
+        path = saved[-1]  # the newest complete file (last.pt may lag it by a kill between the two renames)
+        state = load_checkpoint(path)
+        _check_resume_config(state["config"], cfg, path)
+        model.load_state_dict(state["model"])
+        start_step = int(state["step"])
+        extra = state.get("extra", {})
+        log.info(f"resuming from {path} at step {start_step}")
+    elif resume:
+        log.info(f"no checkpoint in {ckpt_dir}; starting a new run")
+    elif saved:
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or choose another --run-dir")
+    elif init_from:
+        load_weights_for_finetune(model, init_from, log)
+
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+    amp_dtype = autocast_dtype(cfg.train.precision, dev)
+    if cfg.train.fsdp_bf16_gather and amp_dtype != torch.bfloat16:
+        raise ConfigError("train.fsdp_bf16_gather=true needs bf16 autocast: train.precision=bf16 (or auto on a GPU)")
+    # The one door for speed, after the EMA copy: the EMA (and everything sampling from it) keeps the plain modules.
+    try:
+        plan = train_speed(speed if speed is not None else cfg.train.speed, TrainRun(
+            dev, amp_dtype, info.world_size, cfg.train.grad_accum,
+            cross_attention=bool(cfg.model.cond_channels and cfg.model.field_mode == "cross_attention")
+            or cfg.model.cond_mode == "cross_attention",
+            activation_checkpointing=cfg.train.activation_checkpointing))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for note in plan.notes:
+        log.info(note)
+    applied = plan.apply(model)
+    log.info(f"speed: {describe(plan.speed)}" + (f" ({'; '.join(applied)})" if applied else ""))
+    model.train()
+    ema.eval()
+    train_model = _wrap_distributed(model, cfg, info)
+    _wrap_distributed(ema, cfg, info, ema=True)
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    opt = _make_optimizer(train_model, ema, cfg, plan)
+    ema_in_step = getattr(opt, "updates_ema", False)
+    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
+    if state is not None:
+        _load_optimizer_state(train_model, opt, state["opt"], cfg, info)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+    graphs = plan.cuda_graphs
+    step_model, loss_objective = plan.compile(train_model, objective)
+
+    dataset = build_dataset(cfg)
+    sampler = ShardBatchSampler(len(dataset), cfg.train.global_batch_size, info.rank, info.world_size,
+                                cfg.train.grad_accum, cfg.train.seed, start_step)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=dev.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    batches = iter(loader)
+
+    writer = None
+    metrics_path = run_dir / "metrics.jsonl"
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _truncate_metrics(metrics_path, start_step)
+        writer = _tensorboard(run_dir)
+    # Every rank samples the grid: a sharded (FSDP) EMA needs all of them for a forward pass.
+    fixed = _fixed_sampling_inputs(cfg, dataset, dev) if cfg.train.sample_every else None
+    grid_vae = None
+    if fixed is not None and cfg.data.kind == "latents" and cfg.train.vae and info.is_main:
+        from ditkit.models.vae import load_vae
+
+        grid_vae = load_vae(cfg.train.vae, device=dev)
+
+    end_step = cfg.train.steps
+    consecutive_bad = torch.zeros((), device=dev)
+    worst_run = torch.zeros((), device=dev)
+    bad_acc = torch.zeros((), device=dev)
+    nonfinite_total = int(extra.get("nonfinite_total", 0))
+    loss_acc = torch.zeros((), device=dev)
+    norm_acc = torch.zeros((), device=dev)
+    n_acc, t_last = 0, time.perf_counter()
+    t_start = t_last
+    bar = tqdm(total=end_step, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+
+    def checkpoint(step: int) -> None:
+        ema_sd = _full_state_dict(ema, cfg, info)
+        model_sd = opt.master_state_dict(model) if hasattr(opt, "master_state_dict") else _full_state_dict(model, cfg, info)
+        st = {"model": model_sd, "ema": ema_sd, "opt": _optimizer_state(train_model, opt, cfg, info),
+              "step": step, "config": cfg.to_dict(), "extra": {"nonfinite_total": nonfinite_total}}
+        normalizer = getattr(dataset.inner, "normalizer", None)  # fields: samples go back to physical units
+        if normalizer is not None:
+            st["normalizer"] = normalizer.state_dict()
+        if scaler is not None:
+            st["scaler"] = scaler.state_dict()
+        if info.is_main:
+            save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last, cfg.train.ckpt_format)
+            if step == end_step:
+                save_weights(ema_sd, model, cfg, run_dir / "ema.safetensors")
+        barrier(info)
+
+    profiler = StepProfiler(cfg.train.profile, run_dir, info.is_main, dev, start_step, end_step)
+    step = start_step
+    try:
+        for step in range(start_step, end_step):
+            profiler.before(step)
+            if graphs:  # a new iteration: the CUDA graphs may reuse the memory of the last step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.train.lr, cfg.train.warmup_steps)
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            decay = ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup)
+            if ema_in_step:
+                opt.ema_decay = decay
+            loss, grad_norm, bad = train_step(step_model, loss_objective, opt, micro, step, info.rank * cfg.train.grad_accum,
+                                              cfg, amp_dtype, scaler, dev, params)
+            if not ema_in_step:
+                update_ema(ema, model, decay)
+            finite_norm = torch.isfinite(grad_norm)
+            consecutive_bad = torch.where(bad, consecutive_bad + 1, torch.zeros_like(consecutive_bad))
+            worst_run = torch.maximum(worst_run, consecutive_bad)
+            loss_acc += torch.where(bad, torch.zeros_like(loss), loss)
+            norm_acc += torch.where(bad | ~finite_norm, torch.zeros_like(grad_norm), grad_norm)
+            bad_acc += bad.float()
+            n_acc += 1
+            bar.update(1)
+            done = step + 1
+            profiler.after(done)
+            time_up = False
+            if done % cfg.train.log_every == 0 or done == end_step:
+                # The one host read per logging interval.  'bad' follows the all-reduced gradient norm
+                # (or, with a scaler, the loss, which is then averaged like the loss itself).
+                over_time = cfg.train.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.train.max_minutes
+                flags = torch.stack([loss_acc, norm_acc, bad_acc, worst_run, torch.full_like(loss_acc, float(over_time))])
+                stats = mean_over_ranks(flags, info).tolist()  # every rank stops when any rank's clock runs out
+                n_bad, worst = int(round(stats[2])), int(round(stats[3]))
+                good = max(n_acc - n_bad, 1)
+                elapsed = time.perf_counter() - t_last
+                record = {"step": done, "loss": stats[0] / good, "grad_norm": stats[1] / good,
+                          "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed}
+                if dev.type == "cuda":
+                    record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                if hasattr(dataset.inner, "num_unreadable"):  # image folders: skipped files, each named in a warning
+                    record["unreadable_images"] = dataset.inner.num_unreadable
+                if n_bad:
+                    nonfinite_total += n_bad
+                    log.warning(f"step {done}: {n_bad} non-finite step(s) skipped (total {nonfinite_total})")
+                if info.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer is not None:
+                        for k, v in record.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, done)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if worst >= cfg.train.max_nonfinite:
+                    bar.close()
+                    cleanup(info)
+                    raise TrainingStopped(f"{worst} consecutive non-finite steps by step {done}; "
+                                          f"stopped with the last good checkpoint in {ckpt_dir} intact")
+                for acc in (loss_acc, norm_acc, bad_acc, worst_run):
+                    acc.zero_()
+                n_acc, t_last = 0, time.perf_counter()
+                time_up = stats[4] > 0 and done < end_step
+                if time_up:
+                    end_step = done  # the end of this run: final checkpoint, EMA weights; --resume goes on to train.steps
+                    log.info(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {done}: checkpointing and stopping")
+            if done % cfg.train.ckpt_every == 0 or done == end_step:
+                checkpoint(done)
+            if fixed is not None and done % cfg.train.sample_every == 0:
+                _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done,
+                                   info.is_main, grid_vae)
+            if time_up:
+                break
+    finally:  # an exception inside the window must not leave the profiler running
+        profiler.close()
+    bar.close()
+    if writer is not None:
+        writer.close()
+    cleanup(info)
+    return {"step": end_step if end_step > start_step else start_step, "run_dir": str(run_dir)}
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: scalars go to metrics.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
+    """The same noise and conditioning at every sample grid, so grids show progress, not luck:
+    labels row by row, and the params / fields of the first training samples."""
+    from ditkit.sampling import grid_labels
+
+    g = torch.Generator().manual_seed(cfg.train.seed + 12345)
+    labels = grid_labels(cfg.model.num_classes, per_class=8 if cfg.model.num_classes <= 16 else 1, max_total=64)
+    shape = (len(labels), cfg.model.in_channels, *as_pair(cfg.model.input_size))
+    kwargs = {"y": labels.to(dev)} if cfg.model.num_classes > 0 else {}
+    items = [dataset[(0, i % len(dataset))] for i in range(len(labels))]
+    for key in ("params", "field"):
+        if key in items[0]:
+            kwargs[key] = torch.stack([it[key] for it in items]).to(dev)
+    return {"noise": torch.randn(shape, generator=g).to(dev), "kwargs": kwargs}
+
+
+def _write_sample_grid(ema, objective, cfg: Config, fixed: dict, path: Path, writer, step: int, is_main: bool,
+                       vae=None) -> None:
+    from ditkit.sampling import generate, save_sample_grid
+
+    x, _ = generate(ema, objective, fixed["noise"], fixed["kwargs"], cfg.sample, progress=False)
+    if hasattr(ema, "reshard"):  # FSDP2 leaves the root unsharded after a no-grad forward
+        ema.reshard()
+    if not is_main:
+        return
+    image = save_sample_grid(x, cfg, path, nrow=8, vae=vae)
+    if writer is not None:
+        writer.add_image("samples", image, step, dataformats="HWC")
