@@ -110,6 +110,23 @@ def test_applying_a_recipe_keeps_the_state_dict_and_the_output():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_the_bf16_residual_stream_survives_the_module_swaps():
+    """The residual stream's cast must reach the blocks that run, whatever the other levers rebuild: under bf16
+    autocast every block's input is bf16 with the fused norm and activation checkpointing too."""
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10)
+    levers = TrainSpeed(fused_mlp=True, fused_attention=True, tuned_linear=True, fused_norm=True, bf16_residual=True)
+    for checkpointing in (False, True):
+        fast = copy.deepcopy(model).train()
+        train_speed(levers, TrainRun(CPU, torch.bfloat16, activation_checkpointing=checkpointing)).apply(fast)
+        seen = []
+        fast.blocks[0].register_forward_hook(lambda m, args, out: seen.append(out.x.dtype if hasattr(out, "x") else out.dtype))
+        fast.final_layer.register_forward_pre_hook(lambda m, args: seen.append(getattr(args[0], "x", args[0]).dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast(torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))
+        assert seen == [torch.bfloat16, torch.bfloat16], (checkpointing, seen)
+
+
 def test_sampling_door_converts_a_copy_and_calibrates_fp8():
     """Explicit FP8 levers on the CPU (emulated): the linears become FP8, the calibration run is called, the
     network still maps x_t to an output of the model's shape."""

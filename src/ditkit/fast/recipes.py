@@ -207,9 +207,6 @@ class TrainPlan:
 
         s, done = self.speed, []
         use_sdpa_backend(s.sdpa)
-        if s.bf16_residual:
-            blocks.residual_stream_in(model, torch.bfloat16)
-            done.append("bf16 residual stream")
         if s.fused_mlp:
             done.append(f"fused MLP ({convert_to_fused_mlp(model)})")
         if s.fused_attention:
@@ -223,7 +220,10 @@ class TrainPlan:
             done.append(f"FP8 forward ({blocks.enable_fp8_forward(model)} blocks)")
         if s.fp8_backward:
             done.append(f"FP8 ∂x products ({blocks.enable_fp8_backward(model)} layers)")
-        if self.run.activation_checkpointing:
+        if s.bf16_residual:  # after the swaps: a hook on the first block, which the fused norm rebuilds
+            blocks.residual_stream_in(model, torch.bfloat16)
+            done.append("bf16 residual stream")
+        if self.run.activation_checkpointing:  # last: it retypes the blocks in place, keeping their hooks
             done.append(f"activation checkpointing ({blocks.checkpoint_blocks(model)} blocks)")
         return done
 
