@@ -23,7 +23,7 @@ from ditkit.objectives import build_objective
 from ditkit.sampling import generate, sample_labels, sample_noise
 from ditkit.training.trainer import train
 
-# (objective, sampler, steps): the grid.
+# (objective, sampler, steps): every sampler of each objective, at a few step counts.
 RUNS = [
     ("ddpm", "ddpm", 250), ("ddpm", "ddim", 50), ("ddpm", "ddim", 25), ("ddpm", "ddim", 10),
     ("flow", "euler", 50), ("flow", "euler", 25), ("flow", "euler", 10), ("flow", "heun", 25), ("flow", "heun", 10),

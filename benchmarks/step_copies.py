@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 
 import torch
-from bench import make_model, random_batch
+from bench import make_model, random_batch  # benchmarks/, on the path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 from ditkit.config import Config
-from ditkit.fast.fused_attention import convert_to_fused_attention
-from ditkit.fast.fused_mlp import convert_to_fused_mlp
-from ditkit.fast.fused_norm import convert_to_fused_norm
-from ditkit.fast.master_weights import MasterWeightAdamW
-from ditkit.fast.tuned_linear import convert_to_tuned_linear
+from ditkit.fast import TRAIN_RECIPES, TrainRun, train_speed
 from ditkit.objectives.ddpm import create_ddpm
 from ditkit.training.trainer import train_step
 
@@ -39,10 +36,10 @@ def main() -> None:
     device = torch.device(args.device)
     model = make_model(args.model, args.input_size, device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
-    model.residual_dtype = torch.bfloat16
-    for convert in (convert_to_fused_mlp, convert_to_fused_attention, convert_to_tuned_linear, convert_to_fused_norm):
-        convert(model)
-    opt = MasterWeightAdamW(model, ema, lr=1e-4)
+    plan = train_speed(dataclasses.replace(TRAIN_RECIPES["fast"], compile=False, cuda_graphs=False, compile_loss=False),
+                       TrainRun(device, torch.bfloat16))  # the fast recipe's modules, eager
+    plan.apply(model)
+    opt = plan.optimizer(model, ema, max_norm=0.0, lr=1e-4)
     params = [p for p in model.parameters() if p.requires_grad]
     objective, cfg = create_ddpm(), Config()
     x, y = random_batch(args.batch, args, device)

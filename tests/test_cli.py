@@ -150,3 +150,11 @@ def test_export_keeps_the_runs_objective(tmp_path):
           "--out", str(tmp_path / "f.safetensors")])
     _, cfg = load_model(tmp_path / "f.safetensors")
     assert (cfg.objective.name, cfg.sample.sampler, cfg.data.kind) == ("flow", "heun", "digits")
+
+
+def test_version(capsys):
+    import ditkit
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"ditkit {ditkit.__version__}"

@@ -39,7 +39,7 @@ def _resolve_config(args):
     overrides = shortcuts + list(args.overrides)  # the user's --set come last and win
     if args.preset is None and args.config is None:
         raise SystemExit("ditkit: give --preset NAME or --config FILE (try --preset digits)")
-    return load_config(args.preset, args.config, overrides)
+    return load_config(args.preset, overrides, path=args.config)
 
 
 def cmd_train(args) -> None:
@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ditkit.config import SPEEDS
     from ditkit.samplers.sde import DIFFUSION_FORMS
 
+    from ditkit import __version__
+
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
+    parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a DiT (one process, or many under torchrun)")

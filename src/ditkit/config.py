@@ -306,7 +306,7 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("ditkit.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(preset: str | Path | None = None, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(preset: str | Path | None = None, overrides: list[str] = (), path: str | Path | None = None) -> Config:
     """``load_config("digits", ["train.steps=100"])``: a preset (packaged YAML) or a YAML file, then a
     YAML file given as ``path`` (applied after the preset), then ``section.key=value`` overrides."""
     if preset is not None and (str(preset).endswith((".yaml", ".yml")) or Path(preset).is_file()):
