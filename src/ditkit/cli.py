@@ -46,7 +46,8 @@ def cmd_train(args) -> None:
     from ditkit.training.trainer import train
 
     cfg = _resolve_config(args)
-    result = train(cfg, args.run_dir, resume=args.resume, device=args.device, init_from=args.init_from)
+    result = train(cfg, args.run_dir, resume=args.resume or args.resume_from is not None, device=args.device,
+                   init_from=args.init_from, resume_from=args.resume_from, allow_changes=args.allow_changes)
     print(f"trained to step {result['step']}; checkpoints in {Path(args.run_dir) / 'checkpoints'}")
 
 
@@ -139,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a DiT (one process, or many under torchrun)")
     _add_config_args(p)
     p.add_argument("--run-dir", required=True, help="folder for checkpoints, config.yaml, metrics and samples")
-    p.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in run-dir/checkpoints "
+                   "(a corrupt or truncated one is named and skipped)")
+    p.add_argument("--resume-from", metavar="PATH", help="continue from this checkpoint instead of the newest")
+    p.add_argument("--allow-changes", action="store_true", help="with --resume: accept a changed seed, batch size or data "
+                   "(the run is then no longer the one it would have been without the stop)")
     p.add_argument("--init-from", help="start from these weights (ditkit, official .pt, safetensors)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU if any)")
     p.add_argument("--speed", metavar="|".join(SPEEDS), help="shortcut for --set train.speed=...: a recipe (auto: the "

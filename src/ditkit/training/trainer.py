@@ -33,7 +33,17 @@ log = logging.getLogger("ditkit.train")
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (too many non-finite steps); the last good checkpoint is kept."""
+    """The run stopped on purpose (too many non-finite steps, a divergence); the last good checkpoint is kept.
+    ``ditkit train`` exits with ``EXIT_STOPPED``."""
+
+
+class TrainingPreempted(RuntimeError):
+    """SIGTERM or SIGINT: the step in flight finished and every rank wrote its checkpoint; ``--resume``
+    continues.  ``ditkit train`` exits with ``EXIT_PREEMPTED``."""
+
+
+EXIT_STOPPED = 3  # the run stopped itself (non-finite steps, divergence)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGINT; run again with --resume
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -176,7 +186,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | None = None,
-          init_from: str | None = None, speed=None) -> dict:
+          init_from: str | None = None, speed=None, resume_from: str | Path | None = None,
+          allow_changes: bool = False) -> dict:
     """Train ``cfg`` into ``run_dir`` (checkpoints/, config.yaml, metrics.jsonl, tb/, samples/).
 
     ``resume``: continue from ``run_dir/checkpoints/last.pt`` bit-for-bit as if never stopped.
