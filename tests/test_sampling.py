@@ -59,12 +59,72 @@ def test_labels_modes():
 def test_rerun_with_other_settings_is_refused(tmp_path, setup):
     model, objective, cfg = setup
     sample_to_npz(model, objective, cfg, 4, tmp_path, batch_size=4, progress=False)
-    cfg2 = type(cfg)(**{**cfg.__dict__})
+    cfg2 = type(cfg)(**cfg.__dict__)
     cfg2.sample = type(cfg.sample)(**{**cfg.sample.__dict__, "cfg_scale": 6.0})
     with pytest.raises(ValueError, match="other settings"):
         sample_to_npz(model, objective, cfg2, 4, tmp_path, batch_size=4, progress=False)
     with pytest.raises(ValueError, match="other settings"):  # another seed would mix two noise streams
         sample_to_npz(model, objective, cfg, 4, tmp_path, batch_size=4, seed=1, progress=False)
-    cfg3 = type(cfg)(**{**cfg.__dict__})
+    cfg3 = type(cfg)(**cfg.__dict__)
     cfg3.sample = type(cfg.sample)(**{**cfg.sample.__dict__, "speed": "fastest"})  # the caller's source names the levers
     sample_to_npz(model, objective, cfg3, 4, tmp_path, batch_size=4, progress=False)
+
+
+def test_a_corrupt_or_wrong_part_is_named_deleted_and_sampled_again(tmp_path, setup, capsys):
+    model, objective, cfg = setup
+    full = np.load(sample_to_npz(model, objective, cfg, 12, tmp_path / "ref", batch_size=4, progress=False))
+    out = tmp_path / "out"
+    sample_to_npz(model, objective, cfg, 12, out, batch_size=4, progress=False)
+    parts = out / "parts"
+    torn = parts / "part_000001.npz"
+    torn.write_bytes(torn.read_bytes()[:300])
+    (parts / "part_000002.npz").write_bytes((parts / "part_000000.npz").read_bytes())  # samples 0..3, not 8..11
+    stale = parts / ".part_000001.npz.k3j9x0q_.tmp"  # what a kill mid-write leaves
+    stale.write_bytes(b"torn")
+    done = (parts / "part_000000.npz").stat().st_mtime_ns
+    capsys.readouterr()
+    merged = np.load(sample_to_npz(model, objective, cfg, 12, out, batch_size=4, progress=False))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sample part parts/part_000001.npz is corrupt (BadZipFile: ")
+    assert lines[1] == ("sample part parts/part_000002.npz is corrupt (it holds samples 0..3, not 8..11); "
+                        "deleting it and sampling it again")
+    assert all(line.endswith("; deleting it and sampling it again") for line in lines) and len(lines) == 2
+    assert not stale.exists() and (parts / "part_000000.npz").stat().st_mtime_ns == done
+    np.testing.assert_allclose(merged["samples"], full["samples"], atol=1e-6)
+    np.testing.assert_array_equal(merged["arr_0"], full["arr_0"])
+
+
+def test_merge_names_a_corrupt_part_and_both_holders_of_a_sample(tmp_path, setup):
+    model, objective, cfg = setup
+    sample_to_npz(model, objective, cfg, 8, tmp_path, batch_size=4, progress=False)
+    parts = tmp_path / "parts"
+    good = (parts / "part_000001.npz").read_bytes()
+    np.savez(parts / "part_000001.npz", index=np.arange(4, 8), arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(RuntimeError, match=r"part_000001\.npz is corrupt \(it has no arr_1 array\)"):
+        merge_parts(tmp_path, 8, 2)
+    (parts / "part_000001.npz").write_bytes(good[:len(good) // 2])
+    with pytest.raises(RuntimeError, match=r"part_000001\.npz is corrupt \(BadZipFile"):
+        merge_parts(tmp_path, 8, 2)
+    (parts / "part_000001.npz").write_bytes((parts / "part_000000.npz").read_bytes())
+    with pytest.raises(RuntimeError, match=r"sample 0 is held by both part_000000\.npz and part_000001\.npz"):
+        merge_parts(tmp_path, 8, 2)
+    (parts / "part_000001.npz").write_bytes(good)
+    assert merge_parts(tmp_path, 8, 2) == tmp_path / "samples.npz"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": 0}, "--num-samples must be at least 1, got 0"),
+    ({"batch_size": -2}, "--batch-size must be at least 1, got -2"),
+    ({"cfg_scale": float("nan")}, "--cfg-scale must be a finite number, got nan"),
+    ({"guidance_interval": [0.0, float("inf")]}, "--guidance-interval must be two finite noise levels, got [0.0, inf]"),
+])
+def test_requests_no_run_can_serve_are_refused_in_one_line(tmp_path, setup, kwargs, message):
+    model, objective, cfg = setup
+    guidance = {k: kwargs.pop(k) for k in ("cfg_scale", "guidance_interval") if k in kwargs}
+    cfg2 = type(cfg)(**cfg.__dict__)
+    cfg2.sample = type(cfg.sample)(**{**cfg.sample.__dict__, **guidance})
+    args = {"num_samples": 4, "batch_size": 4, **kwargs}
+    with pytest.raises(ValueError) as exc:
+        sample_to_npz(model, objective, cfg2, out_dir=tmp_path, progress=False, **args)
+    assert str(exc.value) == message
+    assert not (tmp_path / "parts").exists()  # refused before anything was written

@@ -130,7 +130,8 @@ class TrainConfig:
     keep_last: int = 3
     ckpt_format: str = "pt"  # pt | safetensors (same content; safetensors never runs pickle)
     sample_every: int = 0  # 0: off
-    max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
+    max_nonfinite: int = 10  # consecutive bad steps (non-finite, or loss spikes) before the run stops as diverged
+    spike_factor: float = 10.0  # a loss over this × the running mean of good losses is a bad step (skipped); 0: off
     max_minutes: float = 0.0  # wall-clock budget: checkpoint and stop at the first log step past it (0: off)
     profile: str = ""  # "A-B": the PyTorch profiler over steps A to B, written to the run folder (ditkit.training.profiling)
     fsdp_reshard: bool = True  # FSDP: free each block's gathered weights after its forward (false: keep them for the backward)

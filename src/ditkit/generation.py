@@ -21,7 +21,16 @@ from ditkit.fast import SampleSpeed, sample_speed
 from ditkit.fast.recipes import resolve_sample_speed
 from ditkit.models.dit import as_pair
 from ditkit.objectives import build_objective
-from ditkit.sampling import generate, grid_labels, sample_labels, sample_noise, sample_to_npz, save_sample_grid
+from ditkit.sampling import (
+    check_finite,
+    check_sample_request,
+    generate,
+    grid_labels,
+    sample_labels,
+    sample_noise,
+    sample_to_npz,
+    save_sample_grid,
+)
 from ditkit.utils.images import save_grid, to_uint8
 
 CALIBRATION_SAMPLES, CALIBRATION_SEED = 8, 12345
@@ -96,8 +105,8 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     ``vae``: a VAE (``ditkit.models.vae.load_vae``) or a local path, to decode latent models' samples;
     ``params`` (N, P) and ``field`` (N, C, H, W): the conditions of a field model, in the model's
     (normalised) units; ``seed``: sample i's noise comes from (seed, i), whatever the batch size;
-    ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed)."""
-    cfg = with_sample_settings(cfg, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+    ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed).
+    NaN or inf in ``params``, ``field`` or ``cfg_scale`` is refused: it would only yield NaN samples."""
     device = next(model.parameters()).device
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
@@ -106,10 +115,13 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
         bad = labels[(labels < 0) | (labels >= cfg.model.num_classes)]
         if len(bad):
             raise ValueError(f"label {int(bad[0])} is out of range: the model has {cfg.model.num_classes} classes")
+    for name, value in (("params", params), ("field", field)):
+        if value is not None:
+            check_finite(name, torch.as_tensor(value))
     given = [len(v) for v in (labels, params, field) if v is not None]
     n = num_samples if num_samples is not None else (given[0] if given else 16)
-    if n <= 0:
-        raise ValueError(f"num_samples must be positive, got {n}")
+    check_sample_request(n, batch_size, cfg_scale, cli=False)
+    cfg = with_sample_settings(cfg, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
     if any(g != n for g in given):
         raise ValueError(f"labels/params/field hold {given} rows, but {n} samples were asked for")
     if isinstance(vae, (str, Path)):
@@ -178,14 +190,18 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
     """``ditkit sample``: ``num_samples`` from a checkpoint of any format into ``out/samples.npz`` (ADM layout,
     resumable, one part per batch, on every process of a torchrun launch) and ``out/grid.png``; a field model
     takes its conditions from ``cond`` (an .npz in physical units).  ``speed``: a recipe or levers (default: the
-    config's ``sample.speed``).  Returns the line to print."""
+    config's ``sample.speed``).  The parts record the checkpoint by its content (SHA-256), so a rerun into ``out``
+    after the file at ``ckpt`` was replaced by another model is refused.  Returns the line to print."""
     from ditkit.checkpoints import load_run
     from ditkit.training.distributed import barrier, cleanup, setup_distributed
+    from ditkit.utils.io import content_sha256
 
+    settings = settings or {}
+    check_sample_request(num_samples, batch_size, settings.get("cfg_scale"), settings.get("guidance_interval"))
     info = setup_distributed(device)
     try:
         model, cfg, stored = load_run(ckpt, use_ema=ema, device=info.device)
-        cfg = with_sample_settings(cfg, **(settings or {}))
+        cfg = with_sample_settings(cfg, **settings)
         speed = speed or cfg.sample.speed
         if cfg.model.num_params or cfg.model.cond_channels:
             return _sample_fields(ckpt, model, cfg, stored, cond, out, batch_size, speed, seed, info.device)
@@ -195,7 +211,8 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
         wanted = labels if labels in ("balanced", "random") else _class_ids(labels, cfg.model.num_classes)
         out = Path(out)
         s = resolve_sample_speed(speed, info.device)[0]  # the levers that change the numbers (compilation does not)
-        source = f"{Path(ckpt).resolve()} ema={ema} precision={s.precision} fp8={s.fp8} fp8_mlp={s.fp8_mlp}"
+        source = (f"{Path(ckpt).resolve()} sha256={content_sha256(ckpt)} ema={ema} precision={s.precision} "
+                  f"fp8={s.fp8} fp8_mlp={s.fp8_mlp}")
         path = sample_to_npz(net, build_objective(cfg), cfg, num_samples, out, batch_size, seed=seed, labels=wanted,
                              decode=_decoder(cfg, vae, info.device), rank=info.rank, world_size=info.world_size,
                              device=info.device, barrier=lambda: barrier(info), source=source)
@@ -236,6 +253,8 @@ def _sample_fields(ckpt, model, cfg: Config, stored: dict, cond: str | None, out
         if missing:
             raise ValueError(f"{cond} lacks {', '.join(missing)} (it has: {', '.join(data.files)})")
         arrays = {k: torch.from_numpy(np.asarray(data[k], dtype=np.float64)) for k in need}
+    for k, v in arrays.items():
+        check_finite(f"{cond}: {k!r}", v)
     first = {k: norm.normalize(v[:CALIBRATION_SAMPLES], k).float().to(device) for k, v in arrays.items()}
     net, notes = prepare_network(model, cfg, speed, device, calibration_kwargs=first, copy_model=False)
     for note in notes:

@@ -3,6 +3,7 @@ the objective's sampler, decode, write grids and ADM-style ``.npz`` batches."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,38 @@ from ditkit.config import Config, SampleConfig
 from ditkit.guidance import NFECounter, conditional_fn, guided_fn
 from ditkit.models.dit import as_pair
 from ditkit.utils.images import save_grid, to_uint8
-from ditkit.utils.io import atomic_save_npz
+from ditkit.utils.io import atomic_save_npz, remove_stale_temps
+
+
+def check_sample_request(num_samples: int, batch_size: int, cfg_scale: float | None = None,
+                         guidance_interval: list | tuple | None = None, cli: bool = True) -> None:
+    """A ``ValueError`` of one line naming the option and its value for a request no run can serve,
+    raised before any model is loaded.  ``cli``: name the ``ditkit sample`` options (``--batch-size``),
+    else the Python arguments (``batch_size``)."""
+    def name(arg: str) -> str:
+        return "--" + arg.replace("_", "-") if cli else arg
+
+    if num_samples < 1:
+        raise ValueError(f"{name('num_samples')} must be at least 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"{name('batch_size')} must be at least 1, got {batch_size}")
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise ValueError(f"{name('cfg_scale')} must be a finite number, got {cfg_scale}")
+    if guidance_interval is not None and not all(math.isfinite(v) for v in guidance_interval):
+        raise ValueError(f"{name('guidance_interval')} must be two finite noise levels, got {list(guidance_interval)}")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """A ``ValueError`` naming ``name``, how many NaN/inf entries it holds and in which rows: one
+    such condition would silently turn its sample (and a batch's statistics) into NaN."""
+    bad = ~torch.isfinite(x)
+    if not bad.any():
+        return
+    rows = bad.reshape(len(x) if x.dim() else 1, -1).any(dim=1).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, rows[:3])) + (", ..." if len(rows) > 3 else "")
+    count = int(bad.sum())
+    raise ValueError(f"{name} holds {count} non-finite value{'s' if count > 1 else ''} "
+                     f"(row{'s' if len(rows) > 1 else ''} {shown})")
 
 
 def grid_labels(num_classes: int, per_class: int, max_total: int | None = None) -> torch.Tensor:
@@ -99,13 +131,15 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     ``parts/``.  An interrupted run resumes by skipping finished parts; rank 0 merges them in
     order (after ``barrier()``, which waits for the other ranks) and checks that every index is
     present exactly once.  ``decode(x) -> (uint8, raw)``.  ``parts/settings.json`` records what
-    made the parts (``source``: the checkpoint and the speed levers that change numbers; sampler, steps,
-    guidance, seed, labels, sizes); a
-    rerun with other settings into the same folder is refused instead of mixing samples."""
+    made the parts (``source``: the checkpoint, by content, and the speed levers that change numbers;
+    sampler, steps, guidance, seed, labels, sizes); a rerun with other settings into the same folder is
+    refused instead of mixing samples.  A finished part is read back before it is skipped: one that is
+    torn, corrupt or holds other samples is named, deleted and sampled again."""
     from tqdm import tqdm
 
     from ditkit.data.sampler import step_seed
 
+    check_sample_request(num_samples, batch_size, cfg.sample.cfg_scale, cfg.sample.guidance_interval)
     out_dir = Path(out_dir)
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
@@ -114,12 +148,15 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
                             "num_samples": num_samples, "batch_size": batch_size})
     shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
     n_batches = -(-num_samples // batch_size)
-    mine = [b for b in range(rank, n_batches, world_size) if not (parts / f"part_{b:06d}.npz").exists()]
+    own = range(rank, n_batches, world_size)
+    # Another rank may be writing its parts already: remove only the temporaries of this rank's own.
+    remove_stale_temps(parts, targets=None if world_size == 1 else {_part_name(b) for b in own})
+    mine = [b for b in own if not _part_is_done(out_dir, b, _batch_range(b, batch_size, num_samples))]
     conditional = cfg.model.num_classes > 0
     bar = tqdm(total=n_batches, initial=n_batches - len(mine) * world_size, desc="sample", disable=not progress or rank != 0,
                dynamic_ncols=True, unit="batch")
     for b in mine:
-        idx = range(b * batch_size, min((b + 1) * batch_size, num_samples))
+        idx = _batch_range(b, batch_size, num_samples)
         torch.manual_seed(step_seed(seed, b, 3))  # the sampler's own noise (DDPM, SDE) for this batch
         noise = sample_noise(idx, shape, seed).to(device)
         y = sample_labels(idx, cfg.model.num_classes, labels, seed) if conditional else torch.zeros(len(idx), dtype=torch.long)
@@ -129,7 +166,7 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
         arrays = {"index": np.asarray(idx, dtype=np.int64), "arr_0": images, "arr_1": y.numpy()}
         if raw is not None:
             arrays["samples"] = raw
-        atomic_save_npz(parts / f"part_{b:06d}.npz", **arrays)
+        atomic_save_npz(parts / _part_name(b), **arrays)
         bar.update(world_size)
     bar.close()
     if barrier is not None:
@@ -137,6 +174,54 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     if rank != 0:
         return None
     return merge_parts(out_dir, num_samples, n_batches)
+
+
+def _part_name(b: int) -> str:
+    return f"part_{b:06d}.npz"
+
+
+def _batch_range(b: int, batch_size: int, num_samples: int) -> range:
+    return range(b * batch_size, min((b + 1) * batch_size, num_samples))
+
+
+def read_part(path: Path, expected: range | None = None) -> dict[str, np.ndarray]:
+    """Every array of a sample part, read in full (so the zip's CRC-32 catches flipped bytes).
+    ``ValueError`` with the reason for a file that does not read, lacks ``index``/``arr_0``/``arr_1``,
+    holds arrays of unequal lengths or other samples than ``expected``."""
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as err:  # BadZipFile, EOFError, zlib errors, pickled arrays, ...
+        text = str(err).strip()
+        raise ValueError(f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__) from None
+    missing = [k for k in ("index", "arr_0", "arr_1") if k not in arrays]
+    if missing:
+        raise ValueError(f"it has no {', '.join(missing)} array")
+    sizes = {k: v.shape[0] if v.ndim else 0 for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1 or arrays["index"].ndim != 1:
+        raise ValueError(f"its arrays hold unequal numbers of samples ({', '.join(f'{k}: {n}' for k, n in sizes.items())})")
+    if expected is not None and not np.array_equal(arrays["index"], np.arange(expected.start, expected.stop)):
+        raise ValueError(f"it holds samples {_span(arrays['index'])}, not {expected.start}..{expected.stop - 1}")
+    return arrays
+
+
+def _span(index: np.ndarray) -> str:
+    return f"{index.min()}..{index.max()}" if len(index) else "none"
+
+
+def _part_is_done(out_dir: Path, b: int, expected: range) -> bool:
+    """Whether part ``b`` exists and reads back with the samples of ``expected``; a bad one is
+    named in one line and deleted, so that it is sampled again."""
+    path = out_dir / "parts" / _part_name(b)
+    if not path.exists():
+        return False
+    try:
+        read_part(path, expected)
+    except ValueError as err:
+        print(f"sample part {path.relative_to(out_dir)} is corrupt ({err}); deleting it and sampling it again")
+        path.unlink()
+        return False
+    return True
 
 
 def _check_settings(parts: Path, settings: dict) -> None:
@@ -167,15 +252,22 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def merge_parts(out_dir: Path, num_samples: int, n_batches: int) -> Path:
+    """The parts, in order, into ``out_dir/samples.npz``: a missing or corrupt part, a sample held by
+    two parts (both named) or out of place is an error; rerunning the sampling command repairs it."""
+    out_dir = Path(out_dir)
     parts = out_dir / "parts"
-    missing = [b for b in range(n_batches) if not (parts / f"part_{b:06d}.npz").exists()]
+    missing = [b for b in range(n_batches) if not (parts / _part_name(b)).exists()]
     if missing:
-        raise RuntimeError(f"{len(missing)} sample parts are missing in {parts} (first: part_{missing[0]:06d}.npz); "
+        raise RuntimeError(f"{len(missing)} sample parts are missing in {parts} (first: {_part_name(missing[0])}); "
                            "run the same command again to finish them")
-    loaded = [np.load(parts / f"part_{b:06d}.npz") for b in range(n_batches)]
-    index = np.concatenate([p["index"] for p in loaded])
-    if not np.array_equal(index, np.arange(num_samples)):
-        raise RuntimeError(f"sample parts in {parts} do not cover 0..{num_samples - 1} exactly once")
+    loaded = []
+    for b in range(n_batches):
+        try:
+            loaded.append(read_part(parts / _part_name(b)))
+        except ValueError as err:
+            raise RuntimeError(f"sample part {parts / _part_name(b)} is corrupt ({err}); "
+                               "run the same command again to sample it again") from None
+    _check_coverage(parts, [p["index"] for p in loaded], num_samples)
     merged = {"arr_0": np.concatenate([p["arr_0"] for p in loaded]), "arr_1": np.concatenate([p["arr_1"] for p in loaded])}
     if "samples" in loaded[0]:  # pixel-space and field runs: the raw float samples and their labels
         merged["samples"] = np.concatenate([p["samples"] for p in loaded])
@@ -183,3 +275,23 @@ def merge_parts(out_dir: Path, num_samples: int, n_batches: int) -> Path:
     path = out_dir / "samples.npz"
     atomic_save_npz(path, **merged)
     return path
+
+
+def _check_coverage(parts: Path, indices: list[np.ndarray], num_samples: int) -> None:
+    """Parts 0, 1, … must hold samples 0..num_samples-1 in order, each once."""
+    owner: dict[int, int] = {}
+    for b, index in enumerate(indices):
+        for i in index.tolist():
+            if i in owner:
+                raise RuntimeError(f"sample {i} is held by both {_part_name(owner[i])} and {_part_name(b)} in {parts}; "
+                                   "run the same command again to sample the wrong one again")
+            owner[i] = b
+    start = 0
+    for b, index in enumerate(indices):
+        if not np.array_equal(index, np.arange(start, start + len(index))):
+            raise RuntimeError(f"{parts / _part_name(b)} holds samples {_span(index)} where samples from {start} "
+                               f"belong; run the same command again to sample it again")
+        start += len(index)
+    if start != num_samples:
+        raise RuntimeError(f"sample parts in {parts} hold {start} samples, not {num_samples}; "
+                           "run the same command again to sample the wrong ones again")

@@ -144,7 +144,7 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
 def test_too_many_non_finite_steps_stop_the_run_with_last_good_checkpoint(tmp_path, monkeypatch):
     _patch_objective(monkeypatch, set(range(4, 100)))
     cfg = load_config("digits", overrides=[*TINY, "train.steps=20", "train.ckpt_every=4", "train.max_nonfinite=3"])
-    with pytest.raises(TrainingStopped, match="consecutive non-finite"):
+    with pytest.raises(TrainingStopped, match="consecutive bad steps"):
         train(cfg, tmp_path, device="cpu")
     good = final_weights(tmp_path)
     assert good["step"] == 4 and all(torch.isfinite(v).all() for v in good["model"].values())

@@ -117,6 +117,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
     Set ``ema_decay`` before each step."""
 
     updates_ema = True  # the trainer sets ``ema_decay`` and skips its own EMA update
+    skip: torch.Tensor | None = None
 
     def __init__(self, model: nn.Module, ema: nn.Module, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, max_norm: float = 0.0):
@@ -161,8 +162,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
         else:
             sums = [master_kernels.sum_squares_reference(gr, g.layout) for gr, g in zip(grads, self.groups)]
         norm = torch.stack(sums).sum().sqrt()
-        self.step_count += torch.isfinite(norm).float()  # a skipped step is not counted, as in fused AdamW
-        scalars = step_scalars(norm, self.step_count, group["lr"], group["betas"], group["weight_decay"], self.max_norm,
+        # ``skip`` (a bool device scalar the trainer sets, e.g. for a loss spike) skips the step as a non-finite norm does.
+        update_norm = norm if self.skip is None else torch.where(self.skip, torch.full_like(norm, float("nan")), norm)
+        self.step_count += torch.isfinite(update_norm).float()  # a skipped step is not counted, as in fused AdamW
+        scalars = step_scalars(update_norm, self.step_count, group["lr"], group["betas"], group["weight_decay"], self.max_norm,
                                self.ema_decay)
         for i, g in enumerate(self.groups):
             state = (g.master, g.exp_avg, g.exp_avg_sq, g.ema, g.weights, scalars, *group["betas"], group["eps"])

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ditkit.checkpoints import load_weights_for_finetune, save_weights
-from ditkit.checkpoints.training import list_checkpoints, load_checkpoint, save_checkpoint
+from ditkit.checkpoints.training import list_checkpoints, load_checkpoint, newest_good_checkpoint, save_checkpoint
 from ditkit.config import Config, ConfigError, save_config
 from ditkit.data import build_dataset, split_batch
 from ditkit.data.sampler import ShardBatchSampler, step_seed
@@ -27,7 +27,8 @@ from ditkit.objectives import build_objective
 from ditkit.training.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.training.ema import ema_decay_at, update_ema
 from ditkit.training.profiling import StepProfiler
-from ditkit.utils.io import atomic_write_text
+from ditkit.training.safety import LossGuard, RunLock, StopSignals, any_rank, check_resume
+from ditkit.utils.io import atomic_write_text, remove_stale_temps
 
 log = logging.getLogger("ditkit.train")
 
@@ -58,12 +59,14 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
 
 
 def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg: Config, amp_dtype, scaler,
-               device: torch.device, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               device: torch.device, params: list[torch.Tensor], guard: LossGuard | None = None,
+               info: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over ``grad_accum`` micro-batches.  Returns (mean loss, grad norm, bad)
-    as device tensors; nothing here waits for the device.  A non-finite gradient makes the fused
-    AdamW skip the update on the device (``found_inf``), as a GradScaler would.  ``bad`` marks a
-    skipped step; with fp16's scaler an overflow is routine (the scale drops) and only a
-    non-finite loss counts."""
+    as device tensors; nothing here waits for the device.  A non-finite gradient, or a loss that
+    ``guard`` calls a spike (the loss averaged over the ranks, so that every rank decides alike),
+    makes the optimizer skip the update on the device (``found_inf``), as a GradScaler would.
+    ``bad`` marks a skipped step; with fp16's scaler an overflow is routine (the scale drops) and
+    only a non-finite loss or a spike counts (a spike is flagged there, not skipped)."""
     accum = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
     for m, batch in enumerate(micro_batches):
@@ -78,10 +81,22 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
                 loss = objective.loss(model, x0, model_kwargs)["loss"].mean() / accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
+    spike = torch.zeros((), dtype=torch.bool, device=device)
+    if guard is not None:
+        checked = loss_sum.clone()
+        if info is not None and info.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(checked, op=dist.ReduceOp.AVG)
+        spike = guard.spike(checked)
     if getattr(opt, "updates_ema", False):  # norm, clip, skip, AdamW and EMA in the optimizer's step
+        opt.skip = spike
         grad_norm = opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm, ~torch.isfinite(grad_norm)
+        bad = ~torch.isfinite(grad_norm) | spike
+        if guard is not None:
+            guard.update(checked, ~bad)
+        return loss_sum, grad_norm, bad
     if scaler is not None:
         scaler.unscale_(opt)
     grad_norm = gradient_norm(params, cfg.train.grad_clip)
@@ -90,12 +105,14 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
-        bad = ~torch.isfinite(loss_sum)
+        bad = ~torch.isfinite(loss_sum) | spike
     else:
-        bad = ~torch.isfinite(grad_norm)
+        bad = ~torch.isfinite(grad_norm) | spike
         opt.found_inf = bad.float()
         opt.step()
     opt.zero_grad(set_to_none=True)
+    if guard is not None:
+        guard.update(checked, ~bad)
     return loss_sum, grad_norm, bad
 
 
@@ -166,12 +183,6 @@ def _load_optimizer_state(model: nn.Module, opt, state: dict, cfg: Config, info:
             group.update(flags)
 
 
-def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
-    for section in ("model", "objective"):
-        if saved.get(section) != cfg.to_dict()[section]:
-            raise ConfigError(f"cannot resume from {path}: its {section} config differs from this run's")
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """After a crash the log may run past the checkpoint; drop the lines the resumed run redoes."""
     if path.exists():
@@ -190,33 +201,64 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
           allow_changes: bool = False) -> dict:
     """Train ``cfg`` into ``run_dir`` (checkpoints/, config.yaml, metrics.jsonl, tb/, samples/).
 
-    ``resume``: continue from ``run_dir/checkpoints/last.pt`` bit-for-bit as if never stopped.
-    ``init_from``: start from another checkpoint's weights (e.g. an official DiT one).
-    ``speed``: a ``ditkit.fast.TrainSpeed`` (levers, for ablations) instead of ``cfg.train.speed``."""
+    ``resume``: continue from the newest good checkpoint bit-for-bit as if never stopped (a corrupt or
+    truncated newer one is named and skipped); ``resume_from``: from this checkpoint instead; a changed
+    seed, global batch or data is refused unless ``allow_changes``.  ``init_from``: start from another
+    checkpoint's weights (e.g. an official DiT one).  ``speed``: a ``ditkit.fast.TrainSpeed`` (levers, for
+    ablations) instead of ``cfg.train.speed``.  One trainer per ``run_dir`` (a lock); SIGTERM or SIGINT end
+    the run after a checkpoint with ``TrainingPreempted``."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a folder")
     info = setup_distributed(device)
+    try:
+        with RunLock(run_dir, enabled=info.is_main), StopSignals() as stop:
+            return _train(cfg, run_dir, info, stop, resume, init_from, speed, resume_from, allow_changes)
+    finally:
+        cleanup(info)
+
+
+def _resume_state(ckpt_dir: Path, cfg: Config, resume: bool, resume_from, allow_changes: bool, init_from) -> dict | None:
+    """The checkpoint to continue from (checked against ``cfg``), or None for a new run."""
+    if resume_from is not None:
+        path, state = Path(resume_from), load_checkpoint(resume_from)
+        if not all(k in state for k in ("config", "model", "step")):
+            raise ConfigError(f"{path} is not a ditkit training checkpoint (no config, model and step): use --init-from "
+                              "to start from its weights")
+    elif resume:
+        found = newest_good_checkpoint(ckpt_dir, log.warning)
+        if found is None:
+            log.info(f"no checkpoint in {ckpt_dir}; starting a new run")
+            return None
+        path, state = found
+    else:
+        if list_checkpoints(ckpt_dir):
+            raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or choose "
+                              "another --run-dir")
+        return None
+    check_resume(state["config"], cfg.to_dict(), path, allow_changes)
+    log.info(f"resuming from {path} at step {int(state['step'])}")
+    return state
+
+
+def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume: bool, init_from, speed, resume_from,
+           allow_changes: bool) -> dict:
     dev = info.device
     ckpt_dir = run_dir / "checkpoints"
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
+    if info.is_main and ckpt_dir.is_dir():
+        for tmp in remove_stale_temps(ckpt_dir):
+            log.info(f"removed {tmp}, left by an interrupted checkpoint write")
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, **cfg.model.kwargs()).to(dev)
     objective = build_objective(cfg)
+    state = _resume_state(ckpt_dir, cfg, resume, resume_from, allow_changes, init_from)
     start_step, extra = 0, {}
-    state = None
-    saved = list_checkpoints(ckpt_dir)
-    if resume and saved:
-        path = saved[-1]  # the newest complete file (last.pt may lag it by a kill between the two renames)
-        state = load_checkpoint(path)
-        _check_resume_config(state["config"], cfg, path)
+    if state is not None:
         model.load_state_dict(state["model"])
         start_step = int(state["step"])
         extra = state.get("extra", {})
-        log.info(f"resuming from {path} at step {start_step}")
-    elif resume:
-        log.info(f"no checkpoint in {ckpt_dir}; starting a new run")
-    elif saved:
-        raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run or choose another --run-dir")
     elif init_from:
         load_weights_for_finetune(model, init_from, log)
 
@@ -277,7 +319,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
         grid_vae = load_vae(cfg.train.vae, device=dev)
 
     end_step = cfg.train.steps
+    guard = LossGuard(cfg.train.spike_factor, dev)
+    if "loss_guard" in extra:
+        guard.load_state_dict(extra["loss_guard"])
     consecutive_bad = torch.zeros((), device=dev)
+    bad_since_ckpt = torch.zeros((), device=dev)
+    ckpts = {"last": None, "keep": None}  # the newest checkpoint written; the one kept from before a divergence
     worst_run = torch.zeros((), device=dev)
     bad_acc = torch.zeros((), device=dev)
     nonfinite_total = int(extra.get("nonfinite_total", 0))
@@ -287,21 +334,34 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     t_start = t_last
     bar = tqdm(total=end_step, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> bool:
+        """Written only from a good state: after a bad step (non-finite or a spike) the weights may be
+        on their way to diverging, so the newest good checkpoint stays the newest.  A checkpoint older
+        than a detected divergence is never pruned by keep_last."""
+        if consecutive_bad.item() > 0:  # the same on every rank: 'bad' follows all-reduced quantities
+            log.warning(f"step {step}: not checkpointing: the last {int(consecutive_bad.item())} step(s) were bad "
+                        f"(non-finite, or a loss spike); the newest good checkpoint stays {ckpts['last']}")
+            return False
+        if bad_since_ckpt.item() > 0 and ckpts["last"] is not None:
+            ckpts["keep"] = ckpts["last"]
+        bad_since_ckpt.zero_()
         ema_sd = _full_state_dict(ema, cfg, info)
         model_sd = opt.master_state_dict(model) if hasattr(opt, "master_state_dict") else _full_state_dict(model, cfg, info)
         st = {"model": model_sd, "ema": ema_sd, "opt": _optimizer_state(train_model, opt, cfg, info),
-              "step": step, "config": cfg.to_dict(), "extra": {"nonfinite_total": nonfinite_total}}
+              "step": step, "config": cfg.to_dict(),
+              "extra": {"nonfinite_total": nonfinite_total, "loss_guard": guard.state_dict()}}
         normalizer = getattr(dataset.inner, "normalizer", None)  # fields: samples go back to physical units
         if normalizer is not None:
             st["normalizer"] = normalizer.state_dict()
         if scaler is not None:
             st["scaler"] = scaler.state_dict()
         if info.is_main:
-            save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last, cfg.train.ckpt_format)
+            ckpts["last"] = save_checkpoint(st, ckpt_dir, step, cfg.train.keep_last, cfg.train.ckpt_format,
+                                            keep=ckpts["keep"])
             if step == end_step:
                 save_weights(ema_sd, model, cfg, run_dir / "ema.safetensors")
         barrier(info)
+        return True
 
     profiler = StepProfiler(cfg.train.profile, run_dir, info.is_main, dev, start_step, end_step)
     step = start_step
@@ -317,7 +377,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
             if ema_in_step:
                 opt.ema_decay = decay
             loss, grad_norm, bad = train_step(step_model, loss_objective, opt, micro, step, info.rank * cfg.train.grad_accum,
-                                              cfg, amp_dtype, scaler, dev, params)
+                                              cfg, amp_dtype, scaler, dev, params, guard=guard, info=info)
             if not ema_in_step:
                 update_ema(ema, model, decay)
             finite_norm = torch.isfinite(grad_norm)
@@ -326,6 +386,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
             loss_acc += torch.where(bad, torch.zeros_like(loss), loss)
             norm_acc += torch.where(bad | ~finite_norm, torch.zeros_like(grad_norm), grad_norm)
             bad_acc += bad.float()
+            bad_since_ckpt += bad.float()
             n_acc += 1
             bar.update(1)
             done = step + 1
@@ -338,30 +399,37 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
                 flags = torch.stack([loss_acc, norm_acc, bad_acc, worst_run, torch.full_like(loss_acc, float(over_time))])
                 stats = mean_over_ranks(flags, info).tolist()  # every rank stops when any rank's clock runs out
                 n_bad, worst = int(round(stats[2])), int(round(stats[3]))
-                good = max(n_acc - n_bad, 1)
+                good = n_acc - n_bad
                 elapsed = time.perf_counter() - t_last
-                record = {"step": done, "loss": stats[0] / good, "grad_norm": stats[1] / good,
+                # A skipped step has no loss to average: an interval of bad steps only logs null, never 0.0.
+                record = {"step": done, "loss": stats[0] / good if good else None,
+                          "grad_norm": stats[1] / good if good else None,
                           "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed}
+                if n_bad:
+                    record["bad_steps"] = n_bad
                 if dev.type == "cuda":
                     record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 if hasattr(dataset.inner, "num_unreadable"):  # image folders: skipped files, each named in a warning
                     record["unreadable_images"] = dataset.inner.num_unreadable
                 if n_bad:
                     nonfinite_total += n_bad
-                    log.warning(f"step {done}: {n_bad} non-finite step(s) skipped (total {nonfinite_total})")
+                    log.warning(f"step {done}: {n_bad} bad step(s) skipped (a non-finite loss or gradient, or a loss over "
+                                f"{cfg.train.spike_factor:g}× its running mean; {nonfinite_total} in all)")
                 if info.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     if writer is not None:
                         for k, v in record.items():
-                            if k != "step":
+                            if k != "step" and v is not None:
                                 writer.add_scalar(f"train/{k}", v, done)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    if record["loss"] is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 if worst >= cfg.train.max_nonfinite:
                     bar.close()
-                    cleanup(info)
-                    raise TrainingStopped(f"{worst} consecutive non-finite steps by step {done}; "
-                                          f"stopped with the last good checkpoint in {ckpt_dir} intact")
+                    newest = ckpts["keep"] or ckpts["last"] or (list_checkpoints(ckpt_dir) or [None])[-1]
+                    raise TrainingStopped(f"the run diverged: {worst} consecutive bad steps (non-finite, or losses over "
+                                          f"{cfg.train.spike_factor:g}× their running mean) by step {done}; the newest good "
+                                          f"checkpoint is {newest}: lower train.lr or raise train.grad_clip, then --resume")
                 for acc in (loss_acc, norm_acc, bad_acc, worst_run):
                     acc.zero_()
                 n_acc, t_last = 0, time.perf_counter()
@@ -369,8 +437,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
                 if time_up:
                     end_step = done  # the end of this run: final checkpoint, EMA weights; --resume goes on to train.steps
                     log.info(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {done}: checkpointing and stopping")
-            if done % cfg.train.ckpt_every == 0 or done == end_step:
-                checkpoint(done)
+            # Stop signals: one process reads its own flag; several agree every few steps (a host sync).
+            stopping = stop.requested if not info.enabled else (
+                done % min(cfg.train.log_every, 10) == 0 and any_rank(stop.requested, info))
+            written = (done % cfg.train.ckpt_every == 0 or done == end_step or stopping) and checkpoint(done)
+            if stopping:
+                bar.close()
+                where = f"checkpointed at step {done}" if written else f"the newest good checkpoint is {ckpts['last']}"
+                raise TrainingPreempted(f"stopped by a signal at step {done}, {where} in {ckpt_dir}: run the same "
+                                        "command with --resume to continue")
             if fixed is not None and done % cfg.train.sample_every == 0:
                 _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done,
                                    info.is_main, grid_vae)
@@ -381,7 +456,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, device: str | 
     bar.close()
     if writer is not None:
         writer.close()
-    cleanup(info)
     return {"step": end_step if end_step > start_step else start_step, "run_dir": str(run_dir)}
 
 
