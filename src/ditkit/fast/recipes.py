@@ -316,5 +316,5 @@ def describe(speed) -> str:
     """The levers that are on, for a start-up line."""
     on = [f.name for f in dataclasses.fields(speed) if getattr(speed, f.name) is True]
     extra = [f"{k}={getattr(speed, k)}" for k in ("precision", "compile", "sdpa")
-             if hasattr(speed, k) and getattr(speed, k) not in (False, "fp32", "none", "auto")]
+             if isinstance(getattr(speed, k, None), str) and getattr(speed, k) not in ("fp32", "none", "auto")]
     return ", ".join(on + extra) or "none (the reference modules)"
