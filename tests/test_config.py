@@ -1,4 +1,6 @@
 """The config: presets load, overrides apply, and every bad value fails at load naming its field."""
+import re
+
 import pytest
 
 from ditkit.config import ConfigError, load_config, preset_names
@@ -71,3 +73,43 @@ def test_guidance_channel_and_param_dropout_checks():
         load_config("digits", overrides=["sample.guided_channels=3"])
     with pytest.raises(ConfigError, match="param_dropout_prob"):
         load_config("fields64", overrides=["model.param_dropout_prob=0", "sample.cfg_scale=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=.inf", "train.lr must be a finite number, got inf"),
+    ("train.lr=inf", "train.lr must be a finite number, got inf"),  # YAML reads it as a string
+    ("train.lr=NaN", "train.lr must be a finite number, got nan"),
+    ("train.ema_decay=.nan", "train.ema_decay must be a finite number, got nan"),
+    ("train.weight_decay=-.inf", "train.weight_decay must be a finite number, got -inf"),
+    ("train.grad_clip=.inf", "train.grad_clip must be a finite number, got inf"),
+    ("train.max_minutes=.inf", "train.max_minutes must be a finite number, got inf"),
+    ("sample.cfg_scale=.inf", "sample.cfg_scale must be a finite number, got inf"),
+    ("sample.guidance_interval=[0, .inf]", "sample.guidance_interval must be a finite number, got inf"),
+    ("objective.logit_std=.nan", "objective.logit_std must be a finite number, got nan"),
+    ("objective.time_scale=.inf", "objective.time_scale must be a finite number, got inf"),
+    ("model.class_dropout_prob=.nan", "model.class_dropout_prob must be a finite number, got nan"),
+])
+def test_every_float_must_be_finite(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("digits", overrides=[override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1e-4", "train.lr must be positive, got -0.0001"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be non-negative"),
+    ("train.grad_clip=-1", "train.grad_clip must be non-negative"),
+    ("train.adam_betas=[0.9, 1.5]", "train.adam_betas must be two numbers in [0, 1)"),
+    ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
+    ("model.class_dropout_prob=1.5", "model.class_dropout_prob must be in [0, 1]"),
+    ("objective.shift=0", "objective.shift must be positive"),
+    ("objective.logit_std=0", "objective.logit_std must be positive"),
+    ("sample.eta=-1", "sample.eta must be non-negative"),
+])
+def test_out_of_range_floats_are_named(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("digits", overrides=[override])
+
+
+def test_finite_values_still_load():
+    cfg = load_config("digits", overrides=["train.weight_decay=0.01", "train.grad_clip=1", "objective.shift=3"])
+    assert (cfg.train.weight_decay, cfg.train.grad_clip, cfg.objective.shift) == (0.01, 1.0, 3.0)

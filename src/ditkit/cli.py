@@ -1,13 +1,20 @@
 """The ``ditkit`` command: train, sample, eval, extract, export, bench.
 
-Errors a user can fix (bad config, missing file, wrong checkpoint) print one line and exit 2;
-anything else is a bug and keeps its traceback."""
+Every failure a user can cause or meet (a bad config, a missing or corrupt file, a full disk, too
+little GPU memory, a stopped run) ends in one line ``ditkit: error: ...`` that names the file, key or
+value, and a non-zero exit: 2 for bad input, ``EXIT_STOPPED`` (3) for a run that stopped itself,
+``EXIT_PREEMPTED`` (75) for one checkpointed after a stop signal, 130 for Ctrl-C.  Anything else is
+a bug and keeps its traceback; ``ditkit --debug ...`` keeps the traceback of every failure."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
+
+EXIT_USAGE = 2  # what argparse uses: the input was wrong, nothing ran or the run could not go on
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +30,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_config(args):
-    from ditkit.config import load_config
+    from ditkit.config import ConfigError, load_config
 
     shortcuts = []
     if args.objective:  # the objective's default sampler, unless the user names one
@@ -38,13 +45,16 @@ def _resolve_config(args):
             shortcuts.append(f"{key}={value}")
     overrides = shortcuts + list(args.overrides)  # the user's --set come last and win
     if args.preset is None and args.config is None:
-        raise SystemExit("ditkit: give --preset NAME or --config FILE (try --preset digits)")
+        raise ConfigError("give --preset NAME or --config FILE (try --preset digits)")
     return load_config(args.preset, overrides, path=args.config)
 
 
 def cmd_train(args) -> None:
     from ditkit.training.trainer import train
 
+    run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--run-dir {run_dir} is a file, not a folder; choose a folder for the run")
     cfg = _resolve_config(args)
     result = train(cfg, args.run_dir, resume=args.resume or args.resume_from is not None, device=args.device,
                    init_from=args.init_from, resume_from=args.resume_from, allow_changes=args.allow_changes)
@@ -76,7 +86,7 @@ def cmd_eval(args) -> None:
         from ditkit.eval.evaluate import evaluate, format_table
 
         if args.inception is None:
-            raise SystemExit("ditkit: image metrics need --inception PATH (pt_inception-2015-12-05-6726825d.pth, see docs/sampling.md)")
+            raise ValueError("image metrics need --inception PATH (pt_inception-2015-12-05-6726825d.pth, see docs/sampling.md)")
         result = evaluate(args.samples, args.ref, args.inception, batch_size=args.batch_size, device=args.device,
                           resize=args.resize, progress=True)
         print(format_table(result))
@@ -102,7 +112,12 @@ def cmd_export(args) -> None:
 
     model, cfg = load_model(args.ckpt, ema=not args.no_ema, device="cpu")
     if args.to == "diffusers":
-        labels = json.loads(Path(args.id2label).read_text()) if args.id2label else None
+        labels = None
+        if args.id2label:
+            try:
+                labels = json.loads(Path(args.id2label).read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--id2label {args.id2label} is not valid JSON ({err})") from None
         export_diffusers(model, args.out, vae=args.vae, id2label=labels)
     else:
         save_weights(model.state_dict(), model, cfg, args.out)
@@ -135,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
     parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any failure (before the "
+                        "command: ditkit --debug train ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a DiT (one process, or many under torchrun)")
@@ -228,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "floor of the spectrum errors falls as 1/sqrt(samples); the JSON reports it as *_floor)")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.set_defaults(func=cmd_eval_fields)
+    for p in sub.choices.values():  # --debug also after the command; SUPPRESS keeps the global one
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -240,19 +259,58 @@ def _has_cuda() -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> None:
+def _user_error(err: BaseException) -> tuple[str, int] | None:
+    """(the one line to print, the exit code) for a failure the user can act on; None for a bug."""
+    import torch
+
     from ditkit.checkpoints.training import CheckpointError
     from ditkit.config import ConfigError
+    from ditkit.training.trainer import EXIT_PREEMPTED, EXIT_STOPPED, TrainingPreempted, TrainingStopped
 
+    if isinstance(err, TrainingStopped):
+        return _one_line(err), EXIT_STOPPED
+    if isinstance(err, TrainingPreempted):  # the trainer's message names the step and the checkpoint
+        return _one_line(err) if str(err) else ("checkpointed after a stop signal; run the same command with "
+                                                "--resume to continue"), EXIT_PREEMPTED
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+    if isinstance(err, torch.OutOfMemoryError):  # before OSError/RuntimeError: it is a RuntimeError
+        # torch's message is one long line; its first three sentences say how much was asked and is free.
+        first = ". ".join((str(err).strip() or "CUDA out of memory").splitlines()[0].split(". ")[:3]).rstrip(".")
+        return (f"out of GPU memory ({first}); lower the batch: --set train.global_batch_size=N or "
+                "train.grad_accum=K for training, --batch-size for sampling"), EXIT_USAGE
+    if isinstance(err, (ConfigError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError,
+                        IsADirectoryError, PermissionError)):
+        return _one_line(err), EXIT_USAGE
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _one_line(err), EXIT_USAGE  # ditkit.utils.io names the file it could not write
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line.  An OSError of the system ("[Errno 2] No such file or
+    directory: 'x'") is given as its strerror and file name."""
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) and not text.lower().startswith("no space"):
+            text = f"no space left on the device ({text}); free some space or choose another folder"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``ditkit ...``: runs one command; a failure the user can act on ends in one line on stderr."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"ditkit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ValueError as err:  # bad user input surfaced at a boundary (labels, sizes, names)
-        print(f"ditkit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (Exception, KeyboardInterrupt) as err:
+        found = None if args.debug else _user_error(err)
+        if found is None:
+            raise
+        line, code = found
+        print(f"ditkit: error: {line}", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

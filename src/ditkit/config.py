@@ -7,6 +7,7 @@ checkpoints and stored inside them, so a checkpoint alone says how to sample fro
 """
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -20,7 +21,9 @@ import yaml
 SPEEDS = ("auto", "reference", "fast", "fastest")  # train.speed, sample.speed (ditkit.fast.recipes)
 
 
-_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+# A float written as YAML reads it as a string: 1e-4 (YAML 1.1 wants a dot), and inf or nan (YAML wants
+# .inf, .nan).  Both are taken as floats so that a non-finite value meets the finite check by its name.
+_FLOAT_RE = re.compile(r"^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
 
 
 DDPM_SAMPLERS = ("ddpm", "ddim")
@@ -164,6 +167,9 @@ class Config:
         return asdict(self)
 
     def validate(self) -> "Config":
+        self._check_finite()
+        t, m, o = self.train, self.model, self.objective
+        betas = t.adam_betas
         checks = [
             (self.objective.name in ("ddpm", "flow"), "objective.name", "ddpm or flow"),
             (self.data.kind in ("digits", "images", "latents", "fields"), "data.kind", "digits, images, latents or fields"),
@@ -177,6 +183,20 @@ class Config:
             (self.train.steps >= 0, "train.steps", "a non-negative integer"),
             (0.0 <= self.train.ema_decay < 1.0, "train.ema_decay", "in [0, 1)"),
             (self.train.lr > 0, "train.lr", "positive"),
+            (t.weight_decay >= 0, "train.weight_decay", "non-negative (0: off)"),
+            (t.grad_clip >= 0, "train.grad_clip", "non-negative (0: off)"),
+            (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas), "train.adam_betas",
+             "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+            (t.warmup_steps >= 0, "train.warmup_steps", "a non-negative integer"),
+            (0 <= m.class_dropout_prob <= 1, "model.class_dropout_prob", "in [0, 1]"),
+            (0 <= m.param_dropout_prob <= 1, "model.param_dropout_prob", "in [0, 1]"),
+            (m.mlp_ratio > 0, "model.mlp_ratio", "positive"),
+            (m.num_classes >= 0, "model.num_classes", "a non-negative integer (0: unconditional)"),
+            (o.logit_std > 0, "objective.logit_std", "positive"),
+            (o.shift > 0, "objective.shift", "positive"),
+            (o.time_scale > 0, "objective.time_scale", "positive"),
+            (self.sample.steps > 0, "sample.steps", "a positive integer"),
+            (self.sample.eta >= 0, "sample.eta", "non-negative"),
             (self.train.log_every > 0, "train.log_every", "a positive integer"),
             (self.train.ckpt_every > 0, "train.ckpt_every", "a positive integer (a checkpoint is also written at the end)"),
             (self.train.sample_every >= 0, "train.sample_every", "0 (off) or a positive integer"),
@@ -217,6 +237,16 @@ class Config:
                               f"choose one of {', '.join(allowed)}")
         self.model.kwargs()
         return self
+
+    def _check_finite(self) -> None:
+        """Every float of the config, alone or in a list, is finite: an inf or nan learning rate or
+        guidance scale would run for hours and write nothing but non-finite steps."""
+        for section in fields(self):
+            for f in fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), f.name)
+                for v in value if isinstance(value, list) else [value]:
+                    if isinstance(v, float) and not math.isfinite(v):
+                        raise ConfigError(f"{section.name}.{f.name} must be a finite number, got {v}")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

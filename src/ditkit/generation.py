@@ -74,7 +74,8 @@ def prepare_network(model: nn.Module, cfg: Config, speed: str | SampleSpeed, dev
     cache = _prepared.setdefault(model, {}) if copy_model else {}
     if key in cache:
         return cache[key], []
-    target = copy.deepcopy(model) if copy_model and speed != "reference" else model
+    plain = resolve_sample_speed(speed, device)[0] == SampleSpeed()  # the reference numerics change nothing
+    target = copy.deepcopy(model) if copy_model and not plain else model
     shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
     calibrate = _calibration_run(build_objective(cfg), cfg, shape, device, calibration_kwargs)
     net, notes = sample_speed(target, speed, device, calibrate=calibrate)

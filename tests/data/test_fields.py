@@ -178,7 +178,7 @@ def test_augmentation_moves_x_and_field_together(tmp_path):
     (lambda d, x, f, p: np.save(d / "field.npy", f[..., :4]), r"field .*has shape \(10, 2, 8, 4\)"),
     (lambda d, x, f, p: write_csv(d / "params.csv", p[:7]), r"params file .*params.csv has 7 rows but x .* has 10 samples"),
     (lambda d, x, f, p: np.save(d / "x.npy", np.where(np.arange(N)[:, None, None, None] == 4, np.nan, x)),
-     r"x.npy\[4\]: channel 0 holds nan \(NaN or inf\)"),
+     r"x data .*x.npy holds 192 NaN or inf values \(first: .*x.npy\[4\] channel 0 holds nan\)"),
     (lambda d, x, f, p: np.save(d / "x.npy", x * np.where(np.arange(C) == 1, -1, 1)[None, :, None, None]),
      r"x.npy\[0\]: channel 1 is log-transformed but holds -\d.*needs x > -0.001"),
     (lambda d, x, f, p: write_csv(d / "params.csv", np.where(np.arange(N)[:, None] == 6, np.nan, p)),
@@ -213,3 +213,28 @@ def test_bad_arguments_are_named(files, arrays):
     (files / "x.txt").write_text("1 2 3")
     with pytest.raises(ValueError, match="unsupported format '.txt'"):
         FieldDataset(files / "x.txt")
+
+
+def test_non_finite_values_are_counted_over_the_whole_file(tmp_path, arrays):
+    x = arrays[0].copy()
+    x[2, 1, 0, 0], x[7, 0, 3, :] = np.inf, np.nan  # 1 + 8 bad values in two chunks' worth of samples
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(ValueError, match=r"x data .*x.npy holds 9 NaN or inf values \(first: .*x.npy\[2\] channel 1 holds inf\)"):
+        FieldDataset(tmp_path / "x.npy")
+
+
+def test_statistics_are_float64_and_must_fit_float32(tmp_path):
+    # float32 data near its largest value: the square overflows float32 but not float64
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(N, 2, H, H)).astype(np.float32)
+    x[:, 1] *= np.float32(3e38)
+    np.save(tmp_path / "x.npy", x)
+    ds = FieldDataset(tmp_path / "x.npy")
+    std = ds.normalizer.state["x"]["std"]
+    assert torch.isfinite(std).all() and std[1] == pytest.approx(x[:, 1].astype(np.float64).std(), rel=1e-9)
+    assert torch.isfinite(ds[0]["x"]).all()
+    # float64 data whose statistics leave float32's range: named by file and channel
+    np.save(tmp_path / "big.npy", x.astype(np.float64) * np.array([1.0, 1e10])[None, :, None, None])
+    with pytest.raises(ValueError, match=r"x data .*big.npy channel 1: non-finite (mean|standard deviation) in "
+                                         r"float32 .*values up to [23][.\d]*e\+48"):
+        FieldDataset(tmp_path / "big.npy")

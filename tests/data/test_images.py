@@ -1,13 +1,14 @@
 """ImageDataset: both layouts, ADM's center crop against direct computations, seeded flips,
 unreadable files skipped and counted, and each start-time error."""
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ditkit.data.images import ImageDataset, center_crop_arr, sample_seed
+from ditkit.data.images import ImageDataset, center_crop_arr, sample_seed, to_rgb
 
 
 def gradient(w, h, seed=0):
@@ -144,11 +145,72 @@ def test_unreadable_files_are_skipped_and_counted(folder, caplog):
     assert batches[0][0].shape == (5, 3, 16, 16) and fresh.num_unreadable == 2
 
 
-def test_no_readable_image_at_all(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.png").write_bytes(b"junk")
-    with pytest.raises(RuntimeError, match="no readable image"):
-        ImageDataset(tmp_path, image_size=16)[0]
+def test_no_readable_image_at_all_fails_at_start(tmp_path):
+    for k, name in enumerate(("a/x.png", "a/y.png", "b/z.jpg")):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"junk" * k)
+    with pytest.raises(ValueError, match=re.escape(f"no readable image in {tmp_path}: 3 file(s) skipped as unreadable")):
+        ImageDataset(tmp_path, image_size=16)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    # a 16-bit gradient 0..65535 along x: 8-bit value = round(v / 257), the inverse of v8 · 257
+    v = np.tile(np.linspace(0, 65535, 16).round().astype(np.uint16), (16, 1))
+    Image.fromarray(v).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode in ("I;16", "I")  # Pillow's name for it depends on its version
+        rgb = np.asarray(to_rgb(im))
+    expected = np.rint(v / 257).astype(np.uint8)
+    np.testing.assert_array_equal(rgb, np.stack([expected] * 3, -1))
+    assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb)) == 16
+    for mode, raw in (("I;16B", v.astype(">u2")), ("I", v.astype(np.int32))):
+        im = Image.frombytes(mode, (16, 16), raw.tobytes()) if mode == "I;16B" else Image.fromarray(raw)
+        assert im.mode == mode
+        np.testing.assert_array_equal(np.asarray(to_rgb(im))[..., 0], expected)
+    floats = Image.fromarray((v / 65535).astype(np.float32))  # mode F in [0, 1]
+    np.testing.assert_array_equal(np.asarray(to_rgb(floats))[..., 0], np.rint(v / 65535 * 255).astype(np.uint8))
+    # through the dataset: x = pixel / 127.5 − 1 spans [−1, 1]
+    (tmp_path / "c").mkdir()
+    Image.fromarray(v).save(tmp_path / "c" / "g16.png")
+    x, _ = ImageDataset(tmp_path, image_size=16, random_flip=False)[0]
+    torch.testing.assert_close(x[0, 0], torch.from_numpy(expected[0]).float() / 127.5 - 1)
+
+
+def test_alpha_and_palette_images_become_rgb(tmp_path):
+    rgb = gradient(8, 8)
+    rgba = np.concatenate([rgb, np.full((8, 8, 1), 128, np.uint8)], -1)
+    cases = {"RGBA": Image.fromarray(rgba, "RGBA"), "LA": Image.fromarray(rgb[..., :2], "LA"),
+             "P": Image.fromarray(rgb).quantize(16)}
+    for mode, im in cases.items():
+        assert im.mode == mode
+        out = to_rgb(im)
+        assert out.mode == "RGB" and out.size == (8, 8)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(im.convert("RGB")))  # alpha dropped, as ADM
+    np.testing.assert_array_equal(np.asarray(to_rgb(cases["RGBA"])), rgb)
+
+
+def test_unconditional_dataset_reads_every_image_and_ignores_labels(tmp_path, folder):
+    ds = ImageDataset(folder, image_size=16, num_classes=0, random_flip=False)
+    assert ds.num_classes == 0 and ds.labels == [0] * 4 and len(ds) == 4
+    save(tmp_path / "flat" / "a.png", gradient(16, 16))  # no class folders at all
+    assert len(ImageDataset(tmp_path / "flat", image_size=16, num_classes=0)) == 1
+    labels = tmp_path / "train_labels.txt"
+    labels.write_text("flat/a.png 999\n")  # class ids beyond any range are ignored
+    assert ImageDataset(labels, image_size=16, num_classes=0).labels == [0]
+
+
+def test_unconditional_training_on_an_image_folder(tmp_path):
+    from ditkit.config import load_config
+    from ditkit.data import build_dataset
+    from ditkit.training.trainer import train
+
+    for k in range(8):
+        save(tmp_path / "imgs" / f"class{k % 2}" / f"{k}.png", gradient(8, 8, k))
+    cfg = load_config("digits", ["data.kind=images", f"data.path={tmp_path / 'imgs'}", "data.image_size=8",
+                                 "model.num_classes=0", "model.in_channels=3", "model.hidden_size=32", "model.depth=2",
+                                 "model.num_heads=2", "train.global_batch_size=4", "train.steps=2"])
+    assert set(build_dataset(cfg)[0, 0]) == {"x"}  # no "y": DiT.forward gets y=None
+    assert train(cfg, tmp_path / "run", device="cpu")["step"] == 2
 
 
 def test_start_time_errors(tmp_path):

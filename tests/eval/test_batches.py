@@ -80,3 +80,30 @@ def test_reference_statistics(tmp_path, images):
     np.savez(tmp_path / "wrong.npz", mu=mu, sigma=np.eye(2))
     with pytest.raises(ValueError, match=r"'sigma' has shape \(2, 2\), expected \(3, 3\)"):
         read_reference_stats(tmp_path / "wrong.npz")
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_truncated_or_damaged_npz_is_named(tmp_path, images, save):
+    save(tmp_path / "good.npz", arr_0=images, mu=np.zeros(3), sigma=np.eye(3))
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    for read in (open_images, load_sample_batch, read_reference_stats, has_images):
+        with pytest.raises(ValueError, match="cut.npz is not an .npz file, or is truncated"):
+            read(tmp_path / "cut.npz")
+    damaged = bytearray(data)
+    start = data.index(b"arr_0.npy") + 200  # inside the images' bytes, past the .npy header
+    damaged[start:start + 40] = bytes(40)
+    (tmp_path / "bad.npz").write_bytes(bytes(damaged))
+    for read in (lambda p: list(open_images(p).batches(4)), load_sample_batch):
+        with pytest.raises(ValueError, match="bad.npz is corrupt or truncated"):
+            read(tmp_path / "bad.npz")
+
+
+def test_folder_of_sixteen_bit_images_is_scaled_to_eight_bits(tmp_path):
+    v = np.tile(np.linspace(0, 65535, 6).round().astype(np.uint16), (5, 1))  # (5, 6) gradient
+    Image.fromarray(v).save(tmp_path / "a.png")
+    (batch,) = open_images(tmp_path).batches(4)
+    np.testing.assert_array_equal(batch[0], np.stack([np.rint(v / 257).astype(np.uint8)] * 3, -1))
+    (tmp_path / "b.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="image .*b.png cannot be read"):
+        list(open_images(tmp_path).batches(4))

@@ -63,5 +63,27 @@ def test_errors_speak_of_the_convention(tmp_path):
     with pytest.raises(ValueError, match="one label per sample"):
         D.classifier_agreement(np.zeros((2, 64)), np.zeros(3))
     np.savez(tmp_path / "wrong.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="lacks 'samples', 'labels'"):
+    with pytest.raises(ValueError, match="wrong.npz is an image batch .*--ref"):
         D.load_digit_samples(tmp_path / "wrong.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match=r"lacks 'samples', 'labels' \(it has: x\)"):
+        D.load_digit_samples(tmp_path / "other.npz")
+    np.savez(tmp_path / "big.npz", samples=np.zeros((2, 1, 16, 16)), labels=np.zeros(2))
+    with pytest.raises(ValueError, match=r"big.npz: expected the digits demo's samples \(N, 1, 8, 8\).*--ref"):
+        D.load_digit_samples(tmp_path / "big.npz")
+    np.savez(tmp_path / "s.npz", samples=np.zeros((2, 1, 8, 8)), labels=np.zeros(2))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:300])
+    with pytest.raises(ValueError, match="cut.npz is not an .npz file, or is truncated"):
+        D.load_digit_samples(tmp_path / "cut.npz")
+    with pytest.raises(IsADirectoryError, match="is a folder; without --ref"):
+        D.load_digit_samples(tmp_path)
+
+
+def test_a_damaged_samples_file_is_named(tmp_path):
+    np.savez(tmp_path / "s.npz", samples=np.zeros((64, 1, 8, 8), np.float32), labels=np.zeros(64, np.int64))
+    data = bytearray((tmp_path / "s.npz").read_bytes())
+    start = data.index(b"samples.npy") + 300  # inside the samples' bytes, past the .npy header
+    data[start:start + 40] = b"\xff" * 40
+    (tmp_path / "bad.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bad.npz is corrupt or truncated"):
+        D.load_digit_samples(tmp_path / "bad.npz")

@@ -53,6 +53,7 @@ def build_dataset(cfg: Config) -> EpochIndexed:
     elif kind == "images":
         from ditkit.data.images import ImageDataset
 
+        # num_classes=0 (unconditional): every image is a sample, labels are not read; "y" is not kept below.
         inner = ImageDataset(d.path, image_size=d.image_size, labels_file=d.labels_file,
                              num_classes=cfg.model.num_classes, random_flip=d.flip, seed=cfg.train.seed)
     elif kind == "fields":

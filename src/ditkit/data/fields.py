@@ -224,17 +224,31 @@ class _Moments:
 
     def __init__(self, channels: int):
         self.n, self.mean, self.m2 = 0, np.zeros(channels), np.zeros(channels)
+        self.peak = np.zeros(channels)  # largest |value| seen, for the error of ``result``
 
     def update(self, v: np.ndarray) -> None:  # v: (C, m)
-        nb, mb = v.shape[1], v.mean(1)
-        delta, n = mb - self.mean, self.n + nb
-        self.m2 += ((v - mb[:, None]) ** 2).sum(1) + delta**2 * self.n * nb / n
-        self.mean += delta * nb / n
+        v = np.asarray(v, dtype=np.float64)
+        self.peak = np.maximum(self.peak, np.abs(v).max(1))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf, refused by ``result``
+            nb, mb = v.shape[1], v.mean(1)
+            delta, n = mb - self.mean, self.n + nb
+            self.m2 += ((v - mb[:, None]) ** 2).sum(1) + delta**2 * self.n * nb / n
+            self.mean += delta * nb / n
         self.n = n
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def result(self, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float64 tensors.  Both must be finite and within float32's range, in which
+        the network and sampling (``denormalize`` in float32) use them; ``labels[c]`` names channel
+        (or column) c in the error."""
         std = np.sqrt(self.m2 / self.n)
         std[std == 0] = 1.0  # a constant channel is only centred
+        limit = float(np.finfo(np.float32).max)
+        for name, stat in (("mean", self.mean), ("standard deviation", std)):
+            bad = np.flatnonzero(~(np.abs(stat) <= limit))
+            if len(bad):
+                c = int(bad[0])
+                raise ValueError(f"{labels[c]}: non-finite {name} in float32 ({stat[c]:.3g}; values up to "
+                                 f"{self.peak[c]:.3g}); rescale the data or log-transform it (data.log_transform)")
         return torch.from_numpy(self.mean.copy()), torch.from_numpy(std)
 
 
@@ -243,13 +257,17 @@ def scan_fields(source: FieldSource, indices: np.ndarray, log: list[bool], eps: 
     normaliser statistics of T(x) over ``indices``."""
     moments = _Moments(source.shape[1])
     log_idx = np.flatnonzero(log)
+    num_bad, first_bad = 0, None  # every sample is read before refusing, to say how many values are bad
     for start in range(0, len(indices), SCAN_CHUNK):
         chunk = np.sort(indices[start:start + SCAN_CHUNK])
         a = source.read(chunk)  # (n, C, H, W)
         bad = np.argwhere(~np.isfinite(a))
-        if len(bad):
+        if len(bad) and first_bad is None:
             i, c = bad[0][:2]
-            raise ValueError(f"{source.name(int(chunk[i]))}: channel {c} holds {a[tuple(bad[0])]} (NaN or inf)")
+            first_bad = f"{source.name(int(chunk[i]))} channel {c} holds {a[tuple(bad[0])]}"
+        num_bad += len(bad)
+        if num_bad:
+            continue
         if len(log_idx):
             sub = a[:, log_idx]
             if (sub <= -eps).any():
@@ -259,9 +277,12 @@ def scan_fields(source: FieldSource, indices: np.ndarray, log: list[bool], eps: 
             a[:, log_idx] = np.log(sub + eps)
         if fit:
             moments.update(a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1))
+    if num_bad:
+        raise ValueError(f"{source.what} data {source.name()} holds {num_bad} NaN or inf values (first: {first_bad}); "
+                         "remove or repair those samples")
     if not fit:
         return None
-    mean, std = moments.result()
+    mean, std = moments.result([f"{source.what} data {source.name()} channel {c}" for c in range(source.shape[1])])
     return {"mean": mean, "std": std, "log": [bool(b) for b in log], "eps": float(eps)}
 
 
@@ -304,6 +325,7 @@ class FieldDataset(Dataset):
             raise ValueError(f"field {self.field.name()} has shape {self.field.shape}; x {self.x.name()} has "
                              f"{self.x.shape}, so the field must be ({N}, C_cond, {H}, {W})")
         self.params, self.param_names = (None, []) if params is None else read_params(params, params_key, param_names)
+        self.params_source = params
         if self.params is not None and len(self.params) != N:
             raise ValueError(f"params file {params} has {len(self.params)} rows but x {self.x.name()} has {N} samples")
         self.indices = np.arange(N) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -336,7 +358,7 @@ class FieldDataset(Dataset):
         if self.params is not None:
             moments = _Moments(self.params.shape[1])
             moments.update(self.params[self.indices].T)
-            mean, std = moments.result()
+            mean, std = moments.result([f"params file {self.params_source} column {n!r}" for n in self.param_names])
             state["params"] = {"mean": mean, "std": std, "names": list(self.param_names)}
         return FieldNormalizer(state)
 

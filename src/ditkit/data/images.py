@@ -5,9 +5,15 @@ Two layouts, both mapped to (image path, class id):
   * labels file: one ``image_path class_id`` per line; a relative path is relative to the file's folder.
 
 A sample is ``(x, y)``: x float32 (3, H, W) in [-1, 1] (x = pixel / 127.5 − 1, as ADM and DiT), y an int.
+With ``num_classes=0`` (an unconditional model) labels are not read from the folder layout: every
+image under the root, in class folders or not, is a sample, and a labels file's class ids are ignored.
+
 The random horizontal flip is a pure function of (seed, epoch, index), so it is the same whatever the
 number of DataLoader workers and after a resume; call ``set_epoch`` each epoch for new flips.
-An unreadable image is logged, counted and replaced by the next readable one; the run goes on.
+An unreadable image is logged, counted and replaced by the next readable one; the run goes on.  A
+dataset none of whose files can be read fails at construction, naming its folder.
+
+Any PIL mode becomes 8-bit RGB (``to_rgb``): 16-bit grayscale is scaled by 1/257, not clipped.
 """
 from __future__ import annotations
 
@@ -60,6 +66,22 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     return arr[top : top + image_size, left : left + image_size]
 
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": 16-bit PNGs in older Pillow, 32-bit TIFFs
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode.  ``convert("RGB")`` clips 16-bit grayscale at 255, turning a
+    16-bit PNG white, so 16-bit values v become round(v / 257) (65535 → 255, the exact inverse of
+    8 → 16 bit's v·257) and float ("F") images in [0, 1] become round(255 v) (above 1: as 16-bit).
+    RGBA, LA and P drop their alpha as ADM's ``convert("RGB")`` does."""
+    if image.mode not in _SIXTEEN_BIT + ("F",):
+        return image.convert("RGB")
+    v = np.asarray(image, dtype=np.float64)
+    scale = 255.0 if image.mode == "F" and v.size and np.nanmax(v) <= 1.0 else 1 / 257
+    gray = np.clip(np.rint(np.nan_to_num(v) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -82,6 +104,14 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
         paths += found
         labels += [label] * len(found)
     return paths, labels, classes
+
+
+def _scan_all_images(root: Path) -> list[str]:
+    """Every image under ``root``, at any depth, sorted: the samples of an unconditional model."""
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files if _is_image(f))
+    if not paths:
+        raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) at any depth")
+    return paths
 
 
 def _read_labels_file(path: Path, num_classes: int | None) -> tuple[list[str], list[int]]:
@@ -112,7 +142,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """Images with class labels, ADM-center-cropped to ``image_size`` and optionally flipped.
 
     data: an ImageFolder root, or a labels file.  labels_file: a labels file (if relative, taken
-    inside ``data``).  num_classes: if given, every label must lie in [0, num_classes).
+    inside ``data``).  num_classes: if given, every label must lie in [0, num_classes); 0 (an
+    unconditional model): every image under ``data`` is a sample and every label is 0.
     """
 
     def __init__(
@@ -133,18 +164,24 @@ class ImageDataset(torch.utils.data.Dataset):
             labels_file = data
         if image_size <= 0:
             raise ValueError(f"image size must be positive, got {image_size}")
+        unconditional = num_classes == 0
         if labels_file is not None:
             if not labels_file.is_file():
                 raise ValueError(f"labels file {labels_file} does not exist")
-            paths, labels = _read_labels_file(labels_file, num_classes)
+            paths, labels = _read_labels_file(labels_file, None if unconditional else num_classes)
             self.source, self.classes = str(labels_file), None
         else:
             if not data.is_dir():
                 raise ValueError(f"image folder {data} does not exist")
-            paths, labels, self.classes = _scan_image_folder(data)
+            if unconditional:
+                paths, labels, self.classes = _scan_all_images(data), None, None
+            else:
+                paths, labels, self.classes = _scan_image_folder(data)
             self.source = str(data)
         if not paths:
             raise ValueError(f"no images in {self.source}")
+        if unconditional:
+            labels = [0] * len(paths)
         if self.classes is not None and num_classes is not None and len(self.classes) > num_classes:
             raise ValueError(f"{data} has {len(self.classes)} class folders, more than num_classes={num_classes}")
         if num_classes is None:
@@ -159,6 +196,19 @@ class ImageDataset(torch.utils.data.Dataset):
         # One flag per file in shared memory: DataLoader workers mark what they could not read and
         # the main process sees it (a plain int counter would stay in the worker).
         self._unreadable = torch.zeros(len(paths), dtype=torch.bool).share_memory_()
+        self._check_one_readable()
+
+    def _check_one_readable(self) -> None:
+        """Reads files in order until one decodes (usually the first), so that a folder of files
+        none of which is an image fails now, by name, not in a DataLoader worker mid-run."""
+        skipped = []
+        for i in range(len(self)):
+            if self._load(i, skipped) is not None:
+                for path, err in skipped:  # named only now: a folder of nothing readable gets one line
+                    log.warning("skipping unreadable image %s: %s", path, err)
+                return
+        raise ValueError(f"no readable image in {self.source}: {len(self)} file(s) skipped as unreadable "
+                         f"(first: {self.paths[0]}); check that they are images and not truncated")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -175,16 +225,20 @@ class ImageDataset(torch.utils.data.Dataset):
     def unreadable_files(self) -> list[str]:
         return [self.paths[i] for i in self._unreadable.nonzero().flatten().tolist()]
 
-    def _load(self, index: int) -> np.ndarray | None:
+    def _load(self, index: int, skipped: list | None = None) -> np.ndarray | None:
+        """The cropped image, or None if unreadable: logged, or added to ``skipped`` as (path, error)."""
         if self._unreadable[index]:
             return None
         path = self.paths[index]
         try:
             with Image.open(path) as im:
-                rgb = im.convert("RGB")  # decodes fully, so a truncated file fails here
+                rgb = to_rgb(im)  # decodes fully, so a truncated file fails here
         except _UNREADABLE as e:
             self._unreadable[index] = True
-            log.warning("skipping unreadable image %s: %s", path, e)
+            if skipped is None:
+                log.warning("skipping unreadable image %s: %s", path, e)
+            else:
+                skipped.append((path, e))
             return None
         return center_crop_arr(rgb, self.image_size)
 
@@ -196,7 +250,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if arr is not None:
                 break
         else:
-            raise RuntimeError(f"no readable image in {self.source} ({len(self)} files tried)")
+            raise ValueError(f"no readable image in {self.source} ({len(self)} files tried)")
         if self.random_flip and sample_seed(self.seed, self.epoch, index) & 1:
             arr = arr[:, ::-1]
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (H, W, 3) → (3, H, W)

@@ -4,19 +4,23 @@
   (N,) class labels (what ADM's and DiT's sampling scripts write with ``np.savez``).
 - A reference batch is the same, and may also hold precomputed statistics ``mu``, ``sigma``
   (pool3) and ``mu_s``, ``sigma_s`` (spatial), as ADM's VIRTUAL_imagenet256_labeled.npz does.
-- A folder of images (png, jpg, jpeg, bmp, webp), all of one size, read in sorted name order.
+- A folder of images (png, jpg, jpeg, bmp, webp), all of one size, read in sorted name order and
+  made 8-bit RGB (16-bit grayscale scaled, not clipped: ``ditkit.data.images.to_rgb``).
 
 Images are streamed in batches: a 50K × 256² batch is 9.8 GB and need not fit in memory.
 """
 from __future__ import annotations
 
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
+
+from ditkit.data.images import to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -90,9 +94,18 @@ class NpzImages(ImageSource):
 
 
 @contextmanager
+def damaged_npz_as_value_error(path: Path):
+    """A damaged .npz (a bad CRC, a cut-off member) reads as one ValueError naming ``path``."""
+    try:
+        yield
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path} is corrupt or truncated ({err}); write it again") from None
+
+
+@contextmanager
 def _open_member(path: Path, key: str):
     """The raw .npy bytes of ``key`` inside the .npz at ``path``."""
-    with zipfile.ZipFile(path) as zf:
+    with damaged_npz_as_value_error(path), zipfile.ZipFile(path) as zf:
         if f"{key}.npy" not in zf.namelist():
             keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
             raise ValueError(f"{path} has no '{key}' array (it has: {', '.join(keys) or 'none'})")
@@ -121,8 +134,11 @@ class FolderImages(ImageSource):
 
     @staticmethod
     def _read(path: Path) -> np.ndarray:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                return np.asarray(to_rgb(im))  # 16-bit grayscale scaled to 8 bits, not clipped
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+            raise ValueError(f"image {path} cannot be read ({err}); remove it or write it again") from None
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         for i in range(0, self.num_images, batch_size):
@@ -141,7 +157,8 @@ def _existing(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_file() and not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not an .npz file (expected an .npz with arr_0, or a folder of images)")
+        raise ValueError(f"{path} is not an .npz file, or is truncated (expected an .npz with arr_0, or a folder "
+                         "of images)")
     return path
 
 
@@ -158,14 +175,14 @@ def has_images(path: str | Path) -> bool:
     path = _existing(path)
     if path.is_dir():
         return True
-    with zipfile.ZipFile(path) as zf:
+    with damaged_npz_as_value_error(path), zipfile.ZipFile(path) as zf:
         return "arr_0.npy" in zf.namelist()
 
 
 def load_sample_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """A whole sample batch in memory: arr_0 images and arr_1 labels (None when absent)."""
     path = _existing(path)
-    with np.load(path) as npz:
+    with damaged_npz_as_value_error(path), np.load(path) as npz:
         if "arr_0" not in npz.files:
             raise ValueError(f"{path} has no 'arr_0' array (it has: {', '.join(npz.files) or 'none'})")
         images = npz["arr_0"]
@@ -182,7 +199,7 @@ def read_reference_stats(path: str | Path) -> dict[str, np.ndarray]:
     path = _existing(path)
     if path.is_dir():
         return {}
-    with np.load(path) as npz:
+    with damaged_npz_as_value_error(path), np.load(path) as npz:
         stats = {k: np.asarray(npz[k], dtype=np.float64) for k in STAT_KEYS if k in npz.files}
     for mean, cov in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mean in stats) != (cov in stats):

@@ -28,6 +28,7 @@ real digit has.  The metric functions take pixels on the 0..16 scale (any numeri
 """
 from __future__ import annotations
 
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
+from ditkit.eval.batches import damaged_npz_as_value_error
 from ditkit.eval.metrics import feature_statistics, frechet_distance
 
 SEED = 0
@@ -135,17 +137,27 @@ def real_vs_real_fd() -> float:
 
 
 def load_digit_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The demo's samples .npz -> (N, 64) pixels in 0..16 (see ``to_digit_pixels``) and (N,) labels."""
+    """The demo's samples .npz -> (N, 64) pixels in 0..16 (see ``to_digit_pixels``) and (N,) labels.
+    Anything else (a folder, an ADM image batch, a truncated file) is refused naming ``path``."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--samples {path} is a folder; without --ref, eval scores the digits demo's "
+                                "samples .npz ('samples' (N, 1, 8, 8), 'labels' (N,)); give --ref to score images")
     if not path.is_file():
         raise FileNotFoundError(f"no such samples file: {path}")
-    with np.load(path) as npz:
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz file, or is truncated; sample it again")
+    with damaged_npz_as_value_error(path), np.load(path) as npz:
+        if "arr_0" in npz.files and "samples" not in npz.files:
+            raise ValueError(f"{path} is an image batch (arr_0), not digits demo samples; score it against "
+                             "a reference with --ref REF --inception WEIGHTS")
         missing = [k for k in ("samples", "labels") if k not in npz.files]
         if missing:
             raise ValueError(f"{path} lacks {', '.join(repr(k) for k in missing)} (it has: {', '.join(npz.files)})")
         samples, labels = npz["samples"], npz["labels"]
     if samples.ndim < 2 or samples[0].size != 64 or labels.shape != (len(samples),):
-        raise ValueError(f"{path}: expected samples (N, 1, 8, 8) and labels (N,), got {samples.shape} and {labels.shape}")
+        raise ValueError(f"{path}: expected the digits demo's samples (N, 1, 8, 8) and labels (N,), got "
+                         f"{samples.shape} and {labels.shape}; images of another size are scored with --ref")
     return to_digit_pixels(samples), labels.astype(np.int64)
 
 
