@@ -113,3 +113,9 @@ def test_out_of_range_floats_are_named(override, message):
 def test_finite_values_still_load():
     cfg = load_config("digits", overrides=["train.weight_decay=0.01", "train.grad_clip=1", "objective.shift=3"])
     assert (cfg.train.weight_decay, cfg.train.grad_clip, cfg.objective.shift) == (0.01, 1.0, 3.0)
+
+
+def test_spike_factor_is_off_or_above_one():
+    assert load_config("digits", ["train.spike_factor=0"]).train.spike_factor == 0
+    with pytest.raises(ConfigError, match="train.spike_factor must be 0 .off. or above 1"):
+        load_config("digits", ["train.spike_factor=0.5"])

@@ -201,6 +201,8 @@ class Config:
             (self.train.ckpt_every > 0, "train.ckpt_every", "a positive integer (a checkpoint is also written at the end)"),
             (self.train.sample_every >= 0, "train.sample_every", "0 (off) or a positive integer"),
             (self.train.max_nonfinite >= 1, "train.max_nonfinite", "at least 1"),
+            (self.train.spike_factor == 0 or self.train.spike_factor > 1, "train.spike_factor",
+             "0 (off) or above 1 (a loss over that many times its running mean is a spike)"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
             (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
              "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),

@@ -197,6 +197,8 @@ def test_unconditional_dataset_reads_every_image_and_ignores_labels(tmp_path, fo
     labels = tmp_path / "train_labels.txt"
     labels.write_text("flat/a.png 999\n")  # class ids beyond any range are ignored
     assert ImageDataset(labels, image_size=16, num_classes=0).labels == [0]
+    labels.write_text("flat/a.png\n\nflat/a.png 3\n")  # or absent: a line may be the path alone
+    assert ImageDataset(labels, image_size=16, num_classes=0).labels == [0, 0]
 
 
 def test_unconditional_training_on_an_image_folder(tmp_path):

@@ -111,3 +111,30 @@ def test_resume_passes_over_a_corrupt_newest_checkpoint_and_resume_from_picks_on
     train(load_config("digits", [*common, "train.steps=8"]), tmp_path / "b", device="cpu",
           resume_from=tmp_path / "checkpoints" / "ckpt_00000002.pt")
     assert max(losses(tmp_path / "b")) == 8 and min(losses(tmp_path / "b")) == 3
+
+
+def test_sigterm_under_torchrun_checkpoints_on_every_rank_and_resumes_on_one(tmp_path):
+    """torchrun passes SIGTERM on to its workers; they agree on the step to stop at, join one checkpoint
+    and stop; the run then continues on one process with the same global batch."""
+    import subprocess
+    import sys
+
+    from tests.training.test_trainer import ENV
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "ditkit",
+           "train", "--preset", "digits", "--run-dir", str(run), "--steps", "400", "--device", "cpu",
+           *overrides("train.ckpt_every=1000", "train.log_every=1")]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode != 0 and "stopped by a signal" in out, out[-3000:]
+    step = int(load_checkpoint(list_checkpoints(run / "checkpoints")[-1])["step"])
+    assert 1 <= step < 400
+    resumed = ditkit("train", "--preset", "digits", "--run-dir", str(run), "--steps", str(step + 2), "--device", "cpu",
+                     "--resume", *overrides("train.ckpt_every=1000", "train.log_every=1", "train.grad_accum=2"))
+    assert resumed.wait(timeout=240) == 0, resumed.stdout.read()[-2000:]
+    assert max(losses(run)) == step + 2

@@ -114,8 +114,9 @@ def _scan_all_images(root: Path) -> list[str]:
     return paths
 
 
-def _read_labels_file(path: Path, num_classes: int | None) -> tuple[list[str], list[int]]:
-    """``image_path class_id`` per line (blank lines ignored); the path may contain spaces."""
+def _read_labels_file(path: Path, num_classes: int | None, unconditional: bool = False) -> tuple[list[str], list[int]]:
+    """``image_path class_id`` per line (blank lines ignored); the path may contain spaces.  For an
+    unconditional model the class id may be absent (a line is then the path alone) and is ignored."""
     base = path.parent
     paths, labels = [], []
     with open(path, encoding="utf-8") as f:
@@ -124,6 +125,8 @@ def _read_labels_file(path: Path, num_classes: int | None) -> tuple[list[str], l
             if not line:
                 continue
             parts = line.rsplit(maxsplit=1)
+            if unconditional and (len(parts) == 1 or not parts[1].lstrip("-").isdigit()):
+                parts = [line, "0"]  # the path alone: no label to read, none needed
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise ValueError(f"{path} line {lineno}: expected 'image_path class_id', got {line!r}")
             label = int(parts[1])
@@ -168,7 +171,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if labels_file is not None:
             if not labels_file.is_file():
                 raise ValueError(f"labels file {labels_file} does not exist")
-            paths, labels = _read_labels_file(labels_file, None if unconditional else num_classes)
+            paths, labels = _read_labels_file(labels_file, None if unconditional else num_classes, unconditional)
             self.source, self.classes = str(labels_file), None
         else:
             if not data.is_dir():
