@@ -130,3 +130,20 @@ def test_check_finite_lists_the_first_rows():
         check_finite("x", x)
     with pytest.raises(ValueError, match=r"^s holds 1 non-finite value \(row 0\)$"):
         check_finite("s", torch.tensor(float("nan")))
+
+
+def test_official_weights_sample_with_the_official_guidance_and_say_so(tmp_path, capsys):
+    """Weights without a run config take the official sample.py's guidance 4.0 (on 3 channels), and
+    `ditkit sample` prints where the scale came from; --cfg-scale overrides it silently."""
+    import ditkit
+
+    torch.manual_seed(0)
+    torch.save(ditkit.DiT_models["DiT-S/8"](input_size=8, num_classes=10, in_channels=3).state_dict(), tmp_path / "dit.pt")
+    model, cfg = ditkit.load_model(tmp_path / "dit.pt", device="cpu")
+    assert (cfg.sample.cfg_scale, cfg.sample.guided_channels) == (4.0, 3)
+    common = ["sample", "--ckpt", str(tmp_path / "dit.pt"), "--num-samples", "2", "--steps", "2", "--batch-size", "2"]
+    main([*common, "--out", str(tmp_path / "a")])
+    assert "guidance scale 4: the official sample.py's default" in capsys.readouterr().out
+    main([*common, "--out", str(tmp_path / "b"), "--cfg-scale", "1.5"])
+    out = capsys.readouterr().out
+    assert "guidance scale" not in out and "guidance 1.5" in out

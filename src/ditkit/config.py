@@ -50,24 +50,37 @@ def parse_profile(spec: str) -> tuple[int, int] | None:
     return a - 1, b
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its documentation (``ditkit config`` prints it); a list default is copied per config."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def field_help(f) -> str:
+    """The documentation of a config field (``opt``'s help)."""
+    return f.metadata.get("help", "")
+
+
 @dataclass
 class ModelConfig:
-    name: str = "DiT-XL/2"  # a DiT_models name, or "custom" (then depth/hidden_size/num_heads/patch_size)
-    input_size: Any = 32  # int or [H, W] (latent or pixel grid the network sees)
-    in_channels: int = 4
-    num_classes: int = 1000  # 0: unconditional
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
-    depth: int | None = None
-    hidden_size: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    mlp_ratio: float = 4.0
-    num_params: int = 0
-    param_dropout_prob: float = 0.1
-    cond_channels: int = 0
-    field_mode: str = "cross_attention"
-    cond_mode: str = "adaln"
+    """The network: a DiT variant, or a custom one."""
+    name: str = opt("DiT-XL/2", 'a DiT_models name, or "custom" (then depth/hidden_size/num_heads/patch_size)')
+    input_size: Any = opt(32, "int or [H, W]: the latent or pixel grid the network sees")
+    in_channels: int = opt(4, "channels of x (4: SD-VAE latents, 3: RGB pixels)")
+    num_classes: int = opt(1000, "class labels of a class-conditional model (0: unconditional)")
+    class_dropout_prob: float = opt(0.1, "probability a label is replaced by the null class in training (for guidance)")
+    learn_sigma: bool = opt(True, "also predict the variance (DDPM's learned sigma, twice the output channels)")
+    depth: int | None = opt(None, "number of transformer blocks (model.name=custom only)")
+    hidden_size: int | None = opt(None, "width of the token embeddings (model.name=custom only)")
+    num_heads: int | None = opt(None, "attention heads per block (model.name=custom only)")
+    patch_size: int | None = opt(None, "side of a patch in grid cells (model.name=custom only)")
+    mlp_ratio: float = opt(4.0, "hidden width of each block's MLP, as a multiple of hidden_size")
+    num_params: int = opt(0, "length of a vector of continuous parameters to condition on (0: none)")
+    param_dropout_prob: float = opt(0.1, "probability the parameters are dropped in training (for guidance)")
+    cond_channels: int = opt(0, "channels of a conditioning field (0: none)")
+    field_mode: str = opt("cross_attention", "how a conditioning field enters: cross_attention | concat (to the input)")
+    cond_mode: str = opt("adaln", "how t and the class reach the blocks: adaln | cross_attention | in_context")
 
     def kwargs(self) -> dict:
         """Constructor keyword arguments for ``build_model(self.name, **kwargs)``."""
@@ -81,78 +94,84 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "ddpm"  # ddpm | flow
-    # DDPM (the official DiT diffusion)
-    diffusion_steps: int = 1000
-    noise_schedule: str = "linear"
-    # flow matching / rectified flow (t = 0 noise, t = 1 data)
-    path: str = "linear"  # linear | gvp | vp
-    prediction: str = "velocity"  # velocity | noise | score
-    time_sampling: str = "uniform"  # uniform | logit_normal
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    shift: float = 1.0
-    time_scale: float = 1000.0  # network time = time_scale · t (SiT's own checkpoints: 1)
+    """The training objective: DDPM (the official DiT diffusion) or flow matching (t = 0 noise, t = 1 data)."""
+    name: str = opt("ddpm", "ddpm | flow")
+    diffusion_steps: int = opt(1000, "ddpm: number of diffusion steps T")
+    noise_schedule: str = opt("linear", "ddpm: the beta schedule (linear, the official one, or cosine)")
+    path: str = opt("linear", "flow: the interpolation path: linear | gvp | vp")
+    prediction: str = opt("velocity", "flow: what the network predicts: velocity | noise | score")
+    time_sampling: str = opt("uniform", "flow: how training draws t: uniform | logit_normal")
+    logit_mean: float = opt(0.0, "flow: mean of the logit-normal t")
+    logit_std: float = opt(1.0, "flow: standard deviation of the logit-normal t")
+    shift: float = opt(1.0, "flow: time shift toward noise (1: none); also the sampler's shifted grid")
+    time_scale: float = opt(1000.0, "flow: network time = time_scale · t (SiT's own checkpoints: 1)")
 
 
 @dataclass
 class DataConfig:
-    kind: str = "latents"  # digits | images | latents | fields
-    path: str | None = None
-    labels_file: str | None = None
-    image_size: int = 256
-    flip: bool = True
-    num_workers: int = 4
-    # fields (ditkit.data.fields): path is the x array; parameters table and conditioning fields
-    params_file: str | None = None
-    field_file: str | None = None
-    param_names: list | None = None
-    log_transform: list = field(default_factory=list)  # channels of x to log-transform
-    field_log_transform: list = field(default_factory=list)
+    """The training data."""
+    kind: str = opt("latents", "digits | images | latents | fields")
+    path: str | None = opt(None, "the data: an image folder, a latent cache, or the fields' x array (digits: none)")
+    labels_file: str | None = opt(None, "images: a file of 'image_path class_id' lines (none: ImageFolder classes)")
+    image_size: int = opt(256, "images: side after the center crop and resize")
+    flip: bool = opt(True, "random horizontal flips")
+    num_workers: int = opt(4, "DataLoader worker processes (0: load in the training process)")
+    params_file: str | None = opt(None, "fields: table of the parameters to condition on")
+    field_file: str | None = opt(None, "fields: array of the conditioning fields")
+    param_names: list | None = opt(None, "fields: columns of params_file to use (none: all)")
+    log_transform: list = opt([], "fields: channels of x to log-transform")
+    field_log_transform: list = opt([], "fields: channels of the conditioning field to log-transform")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 400_000
-    global_batch_size: int = 256
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # 0: off (the official recipe); 1.0 is the seeds' advice
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False  # decay_t = min(decay, (1 + t) / (10 + t)), for short runs
-    precision: str = "auto"  # auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 | fp16
-    seed: int = 0
-    distributed: str = "ddp"  # ddp | fsdp (when launched with torchrun)
-    speed: str = "auto"  # auto | reference | fast | fastest, or levers joined by + (ditkit.fast.recipes; auto: fastest on a GPU)
-    activation_checkpointing: bool = False  # recompute each block in the backward (less memory, ~1/3 more compute)
-    log_every: int = 100
-    ckpt_every: int = 50_000
-    keep_last: int = 3
-    ckpt_format: str = "pt"  # pt | safetensors (same content; safetensors never runs pickle)
-    sample_every: int = 0  # 0: off
-    max_nonfinite: int = 10  # consecutive bad steps (non-finite, or loss spikes) before the run stops as diverged
-    spike_factor: float = 10.0  # a loss over this × the running mean of good losses is a bad step (skipped); 0: off
-    max_minutes: float = 0.0  # wall-clock budget: checkpoint and stop at the first log step past it (0: off)
-    profile: str = ""  # "A-B": the PyTorch profiler over steps A to B, written to the run folder (ditkit.training.profiling)
-    fsdp_reshard: bool = True  # FSDP: free each block's gathered weights after its forward (false: keep them for the backward)
-    fsdp_bf16_gather: bool = False  # FSDP: gather the weights in bf16 (half the all-gather traffic; gradients reduced in float32)
-    vae: str | None = None  # local VAE (folder or file) to decode the sample grids of latent runs
+    """The training loop."""
+    steps: int = opt(400_000, "optimizer steps in all")
+    global_batch_size: int = opt(256, "samples per optimizer step, over all processes and accumulation")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    lr: float = opt(1e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_betas: list = opt([0.9, 0.999], "AdamW betas [beta1, beta2]")
+    warmup_steps: int = opt(0, "linear learning-rate warmup from 0 (0: none)")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0: off, the official recipe; 1.0 is the seeds' advice)")
+    ema_decay: float = opt(0.9999, "decay of the EMA of the weights that samples come from")
+    ema_warmup: bool = opt(False, "decay_t = min(decay, (1 + t) / (10 + t)), for short runs")
+    precision: str = opt("auto", "auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 | fp16")
+    seed: int = opt(0, "seed of the weights, the data order and the noise")
+    distributed: str = opt("ddp", "ddp | fsdp (when launched with torchrun)")
+    speed: str = opt("auto", "auto | reference | fast | fastest, or levers joined by + (ditkit.fast.recipes; "
+                             "auto: fastest on a GPU)")
+    activation_checkpointing: bool = opt(False, "recompute each block in the backward (less memory, ~1/3 more compute)")
+    log_every: int = opt(100, "steps between logged metrics")
+    ckpt_every: int = opt(50_000, "steps between checkpoints (one is also written at the end)")
+    keep_last: int = opt(3, "checkpoints kept in run-dir/checkpoints")
+    ckpt_format: str = opt("pt", "pt | safetensors (same content; safetensors never runs pickle)")
+    sample_every: int = opt(0, "steps between sample grids in run-dir/samples, and one at the last step (0: off)")
+    max_nonfinite: int = opt(10, "consecutive bad steps (non-finite, or loss spikes) before the run stops as diverged")
+    spike_factor: float = opt(10.0, "a loss over this × the running mean of good losses is a bad step (skipped); 0: off")
+    max_minutes: float = opt(0.0, "wall-clock budget: checkpoint and stop at the first log step past it (0: off)")
+    profile: str = opt("", '"A-B": the PyTorch profiler over steps A to B, written to the run folder '
+                           "(ditkit.training.profiling)")
+    fsdp_reshard: bool = opt(True, "FSDP: free each block's gathered weights after its forward (false: keep them "
+                                   "for the backward)")
+    fsdp_bf16_gather: bool = opt(False, "FSDP: gather the weights in bf16 (half the all-gather traffic; gradients "
+                                        "reduced in float32)")
+    vae: str | None = opt(None, "local VAE (folder or file) to decode the sample grids of latent runs")
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddpm"  # ddpm | ddim | euler | heun | dopri5 | sde
-    steps: int = 250
-    cfg_scale: float = 1.0
-    guided_channels: int | None = None  # None: all predicted channels (3 = the official code)
-    guidance_interval: list | None = None  # [a, b] on the noise level
-    eta: float = 0.0  # ddim
-    grid: str = "uniform"  # euler/heun/sde time grid: uniform | shifted (objective.shift)
-    sde_diffusion: str = "sigma"  # sde: sigma | constant | SBDM | linear | decreasing | increasing-decreasing
-    speed: str = "auto"  # auto | reference | fast | fastest: the speed recipe (ditkit.fast.recipes; auto: fastest on a GPU)
+    """Sampling: the sample grids of training and the defaults of ``ditkit sample``."""
+    sampler: str = opt("ddpm", "ddpm | ddim (objective ddpm); euler | heun | dopri5 | sde (objective flow)")
+    steps: int = opt(250, "sampling steps")
+    cfg_scale: float = opt(1.0, "classifier-free guidance scale (1: no guidance)")
+    guided_channels: int | None = opt(None, "guide only the first N predicted channels (none: all; 3: the official code)")
+    guidance_interval: list | None = opt(None, "[a, b]: guide only for noise levels in [a, b] (none: always)")
+    eta: float = opt(0.0, "ddim: eta (0: deterministic)")
+    grid: str = opt("uniform", "euler/heun/sde time grid: uniform | shifted (objective.shift)")
+    sde_diffusion: str = opt("sigma", "sde: sigma | constant | SBDM | linear | decreasing | increasing-decreasing")
+    speed: str = opt("auto", "auto | reference | fast | fastest: the speed recipe (ditkit.fast.recipes; auto: "
+                             "fastest on a GPU)")
 
 
 @dataclass

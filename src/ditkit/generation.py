@@ -202,6 +202,9 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
     info = setup_distributed(device)
     try:
         model, cfg, stored = load_run(ckpt, use_ema=ema, device=info.device)
+        if stored.get("origin") == "pretrained" and settings.get("cfg_scale") is None and info.is_main:
+            print(f"guidance scale {cfg.sample.cfg_scale:g}: the official sample.py's default for weights without a run "
+                  "config (--cfg-scale to change it)")
         cfg = with_sample_settings(cfg, **settings)
         speed = speed or cfg.sample.speed
         if cfg.model.num_params or cfg.model.cond_channels:

@@ -17,6 +17,9 @@ from ditkit.config import RUN_CONFIG_KEY, Config, ModelConfig, SampleConfig, con
 from ditkit.models.dit import DiT, build_model
 
 
+OFFICIAL_CFG_SCALE = 4.0  # the official sample.py's default guidance scale, for weights that carry no run config
+
+
 def is_ditkit_checkpoint(data: dict) -> bool:
     return isinstance(data.get("config"), dict) and "model" in data and "step" in data
 
@@ -34,8 +37,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None, ema: 
 def load_run(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[DiT, Config, dict]:
     """(model in eval mode, its config, the rest of a ditkit checkpoint: e.g. "normalizer"),
     reading the file once.  Weights from outside ditkit carry no training config: they are taken
-    as the official recipe (DDPM on SD-VAE latents, guidance on 3 channels as the official
-    sample.py), with nothing else."""
+    as the official recipe (DDPM on SD-VAE latents, guidance 4.0 on 3 channels as the official
+    sample.py), with nothing else; their extras are ``{"origin": "pretrained"}``."""
     path = Path(path)
     if path.is_file() and (path.suffix != ".safetensors" or is_training_safetensors(path)):
         data = load_checkpoint(path)
@@ -50,11 +53,14 @@ def load_run(path: str | Path, use_ema: bool = True, device: str | torch.device 
     model, ctor = load_pretrained(path)
     if saved is not None:  # ditkit's ema.safetensors: the run's own objective and sampler
         return model.to(device).eval(), config_from_checkpoint(json.loads(saved)), {}
-    # The official sample.py guides the first 3 channels (ε of RGB-like latents); never the variance.
+    # The official sample.py: DDPM-250 with guidance 4.0 on the first 3 channels (ε of RGB-like latents), never
+    # the variance; a model without a null class (no label dropout) cannot be guided.
+    guided = model.num_classes > 0 and ctor.get("class_dropout_prob", 0.1) > 0
     cfg = Config(model=ModelConfig(name="custom", **ctor),
-                 sample=SampleConfig(guided_channels=3 if model.in_channels >= 3 else None))
+                 sample=SampleConfig(guided_channels=3 if model.in_channels >= 3 else None,
+                                     cfg_scale=OFFICIAL_CFG_SCALE if guided else 1.0))
     cfg.data.kind = "latents" if model.in_channels == 4 else "images"
-    return model.to(device).eval(), cfg.validate(), {}
+    return model.to(device).eval(), cfg.validate(), {"origin": "pretrained"}
 
 
 def load_weights_for_finetune(model: DiT, path: str | Path, log: logging.Logger) -> None:
