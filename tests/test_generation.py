@@ -32,17 +32,10 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fields_ckpt(tmp_path_factory):
     """A field model (parameters and a conditioning field) at toy size, and its benchmark folder."""
-    from ditkit.data.random_fields import write_benchmark
+    from tests.training.test_trainer import tiny_fields_run
 
     root = tmp_path_factory.mktemp("fields")
-    b = root / "bench"
-    write_benchmark(b, 16, size=8, seed=0)
-    cfg = load_config("fields64", overrides=[
-        "model.name=custom", "model.input_size=8", "model.patch_size=4", "model.hidden_size=32", "model.depth=1",
-        "model.num_heads=2", f"data.path={b / 'x.npy'}", f"data.params_file={b / 'params.csv'}",
-        f"data.field_file={b / 'field.npy'}", "data.num_workers=0", "train.global_batch_size=8", "sample.steps=2",
-        "train.steps=1"])
-    train(cfg, root / "run", device="cpu")
+    b = tiny_fields_run(root, "train.steps=1")
     return root / "run" / "checkpoints" / "last.pt", b
 
 

@@ -1,4 +1,4 @@
-"""The ``ditkit`` command: train, sample, eval, extract, export, bench.
+"""The ``ditkit`` command: train, sample, eval, extract, export, config, fields benchmark.
 
 Every failure a user can cause or meet (a bad config, a missing or corrupt file, a full disk, too
 little GPU memory, a stopped run) ends in one line ``ditkit: error: ...`` that names the file, key or
@@ -17,6 +17,15 @@ EXIT_USAGE = 2  # what argparse uses: the input was wrong, nothing ran or the ru
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless it has none (None, off, empty) or says it already."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a packaged config: digits, imagenet256, imagenet512, fields64, cosmo128")
     p.add_argument("--config", help="a YAML config file (applied after the preset)")
@@ -29,7 +38,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="shortcut for --set train.steps=...")
 
 
-def _resolve_config(args):
+def _resolve_config(args, fallback: Path | None = None, required: bool = True):
+    """The config of ``--preset``/``--config`` (else ``fallback``, a run's config.yaml) with the shortcuts
+    and ``--set`` overrides; with neither, the defaults unless ``required``."""
     from ditkit.config import ConfigError, load_config
 
     shortcuts = []
@@ -44,9 +55,13 @@ def _resolve_config(args):
         if value is not None:
             shortcuts.append(f"{key}={value}")
     overrides = shortcuts + list(args.overrides)  # the user's --set come last and win
-    if args.preset is None and args.config is None:
-        raise ConfigError("give --preset NAME or --config FILE (try --preset digits)")
-    return load_config(args.preset, overrides, path=args.config)
+    path = args.config
+    if args.preset is None and path is None:
+        if fallback is not None and fallback.is_file():
+            path = fallback
+        elif required:
+            raise ConfigError("give --preset NAME or --config FILE (try --preset digits)")
+    return load_config(args.preset, overrides, path=path)
 
 
 def cmd_train(args) -> None:
@@ -55,10 +70,18 @@ def cmd_train(args) -> None:
     run_dir = Path(args.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"--run-dir {run_dir} is a file, not a folder; choose a folder for the run")
-    cfg = _resolve_config(args)
-    result = train(cfg, args.run_dir, resume=args.resume or args.resume_from is not None, device=args.device,
+    resuming = args.resume or args.resume_from is not None
+    cfg = _resolve_config(args, fallback=run_dir / "config.yaml" if resuming else None)  # a resume needs only the run
+    result = train(cfg, args.run_dir, resume=resuming, device=args.device,
                    init_from=args.init_from, resume_from=args.resume_from, allow_changes=args.allow_changes)
     print(f"trained to step {result['step']}; checkpoints in {Path(args.run_dir) / 'checkpoints'}")
+
+
+def cmd_config(args) -> None:
+    from ditkit.config import format_config, to_yaml
+
+    cfg = _resolve_config(args, required=False)
+    print(to_yaml(cfg) if args.yaml else format_config(cfg), end="")
 
 
 def cmd_sample(args) -> None:
@@ -154,11 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "command: ditkit --debug train ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a DiT (one process, or many under torchrun)")
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+
+    p = add("train", help="train a DiT (one process, or many under torchrun)")
     _add_config_args(p)
     p.add_argument("--run-dir", required=True, help="folder for checkpoints, config.yaml, metrics and samples")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in run-dir/checkpoints "
-                   "(a corrupt or truncated one is named and skipped)")
+                   "(a corrupt or truncated one is named and skipped); without --preset or --config, the run's own "
+                   "run-dir/config.yaml is used")
     p.add_argument("--resume-from", metavar="PATH", help="continue from this checkpoint instead of the newest")
     p.add_argument("--allow-changes", action="store_true", help="with --resume: accept a changed seed, batch size or data "
                    "(the run is then no longer the one it would have been without the stop)")
@@ -168,14 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "fastest valid for the run on a GPU, reference on a CPU) or levers joined by + (docs/speed.md)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample into an ADM-style .npz and a PNG grid")
+    p = add("sample", help="sample into an ADM-style .npz and a PNG grid")
     p.add_argument("--ckpt", required=True, help="ditkit checkpoint, official DiT .pt, safetensors or diffusers folder")
     p.add_argument("--out", required=True, help="output folder (samples.npz, grid.png, parts/)")
-    p.add_argument("--num-samples", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "dopri5", "sde"])
-    p.add_argument("--steps", type=int)
-    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--num-samples", type=int, default=100, help="images to generate")
+    p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (lower it if out of memory)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "dopri5", "sde"],
+                   help="the sampler (ddpm, ddim for DDPM models; the others for flow models); default: the checkpoint's "
+                   "sample.sampler")
+    p.add_argument("--steps", type=int, help="sampling steps; default: the checkpoint's sample.steps")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none); default: the checkpoint's "
+                   "sample.cfg_scale")
     p.add_argument("--eta", type=float, help="DDIM eta")
     p.add_argument("--grid", choices=["uniform", "shifted"], help="euler/heun/sde time grid (shifted: the objective's shift)")
     p.add_argument("--sde-diffusion", choices=DIFFUSION_FORMS,
@@ -186,65 +216,71 @@ def build_parser() -> argparse.ArgumentParser:
                    "numerics), fast (bf16 + CUDA graphs), fastest (+ FP8 products), auto (fastest on a GPU, reference on "
                    "a CPU), or levers joined by + (docs/speed.md); default: the checkpoint's sample.speed, auto")
     p.add_argument("--labels", default="balanced", help="balanced, random, or a comma-separated list of class ids")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (sample i's noise depends only on seed and i)")
     p.add_argument("--vae", help="local VAE (folder or file) to decode latents")
     p.add_argument("--cond", help="models on params/fields: .npz with 'params' (N, P) and/or 'field' (N, C, H, W), "
                                   "physical units; one sample per row")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU if any)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="score samples: digits metrics, or FID/sFID/IS/precision/recall against --ref")
+    p = add("eval", help="score samples: digits metrics, or FID/sFID/IS/precision/recall against --ref")
     p.add_argument("--samples", required=True, help="a samples .npz (ADM: arr_0 uint8 N×H×W×3; digits: samples, labels)")
     p.add_argument("--ref", help="reference batch: ADM .npz (its mu/sigma are used), another .npz or a folder of images")
     p.add_argument("--inception", help="local InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--resize", choices=["pytorch-fid", "tf1"], default="pytorch-fid")
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--batch-size", type=int, default=64, help="images per InceptionV3 forward pass")
+    p.add_argument("--resize", choices=["pytorch-fid", "tf1"], default="pytorch-fid",
+                   help="resize to 299×299 as pytorch-fid does, or as the TF1 graph of ADM's suite does")
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("extract", help="encode an image dataset once into a sharded VAE latent cache")
+    p = add("extract", help="encode an image dataset once into a sharded VAE latent cache")
     p.add_argument("--data", required=True, help="ImageFolder root, or the base folder of --labels-file")
     p.add_argument("--labels-file", help="train_labels.txt: one 'image_path class_id' per line")
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--num-classes", type=int, help="if given, every label must lie in [0, N); 0: an unconditional cache (labels not read)")
     p.add_argument("--vae", required=True, help="local sd-vae-ft-ema / -mse folder or file")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=10000)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--vae-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--device")
+    p.add_argument("--image-size", type=int, default=256, help="side of the center-cropped images (latents: side / 8)")
+    p.add_argument("--out", required=True, help="folder of the latent cache (shards and manifest.json)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass")
+    p.add_argument("--shard-size", type=int, default=10000, help="latents per shard file")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader worker processes that read the images")
+    p.add_argument("--vae-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="precision of the VAE encoder")
+    p.add_argument("--rank", type=int, default=0, help="this process's share of the images (with --world-size)")
+    p.add_argument("--world-size", type=int, default=1, help="processes that split the images between them")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the GPU if any)")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("export", help="write a checkpoint as a diffusers folder or a safetensors file")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--to", choices=["diffusers", "safetensors"], default="diffusers")
-    p.add_argument("--out", required=True)
+    p = add("export", help="write a checkpoint as a diffusers folder or a safetensors file")
+    p.add_argument("--ckpt", required=True, help="ditkit checkpoint, official DiT .pt or safetensors")
+    p.add_argument("--to", choices=["diffusers", "safetensors"], default="diffusers", help="the format written")
+    p.add_argument("--out", required=True, help="the folder (diffusers) or .safetensors file to write")
     p.add_argument("--vae", help="with --to diffusers: a local VAE folder, to write a whole DiTPipeline")
     p.add_argument("--id2label", help="JSON file {class id: name} for the pipeline")
-    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("fields-benchmark", help="write the random-field benchmark (known answer) to disk")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=20000)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p = add("fields-benchmark", help="write the random-field benchmark (known answer) to disk")
+    p.add_argument("--out", required=True, help="folder for the benchmark's arrays and benchmark.json")
+    p.add_argument("--n", type=int, default=20000, help="number of fields")
+    p.add_argument("--size", type=int, default=64, help="side of each field in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the parameters and the fields")
     p.set_defaults(func=cmd_fields_benchmark)
 
-    p = sub.add_parser("eval-fields", help="score a field model on the random-field benchmark, with plots")
-    p.add_argument("--ckpt", required=True)
+    p = add("eval-fields", help="score a field model on the random-field benchmark, with plots")
+    p.add_argument("--ckpt", required=True, help="a ditkit checkpoint of a field model")
     p.add_argument("--data", required=True, help="the benchmark folder (benchmark.json)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--points", type=int, default=8)
+    p.add_argument("--out", required=True, help="folder for fields_eval.json and the plots")
+    p.add_argument("--points", type=int, default=8, help="parameter points at which generated fields are scored")
     p.add_argument("--samples", type=int, default=64, help="generated fields per parameter point (the noise "
                    "floor of the spectrum errors falls as 1/sqrt(samples); the JSON reports it as *_floor)")
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="cpu, cuda, cuda:1")
     p.set_defaults(func=cmd_eval_fields)
+
+    p = add("config", help="print the resolved config: every key with its value, type and help")
+    _add_config_args(p)
+    p.add_argument("--yaml", action="store_true", help="print only the YAML (a file for --config)")
+    p.set_defaults(func=cmd_config)
     for p in sub.choices.values():  # --debug also after the command; SUPPRESS keeps the global one
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

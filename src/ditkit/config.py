@@ -389,13 +389,33 @@ def config_from_checkpoint(data: dict) -> Config:
     return from_dict(data).validate()
 
 
+def to_yaml(cfg: Config) -> str:
+    """The config as YAML, sections and keys in their declared order (what ``save_config`` writes)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
     from ditkit.utils.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, to_yaml(cfg))
+
+
+def format_config(cfg: Config) -> str:
+    """Every key of ``cfg``, section by section: its value (as YAML writes it), its type and its help."""
+    rows = []
+    for section in fields(cfg):
+        part = getattr(cfg, section.name)
+        rows.append((f"{section.name}:", "", "", " ".join(type(part).__doc__.split())))
+        for f in fields(part):
+            value = yaml.safe_dump(getattr(part, f.name), default_flow_style=True, width=math.inf)
+            rows.append((f"  {section.name}.{f.name}", value.removesuffix("...\n").strip(), str(f.type), field_help(f)))
+    widths = [max(len(r[i]) for r in rows if r[1]) for i in range(3)]
+    return "".join((f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" if r[1] else
+                    f"\n{r[0]} {r[3]}").rstrip() + "\n" for r in rows).lstrip("\n")
 
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "ObjectiveConfig", "SampleConfig", "TrainConfig",
-    "config_from_checkpoint", "from_dict", "load_config", "migrate", "parse_override", "preset_names", "save_config",
+    "config_from_checkpoint", "field_help", "format_config", "from_dict", "load_config", "migrate", "opt",
+    "parse_override", "preset_names", "save_config", "to_yaml",
 ]

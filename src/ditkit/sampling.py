@@ -153,8 +153,10 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     remove_stale_temps(parts, targets=None if world_size == 1 else {_part_name(b) for b in own})
     mine = [b for b in own if not _part_is_done(out_dir, b, _batch_range(b, batch_size, num_samples))]
     conditional = cfg.model.num_classes > 0
-    bar = tqdm(total=n_batches, initial=n_batches - len(mine) * world_size, desc="sample", disable=not progress or rank != 0,
-               dynamic_ncols=True, unit="batch")
+    # Counted in images, with an ETA; rank 0 counts the other ranks' images as equal to its own.
+    todo = sum(len(_batch_range(b, batch_size, num_samples)) for b in mine)
+    bar = tqdm(total=num_samples, initial=max(0, num_samples - todo * world_size), desc="sample",
+               disable=not progress or rank != 0, dynamic_ncols=True, unit="img")
     for b in mine:
         idx = _batch_range(b, batch_size, num_samples)
         torch.manual_seed(step_seed(seed, b, 3))  # the sampler's own noise (DDPM, SDE) for this batch
@@ -167,7 +169,7 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
         if raw is not None:
             arrays["samples"] = raw
         atomic_save_npz(parts / _part_name(b), **arrays)
-        bar.update(world_size)
+        bar.update(len(idx) * world_size)
     bar.close()
     if barrier is not None:
         barrier()

@@ -252,6 +252,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, **cfg.model.kwargs()).to(dev)
+    num_params = sum(p.numel() for p in model.parameters())  # before a speed lever changes the modules
     objective = build_objective(cfg)
     state = _resume_state(ckpt_dir, cfg, resume, resume_from, allow_changes, init_from)
     start_step, extra = 0, {}
@@ -280,7 +281,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     for note in plan.notes:
         log.info(note)
     applied = plan.apply(model)
-    log.info(f"speed: {describe(plan.speed)}" + (f" ({'; '.join(applied)})" if applied else ""))
+    speed_line = f"speed: {describe(plan.speed)}" + (f" ({'; '.join(applied)})" if applied else "")
     model.train()
     ema.eval()
     train_model = _wrap_distributed(model, cfg, info)
@@ -302,6 +303,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=dev.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     batches = iter(loader)
+    if info.is_main:
+        log.info(_summary(cfg, dataset, model, num_params, info.world_size, sampler.micro, start_step, speed_line))
 
     writer = None
     metrics_path = run_dir / "metrics.jsonl"
@@ -446,7 +449,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
                 where = f"checkpointed at step {done}" if written else f"the newest good checkpoint is {ckpts['last']}"
                 raise TrainingPreempted(f"stopped by a signal at step {done}, {where} in {ckpt_dir}: run the same "
                                         "command with --resume to continue")
-            if fixed is not None and done % cfg.train.sample_every == 0:
+            if fixed is not None and (done % cfg.train.sample_every == 0 or done == end_step):  # the last step too
                 _write_sample_grid(ema, objective, cfg, fixed, run_dir / "samples" / f"step_{done:08d}.png", writer, done,
                                    info.is_main, grid_vae)
             if time_up:
@@ -457,6 +460,31 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     if writer is not None:
         writer.close()
     return {"step": end_step if end_step > start_step else start_step, "run_dir": str(run_dir)}
+
+
+def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size: int, micro: int, start_step: int,
+             speed_line: str) -> str:
+    """The start-up block: what the run found and what it will do."""
+    d, inner = cfg.data, dataset.inner
+    classes = len(getattr(inner, "classes", None) or []) or getattr(inner, "num_classes", None)
+    data = f"data: {d.kind} {d.path or '(built in)'}, {len(dataset)} samples"
+    if cfg.model.num_classes > 0 and classes:
+        data += f", {classes} classes"
+    with torch.random.fork_rng(devices=[]):  # reading an item seeds the global generator
+        data += f", x {tuple(dataset[(0, 0)]['x'].shape)}"
+    h, w = as_pair(cfg.model.input_size)
+    p = model.patch_size
+    tokens = (h // p) * (w // p)
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    global_batch = world_size * micro * cfg.train.grad_accum
+    return "\n".join([
+        data,
+        f"model: {cfg.model.name}, {num_params / 1e6:.2f}M parameters, {tokens} tokens per sample ({h}×{w} / patch {p})",
+        f"objective: {cfg.objective.name}, sampler {cfg.sample.sampler}, {cfg.sample.steps} steps",
+        f"batch: {global_batch} global = {processes} × {micro} micro-batch × {cfg.train.grad_accum} accumulation; "
+        f"steps {start_step} → {cfg.train.steps}",
+        speed_line,
+    ])
 
 
 def _tensorboard(run_dir: Path):
