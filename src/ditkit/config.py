@@ -360,11 +360,18 @@ def preset_names() -> list[str]:
 
 def load_config(preset: str | Path | None = None, overrides: list[str] = (), path: str | Path | None = None) -> Config:
     """``load_config("digits", ["train.steps=100"])``: a preset (packaged YAML) or a YAML file, then a
-    YAML file given as ``path`` (applied after the preset), then ``section.key=value`` overrides."""
-    if preset is not None and (str(preset).endswith((".yaml", ".yml")) or Path(preset).is_file()):
+    YAML file given as ``path`` (applied after the preset), then ``section.key=value`` overrides.  A
+    ``.ini`` file is the cosmology framework's ``dit.ini`` (``ditkit.config_ini``), over the
+    ``cosmo128`` preset unless a preset is given."""
+    if preset is not None and (str(preset).endswith((".yaml", ".yml", ".ini")) or Path(preset).is_file()):
         if path is not None:
             raise ConfigError(f"give one config file: {preset} or {path}")
         preset, path = None, preset
+    ini = path is not None and Path(path).suffix.lower() == ".ini"
+    if ini:
+        from ditkit.config_ini import BASE_PRESET, ini_config
+
+        preset = BASE_PRESET if preset is None else preset
     cfg = Config()
     if preset is not None:
         if preset not in preset_names():
@@ -374,10 +381,16 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = (), pat
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if ini:
+            try:
+                data = ini_config(path, cfg.model)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        else:
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         cfg = from_dict(data, cfg)
     for text in overrides:
         cfg = from_dict(parse_override(text), cfg)
