@@ -86,14 +86,14 @@ def test_eval_of_a_truncated_samples_file(capsys, tmp_path):
     assert f"{tmp_path / 'cut.npz'} is not an .npz file, or is truncated" in err
 
 
-def test_eval_of_image_samples_without_ref(capsys, tmp_path):
+def test_eval_of_image_samples_without_weights(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("DITKIT_INCEPTION", raising=False)
     np.savez(tmp_path / "adm.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
     err = one_line(capsys, ["eval", "--samples", str(tmp_path / "adm.npz")])
-    assert "adm.npz is an image batch (arr_0), not digits demo samples" in err and "--ref" in err
+    assert "adm.npz needs the FID InceptionV3" in err and "pt_inception-2015-12-05-6726825d.pth" in err
     np.savez(tmp_path / "big.npz", samples=np.zeros((4, 3, 32, 32), np.float32), labels=np.zeros(4))
-    assert "expected the digits demo's samples (N, 1, 8, 8)" in one_line(capsys, ["eval", "--samples",
-                                                                                  str(tmp_path / "big.npz")])
-    assert "is a folder; without --ref" in one_line(capsys, ["eval", "--samples", str(tmp_path)])
+    assert "big.npz holds no images to score" in one_line(capsys, ["eval", "--samples", str(tmp_path / "big.npz")])
+    assert "holds no images (.png" in one_line(capsys, ["eval", "--samples", str(tmp_path)])
 
 
 def test_eval_against_a_damaged_reference(capsys, tmp_path):

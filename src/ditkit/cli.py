@@ -99,20 +99,11 @@ def cmd_sample(args) -> None:
 
 def cmd_eval(args) -> None:
     from ditkit.eval.evaluate import write_json
+    from ditkit.eval.scoring import format_scores, score
 
-    if args.ref is None:
-        from ditkit.eval.digits import evaluate_digits, format_digits, load_digit_samples
-
-        result = evaluate_digits(*load_digit_samples(args.samples))
-        print(format_digits(result))
-    else:
-        from ditkit.eval.evaluate import evaluate, format_table
-
-        if args.inception is None:
-            raise ValueError("image metrics need --inception PATH (pt_inception-2015-12-05-6726825d.pth, see docs/sampling.md)")
-        result = evaluate(args.samples, args.ref, args.inception, batch_size=args.batch_size, device=args.device,
-                          resize=args.resize, progress=True)
-        print(format_table(result))
+    result = score(args.samples, args.ref, args.inception, metric=args.metric, batch_size=args.batch_size,
+                   device=args.device, resize=args.resize, progress=True)
+    print(format_scores(result))
     if args.json:
         write_json(result, args.json)
 
@@ -224,10 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU if any)")
     p.set_defaults(func=cmd_sample)
 
-    p = add("eval", help="score samples: digits metrics, or FID/sFID/IS/precision/recall against --ref")
-    p.add_argument("--samples", required=True, help="a samples .npz (ADM: arr_0 uint8 N×H×W×3; digits: samples, labels)")
-    p.add_argument("--ref", help="reference batch: ADM .npz (its mu/sigma are used), another .npz or a folder of images")
-    p.add_argument("--inception", help="local InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    p = add("eval", help="score samples: FID/sFID/IS/precision/recall (InceptionV3), or the digits metrics for "
+                         "digits samples")
+    p.add_argument("--samples", required=True, help="an .npz (ADM: arr_0 uint8 N×H×W×3; a ditkit samples.npz) or a "
+                   "folder of PNG/JPEG images")
+    p.add_argument("--ref", help="reference: an ADM reference batch .npz (its mu/sigma are used), another .npz or a "
+                   "folder of images; without it, IS alone (or the digits metrics)")
+    p.add_argument("--inception", help="local InceptionV3 weights pt_inception-2015-12-05-6726825d.pth (default: the "
+                   "DITKIT_INCEPTION environment variable; docs/sampling.md says where to download it)")
+    p.add_argument("--metric", choices=["auto", "digits", "inception"], default="auto",
+                   help="auto: the digits metrics for a digits run's samples without --ref, InceptionV3 otherwise")
     p.add_argument("--batch-size", type=int, default=64, help="images per InceptionV3 forward pass")
     p.add_argument("--resize", choices=["pytorch-fid", "tf1"], default="pytorch-fid",
                    help="resize to 299×299 as pytorch-fid does, or as the TF1 graph of ADM's suite does")

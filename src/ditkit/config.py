@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 SPEEDS = ("auto", "reference", "fast", "fastest")  # train.speed, sample.speed (ditkit.fast.recipes)
+LOG_BACKENDS = ("tensorboard", "wandb")  # train.log_to (ditkit.training.loggers)
 
 
 # A float written as YAML reads it as a string: 1e-4 (YAML 1.1 wants a dot), and inf or nan (YAML wants
@@ -48,6 +49,15 @@ def parse_profile(spec: str) -> tuple[int, int] | None:
     if not 1 <= a <= b:
         raise ConfigError(f"train.profile={spec!r}: needs 1 <= A <= B")
     return a - 1, b
+
+
+def parse_log_to(spec: str) -> tuple[str, ...]:
+    """train.log_to -> its backends: ``"tensorboard+wandb"`` -> ("tensorboard", "wandb"), ``"none"`` -> ()."""
+    names = () if spec == "none" else tuple(str(spec).split("+"))
+    if any(n not in LOG_BACKENDS for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"train.log_to must be none, or {' | '.join(LOG_BACKENDS)} joined by + "
+                          f"(e.g. tensorboard+wandb), got {spec!r}")
+    return names
 
 
 def opt(default: Any, help: str) -> Any:
@@ -143,6 +153,9 @@ class TrainConfig:
                              "auto: fastest on a GPU)")
     activation_checkpointing: bool = opt(False, "recompute each block in the backward (less memory, ~1/3 more compute)")
     log_every: int = opt(100, "steps between logged metrics")
+    log_to: str = opt("tensorboard", "where scalars and sample grids go besides metrics.jsonl: tensorboard | wandb | "
+                                     "tensorboard+wandb | none (one not installed is left out with a warning; "
+                                     "WANDB_MODE=offline logs W&B offline)")
     ckpt_every: int = opt(50_000, "steps between checkpoints (one is also written at the end)")
     keep_last: int = opt(3, "checkpoints kept in run-dir/checkpoints")
     ckpt_format: str = opt("pt", "pt | safetensors (same content; safetensors never runs pickle)")
@@ -230,6 +243,7 @@ class Config:
             if not ok:
                 raise ConfigError(f"{name} must be {what}, got {_get(self, name)!r}")
         parse_profile(self.train.profile)
+        parse_log_to(self.train.log_to)
         from ditkit.fast.recipes import check_speed
 
         for kind in ("train", "sample"):

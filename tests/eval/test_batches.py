@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ditkit.eval.batches import has_images, load_sample_batch, open_images, read_reference_stats, save_sample_batch
+from ditkit.eval.batches import (
+    has_images,
+    load_sample_batch,
+    npz_arrays,
+    open_images,
+    read_reference_stats,
+    save_sample_batch,
+)
 
 
 @pytest.fixture
@@ -31,6 +38,13 @@ def test_npz_images_stream_in_batches(tmp_path, images, save):
     batches = list(source.batches(3))
     assert [len(b) for b in batches] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(batches), images)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_arrays_reads_the_headers_as_numpy_reads_the_arrays(tmp_path, images, save):
+    save(tmp_path / "b.npz", arr_0=images, arr_1=np.arange(7), mu=np.zeros(3, np.float32))
+    with np.load(tmp_path / "b.npz") as npz:
+        assert npz_arrays(tmp_path / "b.npz") == {k: (npz[k].shape, npz[k].dtype) for k in npz.files}
 
 
 def test_bad_batches_name_the_file_and_key(tmp_path, images):

@@ -63,19 +63,22 @@ def test_errors_speak_of_the_convention(tmp_path):
     with pytest.raises(ValueError, match="one label per sample"):
         D.classifier_agreement(np.zeros((2, 64)), np.zeros(3))
     np.savez(tmp_path / "wrong.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="wrong.npz is an image batch .*--ref"):
+    with pytest.raises(ValueError, match=r"wrong.npz lacks 'arr_1' \(it has: arr_0\).*labels"):
         D.load_digit_samples(tmp_path / "wrong.npz")
     np.savez(tmp_path / "other.npz", x=np.zeros(2))
     with pytest.raises(ValueError, match=r"lacks 'samples', 'labels' \(it has: x\)"):
         D.load_digit_samples(tmp_path / "other.npz")
     np.savez(tmp_path / "big.npz", samples=np.zeros((2, 1, 16, 16)), labels=np.zeros(2))
-    with pytest.raises(ValueError, match=r"big.npz: expected the digits demo's samples \(N, 1, 8, 8\).*--ref"):
+    with pytest.raises(ValueError, match=r"big.npz: expected the digits demo's samples \(N, 1, 8, 8\).*--inception"):
         D.load_digit_samples(tmp_path / "big.npz")
+    np.savez(tmp_path / "big_images.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8), arr_1=np.zeros(2))
+    with pytest.raises(ValueError, match=r"big_images.npz: arr_0 holds uint8 images of shape \(16, 16, 3\)"):
+        D.load_digit_samples(tmp_path / "big_images.npz")
     np.savez(tmp_path / "s.npz", samples=np.zeros((2, 1, 8, 8)), labels=np.zeros(2))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:300])
     with pytest.raises(ValueError, match="cut.npz is not an .npz file, or is truncated"):
         D.load_digit_samples(tmp_path / "cut.npz")
-    with pytest.raises(IsADirectoryError, match="is a folder; without --ref"):
+    with pytest.raises(IsADirectoryError, match="is a folder; the digits scorer reads a digits run's samples .npz"):
         D.load_digit_samples(tmp_path)
 
 

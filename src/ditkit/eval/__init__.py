@@ -1,5 +1,6 @@
 """Sample evaluation.
 
+- ``ditkit.eval.scoring``: ``ditkit eval``, which picks the scorer that fits the samples.
 - ``ditkit.eval.evaluate``: the DiT paper's metrics (ADM's suite: FID, sFID, Inception Score,
   precision, recall) on the ported FID InceptionV3 (``ditkit.eval.inception``).
 - ``ditkit.eval.metrics``: the formulas, on feature arrays.

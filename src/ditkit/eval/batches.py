@@ -152,7 +152,8 @@ class FolderImages(ImageSource):
             yield np.stack(batch)
 
 
-def _existing(path: str | Path) -> Path:
+def existing_input(path: str | Path) -> Path:
+    """``path`` as a Path, if it is a folder or an .npz; one line naming it otherwise."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
@@ -166,22 +167,36 @@ def open_images(source: str | Path | np.ndarray) -> ImageSource:
     """An in-memory uint8 (N, H, W, 3) array, an .npz (its arr_0) or a folder of images."""
     if isinstance(source, np.ndarray):
         return ArrayImages(source)
-    path = _existing(source)
+    path = existing_input(source)
     return FolderImages(path) if path.is_dir() else NpzImages(path)
 
 
 def has_images(path: str | Path) -> bool:
     """Whether ``path`` is a folder or an .npz with arr_0 (a reference may hold statistics only)."""
-    path = _existing(path)
+    path = existing_input(path)
     if path.is_dir():
         return True
     with damaged_npz_as_value_error(path), zipfile.ZipFile(path) as zf:
         return "arr_0.npy" in zf.namelist()
 
 
+def npz_arrays(path: str | Path) -> dict[str, tuple[tuple, np.dtype]]:
+    """Each array of an .npz -> (shape, dtype), read from the .npy headers alone (a 50K-image batch
+    is not loaded to look at it)."""
+    path = existing_input(path)
+    with damaged_npz_as_value_error(path), zipfile.ZipFile(path) as zf:
+        keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    arrays = {}
+    for key in keys:
+        with _open_member(path, key) as f:
+            shape, dtype, _ = _read_npy_header(f)
+        arrays[key] = (tuple(shape), dtype)
+    return arrays
+
+
 def load_sample_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """A whole sample batch in memory: arr_0 images and arr_1 labels (None when absent)."""
-    path = _existing(path)
+    path = existing_input(path)
     with damaged_npz_as_value_error(path), np.load(path) as npz:
         if "arr_0" not in npz.files:
             raise ValueError(f"{path} has no 'arr_0' array (it has: {', '.join(npz.files) or 'none'})")
@@ -196,7 +211,7 @@ def load_sample_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 def read_reference_stats(path: str | Path) -> dict[str, np.ndarray]:
     """The precomputed statistics of an ADM reference batch: those of mu, sigma, mu_s, sigma_s it
     holds (pool3 needs both mu and sigma, spatial both mu_s and sigma_s), {} for a folder."""
-    path = _existing(path)
+    path = existing_input(path)
     if path.is_dir():
         return {}
     with damaged_npz_as_value_error(path), np.load(path) as npz:

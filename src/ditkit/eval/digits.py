@@ -39,7 +39,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
-from ditkit.eval.batches import damaged_npz_as_value_error
+from ditkit.eval.batches import damaged_npz_as_value_error, npz_arrays
 from ditkit.eval.metrics import feature_statistics, frechet_distance
 
 SEED = 0
@@ -136,28 +136,64 @@ def real_vs_real_fd() -> float:
     return digits_frechet_distance(data[order[:half]], reference=data[order[half:]])
 
 
+DIGIT_SHAPE = (1, 8, 8)  # the raw samples of a digits run; its images arr_0 are (8, 8, 3)
+
+
+def is_digit_samples(path: str | Path) -> bool:
+    """Whether ``path`` is a digits run's samples .npz: raw ``samples`` (N, 1, 8, 8) with ``labels`` (N,),
+    or, without raw samples, 8×8 images ``arr_0`` (N, 8, 8, 3) with labels ``arr_1`` (N,).  Read from
+    the array headers alone; a folder, another file or other shapes are not digits."""
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    arrays = npz_arrays(path)
+    if "samples" in arrays:
+        (shape, _), labels = arrays["samples"], arrays.get("labels")
+        expected = DIGIT_SHAPE
+    elif "arr_0" in arrays and arrays["arr_0"][1] == np.uint8:
+        (shape, _), labels = arrays["arr_0"], arrays.get("arr_1")
+        expected = (8, 8, 3)
+    else:
+        return False
+    return len(shape) == 4 and shape[0] > 0 and shape[1:] == expected and labels is not None and labels[0] == shape[:1]
+
+
 def load_digit_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The demo's samples .npz -> (N, 64) pixels in 0..16 (see ``to_digit_pixels``) and (N,) labels.
-    Anything else (a folder, an ADM image batch, a truncated file) is refused naming ``path``."""
+    """A digits run's samples .npz -> (N, 64) pixels in 0..16 and (N,) labels.
+
+    From the raw ``samples`` in [-1, 1] and ``labels`` when the file has them (``to_digit_pixels``);
+    else from the images ``arr_0`` and ``arr_1``: an image pixel is u8 = ⌊127.5 (x + 1) + ½⌋, so
+    x = u8 / 127.5 − 1 goes through the same v = round((x + 1)·8), at most 1/32 of a level from the raw
+    sample's (x + 1)·8: the same pixel unless that was within 1/32 of a rounding boundary, and exactly
+    the same for samples on the lattice of real digits.  Anything else (a folder, a truncated file,
+    images of another size) is refused naming ``path``."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"--samples {path} is a folder; without --ref, eval scores the digits demo's "
-                                "samples .npz ('samples' (N, 1, 8, 8), 'labels' (N,)); give --ref to score images")
+        raise IsADirectoryError(f"{path} is a folder; the digits scorer reads a digits run's samples .npz "
+                                "('samples' (N, 1, 8, 8) and 'labels' (N,))")
     if not path.is_file():
         raise FileNotFoundError(f"no such samples file: {path}")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not an .npz file, or is truncated; sample it again")
     with damaged_npz_as_value_error(path), np.load(path) as npz:
-        if "arr_0" in npz.files and "samples" not in npz.files:
-            raise ValueError(f"{path} is an image batch (arr_0), not digits demo samples; score it against "
-                             "a reference with --ref REF --inception WEIGHTS")
-        missing = [k for k in ("samples", "labels") if k not in npz.files]
+        if "samples" in npz.files or "arr_0" not in npz.files:
+            keys = ("samples", "labels")
+        else:
+            keys = ("arr_0", "arr_1")
+        missing = [k for k in keys if k not in npz.files]
         if missing:
-            raise ValueError(f"{path} lacks {', '.join(repr(k) for k in missing)} (it has: {', '.join(npz.files)})")
-        samples, labels = npz["samples"], npz["labels"]
+            raise ValueError(f"{path} lacks {', '.join(repr(k) for k in missing)} (it has: {', '.join(npz.files)}); "
+                             "the digits scorer needs the samples and the labels they were generated for")
+        samples, labels = npz[keys[0]], npz[keys[1]]
+    if keys[0] == "arr_0":
+        if samples.dtype != np.uint8 or samples.shape[1:] != (8, 8, 3):
+            raise ValueError(f"{path}: arr_0 holds {samples.dtype} images of shape {samples.shape[1:]}, not the digits "
+                             "demo's uint8 (8, 8, 3); images of other sizes are scored with the FID InceptionV3 (--inception)")
+        samples = samples[..., 0] / 127.5 - 1.0  # gray: the three channels are equal
     if samples.ndim < 2 or samples[0].size != 64 or labels.shape != (len(samples),):
         raise ValueError(f"{path}: expected the digits demo's samples (N, 1, 8, 8) and labels (N,), got "
-                         f"{samples.shape} and {labels.shape}; images of another size are scored with --ref")
+                         f"{samples.shape} and {labels.shape}; images of other sizes are scored with the FID "
+                         "InceptionV3 (--inception)")
     return to_digit_pixels(samples), labels.astype(np.int64)
 
 

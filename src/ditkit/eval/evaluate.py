@@ -24,6 +24,7 @@ from ditkit.eval.metrics import feature_statistics, frechet_distance, inception_
 
 METRICS = (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"),
            ("precision", "Precision"), ("recall", "Recall"))
+NO_REFERENCE = "no reference was given (IS alone needs none)"
 
 
 def compute_activations(model: FIDInceptionV3, source: ImageSource, batch_size: int = 64,
@@ -38,26 +39,27 @@ def compute_activations(model: FIDInceptionV3, source: ImageSource, batch_size: 
     return {key: np.concatenate(values) for key, values in outputs.items()}
 
 
-def evaluate(samples: str | Path | np.ndarray, reference: str | Path | np.ndarray, inception_weights: str | Path,
+def evaluate(samples: str | Path | np.ndarray, reference: str | Path | np.ndarray | None, inception_weights: str | Path,
              batch_size: int = 64, device: str | torch.device = "cpu", resize: str = "pytorch-fid",
              use_reference_stats: bool = True, progress: bool = False) -> dict:
     """FID, sFID, IS, precision and recall of ``samples`` against ``reference``.
 
-    samples / reference: an .npz batch (arr_0 uint8 N×H×W×3), a folder of images or an array.
-    A metric that the reference cannot give (statistics only, no images: no precision or recall)
-    is None, and ``notes`` says why.  ``use_reference_stats=False`` ignores precomputed statistics.
+    samples / reference: an .npz batch (arr_0 uint8 N×H×W×3), a folder of images or an array; the
+    two may differ in size (both are resized to 299×299).  A metric that the reference cannot give
+    (statistics only, no images: no precision or recall; no reference: IS alone) is None, and
+    ``notes`` says why.  ``use_reference_stats=False`` ignores precomputed statistics.
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     # Look at both inputs before the long part, so that a wrong path fails in the first second.
     sample_source = open_images(samples)
     ref_is_array = isinstance(reference, np.ndarray)
-    ref_stats = {} if ref_is_array or not use_reference_stats else read_reference_stats(reference)
-    ref_source = open_images(reference) if ref_is_array or has_images(reference) else None
+    ref_stats = {} if reference is None or ref_is_array or not use_reference_stats else read_reference_stats(reference)
+    ref_source = open_images(reference) if ref_is_array or (reference is not None and has_images(reference)) else None
     model = load_inception(inception_weights, device)
 
     results: dict = {
-        "samples": sample_source.name, "reference": "array" if ref_is_array else str(reference),
+        "samples": sample_source.name, "reference": None if reference is None else "array" if ref_is_array else str(reference),
         "num_samples": sample_source.num_images, "num_reference": None if ref_source is None else ref_source.num_images,
         "inception_weights": str(inception_weights), "resize": resize, "notes": [],
     }
@@ -74,13 +76,15 @@ def evaluate(samples: str | Path | np.ndarray, reference: str | Path | np.ndarra
             ref_mu, ref_sigma = feature_statistics(ref_acts[feature])
         else:
             results[metric] = None
-            results["notes"].append(f"{metric}: the reference has neither '{mean}'/'{cov}' nor images")
+            results["notes"].append(f"{metric}: " + (NO_REFERENCE if reference is None
+                                                     else f"the reference has neither '{mean}'/'{cov}' nor images"))
             continue
         results[metric] = frechet_distance(*feature_statistics(acts[feature]), ref_mu, ref_sigma)
 
     if ref_acts is None:
         results["precision"] = results["recall"] = None
-        results["notes"].append("precision/recall: the reference holds no images (arr_0)")
+        results["notes"].append("precision/recall: " + (NO_REFERENCE if reference is None
+                                                         else "the reference holds no images (arr_0)"))
     else:
         results["precision"], results["recall"] = precision_recall(ref_acts["pool"], acts["pool"], device=device)
     return results
@@ -92,8 +96,9 @@ def format_table(results: dict) -> str:
     for key, name in METRICS:
         value = results.get(key)
         lines.append(f"{name:<16} {'n/a' if value is None else f'{value:10.4f}':>10}")
-    lines.append(f"samples: {results['num_samples']} from {results['samples']}; "
-                 f"reference: {results['num_reference'] or 'statistics only'} from {results['reference']}")
+    reference = (f"{results['num_reference'] or 'statistics only'} from {results['reference']}"
+                 if results["reference"] is not None else "none")
+    lines.append(f"samples: {results['num_samples']} from {results['samples']}; reference: {reference}")
     lines += [f"note: {note}" for note in results["notes"]]
     return "\n".join(lines)
 

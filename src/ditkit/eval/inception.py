@@ -7,7 +7,8 @@ parameter names so that its port of the weights loads as is:
     pt_inception-2015-12-05-6726825d.pth   (a plain state dict, 2048 → 1008 classifier)
     https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 
-Nothing is downloaded here: the user fetches that file once and passes its path.
+Nothing is downloaded here: the user fetches that file once and passes its path (``ditkit eval
+--inception PATH``, or the environment variable ``DITKIT_INCEPTION``).
 
 It differs from torchvision's InceptionV3 where the 2015 graph does: every 3×3 average pool of a
 pooling branch ignores the zero padding (count_include_pad=False), and the last block (Mixed_7c)
@@ -50,6 +51,7 @@ from torch import nn
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
+WEIGHTS_ENV = "DITKIT_INCEPTION"  # where ditkit eval looks for the weights file when --inception is not given
 INPUT_SIZE = 299
 RESIZE_MODES = ("pytorch-fid", "tf1")
 
@@ -253,17 +255,18 @@ def preprocess(images: torch.Tensor, resize: str = "pytorch-fid") -> torch.Tenso
 
 # -- weights ------------------------------------------------------------------------------------
 
-def _missing_weights_message(path: Path) -> str:
-    return (f"InceptionV3 weights not found at {path}. Download {WEIGHTS_FILE} (the pytorch-fid port of "
-            f"the TF 2015 FID network) from {WEIGHTS_URL} and pass its path "
-            f"(ditkit eval --inception /path/to/{WEIGHTS_FILE}); nothing is downloaded automatically.")
+def weights_hint() -> str:
+    """Where the weights come from and how to pass them, for an error line."""
+    return (f"download {WEIGHTS_FILE} (the pytorch-fid port of the TF 2015 FID network) from {WEIGHTS_URL} "
+            f"and pass --inception PATH (or set {WEIGHTS_ENV}=PATH); "
+            "nothing is downloaded automatically")
 
 
 def load_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDInceptionV3:
     """Builds the network and loads the state dict at ``path`` (pytorch-fid's weights file)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(_missing_weights_message(path))
+        raise FileNotFoundError(f"InceptionV3 weights not found at {path}: {weights_hint()}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated download, an HTML page, a pickle of something else

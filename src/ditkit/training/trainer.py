@@ -26,6 +26,7 @@ from ditkit.models.dit import as_pair, build_model
 from ditkit.objectives import build_objective
 from ditkit.training.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.training.ema import ema_decay_at, update_ema
+from ditkit.training.loggers import open_loggers
 from ditkit.training.profiling import StepProfiler
 from ditkit.training.safety import LossGuard, RunLock, StopSignals, any_rank, check_resume
 from ditkit.utils.io import atomic_write_text, remove_stale_temps
@@ -312,7 +313,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         _truncate_metrics(metrics_path, start_step)
-        writer = _tensorboard(run_dir)
+        writer = open_loggers(cfg.train.log_to, run_dir, cfg.to_dict())
     # Every rank samples the grid: a sharded (FSDP) EMA needs all of them for a forward pass.
     fixed = _fixed_sampling_inputs(cfg, dataset, dev) if cfg.train.sample_every else None
     grid_vae = None
@@ -422,9 +423,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     if writer is not None:
-                        for k, v in record.items():
-                            if k != "step" and v is not None:
-                                writer.add_scalar(f"train/{k}", v, done)
+                        writer.scalars({k: v for k, v in record.items() if k != "step"}, done)
                     if record["loss"] is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 if worst >= cfg.train.max_nonfinite:
@@ -487,15 +486,6 @@ def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size
     ])
 
 
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard is not installed: scalars go to metrics.jsonl only (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
-
-
 def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
     """The same noise and conditioning at every sample grid, so grids show progress, not luck:
     labels row by row, and the params / fields of the first training samples."""
@@ -523,4 +513,4 @@ def _write_sample_grid(ema, objective, cfg: Config, fixed: dict, path: Path, wri
         return
     image = save_sample_grid(x, cfg, path, nrow=8, vae=vae)
     if writer is not None:
-        writer.add_image("samples", image, step, dataformats="HWC")
+        writer.image("samples", image, step)
