@@ -34,6 +34,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=["ddpm", "flow"],
                    help="shortcut for --set objective.name=...; also picks that objective's default sampler "
                         "(ddpm: ddpm 250 steps; flow: heun 25 steps) unless --set sample.sampler=... is given")
+    p.add_argument("--data", metavar="PATH",
+                   help="shortcut for --set data.path=...: an image folder, a labels file, a latent cache, or the "
+                        "fields' x array; the data's kind, sizes, channels and classes are read from it")
     p.add_argument("--model", help="shortcut for --set model.name=... (e.g. DiT-B/2)")
     p.add_argument("--steps", type=int, help="shortcut for --set train.steps=...")
 
@@ -49,7 +52,7 @@ def _resolve_config(args, fallback: Path | None = None, required: bool = True):
         for key, value in (("sample.sampler", sampler), ("sample.steps", steps)):
             if not any(o.startswith(f"{key}=") for o in args.overrides):
                 shortcuts.append(f"{key}={value}")
-    for flag, key in (("objective", "objective.name"), ("model", "model.name"), ("steps", "train.steps"),
+    for flag, key in (("objective", "objective.name"), ("model", "model.name"), ("steps", "train.steps"), ("data", "data.path"),
                       ("speed", "train.speed")):
         value = getattr(args, flag, None)
         if value is not None:
@@ -81,6 +84,12 @@ def cmd_config(args) -> None:
     from ditkit.config import format_config, to_yaml
 
     cfg = _resolve_config(args, required=False)
+    if cfg.data.path is not None or cfg.data.kind == "digits":  # as the trainer will see it
+        from ditkit.data.facts import fit_to_data
+
+        cfg, fitted = fit_to_data(cfg)
+        for line in fitted:
+            print(line, file=sys.stderr)
     print(to_yaml(cfg) if args.yaml else format_config(cfg), end="")
 
 
@@ -132,6 +141,8 @@ def cmd_export(args) -> None:
                 labels = json.loads(Path(args.id2label).read_text())
             except json.JSONDecodeError as err:
                 raise ValueError(f"--id2label {args.id2label} is not valid JSON ({err})") from None
+        if labels is None and cfg.data.class_names:  # the names the training data gave its classes
+            labels = dict(enumerate(cfg.data.class_names))
         export_diffusers(model, args.out, vae=args.vae, id2label=labels)
     else:
         save_weights(model.state_dict(), model, cfg, args.out)
@@ -206,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", metavar="|".join(SPEEDS), help="the speed recipe: reference (float32, eager: the official "
                    "numerics), fast (bf16 + CUDA graphs), fastest (+ FP8 products), auto (fastest on a GPU, reference on "
                    "a CPU), or levers joined by + (docs/speed.md); default: the checkpoint's sample.speed, auto")
-    p.add_argument("--labels", default="balanced", help="balanced, random, or a comma-separated list of class ids")
+    p.add_argument("--labels", default="balanced",
+                   help="balanced, random, or a comma-separated list of class ids or class names (cat,dog)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (sample i's noise depends only on seed and i)")
     p.add_argument("--vae", help="local VAE (folder or file) to decode latents")
     p.add_argument("--cond", help="models on params/fields: .npz with 'params' (N, P) and/or 'field' (N, C, H, W), "

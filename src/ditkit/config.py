@@ -123,6 +123,8 @@ class DataConfig:
     kind: str = opt("latents", "digits | images | latents | fields")
     path: str | None = opt(None, "the data: an image folder, a latent cache, or the fields' x array (digits: none)")
     labels_file: str | None = opt(None, "images: a file of 'image_path class_id' lines (none: ImageFolder classes)")
+    class_names: list | None = opt(None, "names of the class ids 0..K-1 (taken from the class folders or the "
+                                         "latent cache; sampling takes them in place of ids)")
     image_size: int = opt(256, "images: side after the center crop and resize")
     flip: bool = opt(True, "random horizontal flips")
     num_workers: int = opt(4, "DataLoader worker processes (0: load in the training process)")
@@ -242,6 +244,10 @@ class Config:
         for ok, name, what in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {what}, got {_get(self, name)!r}")
+        names = self.data.class_names
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+                                  or len(set(names)) != len(names)):
+            raise ConfigError(f"data.class_names must be a list of distinct non-empty names, got {names!r}")
         parse_profile(self.train.profile)
         parse_log_to(self.train.log_to)
         from ditkit.fast.recipes import check_speed
@@ -337,6 +343,19 @@ def migrate(data: dict) -> dict:
     return data
 
 
+_USER_KEYS = "_user_keys"  # an attribute of a Config from load_config, not a config field
+
+
+def user_keys(cfg: Config) -> frozenset[str] | None:
+    """The ``section.key`` names the user set (a config file's keys and the overrides, not the preset's),
+    as ``load_config`` recorded them; None for a config built otherwise (then every key counts as set)."""
+    return getattr(cfg, _USER_KEYS, None)
+
+
+def _dotted(data: dict) -> set[str]:
+    return {f"{section}.{key}" for section, values in migrate(data).items() if isinstance(values, dict) for key in values}
+
+
 def from_dict(data: dict, base: Config | None = None) -> Config:
     """Fill a Config from nested dicts; unknown sections or keys and wrong types are errors.  The
     per-lever speed keys of older configs are migrated to a recipe (``migrate``)."""
@@ -386,7 +405,7 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = (), pat
         from ditkit.config_ini import BASE_PRESET, ini_config
 
         preset = BASE_PRESET if preset is None else preset
-    cfg = Config()
+    cfg, mine = Config(), set()
     if preset is not None:
         if preset not in preset_names():
             raise ConfigError(f"unknown preset {preset!r} (and no such file); presets: {', '.join(preset_names())}")
@@ -406,8 +425,12 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = (), pat
             except yaml.YAMLError as err:
                 raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         cfg = from_dict(data, cfg)
+        mine |= _dotted(data)
     for text in overrides:
-        cfg = from_dict(parse_override(text), cfg)
+        data = parse_override(text)
+        cfg = from_dict(data, cfg)
+        mine |= _dotted(data)
+    setattr(cfg, _USER_KEYS, frozenset(mine))
     return cfg.validate()
 
 

@@ -102,7 +102,8 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
            field: torch.Tensor | None = None, progress: bool = True) -> Samples:
     """Samples from ``model`` (from ``ditkit.load_model``) with the sampler of ``cfg`` unless given.
 
-    ``labels``: class ids, one sample each (default: ``num_samples`` of them, classes in turn);
+    ``labels``: class ids or class names (``cfg.data.class_names``), one sample each (default:
+    ``num_samples`` of them, classes in turn);
     ``vae``: a VAE (``ditkit.models.vae.load_vae``) or a local path, to decode latent models' samples;
     ``params`` (N, P) and ``field`` (N, C, H, W): the conditions of a field model, in the model's
     (normalised) units; ``seed``: sample i's noise comes from (seed, i), whatever the batch size;
@@ -110,12 +111,13 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     NaN or inf in ``params``, ``field`` or ``cfg_scale`` is refused: it would only yield NaN samples."""
     device = next(model.parameters()).device
     if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if cfg.model.num_classes <= 0:
             raise ValueError("this model is unconditional (num_classes=0): give no labels")
-        bad = labels[(labels < 0) | (labels >= cfg.model.num_classes)]
-        if len(bad):
-            raise ValueError(f"label {int(bad[0])} is out of range: the model has {cfg.model.num_classes} classes")
+        if torch.is_tensor(labels):
+            labels = labels.reshape(-1).tolist()
+        elif isinstance(labels, (str, int)):
+            labels = [labels]
+        labels = torch.tensor(class_ids(list(labels), cfg), dtype=torch.long)
     for name, value in (("params", params), ("field", field)):
         if value is not None:
             check_finite(name, torch.as_tensor(value))
@@ -161,15 +163,30 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
 #################################################################################
 
 
-def _class_ids(text: str, num_classes: int) -> list[int]:
-    try:
-        ids = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--labels must be balanced, random or comma-separated class ids, got {text!r}") from None
-    bad = [i for i in ids if not 0 <= i < num_classes]
+def class_ids(labels, cfg: Config) -> list[int]:
+    """Class ids from ids or class names (``cfg.data.class_names``, kept from the training data's class
+    folders or latent cache), each checked against the model's ``num_classes``."""
+    names = cfg.data.class_names or []
+    ids = []
+    for label in labels:
+        if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+            if label not in names:
+                known = f"the model's classes are {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names \
+                    else "this model keeps no class names (give class ids)"
+                raise ValueError(f"unknown class name {label!r}: {known}")
+            ids.append(names.index(label))
+        else:
+            ids.append(int(label))
+    bad = [i for i in ids if not 0 <= i < cfg.model.num_classes]
     if bad:
-        raise ValueError(f"label {bad[0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        raise ValueError(f"label {bad[0]} is out of range: the model has {cfg.model.num_classes} classes "
+                         f"(0..{cfg.model.num_classes - 1})")
     return ids
+
+
+def _class_ids(text: str, cfg: Config) -> list[int]:
+    """``--labels 3,7`` or ``--labels cat,dog`` (names where the model keeps them)."""
+    return class_ids([v.strip() for v in text.split(",") if v.strip()], cfg)
 
 
 def _decoder(cfg: Config, vae_path: str | None, device):
@@ -212,7 +229,7 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
         net, notes = prepare_network(model, cfg, speed, info.device, copy_model=False)
         for note in notes:
             print(note)
-        wanted = labels if labels in ("balanced", "random") else _class_ids(labels, cfg.model.num_classes)
+        wanted = labels if labels in ("balanced", "random") else _class_ids(labels, cfg)
         out = Path(out)
         s = resolve_sample_speed(speed, info.device)[0]  # the levers that change the numbers (compilation does not)
         source = (f"{Path(ckpt).resolve()} sha256={content_sha256(ckpt)} ema={ema} precision={s.precision} "

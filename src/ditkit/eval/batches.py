@@ -123,12 +123,13 @@ def _read_npy_header(f) -> tuple[tuple, np.dtype, bool]:
 
 
 class FolderImages(ImageSource):
-    """Image files of a folder, sorted by name, converted to RGB, loaded batch by batch."""
+    """Image files of a folder and its subfolders (an ImageFolder's class folders), sorted by path,
+    converted to RGB, loaded batch by batch."""
 
     def __init__(self, folder: Path) -> None:
-        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
-            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) at any depth")
         self.name, self.num_images = str(folder), len(self.files)
         self.image_shape = self._read(self.files[0]).shape
 

@@ -20,6 +20,7 @@ from ditkit.checkpoints import load_weights_for_finetune, save_weights
 from ditkit.checkpoints.training import list_checkpoints, load_checkpoint, newest_good_checkpoint, save_checkpoint
 from ditkit.config import Config, ConfigError, save_config
 from ditkit.data import build_dataset, split_batch
+from ditkit.data.facts import fit_to_data
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.fast import TrainRun, describe, train_speed
 from ditkit.models.dit import as_pair, build_model
@@ -251,6 +252,10 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
         for tmp in remove_stale_temps(ckpt_dir):
             log.info(f"removed {tmp}, left by an interrupted checkpoint write")
 
+    cfg, fitted = fit_to_data(cfg)  # what the data fixes, before anything is built (ditkit.data.facts)
+    if info.is_main:
+        for line in fitted:
+            log.info(line)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, **cfg.model.kwargs()).to(dev)
     num_params = sum(p.numel() for p in model.parameters())  # before a speed lever changes the modules
