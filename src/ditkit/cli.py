@@ -28,7 +28,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a packaged config: digits, imagenet256, imagenet512, fields64, cosmo128")
-    p.add_argument("--config", help="a YAML config file (applied after the preset)")
+    p.add_argument("--config", help="a YAML config file (applied after the preset), or the cosmology framework's dit.ini")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--objective", choices=["ddpm", "flow"],
