@@ -91,6 +91,10 @@ class ModelConfig:
     cond_channels: int = opt(0, "channels of a conditioning field (0: none)")
     field_mode: str = opt("cross_attention", "how a conditioning field enters: cross_attention | concat (to the input)")
     cond_mode: str = opt("adaln", "how t and the class reach the blocks: adaln | cross_attention | in_context")
+    pos_embed: str = opt("sincos", "positions: sincos (the fixed table added to the tokens) | rope (2D axial rotary q, k)")
+    norm: str = opt("layernorm", "the blocks' adaLN norm: layernorm | rmsnorm")
+    qk_norm: bool = opt(False, "RMSNorm on each head's q and k before attention")
+    mlp: str = opt("gelu", "each block's feed-forward: gelu (the official MLP) | swiglu (about the same parameter count)")
 
     def kwargs(self) -> dict:
         """Constructor keyword arguments for ``build_model(self.name, **kwargs)``."""
@@ -225,6 +229,9 @@ class Config:
             (0 <= m.class_dropout_prob <= 1, "model.class_dropout_prob", "in [0, 1]"),
             (0 <= m.param_dropout_prob <= 1, "model.param_dropout_prob", "in [0, 1]"),
             (m.mlp_ratio > 0, "model.mlp_ratio", "positive"),
+            (m.pos_embed in ("sincos", "rope"), "model.pos_embed", "sincos or rope"),
+            (m.norm in ("layernorm", "rmsnorm"), "model.norm", "layernorm or rmsnorm"),
+            (m.mlp in ("gelu", "swiglu"), "model.mlp", "gelu or swiglu"),
             (m.num_classes >= 0, "model.num_classes", "a non-negative integer (0: unconditional)"),
             (o.logit_std > 0, "objective.logit_std", "positive"),
             (o.shift > 0, "objective.shift", "positive"),

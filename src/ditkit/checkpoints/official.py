@@ -9,6 +9,7 @@ hidden size (XL 1152 → 16, L 1024 → 16, B 768 → 12, S 384 → 6), otherwis
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -26,7 +27,7 @@ OFFICIAL_HEADS = {hidden: heads for _, hidden, heads in _SIZES.values()}
 def model_config(model: DiT) -> dict:
     """The constructor arguments that rebuild ``model`` (for the official options and the
     extensions that change the state dict)."""
-    hidden = model.pos_embed.shape[-1]
+    hidden = model.x_embedder.proj.out_channels
     config = dict(
         input_size=model.input_size[0] if model.input_size[0] == model.input_size[1] else list(model.input_size),
         patch_size=model.patch_size,
@@ -34,7 +35,7 @@ def model_config(model: DiT) -> dict:
         hidden_size=hidden,
         depth=len(model.blocks),
         num_heads=model.num_heads,
-        mlp_ratio=model.blocks[0].mlp.fc1.out_features / hidden,
+        mlp_ratio=model.mlp_ratio,
         class_dropout_prob=model.y_embedder.dropout_prob if model.num_classes > 0 else 0.0,
         num_classes=model.num_classes,
         learn_sigma=model.learn_sigma,
@@ -45,6 +46,8 @@ def model_config(model: DiT) -> dict:
         config.update(cond_channels=model.cond_channels, field_mode=model.field_mode)
     if model.cond_mode != "adaln":
         config.update(cond_mode=model.cond_mode)
+    defaults = inspect.signature(DiT).parameters
+    config.update({k: v for k, v in model.options.items() if v != defaults[k].default})  # the architecture options
     return config
 
 

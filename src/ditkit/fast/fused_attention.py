@@ -195,8 +195,10 @@ class FusedAttention(Attention):
 
 def convert_to_fused_attention(model: nn.Module) -> int:
     """Retype every plain ``Attention`` in ``model`` as a ``FusedAttention`` (in place: the same module,
-    Parameters and state dict); returns how many."""
-    return retype_modules(model, {Attention: FusedAttention})
+    Parameters and state dict); returns how many.  Attentions with QK-norm or RoPE are left alone: the
+    operator has no room for them between the qkv product and attention."""
+    official = [m for m in model.modules() if type(m) is Attention and m.is_official]
+    return sum(retype_modules(m, {Attention: FusedAttention}) for m in official)
 
 
 def revert_fused_attention(model: nn.Module) -> int:

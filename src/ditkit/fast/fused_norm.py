@@ -30,7 +30,7 @@ from torch import nn
 from ditkit.fast.fp8_forward import norm_output_scale
 from ditkit.fast.fused_attention import FusedAttention
 from ditkit.fast.fused_mlp import FusedMlp
-from ditkit.fast.swap import compute_dtype, swap_modules
+from ditkit.fast.swap import compute_dtype, rebuilt_as, replace_module, swap_modules
 from ditkit.fast.tuned_linear import TunedLinear
 from ditkit.kernels import norm as norm_kernels
 from ditkit.models.dit import Attention, DiTBlock, FinalLayer, Mlp
@@ -241,14 +241,24 @@ class FusedNormFinalLayer(FinalLayer):
 _FUSED = {DiTBlock: FusedNormBlock, FinalLayer: FusedNormFinalLayer}
 
 
+def _layer_norms(module: nn.Module) -> bool:
+    """Whether the norms of a block or final layer are the LayerNorms the kernels compute."""
+    norms = [getattr(module, k) for k in ("norm1", "norm2", "norm_final") if hasattr(module, k)]
+    return all(type(n) is nn.LayerNorm for n in norms)
+
+
 def convert_to_fused_norm(model: nn.Module, defer_residual: bool = True) -> int:
     """Replace every ``DiTBlock`` and ``FinalLayer`` by its fused form holding the same modules; returns how
     many.  In a DiT, with ``defer_residual``, each block hands its last residual to the next block (or the
     final layer) pending, except where the model touches the tokens in between (in-context conditioning
     drops its extra tokens after the last block).  Pass ``defer_residual=False`` for a model whose blocks
     are recomputed in the backward (activation checkpointing): there a pending residual would keep two
-    (N, T, D) tensors per block instead of one."""
-    converted = swap_modules(model, _FUSED)
+    (N, T, D) tensors per block instead of one.  Blocks whose norms are not LayerNorm (RMSNorm) are left
+    alone: the kernels compute LayerNorm."""
+    targets = [(name, m) for name, m in model.named_modules() if type(m) in _FUSED and _layer_norms(m)]
+    for name, m in targets:
+        replace_module(model, name, rebuilt_as(_FUSED[type(m)], m))
+    converted = len(targets)
     blocks = getattr(model, "blocks", None)
     if (defer_residual and isinstance(blocks, nn.ModuleList)
             and isinstance(getattr(model, "final_layer", None), FusedNormFinalLayer)):

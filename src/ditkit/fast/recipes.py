@@ -6,8 +6,9 @@ Training and sampling each take ``reference | fast | fastest`` (or ``auto``, the
 ``sample_speed``; nothing else in ditkit swaps a module or launches a kernel of ``ditkit.kernels``.
 
 - A named recipe leaves out each lever that cannot serve the run (a CPU, a GPU without FP8 tensor
-  cores, several processes, gradient accumulation, fp32 or fp16 arithmetic, cross-attention) and says
-  so in one line per lever.  ``auto`` is ``reference`` on a CPU and ``fastest`` on a GPU.
+  cores, several processes, gradient accumulation, fp32 or fp16 arithmetic, cross-attention, blocks with
+  RMSNorm, RoPE, QK-norm or SwiGLU) and says so in one line per lever.  ``auto`` is ``reference`` on a
+  CPU and ``fastest`` on a GPU.
 - Levers given explicitly are applied as given (off a GPU the fused modules compute with torch's
   ops, which is what the CPU tests compare); a lever that cannot work at all with the run is a
   ``ValueError`` naming it.
@@ -124,6 +125,27 @@ class TrainRun:
     grad_accum: int = 1
     cross_attention: bool = False  # the blocks attend to conditioning tokens (fields, cond_mode)
     activation_checkpointing: bool = False
+    block: frozenset[str] = frozenset()  # the blocks' architecture options off the official block (block_options)
+
+
+# option -> (the lever that computes the official block's form of it, why it cannot serve the option)
+_BLOCK_CONFLICTS = {
+    "rmsnorm": ("fused_norm", "its kernels compute LayerNorm and the blocks use RMSNorm (model.norm=rmsnorm)"),
+    "rope": ("fused_attention", "its operator runs the qkv product and attention as one call, with no room for "
+                                "RoPE (model.pos_embed=rope)"),
+    "qk_norm": ("fused_attention", "its operator runs the qkv product and attention as one call, with no room for "
+                                   "QK-norm (model.qk_norm=true)"),
+    "swiglu": ("fused_mlp", "its epilogues compute the GELU MLP and the blocks use SwiGLU (model.mlp=swiglu)"),
+}
+
+
+def block_options(model: nn.Module | None = None, **config) -> frozenset[str]:
+    """The architecture options of a DiT's blocks that differ from the official block, from the model
+    (its ``options``) or from the model config's keys (``pos_embed``, ``norm``, ``qk_norm``, ``mlp``)."""
+    opts = dict(getattr(model, "options", {}) if model is not None else config)
+    on = {"rmsnorm": opts.get("norm") == "rmsnorm", "rope": opts.get("pos_embed") == "rope",
+          "qk_norm": bool(opts.get("qk_norm")), "swiglu": opts.get("mlp") == "swiglu"}
+    return frozenset(k for k, v in on.items() if v)
 
 
 def _train_conflicts(s: TrainSpeed, run: TrainRun) -> dict[str, str]:
@@ -149,6 +171,10 @@ def _train_conflicts(s: TrainSpeed, run: TrainRun) -> dict[str, str]:
         why["fp8_forward"] = "it runs inside the fused norm and the fused MLP or attention"
     if s.fp8_backward and not (s.fused_mlp or s.fused_attention):
         why["fp8_backward"] = "it runs inside the fused MLP or attention's backward"
+    for option in sorted(run.block):
+        lever, reason = _BLOCK_CONFLICTS[option]
+        if getattr(s, lever):
+            why.setdefault(lever, reason)
     if (s.fp8_forward or s.fp8_backward) and run.cross_attention:
         for lever in ("fp8_forward", "fp8_backward"):
             if getattr(s, lever):
@@ -168,6 +194,11 @@ def resolve_train_speed(speed: str | TrainSpeed, run: TrainRun) -> tuple[TrainSp
     (explicit levers that cannot work together with the run)."""
     name, s = _named(speed, TRAIN_RECIPES, run.device, "train")
     _check_sdpa(s)
+    return _serving(name, s, run)
+
+
+def _serving(name: str | None, s: TrainSpeed, run: TrainRun) -> tuple[TrainSpeed, list[str]]:
+    """The levers of ``s`` that serve ``run``: for a named recipe, the rest left out with one line each."""
     notes = []
     if name is not None and name != "reference" and run.device.type != "cuda":
         notes.append(f"speed {name}: the fast levers need a CUDA GPU; this run is on {run.device.type}: "
@@ -195,9 +226,11 @@ class TrainPlan:
     speed: TrainSpeed
     run: TrainRun
     notes: list[str] = field(default_factory=list)
+    name: str | None = None  # the recipe's name (None: explicit levers)
 
     def apply(self, model: nn.Module) -> list[str]:
-        """Swap the modules of ``model`` in place; returns one line per lever applied."""
+        """Swap the modules of ``model`` in place; returns one line per lever applied, and one per lever
+        left out because the model's blocks have options the run did not name (``TrainRun.block``)."""
         from ditkit.fast import blocks
         from ditkit.fast.fused_attention import convert_to_fused_attention
         from ditkit.fast.fused_mlp import convert_to_fused_mlp
@@ -205,7 +238,14 @@ class TrainPlan:
         from ditkit.fast.sdpa import use_sdpa_backend
         from ditkit.fast.tuned_linear import convert_to_tuned_linear
 
-        s, done = self.speed, []
+        done = []
+        run = dataclasses.replace(self.run, block=self.run.block | block_options(model))
+        if _train_conflicts(self.speed, run):
+            self.run = run
+            self.speed, left_out = _serving(self.name, self.speed, run)
+            self.notes += left_out
+            done += left_out
+        s = self.speed
         use_sdpa_backend(s.sdpa)
         if s.fused_mlp:
             done.append(f"fused MLP ({convert_to_fused_mlp(model)})")
@@ -257,7 +297,7 @@ class TrainPlan:
 def train_speed(speed: str | TrainSpeed, run: TrainRun) -> TrainPlan:
     """The one door for training: ``speed`` (a recipe name or levers) resolved for ``run``."""
     levers, notes = resolve_train_speed(speed, run)
-    return TrainPlan(levers, run, notes)
+    return TrainPlan(levers, run, notes, _named(speed, TRAIN_RECIPES, run.device, "train")[0])
 
 
 #################################################################################

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditkit.models.conditioning import ConditionEmbedders, CrossAttention
+from ditkit.models.layers import RMSNorm, SwiGLU, apply_rope, grid_rope_angles, swiglu_hidden
 from ditkit.models.pos_embed import sincos_2d_pos_embed
 
 
@@ -106,26 +107,55 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA (flash / memory-efficient kernels where available).
-    Module names ``qkv`` and ``proj`` are those of timm's Attention used by the official code."""
+    Module names ``qkv`` and ``proj`` are those of timm's Attention used by the official code.
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    Options (off: the official attention): ``qk_norm`` puts an RMSNorm (learned weight) on each head's
+    q and k, so the logits q·k/√d stay bounded whatever the scale of the activations; ``rope_grid``
+    (h, w) rotates q and k by the tokens' 2D axial rotary angles, so q·k depends on relative offsets."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 rope_grid: tuple[int, int] | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        head_dim = dim // num_heads
+        if rope_grid is not None and head_dim % 4:
+            raise ValueError(f"pos_embed='rope' needs a head size divisible by 4 (hidden_size/num_heads = {head_dim})")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.rope_grid = rope_grid
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, elementwise_affine=True)
+            self.k_norm = RMSNorm(head_dim, elementwise_affine=True)
+
+    @property
+    def is_official(self) -> bool:
+        """Whether this is the official attention (no QK-norm, no RoPE)."""
+        return self.rope_grid is None and not hasattr(self, "q_norm")
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """The heads' outputs, concatenated (B, N, D): the input of ``proj``."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, D/heads)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_grid is not None:
+            angles = grid_rope_angles(D // self.num_heads, self.rope_grid, x.device)  # (N, D/heads/2)
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
         x = F.scaled_dot_product_attention(q, k, v)
         return x.transpose(1, 2).reshape(B, N, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.attend(x))
+
+
+def make_norm(norm: str, dim: int) -> nn.Module:
+    """The adaLN blocks' norm without weights, eps 1e-6: LayerNorm (official) or RMSNorm."""
+    if norm == "rmsnorm":
+        return RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 class Mlp(nn.Module):
@@ -150,14 +180,22 @@ class DiTBlock(nn.Module):
         x = x + α₁ · Attn(LN(x)(1+γ₁) + β₁)
         x = x + α₂ · MLP(LN(x)(1+γ₂) + β₂)
     where (β₁, γ₁, α₁, β₂, γ₂, α₂) = Linear(SiLU(c)), zero-initialised so each block starts as identity.
-    With ``cross_attention`` a pre-norm cross-attention to the conditioning tokens sits between them."""
+    With ``cross_attention`` a pre-norm cross-attention to the conditioning tokens sits between them.
+    ``norm="rmsnorm"`` puts RMSNorm in place of LN (still without weights: adaLN supplies them),
+    ``mlp="swiglu"`` the SwiGLU feed-forward in place of the MLP; ``qk_norm`` and ``rope_grid`` go to
+    the attention."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False,
+                 norm: str = "layernorm", mlp: str = "gelu", qk_norm: bool = False,
+                 rope_grid: tuple[int, int] | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = make_norm(norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm, rope_grid=rope_grid)
+        self.norm2 = make_norm(norm, hidden_size)
+        if mlp == "swiglu":
+            self.mlp = SwiGLU(hidden_size, swiglu_hidden(hidden_size, mlp_ratio))
+        else:
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         if cross_attention:
             self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
@@ -175,9 +213,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN, then a linear map of each token to its p·p·C_out patch values."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -205,6 +243,14 @@ class DiT(nn.Module):
     - ``cond_mode``: how t and the class reach the blocks: ``"adaln"`` (adaLN-Zero, the paper's
       best), ``"cross_attention"`` (as extra tokens t, y (and params) attended by every block) or
       ``"in_context"`` (as those tokens appended to the sequence); the paper's ablation.
+
+    LightningDiT's architecture options (``ditkit.models.layers``):
+
+    - ``pos_embed``: ``"sincos"`` (the fixed table added to the tokens) or ``"rope"`` (2D axial
+      rotary embeddings of q and k in every block, and no table).
+    - ``norm``: ``"layernorm"`` or ``"rmsnorm"`` in the blocks and the final layer.
+    - ``qk_norm``: RMSNorm on each head's q and k.
+    - ``mlp``: ``"gelu"`` or ``"swiglu"`` (hidden width int(2/3 · mlp_ratio · D), about the same parameters).
     """
 
     def __init__(
@@ -224,6 +270,10 @@ class DiT(nn.Module):
         cond_channels: int = 0,
         field_mode: str = "cross_attention",
         cond_mode: str = "adaln",
+        pos_embed: str = "sincos",
+        norm: str = "layernorm",
+        qk_norm: bool = False,
+        mlp: str = "gelu",
     ):
         super().__init__()
         self.input_size = as_pair(input_size)
@@ -234,6 +284,10 @@ class DiT(nn.Module):
             raise ValueError(f"cond_mode must be 'adaln', 'cross_attention' or 'in_context', got {cond_mode!r}")
         if field_mode not in ("cross_attention", "concat"):
             raise ValueError(f"field_mode must be 'cross_attention' or 'concat', got {field_mode!r}")
+        for key, value, choices in (("pos_embed", pos_embed, ("sincos", "rope")), ("norm", norm, ("layernorm", "rmsnorm")),
+                                    ("mlp", mlp, ("gelu", "swiglu"))):
+            if value not in choices:
+                raise ValueError(f"{key} must be {' or '.join(map(repr, choices))}, got {value!r}")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -244,6 +298,8 @@ class DiT(nn.Module):
         self.field_mode = field_mode if cond_channels else None
         self.cond_channels = cond_channels
         self.grid_size = (self.input_size[0] // patch_size, self.input_size[1] // patch_size)
+        self.mlp_ratio = mlp_ratio
+        self.options = {"pos_embed": pos_embed, "norm": norm, "qk_norm": qk_norm, "mlp": mlp}
 
         embed_channels = in_channels + (cond_channels if self.field_mode == "concat" else 0)
         self.x_embedder = PatchEmbed(patch_size, embed_channels, hidden_size)
@@ -255,14 +311,20 @@ class DiT(nn.Module):
             field_channels=cond_channels if self.field_mode == "cross_attention" else 0, grid_size=self.grid_size,
         )
         num_patches = self.grid_size[0] * self.grid_size[1]
-        # Fixed sin-cos embedding; a buffer-like Parameter so the state dict holds "pos_embed" as officially.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        if pos_embed == "sincos":
+            # Fixed sin-cos embedding; a buffer-like Parameter so the state dict holds "pos_embed" as officially.
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        else:  # RoPE alone carries the positions, as in LightningDiT
+            self.register_parameter("pos_embed", None)
 
         cross = self.field_mode == "cross_attention" or cond_mode == "cross_attention"
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, cross_attention=cross) for _ in range(depth)]
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        rope_grid = self.grid_size if pos_embed == "rope" else None
+        self.blocks = nn.ModuleList([
+            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, cross_attention=cross, norm=norm, mlp=mlp,
+                     qk_norm=qk_norm, rope_grid=rope_grid)
+            for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -273,7 +335,8 @@ class DiT(nn.Module):
                     nn.init.constant_(module.bias, 0)
 
         self.apply(_basic_init)
-        self.pos_embed.data.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
+        if self.pos_embed is not None:
+            self.pos_embed.data.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
         # Patch embedding initialised like a Linear layer (xavier on the flattened kernel).
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
@@ -347,7 +410,9 @@ class DiT(nn.Module):
         if self.field_mode == "concat":
             field = self.cond.drop_field(field, self.training, force_drop_ids)  # dropped -> zeros, the null field
             x = torch.cat([x, field.to(x.dtype)], dim=1)
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        tokens = self.x_embedder(x)  # (B, N, D)
+        if self.pos_embed is not None:
+            tokens = tokens + self.pos_embed
         t_emb = self.t_embedder(t)  # (B, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids) if self.num_classes > 0 else None
         p_emb = self.cond.embed_params(params, self.training, force_drop_ids)
