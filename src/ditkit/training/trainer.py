@@ -23,6 +23,7 @@ from ditkit.data import build_dataset, split_batch
 from ditkit.data.facts import fit_to_data
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.fast import TrainRun, describe, train_speed
+from ditkit.fast.recipes import block_options
 from ditkit.models.dit import as_pair, build_model
 from ditkit.objectives import build_objective
 from ditkit.training.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
@@ -281,7 +282,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
             dev, amp_dtype, info.world_size, cfg.train.grad_accum,
             cross_attention=bool(cfg.model.cond_channels and cfg.model.field_mode == "cross_attention")
             or cfg.model.cond_mode == "cross_attention",
-            activation_checkpointing=cfg.train.activation_checkpointing))
+            activation_checkpointing=cfg.train.activation_checkpointing, block=block_options(model)))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for note in plan.notes:
