@@ -109,7 +109,7 @@ def test_image_folder_with_no_readable_image(capsys, tmp_path):
         (tmp_path / "imgs" / "a").mkdir(parents=True, exist_ok=True)
         (tmp_path / "imgs" / "a" / f"{k}.png").write_bytes(b"not a png")
     err = one_line(capsys, train_argv(tmp_path, "data.kind=images", f"data.path={tmp_path / 'imgs'}",
-                                      "data.image_size=8", "model.in_channels=3"))
+                                      "data.image_size=8", "model.in_channels=3", "train.global_batch_size=2"))
     assert f"no readable image in {tmp_path / 'imgs'}: 3 file(s) skipped as unreadable" in err
 
 

@@ -84,7 +84,7 @@ def cmd_config(args) -> None:
     from ditkit.config import format_config, to_yaml
 
     cfg = _resolve_config(args, required=False)
-    if cfg.data.path is not None or cfg.data.kind == "digits":  # as the trainer will see it
+    if args.data is not None or cfg.data.kind == "digits":  # as the trainer will see it
         from ditkit.data.facts import fit_to_data
 
         cfg, fitted = fit_to_data(cfg)

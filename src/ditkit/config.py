@@ -11,6 +11,7 @@ import math
 import re
 import types
 import typing
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -350,13 +351,20 @@ def migrate(data: dict) -> dict:
     return data
 
 
-_USER_KEYS = "_user_keys"  # an attribute of a Config from load_config, not a config field
+# The keys the user set, per Config object from load_config: kept outside the object so that copying its
+# fields (``Config(**vars(cfg))``, ``dataclasses.replace``) sees only config fields.
+_USER_KEYS: dict[int, frozenset[str]] = {}
 
 
 def user_keys(cfg: Config) -> frozenset[str] | None:
     """The ``section.key`` names the user set (a config file's keys and the overrides, not the preset's),
     as ``load_config`` recorded them; None for a config built otherwise (then every key counts as set)."""
-    return getattr(cfg, _USER_KEYS, None)
+    return _USER_KEYS.get(id(cfg))
+
+
+def remember_user_keys(cfg: Config, keys) -> None:
+    _USER_KEYS[id(cfg)] = frozenset(keys)
+    weakref.finalize(cfg, _USER_KEYS.pop, id(cfg), None)
 
 
 def _dotted(data: dict) -> set[str]:
@@ -437,7 +445,7 @@ def load_config(preset: str | Path | None = None, overrides: list[str] = (), pat
         data = parse_override(text)
         cfg = from_dict(data, cfg)
         mine |= _dotted(data)
-    setattr(cfg, _USER_KEYS, frozenset(mine))
+    remember_user_keys(cfg, mine)
     return cfg.validate()
 
 

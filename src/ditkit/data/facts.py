@@ -205,8 +205,8 @@ def fit_to_data(cfg: Config) -> tuple[Config, list[str]]:
 
     ``data.kind`` follows ``data.path`` when only the path was set.  A key the user set that the data
     contradicts raises ``ConfigError`` naming the key, its value and what the data holds."""
-    cfg = copy.deepcopy(cfg)
     mine = user_keys(cfg)
+    cfg = copy.deepcopy(cfg)
     notes: list[str] = []
 
     def user_set(key: str) -> bool:
