@@ -212,14 +212,14 @@ def fit_to_data(cfg: Config) -> tuple[Config, list[str]]:
     def user_set(key: str) -> bool:
         return mine is None or key in mine
 
-    if cfg.data.path is not None and cfg.data.kind != "digits" and not user_set("data.kind"):
+    # A path the user gave decides the kind unless the kind was set too; a preset's path only replaces
+    # a preset's kind other than the built-in digits.
+    if (cfg.data.path is not None and not user_set("data.kind")
+            and (cfg.data.kind != "digits" or user_set("data.path"))):
         kind = kind_of_path(cfg.data.path)
         if kind != cfg.data.kind:
             notes.append(f"data.kind = {kind} (from data.path {cfg.data.path})")
             cfg.data.kind = kind
-    elif cfg.data.path is not None and cfg.data.kind == "digits" and user_set("data.path") and not user_set("data.kind"):
-        cfg.data.kind = kind_of_path(cfg.data.path)
-        notes.append(f"data.kind = {cfg.data.kind} (from data.path {cfg.data.path})")
     facts = data_facts(cfg)
 
     def take(key: str, value: Any, why: str) -> None:
