@@ -126,8 +126,9 @@ def cmd_extract(args) -> None:
     manifest = build_latent_cache(args.data, args.vae, args.out, image_size=args.image_size, labels_file=args.labels_file,
                                   num_classes=args.num_classes, vae_dtype=dtypes[args.vae_dtype], device=args.device,
                                   batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.workers,
-                                  rank=args.rank, world_size=args.world_size, progress=True)
-    print(f"{manifest['count']} images -> latents {manifest['latent_shape']} in {args.out}")
+                                  rank=args.rank, world_size=args.world_size, images=args.images, progress=True)
+    kept = " and the images" if manifest["images"] else ""
+    print(f"{manifest['count']} images -> latents {manifest['latent_shape']}{kept} in {args.out}")
 
 
 def cmd_export(args) -> None:
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10000, help="latents per shard file")
     p.add_argument("--workers", type=int, default=8, help="DataLoader worker processes that read the images")
     p.add_argument("--vae-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="precision of the VAE encoder")
+    p.add_argument("--images", action="store_true",
+                   help="also keep each cropped image as uint8 (3·H·W bytes: 197 KB at 256×256) for REPA's encoder")
     p.add_argument("--rank", type=int, default=0, help="this process's share of the images (with --world-size)")
     p.add_argument("--world-size", type=int, default=1, help="processes that split the images between them")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the GPU if any)")

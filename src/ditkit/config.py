@@ -96,6 +96,9 @@ class ModelConfig:
     norm: str = opt("layernorm", "the blocks' adaLN norm: layernorm | rmsnorm")
     qk_norm: bool = opt(False, "RMSNorm on each head's q and k before attention")
     mlp: str = opt("gelu", "each block's feed-forward: gelu (the official MLP) | swiglu (about the same parameter count)")
+    repa_depth: int | None = opt(None, "REPA: align the tokens after this block (1..depth; the paper: 8 of 28) with a "
+                                       "frozen encoder's features through a projector MLP (none: off)")
+    repa_dim: int = opt(768, "REPA: width of the encoder's patch features (DINOv2-B: 768)")
 
     def kwargs(self) -> dict:
         """Constructor keyword arguments for ``build_model(self.name, **kwargs)``."""
@@ -120,6 +123,10 @@ class ObjectiveConfig:
     logit_std: float = opt(1.0, "flow: standard deviation of the logit-normal t")
     shift: float = opt(1.0, "flow: time shift toward noise (1: none); also the sampler's shifted grid")
     time_scale: float = opt(1000.0, "flow: network time = time_scale · t (SiT's own checkpoints: 1)")
+    repa_weight: float = opt(0.5, "REPA (model.repa_depth set): λ of the term λ · mean over tokens of −cos(projected "
+                                  "token, encoder feature)")
+    cos_weight: float = opt(0.0, "w of the direction term w · (1 − cos(prediction, target)) per sample, added to the "
+                                 "MSE (LightningDiT's velocity-direction loss; ddpm: on ε; 0: off)")
 
 
 @dataclass
@@ -177,6 +184,8 @@ class TrainConfig:
     fsdp_bf16_gather: bool = opt(False, "FSDP: gather the weights in bf16 (half the all-gather traffic; gradients "
                                         "reduced in float32)")
     vae: str | None = opt(None, "local VAE (folder or file) to decode the sample grids of latent runs")
+    repa_encoder: str | None = opt(None, "REPA: local folder of the frozen encoder (facebook/dinov2-base from the Hugging "
+                                         "Face hub, read by transformers' Dinov2Model); needed with model.repa_depth")
 
 
 @dataclass
@@ -237,6 +246,9 @@ class Config:
             (o.logit_std > 0, "objective.logit_std", "positive"),
             (o.shift > 0, "objective.shift", "positive"),
             (o.time_scale > 0, "objective.time_scale", "positive"),
+            (o.repa_weight > 0, "objective.repa_weight", "positive"),
+            (o.cos_weight >= 0, "objective.cos_weight", "non-negative (0: off)"),
+            (m.repa_dim > 0, "model.repa_dim", "a positive integer (the encoder's feature width)"),
             (self.sample.steps > 0, "sample.steps", "a positive integer"),
             (self.sample.eta >= 0, "sample.eta", "non-negative"),
             (self.train.log_every > 0, "train.log_every", "a positive integer"),
@@ -285,7 +297,22 @@ class Config:
             raise ConfigError(f"sample.sampler {self.sample.sampler!r} does not fit objective.name={self.objective.name!r}; "
                               f"choose one of {', '.join(allowed)}")
         self.model.kwargs()
+        self._check_repa()
         return self
+
+    def _check_repa(self) -> None:
+        """REPA's block exists and its data are images (the encoder is checked when training starts)."""
+        m = self.model
+        if m.repa_depth is None:
+            return
+        from ditkit.models.dit import DiT_models
+
+        depth = m.depth if m.name == "custom" else DiT_models[m.name].depth
+        if depth is not None and not 1 <= m.repa_depth <= depth:
+            raise ConfigError(f"model.repa_depth must be a block in 1..{depth} (the model's depth), got {m.repa_depth}")
+        if self.data.kind == "fields":
+            raise ConfigError("model.repa_depth aligns with an image encoder: data.kind must be images, latents "
+                              "(extracted with --images) or digits, not fields")
 
     def _check_finite(self) -> None:
         """Every float of the config, alone or in a list, is finite: an inf or nan learning rate or

@@ -180,3 +180,24 @@ def test_cache_errors(cache32, tmp_path):
     shard.write_bytes((tmp_path / "shard_00001.safetensors").read_bytes())  # 2 latents, the manifest says 1
     with pytest.raises(ValueError, match=r"shard_00002.safetensors has tensors .* the manifest says"):
         LatentDataset(tmp_path)
+
+
+def test_images_beside_the_latents_follow_the_view(vae, images, cache32, tmp_path):
+    extract_latents(images, vae, tmp_path, shard_size=2, batch_size=2, num_workers=0, dtype=torch.float32, images=True)
+    assert read_manifest(tmp_path)["images"] is True and read_manifest(cache32)["images"] is False
+    plain = LatentDataset(tmp_path, flip=False, sample_posterior=False, images=True)
+    views = set()
+    for i in range(5):
+        item = plain[i]
+        assert item["image"].dtype == torch.uint8
+        assert torch.equal(item["image"].float().div(127.5).sub(1), images[i][0])  # the very pixels the VAE saw
+        for seed in (0, 1):
+            flipped = LatentDataset(tmp_path, flip=True, sample_posterior=False, images=True, seed=seed)[i]
+            view = int(not torch.equal(flipped["x"], item["x"]))  # the flip's latent differs from the image's
+            assert torch.equal(flipped["image"], item["image"].flip(-1) if view else item["image"])
+            views.add(view)
+    assert views == {0, 1}
+    with pytest.raises(ValueError, match=r"holds no images, which REPA's encoder needs"):
+        LatentDataset(cache32, images=True)
+    with pytest.raises(ValueError, match=r"cache with images=True, not False"):
+        extract_latents(images, vae, tmp_path, shard_size=2, num_workers=0, dtype=torch.float32)

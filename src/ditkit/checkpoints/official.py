@@ -48,6 +48,8 @@ def model_config(model: DiT) -> dict:
         config.update(cond_mode=model.cond_mode)
     defaults = inspect.signature(DiT).parameters
     config.update({k: v for k, v in model.options.items() if v != defaults[k].default})  # the architecture options
+    if model.repa_depth is not None:  # REPA's projector: in the state dict, unused by sampling
+        config.update(repa_depth=model.repa_depth, repa_dim=model.repa_projector[-1].out_features)
     return config
 
 

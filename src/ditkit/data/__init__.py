@@ -2,7 +2,8 @@
 
 The trainer sees dicts: "x" (the clean sample: pixels, a VAE latent drawn from its cached
 posterior, a normalised field) and the conditioning the model takes: "y" (class label),
-"params" (continuous parameters), "field" (spatial conditioning)."""
+"params" (continuous parameters), "field" (spatial conditioning); and what the loss alone reads:
+"image" (the pixels beside cached latents, for REPA's encoder)."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +13,7 @@ from ditkit.config import Config, ConfigError
 from ditkit.data.sampler import step_seed
 
 COND_KEYS = ("y", "params", "field")
+LOSS_KEYS = ("image",)
 
 
 class EpochIndexed(Dataset):
@@ -49,7 +51,10 @@ def build_dataset(cfg: Config) -> EpochIndexed:
     elif kind == "latents":
         from ditkit.data.latents import LatentDataset
 
-        inner = LatentDataset(d.path, flip=d.flip, seed=cfg.train.seed)
+        try:
+            inner = LatentDataset(d.path, flip=d.flip, seed=cfg.train.seed, images=cfg.model.repa_depth is not None)
+        except ValueError as err:
+            raise ConfigError(f"data.path: {err}") from None
     elif kind == "images":
         from ditkit.data.images import ImageDataset
 
@@ -68,7 +73,8 @@ def build_dataset(cfg: Config) -> EpochIndexed:
     if found is not None and cfg.model.num_classes > 0 and found > cfg.model.num_classes:
         raise ConfigError(f"data at {d.path or kind} has {found} classes but model.num_classes is {cfg.model.num_classes}")
     keep = tuple(k for k, on in (("y", cfg.model.num_classes > 0), ("params", cfg.model.num_params > 0),
-                                 ("field", cfg.model.cond_channels > 0)) if on)
+                                 ("field", cfg.model.cond_channels > 0), ("image", cfg.model.repa_depth is not None))
+                 if on)
     return EpochIndexed(inner, cfg.train.seed, keep)
 
 
@@ -77,3 +83,8 @@ def split_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
     x0 = batch["x"].to(device, non_blocking=True)
     kwargs = {k: batch[k].to(device, non_blocking=True) for k in COND_KEYS if k in batch}
     return x0, kwargs
+
+
+def loss_inputs(batch: dict, device: torch.device) -> dict:
+    """The batch's inputs of the loss alone (``LOSS_KEYS``), on ``device``: keyword arguments of ``objective.loss``."""
+    return {k: batch[k].to(device, non_blocking=True) for k in LOSS_KEYS if k in batch}

@@ -6,8 +6,11 @@ Layout of a cache folder:
       mean  (n, 2, 4, h, w)  posterior mean, scaled by 0.18215; view 0 = image, 1 = its horizontal flip
       std   (n, 2, 4, h, w)  posterior std, same units
       label (n,) int64
+      image (n, 3, H, W) uint8, only with ``images=True`` (``ditkit extract --images``): the center-cropped
+            image itself, for REPA's encoder in the training step (its flip is taken with view 1)
 mean and std are float16 by default: latents are O(1) and std ≥ 1e-4 or so, where float16 keeps
-~3 significant digits, far below the posterior noise DiT adds; ImageNet-256 then takes ~42 GB.
+~3 significant digits, far below the posterior noise DiT adds; ImageNet-256 then takes ~42 GB,
+and its images 3·256·256 bytes = 197 KB each, ~252 GB more.
 
 Every file is written to a temporary name and renamed, so a file that exists is complete and an
 interrupted extraction resumes by skipping the shards already there.  Shard k covers images
@@ -38,7 +41,7 @@ def shard_name(k: int) -> str:
     return f"shard_{k:05d}.safetensors"
 
 
-def _plan(dataset, vae, shard_size: int, source: str, vae_name: str, dtype: torch.dtype) -> dict:
+def _plan(dataset, vae, shard_size: int, source: str, vae_name: str, dtype: torch.dtype, images: bool) -> dict:
     """The manifest: everything a reader needs and a resumed run must agree with."""
     x0, _ = dataset[0]  # (3, H, W)
     if any(s % 8 for s in x0.shape[1:]):
@@ -57,6 +60,7 @@ def _plan(dataset, vae, shard_size: int, source: str, vae_name: str, dtype: torc
         "views": ["image", "hflip"],
         "scale_factor": LATENT_SCALE,
         "dtype": str(dtype).removeprefix("torch."),
+        "images": images,
         "num_classes": getattr(dataset, "num_classes", None),
         "classes": getattr(dataset, "classes", None),  # ImageFolder's class folder names, by id
         "source": source,
@@ -81,10 +85,12 @@ def extract_latents(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    images: bool = False,
 ) -> dict:
     """Encodes ``dataset`` (samples (x in [-1, 1] (3, H, W), label), not flipped) and its flips into
-    ``out_dir``; returns the manifest.  Shards already on disk are skipped, so rerunning the same
-    command resumes; a different dataset or shard size in the same folder is refused."""
+    ``out_dir``; returns the manifest.  ``images``: also store each image as uint8 (for REPA).
+    Shards already on disk are skipped, so rerunning the same command resumes; a different dataset
+    or shard size in the same folder is refused."""
     if getattr(dataset, "random_flip", False):
         raise ValueError("extract_latents needs a dataset without random flips (it stores both views)")
     if shard_size <= 0 or batch_size <= 0:
@@ -94,10 +100,10 @@ def extract_latents(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = source if source is not None else str(getattr(dataset, "source", type(dataset).__name__))
-    manifest = _plan(dataset, vae, shard_size, source, vae_name, dtype)
+    manifest = _plan(dataset, vae, shard_size, source, vae_name, dtype, images)
     if (out / MANIFEST).exists():
-        old = read_manifest(out)
-        for key in ("count", "image_shape", "shard_size", "source", "vae", "dtype"):
+        old = {"images": False, **read_manifest(out)}
+        for key in ("count", "image_shape", "shard_size", "source", "vae", "dtype", "images"):
             if old[key] != manifest[key]:
                 raise ValueError(
                     f"{out / MANIFEST} is a cache with {key}={old[key]!r}, not {manifest[key]!r}: "
@@ -126,7 +132,7 @@ def extract_latents(
         )
     )
     for s in _progress(todo, progress):
-        means, stds, labels = [], [], []
+        means, stds, labels, pixels = [], [], [], []
         for _ in range(-(-s["count"] // batch_size)):
             x, y = next(loader)
             x = x.to(device, non_blocking=True)
@@ -135,11 +141,15 @@ def extract_latents(
             means.append(mean.unflatten(0, (2, b)).transpose(0, 1).to(dtype).cpu())  # (B, 2, 4, h, w)
             stds.append(std.unflatten(0, (2, b)).transpose(0, 1).to(dtype).cpu())
             labels.append(torch.as_tensor(y, dtype=torch.int64))
+            if images:  # x = p / 127.5 − 1 exactly inverted
+                pixels.append(((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())  # (B, 3, H, W)
         tensors = {
             "mean": torch.cat(means).contiguous(),
             "std": torch.cat(stds).contiguous(),
             "label": torch.cat(labels),
         }
+        if images:
+            tensors["image"] = torch.cat(pixels).contiguous()
         atomic_write(out / s["name"], lambda tmp: save_file(tensors, tmp, metadata={"start": str(s["start"])}))
     return manifest
 
@@ -200,15 +210,22 @@ class LatentDataset(torch.utils.data.Dataset):
 
     flip: take the flipped view with probability 1/2 (the cached counterpart of DiT's random flip).
     sample_posterior: z = mean + std · ε, ε ~ N(0, I) (DiT's ``latent_dist.sample()``); else z = mean.
+    images: samples are dicts {"x": z, "y": label, "image": (3, H, W) uint8 of the same view}, from a
+    cache extracted with images (for REPA's encoder).
     Randomness is a function of (seed, epoch, index): the same for any number of workers; call
     ``set_epoch`` each epoch.
     """
 
     def __init__(
-        self, cache_dir: str | os.PathLike, flip: bool = True, sample_posterior: bool = True, seed: int = 0
+        self, cache_dir: str | os.PathLike, flip: bool = True, sample_posterior: bool = True, seed: int = 0,
+        images: bool = False,
     ):
         self.dir = Path(cache_dir)
         self.manifest = read_manifest(self.dir)
+        if images and not self.manifest.get("images"):
+            raise ValueError(f"latent cache {self.dir} holds no images, which REPA's encoder needs (model.repa_depth): "
+                             "extract it again into a new folder with `ditkit extract ... --images`")
+        self.images = images
         self.flip, self.sample_posterior, self.seed, self.epoch = flip, sample_posterior, seed, 0
         shards = self.manifest["shards"]
         absent = [s["name"] for s in shards if not (self.dir / s["name"]).is_file()]
@@ -217,14 +234,15 @@ class LatentDataset(torch.utils.data.Dataset):
                 f"latent cache {self.dir} is incomplete: {len(absent)} of {len(shards)} shards missing "
                 f"(first: {absent[0]}); rerun `ditkit extract` with the same arguments to finish it"
             )
+        image_shape = self.manifest["image_shape"] if self.manifest.get("images") else None
         for s in shards:
-            self._check_shard(self.dir / s["name"], [s["count"], 2, *self.manifest["latent_shape"]])
+            self._check_shard(self.dir / s["name"], [s["count"], 2, *self.manifest["latent_shape"]], image_shape)
         self.starts = torch.tensor([s["start"] for s in shards])
         self.num_classes = self.manifest.get("num_classes")
         self._open: dict[int, object] = {}  # shard index → safe_open handle, per process
 
     @staticmethod
-    def _check_shard(path: Path, shape: list[int]) -> None:
+    def _check_shard(path: Path, shape: list[int], image_shape: list[int] | None) -> None:
         """Reads only the header: catches truncated or foreign files at start, not mid-epoch."""
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -232,6 +250,8 @@ class LatentDataset(torch.utils.data.Dataset):
         except (SafetensorError, OSError) as e:
             raise ValueError(f"latent shard {path} is corrupt: {e}") from None
         want = {"mean": shape, "std": shape, "label": shape[:1]}
+        if image_shape is not None:
+            want["image"] = [shape[0], *image_shape]
         if shapes != want:
             raise ValueError(f"latent shard {path} has tensors {shapes}, the manifest says {want}")
 
@@ -250,7 +270,7 @@ class LatentDataset(torch.utils.data.Dataset):
             self._open[k] = safe_open(str(self.dir / self.manifest["shards"][k]["name"]), framework="pt")
         return self._open[k]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} latents")
         k = int(torch.searchsorted(self.starts, index, right=True)) - 1
@@ -258,9 +278,11 @@ class LatentDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         view = int(torch.randint(2, (), generator=g)) if self.flip else 0
         f = self._shard(k)
-        mean = f.get_slice("mean")[i, view].float()  # (4, h, w)
+        z = f.get_slice("mean")[i, view].float()  # (4, h, w)
         label = int(f.get_slice("label")[i])
-        if not self.sample_posterior:
-            return mean, label
-        std = f.get_slice("std")[i, view].float()
-        return mean + std * torch.randn(mean.shape, generator=g), label
+        if self.sample_posterior:
+            z = z + f.get_slice("std")[i, view].float() * torch.randn(z.shape, generator=g)
+        if not self.images:
+            return z, label
+        image = f.get_slice("image")[i]  # (3, H, W) uint8
+        return {"x": z, "y": torch.tensor(label), "image": image.flip(-1) if view else image}

@@ -225,6 +225,23 @@ class FinalLayer(nn.Module):
 
 
 #################################################################################
+#                          REPA's representation projector                       #
+#################################################################################
+
+REPA_HIDDEN = 2048  # the width of REPA's projector MLP (Yu et al. 2024)
+
+
+def repa_projector(hidden_size: int, z_dim: int) -> nn.Sequential:
+    """REPA's MLP from a block's tokens to the encoder's feature space, token by token:
+    Linear(D, 2048) → SiLU → Linear(2048, 2048) → SiLU → Linear(2048, z_dim)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, REPA_HIDDEN), nn.SiLU(),
+        nn.Linear(REPA_HIDDEN, REPA_HIDDEN), nn.SiLU(),
+        nn.Linear(REPA_HIDDEN, z_dim),
+    )
+
+
+#################################################################################
 #                                 The DiT model                                  #
 #################################################################################
 
@@ -251,6 +268,11 @@ class DiT(nn.Module):
     - ``norm``: ``"layernorm"`` or ``"rmsnorm"`` in the blocks and the final layer.
     - ``qk_norm``: RMSNorm on each head's q and k.
     - ``mlp``: ``"gelu"`` or ``"swiglu"`` (hidden width int(2/3 · mlp_ratio · D), about the same parameters).
+
+    Representation alignment (REPA, Yu et al. 2024): ``repa_depth`` = k adds ``repa_projector``, an
+    MLP from the tokens after block k (1-indexed) to ``repa_dim``-wide vectors, returned beside the
+    output by ``forward(..., return_repa=True)``; a training objective aligns them with a frozen
+    encoder's features.  Sampling never calls it.
     """
 
     def __init__(
@@ -274,6 +296,8 @@ class DiT(nn.Module):
         norm: str = "layernorm",
         qk_norm: bool = False,
         mlp: str = "gelu",
+        repa_depth: int | None = None,
+        repa_dim: int = 768,
     ):
         super().__init__()
         self.input_size = as_pair(input_size)
@@ -288,6 +312,10 @@ class DiT(nn.Module):
                                     ("mlp", mlp, ("gelu", "swiglu"))):
             if value not in choices:
                 raise ValueError(f"{key} must be {' or '.join(map(repr, choices))}, got {value!r}")
+        if repa_depth is not None and not 1 <= repa_depth <= depth:
+            raise ValueError(f"repa_depth must be a block in 1..{depth} (the depth), got {repa_depth}")
+        if repa_dim <= 0:
+            raise ValueError(f"repa_dim must be positive, got {repa_dim}")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -300,6 +328,7 @@ class DiT(nn.Module):
         self.grid_size = (self.input_size[0] // patch_size, self.input_size[1] // patch_size)
         self.mlp_ratio = mlp_ratio
         self.options = {"pos_embed": pos_embed, "norm": norm, "qk_norm": qk_norm, "mlp": mlp}
+        self.repa_depth = repa_depth
 
         embed_channels = in_channels + (cond_channels if self.field_mode == "concat" else 0)
         self.x_embedder = PatchEmbed(patch_size, embed_channels, hidden_size)
@@ -325,6 +354,8 @@ class DiT(nn.Module):
             for _ in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
+        if repa_depth is not None:  # only then: the official state dict has no projector
+            self.repa_projector = repa_projector(hidden_size, repa_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -394,10 +425,15 @@ class DiT(nn.Module):
         params: torch.Tensor | None = None,
         field: torch.Tensor | None = None,
         force_drop_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_repa: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) noisy input; t: (B,) network time; y: (B,) labels (``num_classes`` = null);
         params: (B, P) continuous parameters; field: (B, C_cond, H, W) spatial conditioning.
-        ``force_drop_ids`` (B,) with 1 where all conditioning is replaced by its null (for guidance)."""
+        ``force_drop_ids`` (B,) with 1 where all conditioning is replaced by its null (for guidance).
+        ``return_repa``: also return REPA's projection of the image tokens after block ``repa_depth``,
+        (B, N, repa_dim)."""
+        if return_repa and self.repa_depth is None:
+            raise ValueError("return_repa needs a model built with repa_depth (REPA's projector)")
         if x.shape[-2:] != self.input_size:
             raise ValueError(f"input of spatial size {tuple(x.shape[-2:])}, model built for {self.input_size}")
         self._check_conditions(x, y, params, field)
@@ -432,11 +468,15 @@ class DiT(nn.Module):
             else:
                 context = extra if context is None else torch.cat([context, extra], dim=1)
 
-        for block in self.blocks:
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        for k, block in enumerate(self.blocks, 1):
             tokens = block(tokens, c, context)
+            if return_repa and k == self.repa_depth:
+                aligned = self.repa_projector(tokens[:, :num_patches])  # (B, N, repa_dim), without in-context tokens
         if n_extra:
             tokens = tokens[:, :-n_extra]
-        return self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
+        out = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
+        return (out, aligned) if return_repa else out
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guided_channels: int | None = 3
@@ -469,6 +509,7 @@ def _variant(size: str, patch: int) -> Callable[..., DiT]:
     def build(**kwargs) -> DiT:
         return DiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
 
+    build.depth = depth
     build.__name__ = f"DiT_{size}_{patch}"
     build.__doc__ = f"DiT-{size}/{patch}: depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
     return build

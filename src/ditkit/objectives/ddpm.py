@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ditkit.objectives import mean_flat
+from ditkit.objectives import direction_loss, mean_flat
 from ditkit.objectives.schedules import named_betas, respace_betas, space_timesteps
 from ditkit.samplers.ddpm import sample_ddim, sample_ddpm
 
@@ -77,7 +77,9 @@ class DDPM:
     otherwise the variance is fixed: β_t ("large", official default) or β̃_t (``sigma_small``).
     ``timestep_map[t]`` is the original index the network is called with (identity if None);
     ``original_alpha_bar`` the ᾱ of the process the network was trained on (for noise_level and
-    respacing; this process's own ᾱ if None)."""
+    respacing; this process's own ᾱ if None).  ``cos_weight`` w adds the direction term
+    w · (1 − cos(ε_θ, ε)) per sample to the training loss (LightningDiT's velocity-direction loss,
+    on the ε prediction)."""
 
     def __init__(
         self,
@@ -86,6 +88,7 @@ class DDPM:
         sigma_small: bool = False,
         timestep_map: torch.Tensor | None = None,
         original_alpha_bar: torch.Tensor | None = None,
+        cos_weight: float = 0.0,
     ):
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         T = betas.numel()
@@ -93,8 +96,11 @@ class DDPM:
             raise ValueError(f"betas must be a 1-D sequence of at least 2 values, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must lie in (0, 1]")
+        if cos_weight < 0:
+            raise ValueError(f"cos_weight must be non-negative, got {cos_weight}")
         self.num_timesteps = T
         self.learn_sigma = learn_sigma
+        self.cos_weight = cos_weight
         self.sigma_small = sigma_small
 
         alpha_bar = torch.cumprod(1.0 - betas, dim=0)
@@ -246,7 +252,8 @@ class DDPM:
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses at steps t (B,): ``mse`` = ‖ε − ε_θ(x_t, t)‖² / D, and with a learned
         sigma ``vb`` = L_t of the bound, ``loss`` = mse + vb (IDDPM's L_hybrid; vb is a single
-        term, i.e. λ = 1/T of L_vlb = T·E_t[L_t], IDDPM's λ = 0.001 at T = 1000)."""
+        term, i.e. λ = 1/T of L_vlb = T·E_t[L_t], IDDPM's λ = 0.001 at T = 1000); with ``cos_weight``
+        w > 0 also ``cos`` = 1 − cos(ε_θ, ε), and w · cos in ``loss``."""
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
@@ -264,6 +271,9 @@ class DDPM:
             eps = model_output
         terms["mse"] = mean_flat((noise - eps) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        if self.cos_weight > 0:
+            terms["cos"] = direction_loss(eps, noise)
+            terms["loss"] = terms["loss"] + self.cos_weight * terms["cos"]
         return terms
 
     def loss(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
@@ -283,6 +293,7 @@ class DDPM:
             sigma_small=self.sigma_small,
             timestep_map=torch.tensor(kept),
             original_alpha_bar=self.original_alpha_bar,
+            cos_weight=self.cos_weight,
         )
 
     def sample(
@@ -316,9 +327,11 @@ def create_ddpm(
     learn_sigma: bool = True,
     sigma_small: bool = False,
     diffusion_steps: int = 1000,
+    cos_weight: float = 0.0,
 ) -> DDPM:
     """The official ``create_diffusion``: the named schedule on ``diffusion_steps`` steps, respaced
     to ``timestep_respacing`` ("" keeps all steps, and, as officially, still recomputes the betas
     from ᾱ, which changes them in the last bits)."""
-    base = DDPM(named_betas(noise_schedule, diffusion_steps), learn_sigma=learn_sigma, sigma_small=sigma_small)
+    base = DDPM(named_betas(noise_schedule, diffusion_steps), learn_sigma=learn_sigma, sigma_small=sigma_small,
+                cos_weight=cos_weight)
     return base.respaced(timestep_respacing or [diffusion_steps])

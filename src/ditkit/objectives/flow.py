@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditkit.objectives import mean_flat
+from ditkit.objectives import direction_loss, mean_flat
 from ditkit.objectives.paths import PREDICTIONS, VPPath, convert, expand_like, g2, interpolate, make_path
 from ditkit.samplers.ode import dopri5, euler, heun, shift_time, shifted_grid, uniform_grid
 from ditkit.samplers.sde import diffusion_fn, euler_maruyama
@@ -44,6 +44,8 @@ class FlowMatching:
       "likelihood" (g²/2σ²); a velocity loss is never weighted (as in SiT).
     - ``train_eps`` / ``sample_eps``: keep t off the singular ends; None picks SiT's defaults
       (0 for velocity on linear/GVP, 1e-3 for noise/score there, train 1e-5 / sample 1e-3 on VP).
+    - ``cos_weight``: w of the direction term w · (1 − cos(prediction, target)) per sample, added to
+      the loss (LightningDiT's velocity-direction loss; 0: off).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class FlowMatching:
         train_eps: float | None = None,
         sample_eps: float | None = None,
         time_scale: float = 1000.0,
+        cos_weight: float = 0.0,
     ):
         self.path = make_path(path)
         if prediction not in PREDICTIONS:
@@ -68,7 +71,10 @@ class FlowMatching:
             raise ValueError(f"unknown loss_weight {loss_weight!r}; choose None, 'velocity' or 'likelihood'")
         if logit_std <= 0 or shift <= 0 or time_scale <= 0:
             raise ValueError(f"logit_std, shift and time_scale must be positive, got {logit_std}, {shift}, {time_scale}")
+        if cos_weight < 0:
+            raise ValueError(f"cos_weight must be non-negative, got {cos_weight}")
         self.prediction, self.time_sampling, self.loss_weight = prediction, time_sampling, loss_weight
+        self.cos_weight = cos_weight
         self.logit_mean, self.logit_std, self.shift, self.time_scale = logit_mean, logit_std, shift, time_scale
         self.is_vp = isinstance(self.path, VPPath)
         default_train, default_sample = (1e-5, 1e-3) if self.is_vp else (0.0, 0.0) if prediction == "velocity" else (1e-3, 1e-3)
@@ -114,7 +120,10 @@ class FlowMatching:
         """Per-sample losses (B,).  ``x0`` is the clean data (the protocol's name; x1 in flow
         notation); ``noise`` (flow's x0) and ``t`` (B,) default to fresh draws.
 
-            velocity:  ‖v̂ − u_t‖²      noise:  λ_t ‖ε̂ − x0‖²      score:  λ_t ‖σ_t ŝ + x0‖²"""
+            velocity:  ‖v̂ − u_t‖²      noise:  λ_t ‖ε̂ − x0‖²      score:  λ_t ‖σ_t ŝ + x0‖²
+
+        With ``cos_weight`` w > 0, ``cos`` = 1 − cos(prediction, target) (targets u_t, x0, −x0 /
+        σ_t: the score's direction is −x0's) is added as w · cos."""
         x1 = x0
         C = x1.shape[1]
         if t is None:
@@ -124,11 +133,17 @@ class FlowMatching:
         out = model(x_t, self.time_scale * t.to(x1.dtype), **(model_kwargs or {}))[:, :C]  # learned-σ channels unused
         if self.prediction == "velocity":
             mse = mean_flat((out - u_t) ** 2)
-            return {"loss": mse, "mse": mse}
-        sigma = expand_like(self.path.coefficients(t)[1], x1)
-        err = out - eps if self.prediction == "noise" else sigma * out + eps
-        mse = mean_flat(err**2)
-        return {"loss": self._weight(t).to(mse.dtype) * mse, "mse": mse}
+            terms = {"loss": mse, "mse": mse}
+        else:
+            sigma = expand_like(self.path.coefficients(t)[1], x1)
+            err = out - eps if self.prediction == "noise" else sigma * out + eps
+            mse = mean_flat(err**2)
+            terms = {"loss": self._weight(t).to(mse.dtype) * mse, "mse": mse}
+        if self.cos_weight > 0:
+            target = {"velocity": u_t, "noise": eps, "score": -eps}[self.prediction]
+            terms["cos"] = direction_loss(out, target)
+            terms["loss"] = terms["loss"] + self.cos_weight * terms["cos"]
+        return terms
 
     def _weight(self, t: torch.Tensor) -> torch.Tensor:
         if self.loss_weight is None:

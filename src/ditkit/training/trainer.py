@@ -19,17 +19,18 @@ from tqdm import tqdm
 from ditkit.checkpoints import load_weights_for_finetune, save_weights
 from ditkit.checkpoints.training import list_checkpoints, load_checkpoint, newest_good_checkpoint, save_checkpoint
 from ditkit.config import Config, ConfigError, save_config
-from ditkit.data import build_dataset, split_batch
+from ditkit.data import build_dataset, loss_inputs, split_batch
 from ditkit.data.facts import fit_to_data
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.fast import TrainRun, describe, train_speed
 from ditkit.fast.recipes import block_options
 from ditkit.models.dit import as_pair, build_model
-from ditkit.objectives import build_objective
+from ditkit.objectives import LOGGED_TERMS, build_objective
 from ditkit.training.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.training.ema import ema_decay_at, update_ema
 from ditkit.training.loggers import open_loggers
 from ditkit.training.profiling import StepProfiler
+from ditkit.training.repa import repa_objective
 from ditkit.training.safety import LossGuard, RunLock, StopSignals, any_rank, check_resume
 from ditkit.utils.io import atomic_write_text, remove_stale_temps
 
@@ -63,13 +64,15 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
 
 def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg: Config, amp_dtype, scaler,
                device: torch.device, params: list[torch.Tensor], guard: LossGuard | None = None,
-               info: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               info: DistInfo | None = None,
+               terms: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over ``grad_accum`` micro-batches.  Returns (mean loss, grad norm, bad)
     as device tensors; nothing here waits for the device.  A non-finite gradient, or a loss that
     ``guard`` calls a spike (the loss averaged over the ranks, so that every rank decides alike),
     makes the optimizer skip the update on the device (``found_inf``), as a GradScaler would.
     ``bad`` marks a skipped step; with fp16's scaler an overflow is routine (the scale drops) and
-    only a non-finite loss or a spike counts (a spike is flagged there, not skipped)."""
+    only a non-finite loss or a spike counts (a spike is flagged there, not skipped).  ``terms``, if
+    given, receives the means of the loss terms the options add (``LOGGED_TERMS``), for the log."""
     accum = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
     for m, batch in enumerate(micro_batches):
@@ -81,9 +84,13 @@ def train_step(model, objective, opt, micro_batches, step: int, shard0: int, cfg
         sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()  # DDP
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = objective.loss(model, x0, model_kwargs)["loss"].mean() / accum
+                out = objective.loss(model, x0, model_kwargs, **loss_inputs(batch, device))
+                loss = out["loss"].mean() / accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
+        for k in LOGGED_TERMS if terms is not None else ():
+            if k in out:
+                terms[k] = terms.get(k, 0) + out[k].detach().mean() / accum
     spike = torch.zeros((), dtype=torch.bool, device=device)
     if guard is not None:
         checked = loss_sum.clone()
@@ -186,6 +193,18 @@ def _load_optimizer_state(model: nn.Module, opt, state: dict, cfg: Config, info:
             group.update(flags)
 
 
+def _keyed_by_name(state: dict, model: nn.Module) -> dict:
+    """A plain optimizer's state numbers the parameters in the order of ``model.parameters()``; FSDP's
+    loader finds them by name, as its own full state dict keys them (a 1-process checkpoint resumed under FSDP)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def key(k):
+        return names[k] if isinstance(k, int) else k
+
+    return {"state": {key(k): v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in state["param_groups"]]}
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """After a crash the log may run past the checkpoint; drop the lines the resumed run redoes."""
     if path.exists():
@@ -261,6 +280,11 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     model = build_model(cfg.model.name, **cfg.model.kwargs()).to(dev)
     num_params = sum(p.numel() for p in model.parameters())  # before a speed lever changes the modules
     objective = build_objective(cfg)
+    train_objective = objective
+    if cfg.model.repa_depth is not None:  # the step's loss adds REPA's term; sampling keeps the plain objective
+        train_objective, note = repa_objective(cfg, objective, model.grid_size, dev)
+        if info.is_main:
+            log.info(note)
     state = _resume_state(ckpt_dir, cfg, resume, resume_from, allow_changes, init_from)
     start_step, extra = 0, {}
     if state is not None:
@@ -302,7 +326,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     graphs = plan.cuda_graphs
-    step_model, loss_objective = plan.compile(train_model, objective)
+    step_model, loss_objective = plan.compile(train_model, train_objective)
 
     dataset = build_dataset(cfg)
     sampler = ShardBatchSampler(len(dataset), cfg.train.global_batch_size, info.rank, info.world_size,
@@ -340,6 +364,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     nonfinite_total = int(extra.get("nonfinite_total", 0))
     loss_acc = torch.zeros((), device=dev)
     norm_acc = torch.zeros((), device=dev)
+    term_acc: dict[str, torch.Tensor] = {}  # the options' loss terms (LOGGED_TERMS), summed over good steps
     n_acc, t_last = 0, time.perf_counter()
     t_start = t_last
     bar = tqdm(total=end_step, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
@@ -386,8 +411,11 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
             decay = ema_decay_at(cfg.train.ema_decay, step, cfg.train.ema_warmup)
             if ema_in_step:
                 opt.ema_decay = decay
+            step_terms = {}
             loss, grad_norm, bad = train_step(step_model, loss_objective, opt, micro, step, info.rank * cfg.train.grad_accum,
-                                              cfg, amp_dtype, scaler, dev, params, guard=guard, info=info)
+                                              cfg, amp_dtype, scaler, dev, params, guard=guard, info=info, terms=step_terms)
+            for k, v in step_terms.items():
+                term_acc[k] = term_acc.get(k, 0) + torch.where(bad, torch.zeros_like(v), v)
             if not ema_in_step:
                 update_ema(ema, model, decay)
             finite_norm = torch.isfinite(grad_norm)
@@ -406,7 +434,9 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
                 # The one host read per logging interval.  'bad' follows the all-reduced gradient norm
                 # (or, with a scaler, the loss, which is then averaged like the loss itself).
                 over_time = cfg.train.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.train.max_minutes
-                flags = torch.stack([loss_acc, norm_acc, bad_acc, worst_run, torch.full_like(loss_acc, float(over_time))])
+                names = sorted(term_acc)
+                flags = torch.stack([loss_acc, norm_acc, bad_acc, worst_run, torch.full_like(loss_acc, float(over_time)),
+                                     *(term_acc[k] for k in names)])
                 stats = mean_over_ranks(flags, info).tolist()  # every rank stops when any rank's clock runs out
                 n_bad, worst = int(round(stats[2])), int(round(stats[3]))
                 good = n_acc - n_bad
@@ -415,6 +445,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
                 record = {"step": done, "loss": stats[0] / good if good else None,
                           "grad_norm": stats[1] / good if good else None,
                           "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed}
+                record.update({k: stats[5 + i] / good if good else None for i, k in enumerate(names)})
                 if n_bad:
                     record["bad_steps"] = n_bad
                 if dev.type == "cuda":
@@ -440,6 +471,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
                                           f"checkpoint is {newest}: lower train.lr or raise train.grad_clip, then --resume")
                 for acc in (loss_acc, norm_acc, bad_acc, worst_run):
                     acc.zero_()
+                term_acc.clear()
                 n_acc, t_last = 0, time.perf_counter()
                 time_up = stats[4] > 0 and done < end_step
                 if time_up:

@@ -1,0 +1,102 @@
+"""REPA in ``ditkit.train``: the digits preset trains with a (tiny, random) DINOv2 saved in a folder, logs
+the term, resumes bit for bit and samples from its checkpoint; a latent cache extracted with its images
+feeds them to the encoder; every wrong setting is one line naming its key."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ditkit
+from ditkit.checkpoints.training import load_checkpoint
+from ditkit.config import ConfigError, load_config
+from ditkit.training.trainer import train
+
+transformers = pytest.importorskip("transformers")
+
+TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "train.global_batch_size=8", "train.log_every=1",
+        "train.warmup_steps=2", "train.ema_decay=0.9", "model.repa_depth=1", "model.repa_dim=32"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    """A randomly initialised DINOv2 (32-dim features, patch 14) saved as transformers saves one."""
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    path = tmp_path_factory.mktemp("dinov2")
+    transformers.Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+def digits(encoder_dir, *extra):
+    return load_config("digits", [*TINY, f"train.repa_encoder={encoder_dir}", *extra])
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_digits_with_repa_logs_the_term_resumes_exactly_and_samples(tmp_path, encoder_dir):
+    train(digits(encoder_dir, "train.steps=4", "train.ckpt_every=2"), tmp_path / "full", device="cpu")
+    full = records(tmp_path / "full")
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert all(-1 <= r["repa"] <= 1 for r in full)
+
+    train(digits(encoder_dir, "train.steps=2"), tmp_path / "part", device="cpu")
+    train(digits(encoder_dir, "train.steps=4"), tmp_path / "part", device="cpu", resume=True)
+    part = records(tmp_path / "part")
+    assert [(r["loss"], r["repa"]) for r in part] == [(r["loss"], r["repa"]) for r in full]
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
+    assert any(k.startswith("repa_projector.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
+
+    for weights in ("checkpoints/last.pt", "ema.safetensors"):  # sampling never calls the projector
+        model, cfg = ditkit.load_model(tmp_path / "full" / weights, device="cpu")
+        out = ditkit.sample(model, cfg, labels=[0, 1], steps=2, progress=False)
+        assert out.x.shape == (2, 1, 8, 8) and torch.isfinite(out.x).all()
+
+
+def test_a_latent_cache_with_images_feeds_them_to_the_encoder(tmp_path, encoder_dir, vae):
+    from ditkit.data.images import ImageDataset
+    from ditkit.data.latents import extract_latents
+
+    rng = np.random.default_rng(0)
+    for c in ("cats", "dogs"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    images = ImageDataset(tmp_path / "imgs", image_size=32, random_flip=False)
+    for out, keep in (("with", True), ("without", False)):
+        extract_latents(images, vae, tmp_path / out, num_workers=0, images=keep)
+    common = ["model.name=custom", "model.input_size=4", "model.patch_size=2", "model.num_classes=2", "data.kind=latents",
+              "data.num_workers=0", "train.steps=2", "train.global_batch_size=4", "train.precision=fp32"]
+    cfg = digits(encoder_dir, *common, f"data.path={tmp_path / 'with'}")
+    train(cfg, tmp_path / "run", device="cpu")
+    assert all(-1 <= r["repa"] <= 1 for r in records(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"data.path: .* holds no images.*`ditkit extract \.\.\. --images`"):
+        train(digits(encoder_dir, *common, f"data.path={tmp_path / 'without'}"), tmp_path / "run2", device="cpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.repa_encoder=null"], "model.repa_depth needs train.repa_encoder"),
+    (["train.repa_encoder=/nonexistent/dinov2"], "train.repa_encoder: no DINOv2 model at /nonexistent/dinov2 .* "
+                                                 "download facebook/dinov2-base"),
+    (["model.repa_dim=768"], "model.repa_dim is 768 but the encoder at .* gives 32-dim features"),
+])
+def test_settings_the_run_cannot_use_are_named_at_start(tmp_path, encoder_dir, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(digits(encoder_dir, "train.steps=1", *overrides), tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.repa_depth=3"], r"model.repa_depth must be a block in 1..2"),
+    (["objective.repa_weight=0"], "objective.repa_weight must be positive"),
+    (["objective.cos_weight=-0.1"], "objective.cos_weight must be non-negative"),
+    (["data.kind=fields"], "model.repa_depth aligns with an image encoder: data.kind must be"),
+])
+def test_bad_values_fail_at_load_naming_the_key(encoder_dir, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        digits(encoder_dir, *overrides)
