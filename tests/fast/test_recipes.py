@@ -8,6 +8,7 @@ import torch
 
 from ditkit.config import ConfigError, load_config
 from ditkit.fast import SAMPLE_RECIPES, TRAIN_RECIPES, SampleSpeed, TrainRun, TrainSpeed, recipes, sample_speed, train_speed
+from ditkit.fast import master_weights
 from ditkit.fast.recipes import parse_levers, resolve_sample_speed
 from ditkit.models.dit import DiT
 
@@ -41,8 +42,6 @@ def test_fastest_on_one_hopper_gpu_keeps_every_lever(hopper):
 
 
 @pytest.mark.parametrize("run, left_out, why", [
-    (TrainRun(GPU, torch.bfloat16, world_size=8), {"compile_loss", "master_weights"}, "this run has 8"),
-    (TrainRun(GPU, torch.bfloat16, grad_accum=2), {"master_weights"}, "train.grad_accum=2"),
     (TrainRun(GPU, None), {"bf16_residual", "master_weights", "fp8_forward", "fp8_backward"}, "bf16 arithmetic"),
     (TrainRun(GPU, torch.bfloat16, cross_attention=True), {"fp8_forward", "fp8_backward"}, "without cross-attention"),
 ])
@@ -64,9 +63,24 @@ def test_a_gpu_without_fp8_tensor_cores_gets_fast_and_a_note(monkeypatch):
     assert s == SAMPLE_RECIPES["fast"] and "no FP8 tensor cores" in notes[0]
 
 
+@pytest.mark.parametrize("run", [TrainRun(GPU, torch.bfloat16, world_size=8, parallel="ddp"),
+                                 TrainRun(GPU, torch.bfloat16, world_size=1, parallel="ddp"),
+                                 TrainRun(GPU, torch.bfloat16, grad_accum=2)])
+def test_fastest_keeps_every_lever_under_ddp_and_accumulation(hopper, run):
+    plan = train_speed("fastest", run)
+    assert plan.speed == TRAIN_RECIPES["fastest"] and plan.notes == [] and not plan.bf16_gather
+    assert plan.ddp_comm_hook() is (None if run.parallel == "none" else master_weights.float32_allreduce_hook)
+
+
+def test_under_fsdp_master_weights_are_fsdps_mixed_precision(hopper):
+    plan = train_speed("fastest", TrainRun(GPU, torch.bfloat16, world_size=8, parallel="fsdp"))
+    assert plan.speed == TRAIN_RECIPES["fastest"] and plan.bf16_gather and plan.ddp_comm_hook() is None
+    assert plan.optimizer(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), max_norm=0.0) is None  # torch's AdamW on shards
+    assert plan.notes == ["master_weights under FSDP: FSDP2's mixed precision serves them (float32 masters and AdamW "
+                          "state sharded, bf16 all-gathers, gradients reduce-scattered in float32)"]
+
+
 def test_explicit_levers_that_cannot_work_are_refused_by_name():
-    with pytest.raises(ValueError, match="TrainSpeed.master_weights=True cannot serve this run: .*processes"):
-        train_speed(TrainSpeed(master_weights=True), TrainRun(CPU, torch.bfloat16, world_size=2))
     with pytest.raises(ValueError, match="TrainSpeed.compile_loss=True .* needs compile=True"):
         train_speed(TrainSpeed(compile_loss=True), TrainRun(CPU, None))
     with pytest.raises(ValueError, match="fused_attention.*cuDNN"):

@@ -499,7 +499,6 @@ def test_bf16_weights_train_like_bf16_autocast_and_checkpoint_float32(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["train.grad_accum=2"], "master_weights=True cannot serve this run: bf16 gradients are not summed over micro-batches"),
     (["train.precision=fp32"], "master_weights=True cannot serve this run: it needs bf16 arithmetic"),
     (["train.precision=auto"], "master_weights=True cannot serve this run: it needs bf16 arithmetic"),  # fp32 on a CPU
 ])
@@ -507,18 +506,6 @@ def test_master_weights_refuse_what_they_cannot_reproduce(tmp_path, extra, messa
     with pytest.raises(ConfigError, match=message):
         train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.precision=bf16", *extra]), tmp_path,
               device="cpu", speed=TrainSpeed(master_weights=True))
-
-
-def test_master_weights_refuse_several_processes_and_the_recipe_leaves_them_out(tmp_path, monkeypatch, caplog):
-    from ditkit.fast import recipes
-    from ditkit.training.distributed import DistInfo
-
-    monkeypatch.setattr(trainer_module, "setup_distributed", lambda device: DistInfo(rank=0, world_size=2))
-    with pytest.raises(ConfigError, match="its bf16 gradients are not reduced across processes"):
-        train(load_config("digits", overrides=[*TINY, "train.steps=1", "train.precision=bf16"]), tmp_path, device="cpu",
-              speed=TrainSpeed(master_weights=True))
-    plan = recipes.train_speed("fast", recipes.TrainRun(torch.device("cuda"), torch.bfloat16, world_size=2))
-    assert not plan.speed.master_weights and any("left out master_weights" in n for n in plan.notes)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -19,8 +19,10 @@ does not cast (embedding tables, norms' affine weights) stay float32 and are upd
 kernel from a float32 flat buffer.  Checkpoints hold the float32 master weights and torch AdamW's
 state layout, so runs move freely between this and the plain optimizer.
 
-One process, one micro-batch per step: bf16 gradients are not summed over micro-batches or
-processes here (that would round where the plain path adds in float32).
+Several micro-batches and processes: autograd sums a step's micro-batches into the bf16 gradients
+(one bf16 rounding per micro-batch after the first, where the plain path adds in float32); DDP
+averages them over the processes in float32 and rounds once (``float32_allreduce_hook``).  Under FSDP
+this optimizer is not used: FSDP2's mixed precision keeps sharded float32 masters itself.
 """
 from __future__ import annotations
 
@@ -33,6 +35,21 @@ from torch import nn
 
 from ditkit.fast.swap import AUTOCAST_CAST
 from ditkit.kernels import master as master_kernels
+
+
+def float32_allreduce_hook(state, bucket):
+    """A DDP communication hook: the bucket's gradients averaged over the ranks in float32, then written
+    back in the bucket's dtype (bf16 here): ḡ = round_bf16(Σ_r float32(g_r) / world)."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    total = buffer.float().div_(dist.get_world_size())
+    future = dist.all_reduce(total, async_op=True).get_future()
+
+    def written_back(fut):
+        return buffer.copy_(fut.value()[0])
+
+    return future.then(written_back)
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:

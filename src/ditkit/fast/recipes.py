@@ -6,9 +6,11 @@ Training and sampling each take ``reference | fast | fastest`` (or ``auto``, the
 ``sample_speed``; nothing else in ditkit swaps a module or launches a kernel of ``ditkit.kernels``.
 
 - A named recipe leaves out each lever that cannot serve the run (a CPU, a GPU without FP8 tensor
-  cores, several processes, gradient accumulation, fp32 or fp16 arithmetic, cross-attention, blocks with
-  RMSNorm, RoPE, QK-norm or SwiGLU) and says so in one line per lever.  ``auto`` is ``reference`` on a
-  CPU and ``fastest`` on a GPU.
+  cores, fp32 or fp16 arithmetic, cross-attention, blocks with RMSNorm, RoPE, QK-norm or SwiGLU) and
+  says so in one line per lever.  ``auto`` is ``reference`` on a CPU and ``fastest`` on a GPU.
+- Every lever composes with DDP, FSDP2 and gradient accumulation.  Under FSDP, ``master_weights`` is
+  served by FSDP2's own mixed precision (float32 masters and AdamW state sharded, bf16 all-gathers,
+  gradients reduce-scattered in float32), which the plan reports as ``bf16_gather``.
 - Levers given explicitly are applied as given (off a GPU the fused modules compute with torch's
   ops, which is what the CPU tests compare); a lever that cannot work at all with the run is a
   ``ValueError`` naming it.
@@ -123,6 +125,7 @@ class TrainRun:
     amp_dtype: torch.dtype | None  # autocast's dtype (None: float32)
     world_size: int = 1
     grad_accum: int = 1
+    parallel: str = "none"  # the model's wrapper: none | ddp | fsdp (torchrun wraps even one process)
     cross_attention: bool = False  # the blocks attend to conditioning tokens (fields, cond_mode)
     activation_checkpointing: bool = False
     block: frozenset[str] = frozenset()  # the blocks' architecture options off the official block (block_options)
@@ -159,12 +162,6 @@ def _train_conflicts(s: TrainSpeed, run: TrainRun) -> dict[str, str]:
         why["cuda_graphs"] = "CUDA graphs come with compile=True"
     if s.compile_loss and not s.compile:
         why["compile_loss"] = "it compiles the loss with the network inside: it needs compile=True"
-    if s.compile_loss and run.world_size > 1:
-        why["compile_loss"] = f"it runs in one process (this run has {run.world_size}; DDP and FSDP compile the network)"
-    if s.master_weights and run.world_size > 1:
-        why["master_weights"] = f"its bf16 gradients are not reduced across processes (this run has {run.world_size})"
-    if s.master_weights and run.grad_accum > 1:
-        why["master_weights"] = f"bf16 gradients are not summed over micro-batches (train.grad_accum={run.grad_accum})"
     if s.fused_attention and s.sdpa not in ("auto", "cudnn"):
         why["fused_attention"] = f"its operator calls cuDNN's attention (sdpa={s.sdpa!r})"
     if s.fp8_forward and not (s.fused_norm and (s.fused_mlp or s.fused_attention)):
@@ -210,6 +207,9 @@ def _serving(name: str | None, s: TrainSpeed, run: TrainRun) -> tuple[TrainSpeed
     while True:
         why = _train_conflicts(s, run)
         if not why:
+            if s.master_weights and run.parallel == "fsdp":
+                notes.append("master_weights under FSDP: FSDP2's mixed precision serves them (float32 masters and AdamW "
+                             "state sharded, bf16 all-gathers, gradients reduce-scattered in float32)")
             return s, notes
         if name is None:
             lever, reason = next(iter(why.items()))
@@ -267,10 +267,16 @@ class TrainPlan:
             done.append(f"activation checkpointing ({blocks.checkpoint_blocks(model)} blocks)")
         return done
 
+    @property
+    def bf16_gather(self) -> bool:
+        """FSDP all-gathers bf16 weights (FSDP2's form of ``master_weights``)."""
+        return self.speed.master_weights and self.run.parallel == "fsdp"
+
     def optimizer(self, model: nn.Module, ema: nn.Module, max_norm: float, **adamw) -> torch.optim.Optimizer | None:
         """The master-weight AdamW (its step also clips, skips a non-finite step and updates the EMA), or None
-        for the caller's fused AdamW."""
-        if not self.speed.master_weights:
+        for the caller's fused AdamW.  ``model`` is the unwrapped network: under DDP this comes before the
+        wrapper, which then reduces the bf16 gradients (``ddp_comm_hook``)."""
+        if not self.speed.master_weights or self.run.parallel == "fsdp":
             return None
         from ditkit.fast.master_weights import MasterWeightAdamW
 
@@ -288,6 +294,16 @@ class TrainPlan:
 
             return model, CompiledLoss(objective, **kwargs)
         return torch.compile(model, **kwargs), objective
+
+    def ddp_comm_hook(self):
+        """The DDP communication hook for this plan's gradients, or None for DDP's own all-reduce.  With
+        bf16 master weights the gradients are bf16: they are averaged in float32 (the traffic of the plain
+        float32 run) and rounded to bf16 once, so that the sum over ranks is not rounded at every hop."""
+        if not self.speed.master_weights or self.run.parallel != "ddp":
+            return None
+        from ditkit.fast.master_weights import float32_allreduce_hook
+
+        return float32_allreduce_hook
 
     @property
     def cuda_graphs(self) -> bool:

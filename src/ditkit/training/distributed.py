@@ -1,4 +1,8 @@
-"""Process-group set-up for torchrun (DDP or FSDP) and the single-process fallback."""
+"""Process-group set-up for torchrun (DDP or FSDP) and the single-process fallback.
+
+A run launched by torchrun is distributed even with one process: the group is set up and the trainer
+wraps the model in DDP or FSDP, so that ``torchrun --nproc_per_node 1`` runs (and measures) the very
+step that 8 processes run, hooks and collectives included.  ``python -m ditkit train`` is one plain process."""
 from __future__ import annotations
 
 import os
@@ -14,6 +18,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # started by torchrun (a process group exists even for one process)
 
     @property
     def is_main(self) -> bool:
@@ -21,11 +26,13 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """The model is wrapped (DDP or FSDP) and the ranks talk through a process group."""
+        return self.world_size > 1 or self.launched
 
 
 def setup_distributed(device: str | None = None) -> DistInfo:
     """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPUs."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it for every process it starts
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -36,9 +43,9 @@ def setup_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or launched) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, launched=launched)
 
 
 def barrier(info: DistInfo) -> None:

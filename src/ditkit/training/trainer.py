@@ -143,9 +143,11 @@ def _make_optimizer(model: nn.Module, ema: nn.Module, cfg: Config, plan) -> torc
                                                         fused=True)
 
 
-def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool = False) -> nn.Module:
-    """DDP for the trained model; FSDP2 (``fully_shard`` per block, then the root) shards the
-    model and, identically, its EMA so that the EMA update is shard-by-shard."""
+def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool = False, bf16_gather: bool = False,
+                      comm_hook=None) -> nn.Module:
+    """DDP for the trained model (``comm_hook``: its gradient all-reduce, from the speed plan); FSDP2
+    (``fully_shard`` per block, then the root) shards the model and, identically, its EMA so that the EMA
+    update is shard-by-shard.  ``bf16_gather`` (or ``train.fsdp_bf16_gather``): FSDP gathers bf16 weights."""
     if not info.enabled or (ema and cfg.train.distributed != "fsdp"):
         return model
     if cfg.train.distributed == "fsdp":
@@ -154,14 +156,17 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
         # bf16 gathering: the blocks' inputs (the residual stream) keep their dtype; gradients are reduced in float32.
         # Not for the EMA: the sample grids run it outside autocast, at full precision.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-            if cfg.train.fsdp_bf16_gather and not ema else MixedPrecisionPolicy()
+            if (cfg.train.fsdp_bf16_gather or bf16_gather) and not ema else MixedPrecisionPolicy()
         for block in model.blocks:  # without resharding, the backward reuses the forward's gathered weights
             fully_shard(block, reshard_after_forward=cfg.train.fsdp_reshard or ema, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if comm_hook is not None:
+        ddp.register_comm_hook(None, comm_hook)
+    return ddp
 
 
 def _full_state_dict(model: nn.Module, cfg: Config, info: DistInfo) -> dict:
@@ -303,7 +308,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     # The one door for speed, after the EMA copy: the EMA (and everything sampling from it) keeps the plain modules.
     try:
         plan = train_speed(speed if speed is not None else cfg.train.speed, TrainRun(
-            dev, amp_dtype, info.world_size, cfg.train.grad_accum,
+            dev, amp_dtype, info.world_size, cfg.train.grad_accum, cfg.train.distributed if info.enabled else "none",
             cross_attention=bool(cfg.model.cond_channels and cfg.model.field_mode == "cross_attention")
             or cfg.model.cond_mode == "cross_attention",
             activation_checkpointing=cfg.train.activation_checkpointing, block=block_options(model)))
@@ -315,10 +320,14 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     speed_line = f"speed: {describe(plan.speed)}" + (f" ({'; '.join(applied)})" if applied else "")
     model.train()
     ema.eval()
-    train_model = _wrap_distributed(model, cfg, info)
+    fsdp = info.enabled and cfg.train.distributed == "fsdp"
+    if not fsdp:  # bf16 master weights re-seat the parameters: before DDP builds its buckets from them
+        opt = _make_optimizer(model, ema, cfg, plan)
+    train_model = _wrap_distributed(model, cfg, info, bf16_gather=plan.bf16_gather, comm_hook=plan.ddp_comm_hook())
     _wrap_distributed(ema, cfg, info, ema=True)
+    if fsdp:  # FSDP2 turns the parameters into shards (DTensors): the optimizer holds those
+        opt = _make_optimizer(train_model, ema, cfg, plan)
     params = [p for p in train_model.parameters() if p.requires_grad]
-    opt = _make_optimizer(train_model, ema, cfg, plan)
     ema_in_step = getattr(opt, "updates_ema", False)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     if state is not None:
