@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from ditkit.config import ConfigError, load_config
-from ditkit.fast import SAMPLE_RECIPES, TRAIN_RECIPES, SampleSpeed, TrainRun, TrainSpeed, recipes, sample_speed, train_speed
-from ditkit.fast import master_weights
+from ditkit.fast import (
+    SAMPLE_RECIPES,
+    TRAIN_RECIPES,
+    SampleSpeed,
+    TrainRun,
+    TrainSpeed,
+    master_weights,
+    recipes,
+    sample_speed,
+    train_speed,
+)
 from ditkit.fast.recipes import parse_levers, resolve_sample_speed
 from ditkit.models.dit import DiT
 

@@ -13,7 +13,15 @@ from ditkit.fast import recipes as recipes_module
 from ditkit.training import trainer as trainer_module
 from ditkit.training.distributed import DistInfo
 from ditkit.training.trainer import train
-from tests.training.test_trainer import ENV, TINY, ditkit, final_weights, losses, overrides, torchrun
+from tests.training.test_trainer import (
+    ENV,
+    TINY,
+    ditkit,
+    final_weights,
+    losses,
+    overrides,
+    torchrun,
+)
 
 BF16 = ("train.precision=bf16", "train.log_every=1")
 
