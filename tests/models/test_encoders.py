@@ -6,8 +6,15 @@ import sys
 import pytest
 import torch
 
-from ditkit.models.encoders import (IMAGENET_MEAN, IMAGENET_STD, dinov2_encoder, encoder_grid, encoder_input,
-                                    load_dinov2, to_token_grid)
+from ditkit.models.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dinov2_encoder,
+    encoder_grid,
+    encoder_input,
+    load_dinov2,
+    to_token_grid,
+)
 
 transformers = pytest.importorskip("transformers")
 

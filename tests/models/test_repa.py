@@ -7,7 +7,8 @@ from torch import nn
 
 from ditkit.models.dit import DiT
 
-SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+SMALL = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 3, "num_heads": 2,
+         "num_classes": 10}
 
 
 def inputs(B=2):
@@ -29,7 +30,8 @@ def test_the_projector_is_the_papers_mlp_and_adds_only_its_keys():
     model = DiT(**SMALL, repa_depth=2, repa_dim=24)
     p = model.repa_projector
     assert [type(m) for m in p] == [nn.Linear, nn.SiLU, nn.Linear, nn.SiLU, nn.Linear]
-    assert [(m.in_features, m.out_features) for m in p if isinstance(m, nn.Linear)] == [(32, 2048), (2048, 2048), (2048, 24)]
+    shapes = [(m.in_features, m.out_features) for m in p if isinstance(m, nn.Linear)]
+    assert shapes == [(32, 2048), (2048, 2048), (2048, 24)]
     extra = set(model.state_dict()) - set(DiT(**SMALL).state_dict())
     assert extra == {f"repa_projector.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
 

@@ -13,7 +13,8 @@ from ditkit.objectives.repa import RepaObjective, repa_loss
 def test_repa_loss_is_minus_the_mean_cosine_over_tokens():
     g = torch.Generator().manual_seed(0)
     z_hat, z = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
-    by_hand = torch.stack([-sum(F.cosine_similarity(z_hat[b, n], z[b, n], dim=0) for n in range(3)) / 3 for b in range(2)])
+    by_hand = torch.stack([-sum(F.cosine_similarity(z_hat[b, n], z[b, n], dim=0) for n in range(3)) / 3
+                           for b in range(2)])
     torch.testing.assert_close(repa_loss(z_hat, z), by_hand)
 
 

@@ -71,8 +71,9 @@ def test_a_latent_cache_with_images_feeds_them_to_the_encoder(tmp_path, encoder_
     images = ImageDataset(tmp_path / "imgs", image_size=32, random_flip=False)
     for out, keep in (("with", True), ("without", False)):
         extract_latents(images, vae, tmp_path / out, num_workers=0, images=keep)
-    common = ["model.name=custom", "model.input_size=4", "model.patch_size=2", "model.num_classes=2", "data.kind=latents",
-              "data.num_workers=0", "train.steps=2", "train.global_batch_size=4", "train.precision=fp32"]
+    common = ["model.name=custom", "model.input_size=4", "model.patch_size=2", "model.num_classes=2",
+              "data.kind=latents", "data.num_workers=0", "train.steps=2", "train.global_batch_size=4",
+              "train.precision=fp32"]
     cfg = digits(encoder_dir, *common, f"data.path={tmp_path / 'with'}")
     train(cfg, tmp_path / "run", device="cpu")
     assert all(-1 <= r["repa"] <= 1 for r in records(tmp_path / "run"))
@@ -82,8 +83,7 @@ def test_a_latent_cache_with_images_feeds_them_to_the_encoder(tmp_path, encoder_
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.repa_encoder=null"], "model.repa_depth needs train.repa_encoder"),
-    (["train.repa_encoder=/nonexistent/dinov2"], "train.repa_encoder: no DINOv2 model at /nonexistent/dinov2 .* "
-                                                 "download facebook/dinov2-base"),
+    (["train.repa_encoder=/nonexistent/dinov2"], "train.repa_encoder: no DINOv2 model at /nonexistent/dinov2 .*facebook"),
     (["model.repa_dim=768"], "model.repa_dim is 768 but the encoder at .* gives 32-dim features"),
 ])
 def test_settings_the_run_cannot_use_are_named_at_start(tmp_path, encoder_dir, overrides, message):

@@ -95,8 +95,9 @@ def load_dinov2(path: str | Path, grid: tuple[int, int], device: torch.device | 
     folder or a missing ``transformers`` is a ValueError saying what to install or fetch."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"no DINOv2 model at {path} (a folder with config.json): download facebook/dinov2-base from the "
-                         f"Hugging Face hub, e.g. `huggingface-cli download facebook/dinov2-base --local-dir {path}`")
+        raise ValueError(f"no DINOv2 model at {path} (a folder with config.json): download facebook/dinov2-base "
+                         f"from the Hugging Face hub, e.g. `huggingface-cli download facebook/dinov2-base "
+                         f"--local-dir {path}`")
     try:
         from transformers import Dinov2Model
     except ImportError:

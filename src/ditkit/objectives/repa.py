@@ -23,8 +23,8 @@ from torch import nn
 def repa_loss(z_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """−(1/N) Σ_n cos(ẑ_n, z_n), per sample: (B, N, D), (B, N, D) -> (B,), in float32."""
     if z_hat.shape != z.shape:
-        raise ValueError(f"REPA: the projector gives {tuple(z_hat.shape)} but the encoder's features are {tuple(z.shape)} "
-                         "(model.repa_dim must be the encoder's width; the token grids must match)")
+        raise ValueError(f"REPA: the projector gives {tuple(z_hat.shape)} but the encoder's features are "
+                         f"{tuple(z.shape)} (model.repa_dim must be the encoder's width; the token grids must match)")
     z_hat, z = F.normalize(z_hat.float(), dim=-1), F.normalize(z.float(), dim=-1)
     return -(z_hat * z).sum(dim=-1).mean(dim=1)
 
