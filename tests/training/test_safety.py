@@ -138,3 +138,19 @@ def test_sigterm_under_torchrun_checkpoints_on_every_rank_and_resumes_on_one(tmp
                      "--resume", *overrides("train.ckpt_every=1000", "train.log_every=1", "train.grad_accum=2"))
     assert resumed.wait(timeout=240) == 0, resumed.stdout.read()[-2000:]
     assert max(losses(run)) == step + 2
+
+
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some shared file systems have no flock (Lustre mounted without -o flock answers ENOSYS): the run is
+    not refused as if another trainer held the folder; it goes on and says what is not guarded."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="ditkit.train"):
+        train(load_config("digits", [*TINY, "train.steps=1"]), tmp_path / "run", device="cpu")
+    assert "(Function not implemented): the run goes on, but nothing stops a second trainer" in caplog.text
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 1

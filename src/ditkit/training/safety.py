@@ -8,6 +8,7 @@ run the run it was.
   no host sync.  A bad step's update is skipped, so the weights stay those of the last good step.
 - ``RunLock``: an advisory ``flock`` on ``run_dir/.lock`` (released by the kernel when the process dies,
   even by ``kill -9``), holding the holder's PID, host and start time for the error a second trainer gets.
+  A file system without locks (some shared ones) gets a warning, not a refusal.
 - ``StopSignals``: SIGTERM (what schedulers send before killing a job) and SIGINT set a flag; the loop
   finishes the step in flight, every rank checkpoints, and the run ends with ``TrainingPreempted``.
 """
@@ -72,10 +73,15 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # another process holds the lock
             holder = os.read(fd, 4096).decode(errors="replace")
             os.close(fd)
             raise RunDirLocked(self.path.parent, holder) from None
+        except OSError as err:  # no locks on this file system (Lustre mounted without -o flock: ENOSYS)
+            os.close(fd)
+            log.warning(f"cannot lock {self.path} ({err.strerror}): the run goes on, but nothing stops a second "
+                        f"trainer from using {self.path.parent}")
+            return self
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": datetime.datetime.now().isoformat(timespec="seconds")}).encode())
