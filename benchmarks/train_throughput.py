@@ -7,7 +7,9 @@ interval (the first interval holds start-up).
     PYTHONPATH=src python benchmarks/train_throughput.py [--models DiT-B/2 DiT-XL/2] [--steps 30] [--nproc 2]
 
 With --nproc N the command runs under torchrun, one process per GPU (the trainer's img/s counts
-every process's images).
+every process's images); --torchrun launches it so even for one process, where the trainer wraps the
+model in DDP or FSDP (train.distributed) all the same: the step N GPUs run, measured on one.  NVLink
+multicast stays off in every launch (NCCL_NVLS_ENABLE=0 and its kin).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256, help="global batch (the paper's 256)")
     ap.add_argument("--micro", type=int, default=128, help="per-process micro-batch (accumulation = batch / (micro · nproc))")
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs), through torchrun")
+    ap.add_argument("--torchrun", action="store_true", help="launch through torchrun even for one process (the wrapper on)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--latent", type=int, default=32)
     ap.add_argument("--extra", nargs="*", default=[], help="more --set overrides, e.g. train.speed=fastest")
@@ -58,7 +61,8 @@ def main() -> None:
     write_synthetic_cache(cache, count=max(4 * args.batch, 2048), latent=args.latent, num_classes=1000)
     rows = []
     for model in args.models:
-        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)] if args.nproc > 1 else []
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)] \
+            if args.nproc > 1 or args.torchrun else []
         cmd = [sys.executable, *launch, "-m", "ditkit", "train", "--preset", "imagenet256", "--model", model,
                "--steps", str(args.steps), "--run-dir", str(work / model.replace("/", "_")),
                "--set", f"data.path={cache}", "--set", f"model.input_size={args.latent}",
@@ -67,12 +71,16 @@ def main() -> None:
         for e in args.extra:
             cmd += ["--set", e]
         print("$", " ".join(cmd[1:]), flush=True)
-        done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+               "NVSHMEM_DISABLE_NVLS": "1"}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             rows.append({"model": model, "status": done.stderr.strip().splitlines()[-1][:200]})
             continue
         record = json.loads((work / model.replace("/", "_") / "metrics.jsonl").read_text().splitlines()[-1])
-        rows.append({"model": model, "status": "ok", **record})
+        said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith(("speed", "master_weights"))]
+        rows.append({"model": model, "status": "ok", "speed_lines": said, **record})
+        print("\n".join(said), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{device} × {args.nproc}; global batch {args.batch} (micro {args.micro}), {args.steps} steps, extra {args.extra}")
     print("| model | GPUs | run | img/s | img/s per GPU | GPU mem GiB | loss | status |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
