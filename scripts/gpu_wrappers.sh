@@ -28,3 +28,4 @@ if [[ " $parts " == *" train "* ]]; then
         python benchmarks/train_throughput.py "${common[@]}" --torchrun --extra train.speed=fastest train.distributed=fsdp --tag "fsdp_b$b"
     done
 fi
+python benchmarks/wrappers_table.py "$out"
