@@ -190,7 +190,7 @@ def _load_optimizer_state(model: nn.Module, opt, state: dict, cfg: Config, info:
     if info.enabled and cfg.train.distributed == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, opt, _keyed_by_name(state, model), options=StateDictOptions(full_state_dict=True))
     else:
         impl = [{k: g[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in g} for g in opt.param_groups]
         opt.load_state_dict(state)
