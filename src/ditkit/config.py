@@ -125,8 +125,9 @@ class ObjectiveConfig:
     time_scale: float = opt(1000.0, "flow: network time = time_scale · t (SiT's own checkpoints: 1)")
     repa_weight: float = opt(0.5, "REPA (model.repa_depth set): λ of the term λ · mean over tokens of −cos(projected "
                                   "token, encoder feature)")
-    cos_weight: float = opt(0.0, "w of the direction term w · (1 − cos(prediction, target)) per sample, added to the "
-                                 "MSE (LightningDiT's velocity-direction loss; ddpm: on ε; 0: off)")
+    cos_weight: float = opt(0.0, "w of the direction term w · (1 − cos(prediction, target)), the cosine along the "
+                                 "channels at each position averaged over the positions, added to the MSE "
+                                 "(LightningDiT's velocity-direction loss, weight 1 there; ddpm: on ε; 0: off)")
 
 
 @dataclass

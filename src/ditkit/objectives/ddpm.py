@@ -78,8 +78,8 @@ class DDPM:
     ``timestep_map[t]`` is the original index the network is called with (identity if None);
     ``original_alpha_bar`` the ᾱ of the process the network was trained on (for noise_level and
     respacing; this process's own ᾱ if None).  ``cos_weight`` w adds the direction term
-    w · (1 − cos(ε_θ, ε)) per sample to the training loss (LightningDiT's velocity-direction loss,
-    on the ε prediction)."""
+    w · (1 − cos(ε_θ, ε)) to the training loss, the cosine along the channels at each position averaged
+    over the positions (LightningDiT's velocity-direction loss, on the ε prediction)."""
 
     def __init__(
         self,

@@ -44,8 +44,9 @@ class FlowMatching:
       "likelihood" (g²/2σ²); a velocity loss is never weighted (as in SiT).
     - ``train_eps`` / ``sample_eps``: keep t off the singular ends; None picks SiT's defaults
       (0 for velocity on linear/GVP, 1e-3 for noise/score there, train 1e-5 / sample 1e-3 on VP).
-    - ``cos_weight``: w of the direction term w · (1 − cos(prediction, target)) per sample, added to
-      the loss (LightningDiT's velocity-direction loss; 0: off).
+    - ``cos_weight``: w of the direction term w · (1 − cos(prediction, target)), the cosine along the
+      channels at each position averaged over the positions, added to the loss (LightningDiT's
+      velocity-direction loss, ``direction_loss``; 0: off).
     """
 
     def __init__(
