@@ -77,7 +77,8 @@ def field_help(f) -> str:
 class ModelConfig:
     """The network: a DiT variant, or a custom one."""
     name: str = opt("DiT-XL/2", 'a DiT_models name, or "custom" (then depth/hidden_size/num_heads/patch_size)')
-    input_size: Any = opt(32, "int or [H, W]: the latent or pixel grid the network sees")
+    input_size: int | list = opt(32, "the grid the network sees: an int (H = W) or one size per axis, [L], [H, W] or "
+                                     "[T, H, W] (sequences, images, volumes or videos)")
     in_channels: int = opt(4, "channels of x (4: SD-VAE latents, 3: RGB pixels)")
     num_classes: int = opt(1000, "class labels of a class-conditional model (0: unconditional)")
     class_dropout_prob: float = opt(0.1, "probability a label is replaced by the null class in training (for guidance)")
@@ -85,7 +86,8 @@ class ModelConfig:
     depth: int | None = opt(None, "number of transformer blocks (model.name=custom only)")
     hidden_size: int | None = opt(None, "width of the token embeddings (model.name=custom only)")
     num_heads: int | None = opt(None, "attention heads per block (model.name=custom only)")
-    patch_size: int | None = opt(None, "side of a patch in grid cells (model.name=custom only)")
+    patch_size: int | list | None = opt(None, "side of a patch in grid cells, an int or one per axis of input_size, "
+                                              "e.g. [1, 2, 2] (model.name=custom only)")
     mlp_ratio: float = opt(4.0, "hidden width of each block's MLP, as a multiple of hidden_size")
     num_params: int = opt(0, "length of a vector of continuous parameters to condition on (0: none)")
     param_dropout_prob: float = opt(0.1, "probability the parameters are dropped in training (for guidance)")
@@ -118,10 +120,12 @@ class ObjectiveConfig:
     noise_schedule: str = opt("linear", "ddpm: the beta schedule (linear, the official one, or cosine)")
     path: str = opt("linear", "flow: the interpolation path: linear | gvp | vp")
     prediction: str = opt("velocity", "flow: what the network predicts: velocity | noise | score")
-    time_sampling: str = opt("uniform", "flow: how training draws t: uniform | logit_normal")
-    logit_mean: float = opt(0.0, "flow: mean of the logit-normal t")
-    logit_std: float = opt(1.0, "flow: standard deviation of the logit-normal t")
-    shift: float = opt(1.0, "flow: time shift toward noise (1: none); also the sampler's shifted grid")
+    time_sampling: str = opt("uniform", "how training draws the noise level: uniform | logit_normal (SD3, LightningDiT: "
+                                        "sigmoid(N(logit_mean, logit_std))); ddpm: t = floor(level · T)")
+    logit_mean: float = opt(0.0, "mean of the logit-normal noise level (> 0: more training on noisy inputs)")
+    logit_std: float = opt(1.0, "standard deviation of the logit-normal noise level")
+    shift: float = opt(1.0, "time shift toward noise (1: none) of the training draw; flow: also the sampler's shifted "
+                            "grid")
     time_scale: float = opt(1000.0, "flow: network time = time_scale · t (SiT's own checkpoints: 1)")
     repa_weight: float = opt(0.5, "REPA (model.repa_depth set): λ of the term λ · mean over tokens of −cos(projected "
                                   "token, encoder feature)")
@@ -244,6 +248,7 @@ class Config:
             (m.norm in ("layernorm", "rmsnorm"), "model.norm", "layernorm or rmsnorm"),
             (m.mlp in ("gelu", "swiglu"), "model.mlp", "gelu or swiglu"),
             (m.num_classes >= 0, "model.num_classes", "a non-negative integer (0: unconditional)"),
+            (o.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling", "uniform or logit_normal"),
             (o.logit_std > 0, "objective.logit_std", "positive"),
             (o.shift > 0, "objective.shift", "positive"),
             (o.time_scale > 0, "objective.time_scale", "positive"),
@@ -298,8 +303,29 @@ class Config:
             raise ConfigError(f"sample.sampler {self.sample.sampler!r} does not fit objective.name={self.objective.name!r}; "
                               f"choose one of {', '.join(allowed)}")
         self.model.kwargs()
+        self._check_grid()
         self._check_repa()
         return self
+
+    def _check_grid(self) -> None:
+        """model.input_size and model.patch_size are an int or a list of positive ints, one per axis, and each
+        axis's size is divisible by its patch (``ditkit.models.grid.TokenGrid``)."""
+        m = self.model
+        for key in ("input_size", "patch_size"):
+            value = getattr(m, key)
+            values = value if isinstance(value, list) else [value]
+            if not (key == "patch_size" and value is None or 1 <= len(values) <= 3 and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+                raise ConfigError(f"model.{key} must be a positive int or a list of 1 to 3 positive ints, got {value!r}")
+        patch = m.patch_size if m.name == "custom" else int(m.name.rsplit("/", 1)[1])
+        if patch is None:
+            return
+        from ditkit.models.grid import TokenGrid
+
+        try:
+            TokenGrid.of(m.input_size, patch)
+        except ValueError as err:
+            raise ConfigError(f"model.input_size={m.input_size} with model.patch_size={patch}: {err}") from None
 
     def _check_repa(self) -> None:
         """REPA's block exists and its data are images (the encoder is checked when training starts)."""

@@ -40,7 +40,8 @@ def build_objective(cfg):
         from ditkit.objectives.ddpm import create_ddpm
 
         return create_ddpm(noise_schedule=o.noise_schedule, learn_sigma=cfg.model.learn_sigma,
-                           diffusion_steps=o.diffusion_steps, cos_weight=o.cos_weight)
+                           diffusion_steps=o.diffusion_steps, cos_weight=o.cos_weight, time_sampling=o.time_sampling,
+                           logit_mean=o.logit_mean, logit_std=o.logit_std, shift=o.shift)
     if o.name == "flow":
         from ditkit.objectives.flow import FlowMatching
 

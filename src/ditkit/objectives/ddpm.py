@@ -4,6 +4,7 @@ schedule, same noising, same hybrid loss, same respacing, same float32/float64 a
     process = create_ddpm()                       # official create_diffusion(""): 1000 linear steps,
                                                   # ε prediction, learned-range variance
     process.loss(model, x0, {"y": y})             # {"mse", "vb", "loss"}: (B,) each, t ~ U{0..T−1}
+                                                  # (or ``sample_timesteps``' logit-normal / shifted t)
     process.training_losses(model, x0, t, model_kwargs, noise)
     x_t = process.q_sample(x0, t, noise)
     out = process.p_mean_variance(model_output, x_t, t)   # mean, variance, log_variance, pred_xstart
@@ -65,6 +66,31 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
 
 
 #################################################################################
+#                          Training timesteps                                    #
+#################################################################################
+
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timesteps(n: int, num_timesteps: int, time_sampling: str = "uniform", logit_mean: float = 0.0,
+                     logit_std: float = 1.0, shift: float = 1.0, device=None) -> torch.Tensor:
+    """(n,) training steps t ∈ {0, …, T−1}, T − 1 the noisiest.  Uniform without a shift: t ~ U{0..T−1}
+    (``torch.randint``, the official draw).  Otherwise a noise level u on (0, 1) is drawn from the density
+    flow matching uses, u ~ U(0, 1) or u = sigmoid(m + s·n), n ~ N(0, 1) (SD3's logit-normal), moved by
+    SD3's shift u' = shift·u / (1 + (shift − 1) u), and t = floor(u'·T)."""
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}")
+    if time_sampling == "uniform" and shift == 1.0:
+        return torch.randint(0, num_timesteps, (n,), device=device)
+    if time_sampling == "uniform":
+        u = torch.rand(n, device=device)
+    else:
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(n, device=device))
+    u = shift * u / (1 + (shift - 1) * u)
+    return (u * num_timesteps).floor().long().clamp_(0, num_timesteps - 1)  # u rounds to 1.0 in float32 far out
+
+
+#################################################################################
 #                                 The process                                    #
 #################################################################################
 
@@ -79,7 +105,8 @@ class DDPM:
     ``original_alpha_bar`` the ᾱ of the process the network was trained on (for noise_level and
     respacing; this process's own ᾱ if None).  ``cos_weight`` w adds the direction term
     w · (1 − cos(ε_θ, ε)) to the training loss, the cosine along the channels at each position averaged
-    over the positions (LightningDiT's velocity-direction loss, on the ε prediction)."""
+    over the positions (LightningDiT's velocity-direction loss, on the ε prediction).  ``time_sampling``,
+    ``logit_mean``, ``logit_std`` and ``shift`` choose how ``loss`` draws t (``sample_timesteps``)."""
 
     def __init__(
         self,
@@ -89,6 +116,10 @@ class DDPM:
         timestep_map: torch.Tensor | None = None,
         original_alpha_bar: torch.Tensor | None = None,
         cos_weight: float = 0.0,
+        time_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float = 1.0,
     ):
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         T = betas.numel()
@@ -98,6 +129,11 @@ class DDPM:
             raise ValueError("betas must lie in (0, 1]")
         if cos_weight < 0:
             raise ValueError(f"cos_weight must be non-negative, got {cos_weight}")
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}")
+        if logit_std <= 0 or shift <= 0:
+            raise ValueError(f"logit_std and shift must be positive, got {logit_std}, {shift}")
+        self.time_sampling, self.logit_mean, self.logit_std, self.shift = time_sampling, logit_mean, logit_std, shift
         self.num_timesteps = T
         self.learn_sigma = learn_sigma
         self.cos_weight = cos_weight
@@ -277,8 +313,10 @@ class DDPM:
         return terms
 
     def loss(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
-        """The objective protocol's training loss: t ~ U{0, …, T−1} per sample, on x0's device."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        """The objective protocol's training loss: t per sample from ``sample_timesteps`` (U{0, …, T−1} by
+        default), on x0's device."""
+        t = sample_timesteps(x0.shape[0], self.num_timesteps, self.time_sampling, self.logit_mean, self.logit_std,
+                             self.shift, device=x0.device)
         return self.training_losses(model, x0, t, model_kwargs)
 
     # ------------------------------------------------------------------ sampling
@@ -294,6 +332,10 @@ class DDPM:
             timestep_map=torch.tensor(kept),
             original_alpha_bar=self.original_alpha_bar,
             cos_weight=self.cos_weight,
+            time_sampling=self.time_sampling,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            shift=self.shift,
         )
 
     def sample(
@@ -328,10 +370,12 @@ def create_ddpm(
     sigma_small: bool = False,
     diffusion_steps: int = 1000,
     cos_weight: float = 0.0,
+    **time_sampling,
 ) -> DDPM:
     """The official ``create_diffusion``: the named schedule on ``diffusion_steps`` steps, respaced
     to ``timestep_respacing`` ("" keeps all steps, and, as officially, still recomputes the betas
-    from ᾱ, which changes them in the last bits)."""
+    from ᾱ, which changes them in the last bits).  ``time_sampling``: ``DDPM``'s time_sampling, logit_mean,
+    logit_std and shift (how training draws t)."""
     base = DDPM(named_betas(noise_schedule, diffusion_steps), learn_sigma=learn_sigma, sigma_small=sigma_small,
-                cos_weight=cos_weight)
+                cos_weight=cos_weight, **time_sampling)
     return base.respaced(timestep_respacing or [diffusion_steps])
