@@ -34,7 +34,7 @@ def test_unknown_model_lists_known_ones(capsys, tmp_path):
 
 def test_input_size_not_divisible(capsys, tmp_path):
     one_line_error(capsys, ["train", "--preset", "digits", "--set", "model.patch_size=3", "--run-dir", str(tmp_path)],
-                   "input size 8 is not divisible by patch size 3")
+                   "input axis 0 (H) has size 8, not divisible by patch size 3")
 
 
 def test_config_value_of_wrong_type(capsys, tmp_path):

@@ -19,7 +19,7 @@ from torch import nn
 from ditkit.config import Config, from_dict
 from ditkit.fast import SampleSpeed, sample_speed
 from ditkit.fast.recipes import resolve_sample_speed
-from ditkit.models.dit import as_pair
+from ditkit.models.grid import as_size
 from ditkit.objectives import build_objective
 from ditkit.sampling import (
     check_finite,
@@ -76,7 +76,7 @@ def prepare_network(model: nn.Module, cfg: Config, speed: str | SampleSpeed, dev
         return cache[key], []
     plain = resolve_sample_speed(speed, device)[0] == SampleSpeed()  # the reference numerics change nothing
     target = copy.deepcopy(model) if copy_model and not plain else model
-    shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
+    shape = (cfg.model.in_channels, *as_size(cfg.model.input_size))
     calibrate = _calibration_run(build_objective(cfg), cfg, shape, device, calibration_kwargs)
     net, notes = sample_speed(target, speed, device, calibrate=calibrate)
     cache[key] = net
@@ -137,7 +137,7 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     for note in notes:
         print(note)
     objective = build_objective(cfg)
-    shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
+    shape = (cfg.model.in_channels, *as_size(cfg.model.input_size))
     if cfg.model.num_classes > 0 and labels is None:
         labels = sample_labels(range(n), cfg.model.num_classes, "balanced", seed)
     xs, nfe = [], 0

@@ -12,7 +12,7 @@ from torch import nn
 
 from ditkit.config import Config, SampleConfig
 from ditkit.guidance import NFECounter, conditional_fn, guided_fn
-from ditkit.models.dit import as_pair
+from ditkit.models.grid import as_size
 from ditkit.utils.images import save_grid, to_uint8
 from ditkit.utils.io import atomic_save_npz, remove_stale_temps
 
@@ -146,7 +146,7 @@ def sample_to_npz(model: nn.Module, objective, cfg: Config, num_samples: int, ou
     sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k != "speed"}  # the caller's source names the levers
     _check_settings(parts, {"source": source, "sample": sample, "seed": seed, "labels": labels,
                             "num_samples": num_samples, "batch_size": batch_size})
-    shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
+    shape = (cfg.model.in_channels, *as_size(cfg.model.input_size))
     n_batches = -(-num_samples // batch_size)
     own = range(rank, n_batches, world_size)
     # Another rank may be writing its parts already: remove only the temporaries of this rank's own.

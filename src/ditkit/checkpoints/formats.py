@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ditkit.models.pos_embed import sincos_2d_pos_embed
+from ditkit.models.pos_embed import sincos_pos_embed
 from ditkit.utils.io import atomic_write
 
 StateDict = dict[str, torch.Tensor]
@@ -206,8 +206,8 @@ def load_for_finetune(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                 f"{' + null' if model.y_embedder.dropout_prob > 0 else ''})")
         if "pos_embed" in reinit:
             pe = model.pos_embed
-            pe.copy_(sincos_2d_pos_embed(pe.shape[-1], model.grid_size).unsqueeze(0).to(pe))
-            log(f"fine-tune: recomputed pos_embed for a {model.grid_size[0]}x{model.grid_size[1]} patch grid "
+            pe.copy_(sincos_pos_embed(pe.shape[-1], model.grid_size).unsqueeze(0).to(pe))
+            log(f"fine-tune: recomputed pos_embed for a {'x'.join(map(str, model.grid_size))} patch grid "
                 f"({source} has {state_dict['pos_embed'].shape[1]} positions, the model {pe.shape[1]})")
     return reinit
 

@@ -28,9 +28,10 @@ def model_config(model: DiT) -> dict:
     """The constructor arguments that rebuild ``model`` (for the official options and the
     extensions that change the state dict)."""
     hidden = model.x_embedder.proj.out_channels
+    square = model.grid.dims == 2 and model.input_size[0] == model.input_size[1]  # an int input_size means H = W
     config = dict(
-        input_size=model.input_size[0] if model.input_size[0] == model.input_size[1] else list(model.input_size),
-        patch_size=model.patch_size,
+        input_size=model.input_size[0] if square else list(model.input_size),
+        patch_size=model.patch_size if isinstance(model.patch_size, int) else list(model.patch_size),
         in_channels=model.in_channels,
         hidden_size=hidden,
         depth=len(model.blocks),

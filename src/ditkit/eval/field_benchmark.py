@@ -13,7 +13,7 @@ from ditkit.checkpoints import load_run
 from ditkit.data.fields import FieldNormalizer
 from ditkit.data.random_fields import FieldBenchmark
 from ditkit.eval.fields import evaluate_benchmark, plot_benchmark
-from ditkit.models.dit import as_pair
+from ditkit.models.grid import as_size
 from ditkit.objectives import build_objective
 from ditkit.sampling import generate
 
@@ -29,7 +29,7 @@ def field_generator(model, cfg, norm: FieldNormalizer, device: str | torch.devic
     """generate(params, field) -> x, all in physical units: conditions are normalised with the
     run's normaliser, sampled with the run's sampler and guidance, and denormalised back."""
     objective = build_objective(cfg)
-    shape = (cfg.model.in_channels, *as_pair(cfg.model.input_size))
+    shape = (cfg.model.in_channels, *as_size(cfg.model.input_size))
     g = torch.Generator().manual_seed(seed)
 
     def generate_fields(params: torch.Tensor | None, field: torch.Tensor | None) -> torch.Tensor:

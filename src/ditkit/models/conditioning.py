@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.models.pos_embed import sincos_2d_pos_embed
+from ditkit.models.grid import TokenGrid
+from ditkit.models.pos_embed import sincos_pos_embed
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}  # a patch embedding's convolution, by the input's number of axes
 
 
 class CrossAttention(nn.Module):
@@ -33,8 +36,8 @@ class ConditionEmbedders(nn.Module):
     """Embedders for continuous parameters and spatial fields; each has a learned null used when
     the condition is dropped (training dropout, or ``force_drop_ids`` for guidance)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, num_params: int = 0, param_dropout_prob: float = 0.1,
-                 field_channels: int = 0, grid_size: tuple[int, int] = (1, 1)):
+    def __init__(self, hidden_size: int, grid: TokenGrid, num_params: int = 0, param_dropout_prob: float = 0.1,
+                 field_channels: int = 0):
         super().__init__()
         self.num_params = num_params
         self.field_channels = field_channels
@@ -43,9 +46,9 @@ class ConditionEmbedders(nn.Module):
             self.param_mlp = nn.Sequential(nn.Linear(num_params, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
             self.param_null = nn.Parameter(torch.zeros(hidden_size))
         if field_channels:
-            self.field_embedder = nn.Conv2d(field_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+            self.field_embedder = CONV[grid.dims](field_channels, hidden_size, kernel_size=grid.patch, stride=grid.patch)
             self.field_null = nn.Parameter(torch.zeros(hidden_size))
-            self.register_buffer("field_pos_embed", sincos_2d_pos_embed(hidden_size, grid_size).unsqueeze(0), persistent=False)
+            self.register_buffer("field_pos_embed", sincos_pos_embed(hidden_size, grid.shape).unsqueeze(0), persistent=False)
 
     def initialize_weights(self) -> None:
         if self.num_params:
@@ -69,7 +72,7 @@ class ConditionEmbedders(nn.Module):
         """For fields concatenated to the input: a dropped field becomes zeros (the mean of a
         standardised field), the null of that mode."""
         drop = self._drop_mask(len(field), field.device, train, force_drop_ids)
-        return field if drop is None else torch.where(drop[:, None, None, None], torch.zeros_like(field), field)
+        return field if drop is None else torch.where(drop.view(-1, *[1] * (field.ndim - 1)), torch.zeros_like(field), field)
 
     def embed_params(self, params: torch.Tensor | None, train: bool, force_drop_ids: torch.Tensor | None) -> torch.Tensor | None:
         if not self.num_params:

@@ -15,21 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditkit.models.conditioning import ConditionEmbedders, CrossAttention
+from ditkit.models.conditioning import CONV, ConditionEmbedders, CrossAttention
+from ditkit.models.grid import TokenGrid, as_size
 from ditkit.models.layers import RMSNorm, SwiGLU, apply_rope, grid_rope_angles, swiglu_hidden
-from ditkit.models.pos_embed import sincos_2d_pos_embed
+from ditkit.models.pos_embed import sincos_pos_embed
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: LN(x) * (1 + γ) + β, with (B, D) shift/scale broadcast over the N tokens."""
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
-
-
-def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 #################################################################################
@@ -90,14 +84,16 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, N, D) with N = (H/p)(W/p), by a p×p stride-p convolution."""
+    """(B, C, *size) -> (B, N, D) by a stride-p convolution with a kernel of one patch: in 2D (B, C, H, W)
+    -> N = (H/p)(W/p) tokens by a p×p convolution; ``patch_size`` an int (p×p) or one size per axis."""
 
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+    def __init__(self, patch_size: int | Sequence[int], in_channels: int, hidden_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+        patch = as_size(patch_size)
+        self.proj = CONV[len(patch)](in_channels, hidden_size, kernel_size=patch, stride=patch, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D), any number of axes
 
 
 #################################################################################
@@ -110,17 +106,19 @@ class Attention(nn.Module):
     Module names ``qkv`` and ``proj`` are those of timm's Attention used by the official code.
 
     Options (off: the official attention): ``qk_norm`` puts an RMSNorm (learned weight) on each head's
-    q and k, so the logits q·k/√d stay bounded whatever the scale of the activations; ``rope_grid``
-    (h, w) rotates q and k by the tokens' 2D axial rotary angles, so q·k depends on relative offsets."""
+    q and k, so the logits q·k/√d stay bounded whatever the scale of the activations; ``rope_grid``, the
+    token grid's shape ((h, w) in 2D, (L,) or (t, h, w) otherwise), rotates q and k by the tokens' axial
+    rotary angles, so q·k depends on relative offsets along each axis."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
-                 rope_grid: tuple[int, int] | None = None):
+                 rope_grid: tuple[int, ...] | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         head_dim = dim // num_heads
-        if rope_grid is not None and head_dim % 4:
-            raise ValueError(f"pos_embed='rope' needs a head size divisible by 4 (hidden_size/num_heads = {head_dim})")
+        if rope_grid is not None and (head_dim % 4 or head_dim // 2 < len(rope_grid)):  # a rotation pair per axis
+            raise ValueError(f"pos_embed='rope' needs a head size divisible by 4, with a rotation pair for each of the "
+                             f"{len(rope_grid)} axes (hidden_size/num_heads = {head_dim})")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -187,7 +185,7 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False,
                  norm: str = "layernorm", mlp: str = "gelu", qk_norm: bool = False,
-                 rope_grid: tuple[int, int] | None = None):
+                 rope_grid: tuple[int, ...] | None = None):
         super().__init__()
         self.norm1 = make_norm(norm, hidden_size)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm, rope_grid=rope_grid)
@@ -211,17 +209,18 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN, then a linear map of each token to its p·p·C_out patch values."""
+    """adaLN, then a linear map of each token to its patch values: p·p·C_out for an int ``patch_size`` (2D),
+    p_0·…·p_{d−1}·C_out for one size per axis."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
+    def __init__(self, hidden_size: int, patch_size: int | Sequence[int], out_channels: int, norm: str = "layernorm"):
         super().__init__()
         self.norm_final = make_norm(norm, hidden_size)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.linear = nn.Linear(hidden_size, math.prod(as_size(patch_size)) * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p_0·…·p_{d−1}·C_out)
 
 
 #################################################################################
@@ -252,6 +251,11 @@ class DiT(nn.Module):
     The first ten keyword arguments are those of the official constructor.  The rest extend it
     (all off by default, so the official state dict is unchanged):
 
+    - ``input_size``: an int is a square H × W image (the official meaning); a sequence gives one size
+      per axis and, by its length, the input's axes: (L,) for (B, C, L) sequences, (H, W) for images,
+      (T, H, W) for (B, C, T, H, W) volumes or videos.  ``patch_size``: an int for every axis, or one size
+      per axis (e.g. (1, 2, 2) for video).  The token bookkeeping is ``ditkit.models.grid.TokenGrid``.
+
     - ``num_classes=0``: unconditional (no label embedder).
     - ``num_params``: a vector of continuous parameters, embedded and added to c (own guidance dropout).
     - ``cond_channels``: spatial conditioning fields of the input's size, either attended by
@@ -263,8 +267,9 @@ class DiT(nn.Module):
 
     LightningDiT's architecture options (``ditkit.models.layers``):
 
-    - ``pos_embed``: ``"sincos"`` (the fixed table added to the tokens) or ``"rope"`` (2D axial
-      rotary embeddings of q and k in every block, and no table).
+    - ``pos_embed``: ``"sincos"`` (the fixed table added to the tokens: 1D, the official 2D, or the
+      factorised 3D table of ``ditkit.models.pos_embed``) or ``"rope"`` (axial rotary embeddings of q
+      and k in every block, per axis of the token grid, and no table).
     - ``norm``: ``"layernorm"`` or ``"rmsnorm"`` in the blocks and the final layer.
     - ``qk_norm``: RMSNorm on each head's q and k.
     - ``mlp``: ``"gelu"`` or ``"swiglu"`` (hidden width int(2/3 · mlp_ratio · D), about the same parameters).
@@ -278,7 +283,7 @@ class DiT(nn.Module):
     def __init__(
         self,
         input_size: int | Sequence[int] = 32,
-        patch_size: int = 2,
+        patch_size: int | Sequence[int] = 2,
         in_channels: int = 4,
         hidden_size: int = 1152,
         depth: int = 28,
@@ -300,10 +305,8 @@ class DiT(nn.Module):
         repa_dim: int = 768,
     ):
         super().__init__()
-        self.input_size = as_pair(input_size)
-        for side in self.input_size:
-            if side % patch_size:
-                raise ValueError(f"input size {side} is not divisible by patch size {patch_size}")
+        self.grid = TokenGrid.of(input_size, patch_size)
+        self.input_size = self.grid.size
         if cond_mode not in ("adaln", "cross_attention", "in_context"):
             raise ValueError(f"cond_mode must be 'adaln', 'cross_attention' or 'in_context', got {cond_mode!r}")
         if field_mode not in ("cross_attention", "concat"):
@@ -319,30 +322,29 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size = patch_size
+        self.patch_size = patch_size if isinstance(patch_size, int) else self.grid.patch
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.cond_mode = cond_mode
         self.field_mode = field_mode if cond_channels else None
         self.cond_channels = cond_channels
-        self.grid_size = (self.input_size[0] // patch_size, self.input_size[1] // patch_size)
+        self.grid_size = self.grid.shape  # tokens along each axis
         self.mlp_ratio = mlp_ratio
         self.options = {"pos_embed": pos_embed, "norm": norm, "qk_norm": qk_norm, "mlp": mlp}
         self.repa_depth = repa_depth
 
         embed_channels = in_channels + (cond_channels if self.field_mode == "concat" else 0)
-        self.x_embedder = PatchEmbed(patch_size, embed_channels, hidden_size)
+        self.x_embedder = PatchEmbed(self.grid.patch, embed_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         if num_classes > 0:
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.cond = ConditionEmbedders(
-            hidden_size, patch_size, num_params=num_params, param_dropout_prob=param_dropout_prob,
-            field_channels=cond_channels if self.field_mode == "cross_attention" else 0, grid_size=self.grid_size,
+            hidden_size, self.grid, num_params=num_params, param_dropout_prob=param_dropout_prob,
+            field_channels=cond_channels if self.field_mode == "cross_attention" else 0,
         )
-        num_patches = self.grid_size[0] * self.grid_size[1]
         if pos_embed == "sincos":
             # Fixed sin-cos embedding; a buffer-like Parameter so the state dict holds "pos_embed" as officially.
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid.num_tokens, hidden_size), requires_grad=False)
         else:  # RoPE alone carries the positions, as in LightningDiT
             self.register_parameter("pos_embed", None)
 
@@ -353,7 +355,7 @@ class DiT(nn.Module):
                      qk_norm=qk_norm, rope_grid=rope_grid)
             for _ in range(depth)
         ])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
+        self.final_layer = FinalLayer(hidden_size, self.grid.patch, self.out_channels, norm=norm)
         if repa_depth is not None:  # only then: the official state dict has no projector
             self.repa_projector = repa_projector(hidden_size, repa_dim)
         self.initialize_weights()
@@ -367,7 +369,7 @@ class DiT(nn.Module):
 
         self.apply(_basic_init)
         if self.pos_embed is not None:
-            self.pos_embed.data.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
+            self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
         # Patch embedding initialised like a Linear layer (xavier on the flattened kernel).
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
@@ -410,12 +412,8 @@ class DiT(nn.Module):
             raise ValueError("model was built without a conditioning field (cond_channels=0) but field was given")
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p·p·C) -> (B, C, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h, w = self.grid_size
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        """(B, N, p·p·C) -> (B, C, H, W); in general (B, N, p_0·…·p_{d−1}·C) -> (B, C, *input_size)."""
+        return self.grid.unpatchify(x)
 
     def forward(
         self,
@@ -427,15 +425,15 @@ class DiT(nn.Module):
         force_drop_ids: torch.Tensor | None = None,
         return_repa: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C, H, W) noisy input; t: (B,) network time; y: (B,) labels (``num_classes`` = null);
-        params: (B, P) continuous parameters; field: (B, C_cond, H, W) spatial conditioning.
+        """x: (B, C, H, W) noisy input ((B, C, L) or (B, C, T, H, W) for a model built so); t: (B,) network
+        time; y: (B,) labels (``num_classes`` = null); params: (B, P) continuous parameters; field:
+        (B, C_cond, *input_size) spatial conditioning.
         ``force_drop_ids`` (B,) with 1 where all conditioning is replaced by its null (for guidance).
         ``return_repa``: also return REPA's projection of the image tokens after block ``repa_depth``,
         (B, N, repa_dim)."""
         if return_repa and self.repa_depth is None:
             raise ValueError("return_repa needs a model built with repa_depth (REPA's projector)")
-        if x.shape[-2:] != self.input_size:
-            raise ValueError(f"input of spatial size {tuple(x.shape[-2:])}, model built for {self.input_size}")
+        self.grid.check(x)
         self._check_conditions(x, y, params, field)
         if self.training and force_drop_ids is None and (self.cond.num_params or self.cond_channels):
             # One mask for every condition: guidance's unconditional branch drops them all at once,
@@ -468,14 +466,14 @@ class DiT(nn.Module):
             else:
                 context = extra if context is None else torch.cat([context, extra], dim=1)
 
-        num_patches = self.grid_size[0] * self.grid_size[1]
+        num_patches = self.grid.num_tokens
         for k, block in enumerate(self.blocks, 1):
             tokens = block(tokens, c, context)
             if return_repa and k == self.repa_depth:
                 aligned = self.repa_projector(tokens[:, :num_patches])  # (B, N, repa_dim), without in-context tokens
         if n_extra:
             tokens = tokens[:, :-n_extra]
-        out = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
+        out = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, *input_size)
         return (out, aligned) if return_repa else out
 
     def forward_with_cfg(

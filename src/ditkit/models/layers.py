@@ -1,5 +1,6 @@
 """The building blocks of the post-2023 DiT options (LightningDiT, Yao et al. 2025), each off by
-default in ``DiT``: RMSNorm, 2D axial rotary position embeddings (RoPE) and the SwiGLU feed-forward.
+default in ``DiT``: RMSNorm, axial rotary position embeddings (RoPE, per axis of a 1D, 2D or 3D token grid)
+and the SwiGLU feed-forward.
 QK-normalisation is RMSNorm applied to each head's q and k (in ``dit.Attention``).
 """
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ditkit.models.grid import token_coords
 
 
 class RMSNorm(nn.Module):
@@ -26,25 +29,32 @@ class RMSNorm(nn.Module):
         return y * self.weight if self.weight is not None else y
 
 
-def rope_angles(head_dim: int, rows: torch.Tensor, cols: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Axial 2D rotary angles (N, head_dim/2) for tokens at (rows, cols), each (N,).
-
-    Pair i = (x_2i, x_2i+1) of a head turns by θ_i = pos · base^(-k/(head_dim/4)), k = i mod head_dim/4,
-    with pos the row index for the first head_dim/4 pairs (the first half of the dims) and the column
-    index for the rest: q·k then depends only on the offsets (Δrow, Δcol) (RoFormer, Eq. 16, per axis)."""
-    quarter = head_dim // 4
-    omega = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (head_dim/4,)
-    row_angles = rows.double()[:, None] * omega  # (N, head_dim/4)
-    col_angles = cols.double()[:, None] * omega
-    return torch.cat([row_angles, col_angles], dim=-1).float()  # (N, head_dim/2)
+def rope_axis_pairs(head_dim: int, dims: int) -> tuple[int, ...]:
+    """How many of a head's head_dim/2 rotation pairs each of ``dims`` axes gets: an equal share, the first
+    axis also taking the remainder (2D: half each; 3D with head_dim 64: T 12, H 10, W 10, Wan 2.1's split)."""
+    pairs = head_dim // 2
+    return tuple(pairs // dims + (a == 0) * (pairs % dims) for a in range(dims))
 
 
-def grid_rope_angles(head_dim: int, grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
-    """``rope_angles`` of the h × w patch grid in the model's row-major token order: (h·w, head_dim/2)."""
-    h, w = grid
-    rows = torch.arange(h, device=device).repeat_interleave(w)
-    cols = torch.arange(w, device=device).repeat(h)
-    return rope_angles(head_dim, rows, cols)
+def rope_angles(head_dim: int, *coords: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Axial rotary angles (N, head_dim/2) for tokens at ``coords``, one (N,) tensor of indices per axis
+    (rows, cols in 2D; frames, rows, cols in 3D).
+
+    The pairs i = (x_2i, x_2i+1) of a head are split between the axes in order (``rope_axis_pairs``); the
+    k-th pair of an axis with n pairs turns by θ = pos · base^(-k/n), with pos the token's index along that
+    axis (2D: n = head_dim/4).  q·k then depends only on the offsets along each axis (RoFormer, Eq. 16,
+    per axis)."""
+    angles = []
+    for pos, n in zip(coords, rope_axis_pairs(head_dim, len(coords))):
+        omega = base ** (-torch.arange(n, dtype=torch.float64, device=pos.device) / n)  # (n,)
+        angles.append(pos.double()[:, None] * omega)  # (N, n)
+    return torch.cat(angles, dim=-1).float()  # (N, head_dim/2)
+
+
+def grid_rope_angles(head_dim: int, grid: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """``rope_angles`` of a patch grid of shape ``grid`` (1, 2 or 3 axes) in the model's token order:
+    (N, head_dim/2)."""
+    return rope_angles(head_dim, *token_coords(grid, device))
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from ditkit.data.facts import fit_to_data
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.fast import TrainRun, describe, train_speed
 from ditkit.fast.recipes import block_options
-from ditkit.models.dit import as_pair, build_model
+from ditkit.models.dit import build_model
+from ditkit.models.grid import as_size
 from ditkit.objectives import LOGGED_TERMS, build_objective
 from ditkit.training.distributed import DistInfo, barrier, cleanup, mean_over_ranks, setup_distributed
 from ditkit.training.ema import ema_decay_at, update_ema
@@ -518,14 +519,15 @@ def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size
         data += f", {classes} classes"
     with torch.random.fork_rng(devices=[]):  # reading an item seeds the global generator
         data += f", x {tuple(dataset[(0, 0)]['x'].shape)}"
-    h, w = as_pair(cfg.model.input_size)
-    p = model.patch_size
-    tokens = (h // p) * (w // p)
+    grid = model.grid
+    size, p = "×".join(map(str, grid.size)), model.patch_size
+    patch = p if isinstance(p, int) else "×".join(map(str, p))
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     global_batch = world_size * micro * cfg.train.grad_accum
     return "\n".join([
         data,
-        f"model: {cfg.model.name}, {num_params / 1e6:.2f}M parameters, {tokens} tokens per sample ({h}×{w} / patch {p})",
+        f"model: {cfg.model.name}, {num_params / 1e6:.2f}M parameters, {grid.num_tokens} tokens per sample "
+        f"({size} / patch {patch})",
         f"objective: {cfg.objective.name}, sampler {cfg.sample.sampler}, {cfg.sample.steps} steps",
         f"batch: {global_batch} global = {processes} × {micro} micro-batch × {cfg.train.grad_accum} accumulation; "
         f"steps {start_step} → {cfg.train.steps}",
@@ -540,7 +542,7 @@ def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
 
     g = torch.Generator().manual_seed(cfg.train.seed + 12345)
     labels = grid_labels(cfg.model.num_classes, per_class=8 if cfg.model.num_classes <= 16 else 1, max_total=64)
-    shape = (len(labels), cfg.model.in_channels, *as_pair(cfg.model.input_size))
+    shape = (len(labels), cfg.model.in_channels, *as_size(cfg.model.input_size))
     kwargs = {"y": labels.to(dev)} if cfg.model.num_classes > 0 else {}
     items = [dataset[(0, i % len(dataset))] for i in range(len(labels))]
     for key in ("params", "field"):

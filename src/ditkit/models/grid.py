@@ -1,0 +1,109 @@
+"""Token grids: how an input with 1, 2 or 3 axes, (B, C, L), (B, C, H, W) or (B, C, T, H, W), becomes a
+sequence of patch tokens (B, N, D) and back.
+
+All of the DiT's bookkeeping between the two lives here: the size and the patch along each axis, the
+token order (row-major over the patch grid, the last axis fastest, as the official ``flatten(2)``), the
+layout of a token's patch values and each token's coordinates, which the position tables and RoPE read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+AXES = {1: ("L",), 2: ("H", "W"), 3: ("T", "H", "W")}  # the names of an input's axes, by their number
+
+
+def as_size(size: int | Sequence[int], dims: int = 2) -> tuple[int, ...]:
+    """A size per axis: an int is the same on each of ``dims`` axes (2 unless given: a square image), a
+    sequence is taken as it is."""
+    if isinstance(size, int):
+        return (size,) * dims
+    return tuple(int(s) for s in size)
+
+
+def token_coords(shape: Sequence[int], device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """The index of each token along each axis of a patch grid of ``shape``, in token order: one (N,)
+    tensor per axis."""
+    axes = torch.meshgrid(*[torch.arange(n, device=device) for n in shape], indexing="ij")
+    return tuple(a.reshape(-1) for a in axes)
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """An input of spatial ``size`` cut into patches of ``patch`` (one entry per axis each)."""
+
+    size: tuple[int, ...]
+    patch: tuple[int, ...]
+
+    @classmethod
+    def of(cls, input_size: int | Sequence[int], patch_size: int | Sequence[int]) -> "TokenGrid":
+        """The grid of a model built for ``input_size`` (an int: a square H × W; a sequence: one size per
+        axis, its length the number of axes) and ``patch_size`` (an int for every axis, or one per axis).
+        A ``ValueError`` names the axis that does not fit."""
+        size = as_size(input_size)
+        if not 1 <= len(size) <= 3:
+            raise ValueError(f"input_size must be an int or 1 to 3 sizes (L | H, W | T, H, W), got {input_size!r}")
+        patch = as_size(patch_size, len(size))
+        if len(patch) != len(size):
+            raise ValueError(f"patch_size {patch_size!r} has {len(patch)} axes but the input has {len(size)} "
+                             f"({', '.join(AXES[len(size)])}): give one patch size per axis, or one int")
+        for what, values in (("input_size", size), ("patch_size", patch)):
+            if any(v < 1 for v in values):
+                raise ValueError(f"{what} must be positive on every axis, got {values}")
+        for axis, (n, p, name) in enumerate(zip(size, patch, AXES[len(size)])):
+            if n % p:
+                raise ValueError(f"input axis {axis} ({name}) has size {n}, not divisible by patch size {p}")
+        return cls(size, patch)
+
+    @property
+    def dims(self) -> int:
+        return len(self.size)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return AXES[self.dims]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Tokens along each axis."""
+        return tuple(n // p for n, p in zip(self.size, self.patch))
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def patch_numel(self) -> int:
+        """Cells in one patch (p·p in 2D)."""
+        return math.prod(self.patch)
+
+    def coords(self, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+        """``token_coords`` of this grid: each token's index along each axis, (N,) per axis."""
+        return token_coords(self.shape, device)
+
+    def check(self, x: torch.Tensor, name: str = "input") -> None:
+        """A ``ValueError`` unless x is (B, C, *size)."""
+        if x.ndim != 2 + self.dims or tuple(x.shape[2:]) != self.size:
+            expected = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.size))
+            raise ValueError(f"{name} of shape {tuple(x.shape)}; the model takes (B, C, {', '.join(self.axes)}) "
+                             f"with {expected}")
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *size) -> (B, N, patch_numel·C): each token's values in the order (p_0, …, p_{d−1}, C),
+        that of the final layer's output."""
+        B, C, d = x.shape[0], x.shape[1], self.dims
+        x = x.reshape(B, C, *[v for g, p in zip(self.shape, self.patch) for v in (g, p)])  # (B, C, g0, p0, g1, p1, …)
+        x = x.permute(0, *range(2, 2 + 2 * d, 2), *range(3, 3 + 2 * d, 2), 1)  # (B, g0, g1, …, p0, p1, …, C)
+        return x.reshape(B, self.num_tokens, self.patch_numel * C)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, patch_numel·C) -> (B, C, *size), the inverse of ``patchify``; in 2D the official
+        ``einsum("nhwpqc->nchpwq")``."""
+        B, d = tokens.shape[0], self.dims
+        C = tokens.shape[-1] // self.patch_numel
+        x = tokens.reshape(B, *self.shape, *self.patch, C)  # (B, g0, g1, …, p0, p1, …, C)
+        x = x.permute(0, 2 * d + 1, *[v for a in range(d) for v in (1 + a, 1 + d + a)])  # (B, C, g0, p0, g1, p1, …)
+        return x.reshape(B, C, *self.size)
