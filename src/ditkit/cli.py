@@ -133,6 +133,7 @@ def cmd_extract(args) -> None:
 
 def cmd_export(args) -> None:
     from ditkit.checkpoints import export_diffusers, load_model, save_weights
+    from ditkit.checkpoints.diffusers import pipeline_decoding_gap
 
     model, cfg = load_model(args.ckpt, ema=not args.no_ema, device="cpu")
     if args.to == "diffusers":
@@ -144,7 +145,10 @@ def cmd_export(args) -> None:
                 raise ValueError(f"--id2label {args.id2label} is not valid JSON ({err})") from None
         if labels is None and cfg.data.class_names:  # the names the training data gave its classes
             labels = dict(enumerate(cfg.data.class_names))
-        export_diffusers(model, args.out, vae=args.vae, id2label=labels)
+        export_diffusers(model, args.out, vae=args.vae, id2label=labels, data=cfg.data)
+        gap = None if args.vae else pipeline_decoding_gap(cfg.data)
+        if gap is not None:
+            print(f"note: {gap}; sample this transformer with ditkit, not a DiTPipeline")
     else:
         save_weights(model.state_dict(), model, cfg, args.out)
     print(f"exported {args.ckpt} -> {args.out} ({args.to})")
@@ -249,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder root, or the base folder of --labels-file")
     p.add_argument("--labels-file", help="train_labels.txt: one 'image_path class_id' per line")
     p.add_argument("--num-classes", type=int, help="if given, every label must lie in [0, N); 0: an unconditional cache (labels not read)")
-    p.add_argument("--vae", required=True, help="local sd-vae-ft-ema / -mse folder or file")
-    p.add_argument("--image-size", type=int, default=256, help="side of the center-cropped images (latents: side / 8)")
+    p.add_argument("--vae", required=True, help="a local diffusers AutoencoderKL folder (sd-vae-ft-ema / -mse, or any "
+                   "other: its scaling_factor and shift_factor are recorded in the cache), or an SD VAE weights file")
+    p.add_argument("--image-size", type=int, default=256, help="side of the center-cropped images (latents: side / the "
+                   "VAE's downsampling, 8 or 16)")
     p.add_argument("--out", required=True, help="folder of the latent cache (shards and manifest.json)")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass")
     p.add_argument("--shard-size", type=int, default=10000, help="latents per shard file")

@@ -150,6 +150,14 @@ class DataConfig:
     param_names: list | None = opt(None, "fields: columns of params_file to use (none: all)")
     log_transform: list = opt([], "fields: channels of x to log-transform")
     field_log_transform: list = opt([], "fields: channels of the conditioning field to log-transform")
+    latent_norm: str = opt("none", "latents: none (the VAE's scale and shift only) | channel ((z − μ_c) / σ_c with the "
+                                   "cache's per-channel statistics, undone before decoding; LightningDiT's latent_norm)")
+    latent_mean: list | None = opt(None, "latents: μ_c of latent_norm=channel (filled from the cache's manifest)")
+    latent_std: list | None = opt(None, "latents: σ_c of latent_norm=channel (filled from the cache's manifest)")
+    latent_scale: float | None = opt(None, "latents: the VAE's scaling_factor the cache was made with (filled from "
+                                           "its manifest; none: the decoding VAE's own)")
+    latent_shift: float | None = opt(None, "latents: the VAE's shift_factor the cache was made with (filled from "
+                                           "its manifest; none: the decoding VAE's own)")
 
 
 @dataclass
@@ -248,6 +256,10 @@ class Config:
             (m.norm in ("layernorm", "rmsnorm"), "model.norm", "layernorm or rmsnorm"),
             (m.mlp in ("gelu", "swiglu"), "model.mlp", "gelu or swiglu"),
             (m.num_classes >= 0, "model.num_classes", "a non-negative integer (0: unconditional)"),
+            (self.data.latent_norm in ("none", "channel"), "data.latent_norm", "none or channel"),
+            (self.data.latent_norm == "none" or self.data.kind == "latents", "data.latent_norm",
+             "none unless data.kind is latents"),
+            (self.data.latent_scale is None or self.data.latent_scale > 0, "data.latent_scale", "positive"),
             (o.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling", "uniform or logit_normal"),
             (o.logit_std > 0, "objective.logit_std", "positive"),
             (o.shift > 0, "objective.shift", "positive"),
@@ -274,6 +286,7 @@ class Config:
         if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
                                   or len(set(names)) != len(names)):
             raise ConfigError(f"data.class_names must be a list of distinct non-empty names, got {names!r}")
+        self._check_latent_stats()
         parse_profile(self.train.profile)
         parse_log_to(self.train.log_to)
         from ditkit.fast.recipes import check_speed
@@ -326,6 +339,20 @@ class Config:
             TokenGrid.of(m.input_size, patch)
         except ValueError as err:
             raise ConfigError(f"model.input_size={m.input_size} with model.patch_size={patch}: {err}") from None
+
+    def _check_latent_stats(self) -> None:
+        """data.latent_mean and data.latent_std: one number per channel of x, each σ_c positive."""
+        d = self.data
+        for name in ("latent_mean", "latent_std"):
+            v = getattr(d, name)
+            if v is None:
+                continue
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or \
+                    len(v) != self.model.in_channels:
+                raise ConfigError(f"data.{name} must hold {self.model.in_channels} numbers (one per channel of "
+                                  f"model.in_channels), got {v!r}")
+            if name == "latent_std" and not all(x > 0 for x in v):
+                raise ConfigError(f"data.latent_std must be positive, got {v!r}")
 
     def _check_repa(self) -> None:
         """REPA's block exists and its data are images (the encoder is checked when training starts)."""

@@ -40,7 +40,8 @@ CALIBRATION_SAMPLES, CALIBRATION_SEED = 8, 12345
 class Samples:
     """What ``ditkit.sample`` returns."""
     images: np.ndarray  # (N, H, W, 3) uint8: decoded through the VAE for latent models, else shown as they are
-    x: torch.Tensor  # (N, C, H, W) float32 on the CPU: what the network made (latents, pixels, normalised fields)
+    x: torch.Tensor  # (N, C, H, W) float32 on the CPU: what the network made (latents, normalised per channel under
+    #                  data.latent_norm=channel; pixels; normalised fields)
     labels: torch.Tensor | None  # (N,) class ids, or None for an unconditional model
     nfe: int  # network evaluations per batch (guidance counts its doubled batch once)
 
@@ -85,9 +86,9 @@ def prepare_network(model: nn.Module, cfg: Config, speed: str | SampleSpeed, dev
 
 def _images(x: torch.Tensor, cfg: Config, vae) -> np.ndarray:
     if cfg.data.kind == "latents" and vae is not None:
-        from ditkit.models.vae import decode
+        from ditkit.data.latents import decode_latents
 
-        return to_uint8(decode(vae, x))
+        return to_uint8(decode_latents(vae, x, cfg.data))
     if cfg.data.kind in ("digits", "images") or cfg.model.in_channels in (1, 3):
         return to_uint8(x)
     first = x[:, :1].float()  # latents without a VAE, fields: the first channel, stretched per image
@@ -104,7 +105,8 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
 
     ``labels``: class ids or class names (``cfg.data.class_names``), one sample each (default:
     ``num_samples`` of them, classes in turn);
-    ``vae``: a VAE (``ditkit.models.vae.load_vae``) or a local path, to decode latent models' samples;
+    ``vae``: a VAE (``ditkit.models.vae.load_vae``) or a local path, to decode latent models' samples (the run's
+    per-channel normalisation undone, then the cache's scale and shift: ``ditkit.data.latents.decode_latents``);
     ``params`` (N, P) and ``field`` (N, C, H, W): the conditions of a field model, in the model's
     (normalised) units; ``seed``: sample i's noise comes from (seed, i), whatever the batch size;
     ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed).
@@ -194,10 +196,11 @@ def _decoder(cfg: Config, vae_path: str | None, device):
     if cfg.data.kind == "latents":
         if vae_path is None:
             raise ValueError("this model samples VAE latents; give --vae PATH (a local sd-vae-ft-ema/-mse folder)")
-        from ditkit.models.vae import decode, load_vae
+        from ditkit.data.latents import decode_latents
+        from ditkit.models.vae import load_vae
 
         vae = load_vae(vae_path, device=device)
-        return lambda x: (to_uint8(decode(vae, x)), None)
+        return lambda x: (to_uint8(decode_latents(vae, x, cfg.data)), None)
     return lambda x: (to_uint8(x), x.float().cpu().numpy())
 
 

@@ -75,14 +75,15 @@ def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dic
 
 def save_sample_grid(x: torch.Tensor, cfg: Config, path: Path, nrow: int, vae=None) -> np.ndarray:
     """A PNG of samples, upscaled so small images are visible: pixels as they are; latents through
-    ``vae`` when given; anything else (fields, latents without a VAE) as its first channel, each
-    image stretched to its own min..max.  Returns the grid (H, W, 3) uint8."""
+    ``vae`` when given (the run's latent normalisation undone, ``decode_latents``); anything else (fields,
+    latents without a VAE) as its first channel, each image stretched to its own min..max.  Returns the
+    grid (H, W, 3) uint8."""
     if cfg.data.kind in ("digits", "images"):
         images = to_uint8(x)
     elif vae is not None and cfg.data.kind == "latents":
-        from ditkit.models.vae import decode
+        from ditkit.data.latents import decode_latents
 
-        images = to_uint8(decode(vae, x))
+        images = to_uint8(decode_latents(vae, x, cfg.data))
     else:
         first = x[:, :1].float()
         lo = first.amin(dim=(1, 2, 3), keepdim=True)

@@ -214,13 +214,37 @@ def _vae_dir(vae: str | os.PathLike) -> Path:
     return vae
 
 
+def pipeline_decoding_gap(data, vae_scale: float | None = None) -> str | None:
+    """Why a ``DiTPipeline`` would decode a run's latents wrongly, or None.  The pipeline decodes
+    ``vae.decode(latents / vae.config.scaling_factor)``: it has no per-channel normalisation to undo
+    (``data.latent_norm: channel``), no shift_factor to add back, and trusts the VAE's own scale."""
+    if data is None or data.kind != "latents":
+        return None
+    if data.latent_norm == "channel":
+        return ("the run normalises its latents per channel (data.latent_norm=channel), which a DiTPipeline cannot "
+                "undo before its VAE")
+    if data.latent_shift:
+        return f"the run's latents are shifted by the VAE's shift_factor {data.latent_shift}, which a DiTPipeline ignores"
+    if vae_scale is not None and data.latent_scale is not None and vae_scale != data.latent_scale:
+        return (f"the VAE's scaling_factor is {vae_scale}, but the run's latents were made with {data.latent_scale}, "
+                "which a DiTPipeline would not know")
+    return None
+
+
 def export_diffusers(model: DiT, folder: str | os.PathLike, vae: str | os.PathLike | None = None,
-                     id2label: Mapping[int, str] | None = None) -> Path:
+                     id2label: Mapping[int, str] | None = None, data=None) -> Path:
     """Write ``model`` as a diffusers folder.  Without ``vae``: a ``DiTTransformer2DModel`` folder
     (config.json + diffusion_pytorch_model.safetensors).  With a local VAE folder: a whole
     ``DiTPipeline`` (transformer/, vae/ copied, scheduler/ as in ``DDIM_CONFIG``, model_index.json
-    with ``id2label``).  Returns the folder."""
+    with ``id2label``), refused where the pipeline would decode the run's latents wrongly
+    (``pipeline_decoding_gap`` of ``data``, the run's data config).  Returns the folder."""
     folder = Path(folder)
+    if vae is not None:
+        vae_scale = json.loads((_vae_dir(vae) / "config.json").read_text()).get("scaling_factor")
+        gap = pipeline_decoding_gap(data, vae_scale)
+        if gap is not None:
+            raise ValueError(f"cannot write a DiTPipeline: {gap}; export the transformer alone (without --vae) or "
+                             "--to safetensors, and sample with `ditkit sample --vae`")
     diff_config, state_dict = to_diffusers_state_dict(model.state_dict(), model_config(model))
     transformer = folder / "transformer" if vae is not None else folder
     save_state_dict(state_dict, transformer / f"{WEIGHTS}.safetensors", metadata={"format": "pt"})

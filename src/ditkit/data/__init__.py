@@ -49,10 +49,11 @@ def build_dataset(cfg: Config) -> EpochIndexed:
     elif d.path is None:
         raise ConfigError(f"data.path must be set for data.kind={kind}")
     elif kind == "latents":
-        from ditkit.data.latents import LatentDataset
+        from ditkit.data.latents import LatentDataset, norm_stats
 
         try:
-            inner = LatentDataset(d.path, flip=d.flip, seed=cfg.train.seed, images=cfg.model.repa_depth is not None)
+            inner = LatentDataset(d.path, flip=d.flip, seed=cfg.train.seed, images=cfg.model.repa_depth is not None,
+                                  norm=norm_stats(d))
         except ValueError as err:
             raise ConfigError(f"data.path: {err}") from None
     elif kind == "images":

@@ -131,7 +131,15 @@ def _latent_facts(cfg: Config) -> DataFacts:
         raise ConfigError(str(err)) from None
     c, h, w = manifest["latent_shape"]
     facts = DataFacts(str(cfg.data.path), f"{manifest['count']} latents of {c}×{h}×{w}", count=manifest["count"])
-    facts.exact.update({"model.in_channels": c, "model.input_size": _grid(h, w)})
+    facts.exact.update({"model.in_channels": c, "model.input_size": _grid(h, w),  # and the VAE's units (latents.py)
+                        "data.latent_scale": manifest["scale_factor"],
+                        "data.latent_shift": manifest.get("shift_factor", 0.0)})
+    if cfg.data.latent_norm == "channel":
+        if "channel_mean" not in manifest:
+            raise ConfigError(f"data.latent_norm=channel needs the per-channel statistics of the latent cache, which "
+                              f"{cfg.data.path} lacks: run its `ditkit extract` command again (it finds every shard "
+                              "done and only adds the statistics)")
+        facts.exact.update({"data.latent_mean": manifest["channel_mean"], "data.latent_std": manifest["channel_std"]})
     n = manifest.get("num_classes")
     if n and cfg.model.num_classes:
         facts.found += f" in {n} classes"
@@ -195,7 +203,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
 def _same(a: Any, b: Any) -> bool:
     """Equal config values; a grid size ``32`` equals ``[32, 32]``."""
     square = lambda v: [v, v] if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+    if a is not None and b is not None and (isinstance(a, (list, tuple)) or isinstance(b, (list, tuple))):
         return list(square(a)) == list(square(b))
     return a == b
 

@@ -1,9 +1,12 @@
 """A VAE latent cache: encode a dataset once, then train from the cached posteriors.
 
 Layout of a cache folder:
-  manifest.json          count, shapes, scale factor, source, vae, dtype, shard list (name, start, count)
+  manifest.json          count, shapes, the VAE's scale and shift factors and downsampling, source, vae, dtype,
+                         shard list (name, start, count), and once every shard is written the per-channel
+                         mean and std of the latents (``channel_mean``, ``channel_std``)
   shard_00000.safetensors
-      mean  (n, 2, 4, h, w)  posterior mean, scaled by 0.18215; view 0 = image, 1 = its horizontal flip
+      mean  (n, 2, C, h, w)  posterior mean in DiT's units, (mean − shift_factor) · scale_factor (SD's VAE:
+                             0.18215 and no shift, C = 4, h = H/8); view 0 = image, 1 = its horizontal flip
       std   (n, 2, 4, h, w)  posterior std, same units
       label (n,) int64
       image (n, 3, H, W) uint8, only with ``images=True`` (``ditkit extract --images``): the center-cropped
@@ -28,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ditkit.data.images import ImageDataset, sample_seed
-from ditkit.models.vae import LATENT_SCALE, encode, load_vae
+from ditkit.models.vae import decode, downsampling, encode, load_vae, scale_and_shift
 from ditkit.utils.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -44,9 +47,11 @@ def shard_name(k: int) -> str:
 def _plan(dataset, vae, shard_size: int, source: str, vae_name: str, dtype: torch.dtype, images: bool) -> dict:
     """The manifest: everything a reader needs and a resumed run must agree with."""
     x0, _ = dataset[0]  # (3, H, W)
-    if any(s % 8 for s in x0.shape[1:]):
-        raise ValueError(f"image size {list(x0.shape[1:])} is not divisible by 8 (the VAE downsamples by 8)")
-    latent_shape = list(encode(vae, x0[None])[0].shape[1:])  # (C, H/8, W/8), C = 4 for the SD VAE
+    f = downsampling(vae)
+    if any(s % f for s in x0.shape[1:]):
+        raise ValueError(f"image size {list(x0.shape[1:])} is not divisible by {f} (the VAE downsamples by {f})")
+    latent_shape = list(encode(vae, x0[None])[0].shape[1:])  # (C, H/f, W/f), C = 4 for the SD VAE
+    scale, shift = scale_and_shift(vae)
     n = len(dataset)
     shards = [
         {"name": shard_name(k), "start": s, "count": min(shard_size, n - s)}
@@ -58,7 +63,9 @@ def _plan(dataset, vae, shard_size: int, source: str, vae_name: str, dtype: torc
         "image_shape": list(x0.shape),
         "latent_shape": latent_shape,
         "views": ["image", "hflip"],
-        "scale_factor": LATENT_SCALE,
+        "scale_factor": scale,  # the VAE config's: z = (latent − shift_factor) · scale_factor
+        "shift_factor": shift,
+        "downsample": f,
         "dtype": str(dtype).removeprefix("torch."),
         "images": images,
         "num_classes": getattr(dataset, "num_classes", None),
@@ -109,6 +116,7 @@ def extract_latents(
                     f"{out / MANIFEST} is a cache with {key}={old[key]!r}, not {manifest[key]!r}: "
                     "use another output folder or delete this one"
                 )
+        manifest.update({k: old[k] for k in STATS if k in old})  # computed once, kept by a rerun
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
     device = torch.device(device) if device is not None else next(vae.parameters()).device
@@ -116,7 +124,7 @@ def extract_latents(
         s for k, s in enumerate(manifest["shards"]) if k % world_size == rank and not (out / s["name"]).exists()
     ]
     if not todo:
-        return manifest
+        return _with_channel_stats(out, manifest)
     for s in todo:  # what a killed run of this rank left half-written
         for stale in out.glob(f".{s['name']}.tmp*"):
             stale.unlink()
@@ -137,8 +145,8 @@ def extract_latents(
             x, y = next(loader)
             x = x.to(device, non_blocking=True)
             b = x.shape[0]
-            mean, std = encode(vae, torch.cat([x, x.flip(-1)]))  # (2B, 4, h, w): images, then flips
-            means.append(mean.unflatten(0, (2, b)).transpose(0, 1).to(dtype).cpu())  # (B, 2, 4, h, w)
+            mean, std = encode(vae, torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then flips
+            means.append(mean.unflatten(0, (2, b)).transpose(0, 1).to(dtype).cpu())  # (B, 2, C, h, w)
             stds.append(std.unflatten(0, (2, b)).transpose(0, 1).to(dtype).cpu())
             labels.append(torch.as_tensor(y, dtype=torch.int64))
             if images:  # x = p / 127.5 − 1 exactly inverted
@@ -151,7 +159,75 @@ def extract_latents(
         if images:
             tensors["image"] = torch.cat(pixels).contiguous()
         atomic_write(out / s["name"], lambda tmp: save_file(tensors, tmp, metadata={"start": str(s["start"])}))
+    return _with_channel_stats(out, manifest)
+
+
+STATS = ("channel_mean", "channel_std")
+
+
+def channel_stats(cache_dir: str | os.PathLike, manifest: dict, chunk: int = 1024) -> tuple[list[float], list[float]]:
+    """Per-channel mean μ_c and std σ_c of the latents z = mean + std · ε the dataset draws, over every
+    image, both views and every position, streamed shard by shard in float64:
+
+        μ_c = E[mean_c],   σ_c² = E[mean_c²] + E[std_c²] − μ_c²   (ε is independent of the posterior)
+    """
+    out = Path(cache_dir)
+    C = manifest["latent_shape"][0]
+    s1, s2, n = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64), 0
+    dims = (0, 1, 3, 4)
+    for s in manifest["shards"]:
+        with safe_open(str(out / s["name"]), framework="pt") as f:
+            for a in range(0, s["count"], chunk):  # a few hundred MB at a time, whatever the shard size
+                mean = f.get_slice("mean")[a:a + chunk].double()  # (chunk, 2, C, h, w)
+                std = f.get_slice("std")[a:a + chunk].double()
+                s1 += mean.sum(dims)
+                s2 += (mean**2 + std**2).sum(dims)
+                n += mean.numel() // C
+    mu = s1 / n
+    return mu.tolist(), (s2 / n - mu**2).clamp_min(0).sqrt().tolist()
+
+
+def _with_channel_stats(out: Path, manifest: dict) -> dict:
+    """The manifest with ``channel_mean`` and ``channel_std``, computed and written once the last shard is on
+    disk (by whichever process of an extraction finishes last); as it is while shards are missing."""
+    if all(k in manifest for k in STATS) or not all((out / s["name"]).is_file() for s in manifest["shards"]):
+        return manifest
+    mean, std = channel_stats(out, manifest)
+    manifest = {**manifest, "channel_mean": mean, "channel_std": std}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
+
+
+def normalize(z: torch.Tensor, mean, std) -> torch.Tensor:
+    """(z − μ_c) / σ_c over the channel axis of z (C, h, w) or (B, C, h, w)."""
+    mu, sigma = (torch.as_tensor(v, dtype=z.dtype, device=z.device).view(-1, 1, 1) for v in (mean, std))
+    return (z - mu) / sigma
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """x · σ_c + μ_c, the inverse of ``normalize``."""
+    mu, sigma = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1) for v in (mean, std))
+    return x * sigma + mu
+
+
+def norm_stats(data) -> tuple[list[float], list[float]] | None:
+    """(μ, σ) of a run's per-channel normalisation (``data.latent_norm: channel``), else None."""
+    if data.latent_norm != "channel":
+        return None
+    if data.latent_mean is None or data.latent_std is None:
+        raise ValueError("data.latent_norm=channel needs data.latent_mean and data.latent_std (the cache's "
+                         "per-channel statistics, which training takes from its manifest)")
+    return data.latent_mean, data.latent_std
+
+
+def decode_latents(vae, x: torch.Tensor, data) -> torch.Tensor:
+    """Images in [-1, 1] from what a latent model made, with the run's data config ``data``: its
+    per-channel normalisation undone, then through the VAE with the cache's scale and shift
+    (``data.latent_scale``, ``data.latent_shift``; unset: the VAE's own)."""
+    stats = norm_stats(data)
+    if stats is not None:
+        x = denormalize(x.float(), *stats)
+    return decode(vae, x, scale=data.latent_scale, shift=data.latent_shift)
 
 
 def build_latent_cache(
@@ -206,21 +282,23 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Samples (z (4, h, w) float32, label int) from a latent cache.
+    """Samples (z (C, h, w) float32, label int) from a latent cache.
 
     flip: take the flipped view with probability 1/2 (the cached counterpart of DiT's random flip).
     sample_posterior: z = mean + std · ε, ε ~ N(0, I) (DiT's ``latent_dist.sample()``); else z = mean.
     images: samples are dicts {"x": z, "y": label, "image": (3, H, W) uint8 of the same view}, from a
     cache extracted with images (for REPA's encoder).
+    norm: (μ, σ) per channel: samples are (z − μ_c) / σ_c (``data.latent_norm: channel``).
     Randomness is a function of (seed, epoch, index): the same for any number of workers; call
     ``set_epoch`` each epoch.
     """
 
     def __init__(
         self, cache_dir: str | os.PathLike, flip: bool = True, sample_posterior: bool = True, seed: int = 0,
-        images: bool = False,
+        images: bool = False, norm: tuple[list[float], list[float]] | None = None,
     ):
         self.dir = Path(cache_dir)
+        self.norm = norm
         self.manifest = read_manifest(self.dir)
         if images and not self.manifest.get("images"):
             raise ValueError(f"latent cache {self.dir} holds no images, which REPA's encoder needs (model.repa_depth): "
@@ -278,10 +356,12 @@ class LatentDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         view = int(torch.randint(2, (), generator=g)) if self.flip else 0
         f = self._shard(k)
-        z = f.get_slice("mean")[i, view].float()  # (4, h, w)
+        z = f.get_slice("mean")[i, view].float()  # (C, h, w)
         label = int(f.get_slice("label")[i])
         if self.sample_posterior:
             z = z + f.get_slice("std")[i, view].float() * torch.randn(z.shape, generator=g)
+        if self.norm is not None:
+            z = normalize(z, *self.norm)
         if not self.images:
             return z, label
         image = f.get_slice("image")[i]  # (3, H, W) uint8

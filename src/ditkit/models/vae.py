@@ -1,8 +1,14 @@
-"""The Stable Diffusion VAE (diffusers ``AutoencoderKL``) whose latent space DiT is trained in.
+"""The VAE (diffusers ``AutoencoderKL``) whose latent space DiT is trained in: Stable Diffusion's, or any
+other AutoencoderKL saved as a local folder (4, 16 or 32 latent channels, downsampling by 8 or 16).
 
-A 256×256×3 image in [-1, 1] maps to a 32×32×4 latent; DiT works on z = 0.18215 · latent, the
-factor that brings SD latents to roughly unit variance (the same constant as the official DiT).
-Weights are never downloaded here: ``load_vae`` reads a local folder or file.
+With SD's VAE a 256×256×3 image in [-1, 1] maps to a 32×32×4 latent; DiT works on z = 0.18215 · latent,
+the factor that brings SD latents to roughly unit variance (the same constant as the official DiT).
+Every VAE brings its own units in its config, as diffusers writes them:
+
+    z = (latent − shift_factor) · scaling_factor          latent = z / scaling_factor + shift_factor
+
+(SD: scaling_factor 0.18215, no shift_factor); ``encode`` and ``decode`` read them from the VAE unless
+told otherwise.  Weights are never downloaded here: ``load_vae`` reads a local folder or file.
 """
 from __future__ import annotations
 
@@ -120,32 +126,56 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
     return vae.to(device=device).eval().requires_grad_(False)
 
 
+def scale_and_shift(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of the VAE's config: its latent units (SD's VAE: 0.18215 and no shift, 0.0)."""
+    config = vae.config
+    return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
+
+
+def downsampling(vae) -> int:
+    """Image pixels per latent cell along each side: 2^(levels − 1), one halving between levels of the encoder."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _vae_place(vae) -> tuple[torch.device, torch.dtype]:
     p = next(vae.parameters())
     return p.device, p.dtype
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor, scale: float = LATENT_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(vae, images: torch.Tensor, scale: float | None = None, shift: float | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior q(z | x) = N(mean, std²) of images (B, 3, H, W) in [-1, 1], in DiT's scaled units.
 
-    Returns float32 (mean, std), each (B, 4, H/8, W/8), already multiplied by ``scale``, so that
-    z = mean + std · ε is what DiT's train.py gets from ``latent_dist.sample().mul_(0.18215)``.
+    Returns float32 (mean, std), each (B, C, H/f, W/f) (f = ``downsampling(vae)``), as
+    ((mean − shift) · scale, std · scale) with the VAE's own scale and shift unless given, so that
+    z = mean + std · ε is what DiT's train.py gets from ``latent_dist.sample().mul_(0.18215)`` with SD's VAE.
     """
+    own_scale, own_shift = scale_and_shift(vae)
+    scale, shift = own_scale if scale is None else scale, own_shift if shift is None else shift
     device, dtype = _vae_place(vae)
     dist = vae.encode(images.to(device=device, dtype=dtype)).latent_dist
-    return dist.mean.float() * scale, dist.std.float() * scale
+    mean = dist.mean.float()
+    if shift:
+        mean = mean - shift
+    return mean * scale, dist.std.float() * scale
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, scale: float = LATENT_SCALE, chunk: int = 32) -> torch.Tensor:
-    """Images (B, 3, 8h, 8w) in [-1, 1] (float32) from scaled latents (B, 4, h, w).
+def decode(vae, latents: torch.Tensor, scale: float | None = None, shift: float | None = None,
+           chunk: int = 32) -> torch.Tensor:
+    """Images (B, 3, f·h, f·w) in [-1, 1] (float32) from scaled latents (B, C, h, w): z / scale + shift goes
+    to the decoder, with the VAE's own scale and shift unless given.
 
     Decodes ``chunk`` latents at a time: the decoder's full-resolution activations take about
     0.25 GB per 256-pixel image in float32, so a sampling batch of a few hundred would not fit.
     """
+    own_scale, own_shift = scale_and_shift(vae)
+    scale, shift = own_scale if scale is None else scale, own_shift if shift is None else shift
     device, dtype = _vae_place(vae)
     latents = latents.to(device=device, dtype=dtype) / scale
+    if shift:
+        latents = latents + shift
     images = torch.cat([vae.decode(part).sample for part in latents.split(chunk)])
     return images.float().clamp_(-1, 1)
 
