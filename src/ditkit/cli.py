@@ -27,7 +27,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="a packaged config: digits, imagenet256, imagenet512, fields64, cosmo128")
+    from ditkit.config import preset_names
+
+    p.add_argument("--preset", help=f"a packaged config: {', '.join(preset_names())}")
     p.add_argument("--config", help="a YAML config file (applied after the preset), or the cosmology framework's dit.ini")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
