@@ -4,6 +4,7 @@ offsets per axis, the errors, the config and the speed door."""
 import copy
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,14 @@ def test_the_speed_door_serves_models_of_any_dimension(case):
         outs.append([out.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+
+
+def test_the_guide_runs_as_written():
+    """docs/training.md#tokens-of-any-dimension: its Python block, as a user types it."""
+    text = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
+    section = text.split("## Tokens of any dimension", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(code, scope)
+    assert scope["out"].shape == (2, 8, 4, 8, 8) and scope["x"].shape == (8, 2, 64)
+    assert scope["model"].grid_size == (16,) and scope["nfe"] == 20  # Heun: 2 per step
