@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ditkit.checkpoints.diffusers import to_diffusers_state_dict
 from ditkit.checkpoints.official import model_config
 from ditkit.config import ConfigError, load_config
 from ditkit.fast.recipes import TrainRun, TrainSpeed, train_speed
@@ -222,3 +223,10 @@ def test_the_guide_runs_as_written():
     exec(code, scope)
     assert scope["out"].shape == (2, 8, 4, 8, 8) and scope["x"].shape == (8, 2, 64)
     assert scope["model"].grid_size == (16,) and scope["nfe"] == 20  # Heun: 2 per step
+
+
+def test_diffusers_export_refuses_what_its_2d_model_cannot_hold():
+    for size, patch in (((16,), 4), ((4, 8, 8), (1, 2, 2)), ((8, 8, 8), 2), ((8, 8), (2, 2))):
+        model = DiT(input_size=size, patch_size=patch, **TINY)
+        with pytest.raises(ValueError, match="diffusers' DiT takes images"):
+            to_diffusers_state_dict(model.state_dict(), model_config(model))

@@ -95,7 +95,10 @@ def _check_exportable(config: Mapping) -> None:
         raise ValueError("diffusers' DiT is class-conditional; cannot export an unconditional model (num_classes=0)")
     if config.get("mlp_ratio", 4.0) != 4.0:
         raise ValueError(f"diffusers' DiT has an MLP ratio of 4; cannot export mlp_ratio={config['mlp_ratio']}")
-    size = config["input_size"]
+    size, patch = config["input_size"], config["patch_size"]
+    if not isinstance(size, int) and len(size) != 2 or not isinstance(patch, int):
+        raise ValueError(f"diffusers' DiT takes images (H, W) cut by one patch size; cannot export input size {size} "
+                         f"with patch size {patch}")
     if not isinstance(size, int) and size[0] != size[1]:
         raise ValueError(f"diffusers' DiT is square; cannot export input size {tuple(size)}")
 
