@@ -9,6 +9,16 @@ from torch import nn
 from ditkit.models.dit import build_model
 
 
+def randomised(model: nn.Module, seed: int = 1) -> nn.Module:
+    """``model`` with every trainable weight drawn from N(0, 0.1²): adaLN-Zero starts every block as the
+    identity (a zero output), and random weights make every path and option carry signal."""
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    return model
+
+
 def perturbed_dit() -> nn.Module:
     """DiT-S/8 on 16×16×4 latents, 10 classes, learned variance; adaLN-Zero's zero weights nudged off zero."""
     torch.manual_seed(0)

@@ -12,18 +12,11 @@ from ditkit.checkpoints.training import save_checkpoint
 from ditkit.config import ConfigError, load_config
 from ditkit.models.dit import DiT, build_model
 from ditkit.models.layers import RMSNorm, SwiGLU, apply_rope, rope_angles, swiglu_hidden
+from tests.models.dit_cases import randomised
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 COMBINATIONS = list(itertools.product(("sincos", "rope"), ("layernorm", "rmsnorm"), (False, True), ("gelu", "swiglu")))
 
-
-def _perturbed(model: DiT) -> DiT:
-    """adaLN-Zero starts every block as the identity; random weights make every option matter."""
-    torch.manual_seed(1)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.1)
-    return model
 
 
 @pytest.mark.parametrize("axis", ["row", "col"])
@@ -67,7 +60,7 @@ def test_rms_norm_is_scale_invariant_and_equals_torch():
 
 def test_qk_norm_makes_attention_independent_of_the_scale_of_q_and_k():
     torch.manual_seed(0)
-    model = _perturbed(DiT(**SMALL, qk_norm=True))
+    model = randomised(DiT(**SMALL, qk_norm=True))
     attn = model.blocks[0].attn
     x = torch.randn(2, 16, 64)
     ref = attn(x)
@@ -76,7 +69,7 @@ def test_qk_norm_makes_attention_independent_of_the_scale_of_q_and_k():
         attn.qkv.weight[: 2 * D] *= 5
         attn.qkv.bias[: 2 * D] *= 5
     torch.testing.assert_close(attn(x), ref, rtol=1e-4, atol=1e-5)
-    plain = _perturbed(DiT(**SMALL)).blocks[0].attn
+    plain = randomised(DiT(**SMALL)).blocks[0].attn
     out = plain(x)
     with torch.no_grad():
         plain.qkv.weight[: 2 * D] *= 5
@@ -101,7 +94,7 @@ def test_swiglu_equals_the_product_by_hand_and_keeps_the_parameter_count():
 @pytest.mark.parametrize("pos_embed, norm, qk_norm, mlp", COMBINATIONS)
 def test_every_combination_builds_runs_and_trains(pos_embed, norm, qk_norm, mlp):
     torch.manual_seed(0)
-    model = _perturbed(DiT(**SMALL, pos_embed=pos_embed, norm=norm, qk_norm=qk_norm, mlp=mlp))
+    model = randomised(DiT(**SMALL, pos_embed=pos_embed, norm=norm, qk_norm=qk_norm, mlp=mlp))
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
     out = model(x, t, y)
     assert out.shape == (2, 8, 8, 8) and torch.isfinite(out).all()
@@ -119,7 +112,7 @@ def test_every_combination_builds_runs_and_trains(pos_embed, norm, qk_norm, mlp)
 def test_rope_alone_carries_the_positions():
     """Without a table the tokens' order matters only through RoPE: with it, permuting the patches changes
     the output beyond moving it; with neither table nor RoPE attention would be permutation-equivariant."""
-    model = _perturbed(DiT(**SMALL, pos_embed="rope")).eval()
+    model = randomised(DiT(**SMALL, pos_embed="rope")).eval()
     x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.tensor([3])
     flipped = model(x.flip(-1), t, y).flip(-1)
     assert not torch.allclose(flipped, model(x, t, y), atol=1e-4)
@@ -137,7 +130,7 @@ def test_unknown_options_are_one_clear_error():
 def test_a_checkpoint_with_options_loads_back_with_the_same_outputs(tmp_path):
     cfg = load_config("digits", overrides=["model.pos_embed=rope", "model.norm=rmsnorm", "model.qk_norm=true",
                                            "model.mlp=swiglu"])
-    model = _perturbed(build_model(cfg.model.name, **cfg.model.kwargs())).eval()
+    model = randomised(build_model(cfg.model.name, **cfg.model.kwargs())).eval()
     assert model.options == {"pos_embed": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu"}
     state = {"model": model.state_dict(), "ema": model.state_dict(), "config": cfg.to_dict(), "step": 1}
     path = save_checkpoint(state, tmp_path, 1, keep_last=1)

@@ -15,27 +15,29 @@ from ditkit.config import ConfigError, load_config
 from ditkit.fast.recipes import TrainRun, TrainSpeed, train_speed
 from ditkit.models.dit import DiT, PatchEmbed, build_model
 from ditkit.models.grid import TokenGrid
-from ditkit.models.layers import apply_rope, grid_rope_angles, rope_angles, rope_axis_pairs
-from ditkit.models.pos_embed import sincos_2d_pos_embed, sincos_3d_pos_embed, sincos_pos_embed
+from ditkit.models.layers import (
+    apply_rope,
+    grid_rope_angles,
+    rope_angles,
+    rope_axis_pairs,
+)
+from ditkit.models.pos_embed import (
+    sincos_2d_pos_embed,
+    sincos_3d_pos_embed,
+    sincos_pos_embed,
+)
+from tests.models.dit_cases import randomised
 
 TINY = dict(in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)
 CASES = {"1d": ((24,), 4), "3d": ((4, 8, 12), (2, 4, 4))}  # non-cubic, a patch per axis
 
-
-def _perturbed(model: DiT) -> DiT:
-    """adaLN-Zero starts every block as the identity (zero output); random weights make every path carry signal."""
-    torch.manual_seed(1)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.1)
-    return model
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
 def test_forward_and_backward_keep_the_input_shape(case, pos_embed):
     size, patch = CASES[case]
-    model = _perturbed(DiT(input_size=size, patch_size=patch, pos_embed=pos_embed, **TINY))
+    model = randomised(DiT(input_size=size, patch_size=patch, pos_embed=pos_embed, **TINY))
     x, t, y = torch.randn(2, 3, *size), torch.tensor([3.0, 700.0]), torch.tensor([1, 4])
     out = model(x, t, y)
     assert out.shape == (2, 6, *size) and torch.isfinite(out).all()  # learn_sigma: ε and v, 2 × 3 channels
@@ -53,7 +55,7 @@ def test_forward_and_backward_keep_the_input_shape(case, pos_embed):
 def test_conditioning_fields_and_tokens_of_any_dimension(case, field_mode):
     size, patch = CASES[case]
     kw = dict(TINY, num_classes=0, num_params=2, cond_channels=2, field_mode=field_mode, cond_mode="in_context")
-    model = _perturbed(DiT(input_size=size, patch_size=patch, learn_sigma=False, **kw))
+    model = randomised(DiT(input_size=size, patch_size=patch, learn_sigma=False, **kw))
     out = model(torch.randn(2, 3, *size), torch.tensor([1.0, 9.0]), params=torch.randn(2, 2),
                 field=torch.randn(2, 2, *size))
     assert out.shape == (2, 3, *size) and torch.isfinite(out).all()
@@ -199,7 +201,7 @@ def test_the_speed_door_serves_models_of_any_dimension(case):
     """The fused levers work on tokens (B, N, D): through the door, a 1D or 3D model gives the plain outputs
     and gradients (on a CPU the fused modules compute with torch's ops)."""
     size, patch = CASES[case]
-    plain = _perturbed(DiT(input_size=size, patch_size=patch, **TINY)).eval()
+    plain = randomised(DiT(input_size=size, patch_size=patch, **TINY)).eval()
     fused = copy.deepcopy(plain)
     levers = TrainSpeed(fused_mlp=True, fused_attention=True, tuned_linear=True, fused_norm=True)
     plan = train_speed(levers, TrainRun(device=torch.device("cpu"), amp_dtype=None))
