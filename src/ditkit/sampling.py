@@ -73,6 +73,24 @@ def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dic
     return x, counter.nfe
 
 
+@torch.no_grad()
+def generate_lengths(model: nn.Module, objective, lengths: list[int], model_kwargs: dict, cfg: SampleConfig,
+                     channels: int, generator: torch.Generator | None = None,
+                     progress: bool = False) -> tuple[list[torch.Tensor], int]:
+    """Sequences of the given ``lengths``, one per sample, from a 1D model (lengths up to its L, multiples of its
+    patch size): the batch's noise (B, C, max(lengths)) with its padding mask (B, max(lengths)) goes through
+    ``generate`` (guidance doubles the mask with the other conditions), and each sample comes back cut to its
+    length, a (C, L_i) tensor.  Returns (the sequences, NFE)."""
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"lengths must be at least 1 each, got {list(lengths)}")
+    device = next(model.parameters()).device
+    longest = max(lengths)
+    mask = torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]  # (B, L) True = real
+    noise = torch.randn(len(lengths), channels, longest, generator=generator).to(device)  # drawn on the CPU
+    x, nfe = generate(model, objective, noise, {**model_kwargs, "mask": mask}, cfg, progress=progress)
+    return [x[i, :, :n] for i, n in enumerate(lengths)], nfe
+
+
 def save_sample_grid(x: torch.Tensor, cfg: Config, path: Path, nrow: int, vae=None) -> np.ndarray:
     """A PNG of samples, upscaled so small images are visible: pixels as they are; latents through
     ``vae`` when given (the run's latent normalisation undone, ``decode_latents``); anything else (fields,

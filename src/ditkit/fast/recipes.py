@@ -129,6 +129,7 @@ class TrainRun:
     cross_attention: bool = False  # the blocks attend to conditioning tokens (fields, cond_mode)
     activation_checkpointing: bool = False
     block: frozenset[str] = frozenset()  # the blocks' architecture options off the official block (block_options)
+    masked: bool = False  # batches of variable lengths: the network gets a padding mask (DiT.forward's mask)
 
 
 # option -> (the lever that computes the official block's form of it, why it cannot serve the option)
@@ -172,6 +173,11 @@ def _train_conflicts(s: TrainSpeed, run: TrainRun) -> dict[str, str]:
         lever, reason = _BLOCK_CONFLICTS[option]
         if getattr(s, lever):
             why.setdefault(lever, reason)
+    if run.masked:  # the plain modules take the mask; these compute attention in operators without one
+        for lever, reason in (("fused_attention", "its operator takes no attention mask (variable lengths)"),
+                              ("fused_norm", "its blocks call attention without the padding mask (variable lengths)")):
+            if getattr(s, lever):
+                why.setdefault(lever, reason)
     if (s.fp8_forward or s.fp8_backward) and run.cross_attention:
         for lever in ("fp8_forward", "fp8_backward"):
             if getattr(s, lever):

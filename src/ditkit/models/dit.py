@@ -108,7 +108,11 @@ class Attention(nn.Module):
     Options (off: the official attention): ``qk_norm`` puts an RMSNorm (learned weight) on each head's
     q and k, so the logits q·k/√d stay bounded whatever the scale of the activations; ``rope_grid``, the
     token grid's shape ((h, w) in 2D, (L,) or (t, h, w) otherwise), rotates q and k by the tokens' axial
-    rotary angles, so q·k depends on relative offsets along each axis."""
+    rotary angles, so q·k depends on relative offsets along each axis.
+
+    ``mask`` (B, N) bool, True for real tokens, is a key padding mask: no query gives a padded key any
+    weight.  Padded queries still attend to the real keys, so no row is empty (and none NaN) as long as
+    every sample holds a real token (``TokenGrid.token_mask`` checks it)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
                  rope_grid: tuple[int, ...] | None = None):
@@ -132,7 +136,7 @@ class Attention(nn.Module):
         """Whether this is the official attention (no QK-norm, no RoPE)."""
         return self.rope_grid is None and not hasattr(self, "q_norm")
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The heads' outputs, concatenated (B, N, D): the input of ``proj``."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -140,13 +144,16 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_grid is not None:
-            angles = grid_rope_angles(D // self.num_heads, self.rope_grid, x.device)  # (N, D/heads/2)
+            # A sequence may be shorter than the model's length (a padded batch): its tokens sit at 0..N−1.
+            grid = self.rope_grid if len(self.rope_grid) > 1 else (N,)
+            angles = grid_rope_angles(D // self.num_heads, grid, x.device)  # (N, D/heads/2)
             q, k = apply_rope(q, angles), apply_rope(k, angles)
-        x = F.scaled_dot_product_attention(q, k, v)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N): keys, broadcast over heads, queries
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return x.transpose(1, 2).reshape(B, N, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.attend(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.attend(x) if mask is None else self.attend(x, mask=mask))
 
 
 def make_norm(norm: str, dim: int) -> nn.Module:
@@ -199,9 +206,10 @@ class DiTBlock(nn.Module):
             self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
             self.cross_attn = CrossAttention(hidden_size, num_heads)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask)
         if context is not None:
             x = x + self.cross_attn(self.norm_cross(x), context)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -315,6 +323,9 @@ class DiT(nn.Module):
                                     ("mlp", mlp, ("gelu", "swiglu"))):
             if value not in choices:
                 raise ValueError(f"{key} must be {' or '.join(map(repr, choices))}, got {value!r}")
+        if pos_embed == "rope" and cond_mode == "in_context":
+            raise ValueError("pos_embed='rope' does not combine with cond_mode='in_context': the appended condition "
+                             "tokens have no position on the token grid")
         if repa_depth is not None and not 1 <= repa_depth <= depth:
             raise ValueError(f"repa_depth must be a block in 1..{depth} (the depth), got {repa_depth}")
         if repa_dim <= 0:
@@ -405,9 +416,10 @@ class DiT(nn.Module):
         if not P and params is not None:
             raise ValueError("model was built without params (num_params=0) but params were given")
         C = self.cond_channels
-        if C and (field is None or tuple(field.shape) != (B, C, *self.input_size)):
+        size = tuple(x.shape[2:])  # the input's size: the model's, or a padded batch's length
+        if C and (field is None or tuple(field.shape) != (B, C, *size)):
             got = None if field is None else tuple(field.shape)
-            raise ValueError(f"model expects a conditioning field of shape ({B}, {C}, {', '.join(map(str, self.input_size))}), got {got}")
+            raise ValueError(f"model expects a conditioning field of shape ({B}, {C}, {', '.join(map(str, size))}), got {got}")
         if not C and field is not None:
             raise ValueError("model was built without a conditioning field (cond_channels=0) but field was given")
 
@@ -424,17 +436,28 @@ class DiT(nn.Module):
         field: torch.Tensor | None = None,
         force_drop_ids: torch.Tensor | None = None,
         return_repa: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) noisy input ((B, C, L) or (B, C, T, H, W) for a model built so); t: (B,) network
         time; y: (B,) labels (``num_classes`` = null); params: (B, P) continuous parameters; field:
         (B, C_cond, *input_size) spatial conditioning.
         ``force_drop_ids`` (B,) with 1 where all conditioning is replaced by its null (for guidance).
         ``return_repa``: also return REPA's projection of the image tokens after block ``repa_depth``,
-        (B, N, repa_dim)."""
+        (B, N, repa_dim).
+
+        Variable lengths (1D models): x may be (B, C, L') with L' ≤ the model's L, a batch padded to its longest
+        sequence, and ``mask`` (B, L') bool marks the real positions (True) of each; lengths must be multiples of
+        the patch size.  Attention gives padded tokens no weight and positions count from each sequence's start,
+        so the output on the real positions does not depend on the padding; the output on padding is not
+        meaningful (a loss leaves it out)."""
         if return_repa and self.repa_depth is None:
             raise ValueError("return_repa needs a model built with repa_depth (REPA's projector)")
-        self.grid.check(x)
+        grid = self.grid.of_input(x)
         self._check_conditions(x, y, params, field)
+        keep = None if mask is None else grid.token_mask(mask)  # (B, N) True for real tokens
+        if keep is not None and self.field_mode == "cross_attention":
+            raise ValueError("a mask does not combine with field_mode='cross_attention' (its field tokens have no "
+                             "padding mask); use field_mode='concat'")
         if self.training and force_drop_ids is None and (self.cond.num_params or self.cond_channels):
             # One mask for every condition: guidance's unconditional branch drops them all at once,
             # so training must see them dropped together (independent masks almost never would).
@@ -446,7 +469,7 @@ class DiT(nn.Module):
             x = torch.cat([x, field.to(x.dtype)], dim=1)
         tokens = self.x_embedder(x)  # (B, N, D)
         if self.pos_embed is not None:
-            tokens = tokens + self.pos_embed
+            tokens = tokens + (self.pos_embed if grid is self.grid else self.pos_embed[:, :grid.num_tokens])
         t_emb = self.t_embedder(t)  # (B, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids) if self.num_classes > 0 else None
         p_emb = self.cond.embed_params(params, self.training, force_drop_ids)
@@ -463,17 +486,19 @@ class DiT(nn.Module):
             if self.cond_mode == "in_context":
                 tokens = torch.cat([tokens, extra], dim=1)
                 n_extra = extra.shape[1]
+                if keep is not None:
+                    keep = torch.cat([keep, keep.new_ones(keep.shape[0], n_extra)], dim=1)
             else:
                 context = extra if context is None else torch.cat([context, extra], dim=1)
 
-        num_patches = self.grid.num_tokens
+        num_patches = grid.num_tokens
         for k, block in enumerate(self.blocks, 1):
-            tokens = block(tokens, c, context)
+            tokens = block(tokens, c, context) if keep is None else block(tokens, c, context, keep)
             if return_repa and k == self.repa_depth:
                 aligned = self.repa_projector(tokens[:, :num_patches])  # (B, N, repa_dim), without in-context tokens
         if n_extra:
             tokens = tokens[:, :-n_extra]
-        out = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, *input_size)
+        out = grid.unpatchify(self.final_layer(tokens, c))  # (B, C_out, *input_size)
         return (out, aligned) if return_repa else out
 
     def forward_with_cfg(

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ditkit.objectives import direction_loss, mean_flat
+from ditkit.objectives import direction_loss, mean_flat, with_mask
 from ditkit.objectives.schedules import named_betas, respace_betas, space_timesteps
 from ditkit.samplers.ddpm import sample_ddim, sample_ddpm
 
@@ -268,14 +268,16 @@ class DDPM:
 
     # -------------------------------------------------------------------- losses
 
-    def vb_terms_bpd(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def vb_terms_bpd(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) term L_t of the variational bound, in bits per dimension:
-        KL(q(x_{t−1} | x_t, x_0) ‖ p(x_{t−1} | x_t)) for t > 0, −log p(x_0 | x_1) (discretized) at t = 0."""
+        KL(q(x_{t−1} | x_t, x_0) ‖ p(x_{t−1} | x_t)) for t > 0, −log p(x_0 | x_1) (discretized) at t = 0;
+        with ``mask``, bits per real dimension."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]), mask) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, means=out["mean"], log_scales=0.5 * out["log_variance"])
-        decoder_nll = mean_flat(nll) / math.log(2.0)
+        decoder_nll = mean_flat(nll, mask) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
     def training_losses(
@@ -285,15 +287,17 @@ class DDPM:
         t: torch.Tensor,
         model_kwargs: dict | None = None,
         noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses at steps t (B,): ``mse`` = ‖ε − ε_θ(x_t, t)‖² / D, and with a learned
         sigma ``vb`` = L_t of the bound, ``loss`` = mse + vb (IDDPM's L_hybrid; vb is a single
         term, i.e. λ = 1/T of L_vlb = T·E_t[L_t], IDDPM's λ = 0.001 at T = 1000); with ``cos_weight``
-        w > 0 also ``cos`` = 1 − cos(ε_θ, ε), and w · cos in ``loss``."""
+        w > 0 also ``cos`` = 1 − cos(ε_θ, ε), and w · cos in ``loss``.  ``mask`` (B, *size): every term a
+        mean over the real positions only, and the network gets it too (variable lengths)."""
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        model_output = model(x_t, self.net_time(t), **(model_kwargs or {}))
+        model_output = model(x_t, self.net_time(t), **with_mask(model_kwargs, mask))
         terms = {}
         if self.learn_sigma:
             C = x0.shape[1]
@@ -302,22 +306,23 @@ class DDPM:
             eps, v = torch.split(model_output, C, dim=1)
             # The bound trains only the variance: it sees a detached ε, so the mean is learned by
             # the MSE alone (IDDPM §3.1).
-            terms["vb"] = self.vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x0, x_t, t)
+            terms["vb"] = self.vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x0, x_t, t, mask)
         else:
             eps = model_output
-        terms["mse"] = mean_flat((noise - eps) ** 2)
+        terms["mse"] = mean_flat((noise - eps) ** 2, mask)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         if self.cos_weight > 0:
-            terms["cos"] = direction_loss(eps, noise)
+            terms["cos"] = direction_loss(eps, noise, mask=mask)
             terms["loss"] = terms["loss"] + self.cos_weight * terms["cos"]
         return terms
 
-    def loss(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+    def loss(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, model_kwargs: dict | None = None,
+             mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The objective protocol's training loss: t per sample from ``sample_timesteps`` (U{0, …, T−1} by
-        default), on x0's device."""
+        default), on x0's device; ``mask`` as in ``training_losses``."""
         t = sample_timesteps(x0.shape[0], self.num_timesteps, self.time_sampling, self.logit_mean, self.logit_std,
                              self.shift, device=x0.device)
-        return self.training_losses(model, x0, t, model_kwargs)
+        return self.training_losses(model, x0, t, model_kwargs, mask=mask)
 
     # ------------------------------------------------------------------ sampling
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditkit.objectives import direction_loss, mean_flat
+from ditkit.objectives import direction_loss, mean_flat, with_mask
 from ditkit.objectives.paths import PREDICTIONS, VPPath, convert, expand_like, g2, interpolate, make_path
 from ditkit.samplers.ode import dopri5, euler, heun, shift_time, shifted_grid, uniform_grid
 from ditkit.samplers.sde import diffusion_fn, euler_maruyama
@@ -117,6 +117,7 @@ class FlowMatching:
         model_kwargs: dict | None = None,
         noise: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses (B,).  ``x0`` is the clean data (the protocol's name; x1 in flow
         notation); ``noise`` (flow's x0) and ``t`` (B,) default to fresh draws.
@@ -124,25 +125,26 @@ class FlowMatching:
             velocity:  ‖v̂ − u_t‖²      noise:  λ_t ‖ε̂ − x0‖²      score:  λ_t ‖σ_t ŝ + x0‖²
 
         With ``cos_weight`` w > 0, ``cos`` = 1 − cos(prediction, target) (targets u_t, x0, −x0 /
-        σ_t: the score's direction is −x0's) is added as w · cos."""
+        σ_t: the score's direction is −x0's) is added as w · cos.  ``mask`` (B, *size): means over the real
+        positions only, and the network gets it too (variable lengths)."""
         x1 = x0
         C = x1.shape[1]
         if t is None:
             t = self.sample_time(x1.shape[0], device=x1.device)
         eps = torch.randn_like(x1) if noise is None else noise
         x_t, u_t = interpolate(self.path, t, eps, x1)
-        out = model(x_t, self.time_scale * t.to(x1.dtype), **(model_kwargs or {}))[:, :C]  # learned-σ channels unused
+        out = model(x_t, self.time_scale * t.to(x1.dtype), **with_mask(model_kwargs, mask))[:, :C]  # learned-σ channels unused
         if self.prediction == "velocity":
-            mse = mean_flat((out - u_t) ** 2)
+            mse = mean_flat((out - u_t) ** 2, mask)
             terms = {"loss": mse, "mse": mse}
         else:
             sigma = expand_like(self.path.coefficients(t)[1], x1)
             err = out - eps if self.prediction == "noise" else sigma * out + eps
-            mse = mean_flat(err**2)
+            mse = mean_flat(err**2, mask)
             terms = {"loss": self._weight(t).to(mse.dtype) * mse, "mse": mse}
         if self.cos_weight > 0:
             target = {"velocity": u_t, "noise": eps, "score": -eps}[self.prediction]
-            terms["cos"] = direction_loss(out, target)
+            terms["cos"] = direction_loss(out, target, mask=mask)
             terms["loss"] = terms["loss"] + self.cos_weight * terms["cos"]
         return terms
 
