@@ -1,6 +1,8 @@
 """Variable lengths: a 1D DiT on a batch padded to its longest sequence, with a (B, L) padding mask.  The key
 property: the output on a sequence's real positions is the output of that sequence alone, whatever the
 padding holds and whatever the position embedding (sin-cos table or RoPE); the errors; the speed door."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,3 +85,12 @@ def test_the_speed_door_leaves_the_fused_attention_out_of_masked_runs():
     assert resolve_train_speed("fast", TrainRun(gpu, torch.bfloat16))[0].fused_attention
     with pytest.raises(ValueError, match="fused_attention=True cannot serve this run: its operator takes no attention mask"):
         resolve_train_speed(TrainSpeed(fused_attention=True), TrainRun(gpu, torch.bfloat16, masked=True))
+
+
+def test_the_guide_runs_as_written():
+    """docs/training.md#variable-lengths: its Python block, as a user types it."""
+    text = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
+    code = text.split("### Variable lengths", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(code, scope)
+    assert [tuple(s.shape) for s in scope["seqs"]] == [(2, 8), (2, 40), (2, 64)] and scope["nfe"] == 5
