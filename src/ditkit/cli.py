@@ -101,6 +101,13 @@ def cmd_sample(args) -> None:
     settings = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale, "eta": args.eta,
                 "guided_channels": args.guided_channels, "grid": args.grid, "sde_diffusion": args.sde_diffusion,
                 "guidance_interval": args.guidance_interval}
+    if args.lengths:
+        from ditkit.generation import sequences_to_npz
+
+        labels = None if args.labels in ("balanced", "random") else [v.strip() for v in args.labels.split(",")]
+        print(sequences_to_npz(args.ckpt, args.out, [int(v) for v in args.lengths.split(",")], labels=labels,
+                               seed=args.seed, ema=not args.no_ema, device=args.device, **settings))
+        return
     line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                              settings=settings, speed=args.speed, labels=args.labels, seed=args.seed, vae=args.vae,
                              cond=args.cond, ema=not args.no_ema, device=args.device)
@@ -230,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="local VAE (folder or file) to decode latents")
     p.add_argument("--cond", help="models on params/fields: .npz with 'params' (N, P) and/or 'field' (N, C, H, W), "
                                   "physical units; one sample per row")
+    p.add_argument("--lengths", help="models of sequences (data.kind=sequences): one sample per length, 64,128,... "
+                                     "(multiples of the patch size), into samples.npz in the data's units")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU if any)")
     p.set_defaults(func=cmd_sample)

@@ -137,7 +137,7 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     """The training data."""
-    kind: str = opt("latents", "digits | images | latents | fields")
+    kind: str = opt("latents", "digits | images | latents | fields | sequences")
     path: str | None = opt(None, "the data: an image folder, a latent cache, or the fields' x array (digits: none)")
     labels_file: str | None = opt(None, "images: a file of 'image_path class_id' lines (none: ImageFolder classes)")
     class_names: list | None = opt(None, "names of the class ids 0..K-1 (taken from the class folders or the "
@@ -233,7 +233,8 @@ class Config:
         betas = t.adam_betas
         checks = [
             (self.objective.name in ("ddpm", "flow"), "objective.name", "ddpm or flow"),
-            (self.data.kind in ("digits", "images", "latents", "fields"), "data.kind", "digits, images, latents or fields"),
+            (self.data.kind in ("digits", "images", "latents", "fields", "sequences"), "data.kind",
+             "digits, images, latents, fields or sequences"),
             (self.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto, fp32, bf16 or fp16"),
             (self.train.distributed in ("ddp", "fsdp"), "train.distributed", "ddp or fsdp"),
             (self.train.ckpt_format in ("pt", "safetensors"), "train.ckpt_format", "pt or safetensors"),

@@ -112,6 +112,8 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed).
     NaN or inf in ``params``, ``field`` or ``cfg_scale`` is refused: it would only yield NaN samples."""
     device = next(model.parameters()).device
+    if cfg.data.kind == "sequences":
+        raise ValueError(SEQUENCES_HINT)
     if labels is not None:
         if cfg.model.num_classes <= 0:
             raise ValueError("this model is unconditional (num_classes=0): give no labels")
@@ -158,6 +160,51 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     bar.close()
     x = torch.cat(xs)
     return Samples(images=_images(x, cfg, vae), x=x, labels=labels, nfe=nfe)
+
+
+SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence per length: ditkit sample --lengths "
+                  "64,128,..., or ditkit.generation.sample_sequences(checkpoint, lengths=[64, 128, ...])")
+
+
+@torch.no_grad()
+def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | None = None, seed: int = 0,
+                     ema: bool = True, device: str | None = None, **settings) -> list[np.ndarray]:
+    """One sequence per length in ``lengths`` from a checkpoint trained on ``data.kind=sequences``, each a (C, L_i)
+    float64 array in the data's units (the run's per-channel normalisation undone).  ``labels``: class ids or names,
+    one per length (default: classes in turn); ``settings``: ``sample.<key>`` overrides (steps, cfg_scale, sampler)."""
+    from ditkit.checkpoints import load_run
+    from ditkit.data.sequences import SequenceNormalizer
+    from ditkit.sampling import generate_lengths
+
+    model, cfg, stored = load_run(ckpt, use_ema=ema, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.data.kind != "sequences" or "normalizer" not in stored:
+        raise ValueError(f"{ckpt} is not a checkpoint of a run on data.kind=sequences")
+    cfg = with_sample_settings(cfg, **settings)
+    kwargs = {}
+    if cfg.model.num_classes > 0:
+        ids = class_ids(list(labels), cfg) if labels is not None else sample_labels(range(len(lengths)),
+                                                                                      cfg.model.num_classes,
+                                                                                      "balanced", seed).tolist()
+        if len(ids) != len(lengths):
+            raise ValueError(f"{len(ids)} labels for {len(lengths)} lengths")
+        kwargs["y"] = torch.tensor(ids, device=next(model.parameters()).device)
+    torch.manual_seed(seed)  # the sampler's own noise (DDPM, SDE)
+    seqs, _ = generate_lengths(model, build_objective(cfg), list(lengths), kwargs, cfg.sample,
+                               channels=cfg.model.in_channels, generator=torch.Generator().manual_seed(seed))
+    norm = SequenceNormalizer(stored["normalizer"])
+    return [norm.denormalize(s.double().cpu()).numpy() for s in seqs]
+
+
+def sequences_to_npz(ckpt: str | Path, out: str | Path, lengths: list[int], **kwargs) -> str:
+    """``ditkit sample --lengths``: ``sample_sequences`` into ``out/samples.npz``, one key per sample (``seq_0000``,
+    a (C, L_i) array) and ``lengths``.  Returns the line to print."""
+    from ditkit.utils.io import atomic_save_npz
+
+    seqs = sample_sequences(ckpt, lengths, **kwargs)
+    path = Path(out) / "samples.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_npz(path, lengths=np.array(lengths), **{f"seq_{i:04d}": s for i, s in enumerate(seqs)})
+    return f"{len(seqs)} sequences of lengths {min(lengths)} to {max(lengths)}, in the data's units -> {path}"
 
 
 #################################################################################
@@ -226,6 +273,8 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
             print(f"guidance scale {cfg.sample.cfg_scale:g}: the official sample.py's default for weights without a run "
                   "config (--cfg-scale to change it)")
         cfg = with_sample_settings(cfg, **settings)
+        if cfg.data.kind == "sequences":
+            raise ValueError(SEQUENCES_HINT)
         speed = speed or cfg.sample.speed
         if cfg.model.num_params or cfg.model.cond_channels:
             return _sample_fields(ckpt, model, cfg, stored, cond, out, batch_size, speed, seed, info.device)

@@ -3,7 +3,8 @@
 The trainer sees dicts: "x" (the clean sample: pixels, a VAE latent drawn from its cached
 posterior, a normalised field) and the conditioning the model takes: "y" (class label),
 "params" (continuous parameters), "field" (spatial conditioning); and what the loss alone reads:
-"image" (the pixels beside cached latents, for REPA's encoder)."""
+"image" (the pixels beside cached latents, for REPA's encoder), "mask" (the (B, L) padding mask of a batch of
+sequences, made by their collate, ``ditkit.data.sequences.pad_batch``; the loss hands it on to the network)."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,7 @@ from ditkit.config import Config, ConfigError
 from ditkit.data.sampler import step_seed
 
 COND_KEYS = ("y", "params", "field")
-LOSS_KEYS = ("image",)
+LOSS_KEYS = ("image", "mask")
 
 
 class EpochIndexed(Dataset):
@@ -68,6 +69,14 @@ def build_dataset(cfg: Config) -> EpochIndexed:
         inner = FieldDataset(d.path, d.params_file, d.field_file, param_names=d.param_names,
                              log_channels=d.log_transform, field_log_channels=d.field_log_transform,
                              augment=d.flip)
+    elif kind == "sequences":
+        from ditkit.data.facts import patch_1d
+        from ditkit.data.sequences import SequenceDataset
+
+        try:
+            inner = SequenceDataset(d.path, patch_1d(cfg), classes=cfg.model.num_classes > 0)
+        except ValueError as err:
+            raise ConfigError(f"data.path: {err}") from None
     else:
         raise ConfigError(f"unknown data.kind {kind!r}")
     found = getattr(inner, "num_classes", None)

@@ -26,10 +26,13 @@ DIGIT_NAMES = [str(k) for k in range(10)]
 
 def kind_of_path(path: str | os.PathLike) -> str:
     """The ``data.kind`` a path holds: a folder with a manifest is a latent cache, another folder an
-    image folder, an array file (``.npy``/``.npz``/HDF5) the fields' x, any other file a labels file."""
+    image folder (or, holding ``.npy`` files, a sequence folder), an array file (``.npy``/``.npz``/HDF5) the fields'
+    x, any other file a labels file."""
     p = Path(path)
     if p.is_dir():
-        return "latents" if (p / LATENT_MARKER).is_file() else "images"
+        if (p / LATENT_MARKER).is_file():
+            return "latents"
+        return "sequences" if any(True for pattern in ("*.npy", "*/*.npy") for _ in p.glob(pattern)) else "images"
     if not p.exists():
         raise ConfigError(f"data.path {p} does not exist")
     return "fields" if p.suffix.lower() in ARRAY_SUFFIXES else "images"
@@ -177,6 +180,35 @@ def _field_facts(cfg: Config) -> DataFacts:
     return facts
 
 
+def patch_1d(cfg: Config) -> int:
+    """The patch size of a 1D model (a named variant's from its name; the model's default 2 when unset)."""
+    m = cfg.model
+    p = (m.patch_size if m.name == "custom" else int(m.name.rsplit("/", 1)[1])) or 2
+    return p[0] if isinstance(p, (list, tuple)) else p
+
+
+def _sequence_facts(cfg: Config) -> DataFacts:
+    from ditkit.data.sequences import sequence_files, sequence_shape
+
+    d, m = cfg.data, cfg.model
+    try:
+        files, _, classes = sequence_files(d.path, classes=m.num_classes > 0)
+        shapes = [sequence_shape(f) for f in files]
+    except (ValueError, OSError) as err:
+        raise ConfigError(str(err)) from None
+    p, longest = patch_1d(cfg), max(s[1] for s in shapes)
+    what = f"{len(files)} sequences of {shapes[0][0]} channels, lengths {min(s[1] for s in shapes)} to {longest}"
+    facts = DataFacts(str(d.path), what, count=len(files))
+    facts.exact.update({"model.in_channels": shapes[0][0], "model.input_size": [-(-longest // p) * p]})
+    if classes:
+        facts.found += f" in {len(classes)} class folders"
+        facts.at_least["model.num_classes"] = len(classes)
+        facts.defaults.update({"model.num_classes": len(classes), "data.class_names": classes})
+    elif m.num_classes:
+        facts.exact["model.num_classes"] = 0
+    return facts
+
+
 def data_facts(cfg: Config) -> DataFacts:
     """What the data of ``cfg`` fixes (reads headers, manifests and folder listings, not the samples)."""
     kind = cfg.data.kind
@@ -187,7 +219,8 @@ def data_facts(cfg: Config) -> DataFacts:
                          defaults={"data.class_names": DIGIT_NAMES} if cfg.model.num_classes else {})
     if cfg.data.path is None:
         raise ConfigError(f"data.path must be set for data.kind={kind} (or give --data PATH)")
-    return {"images": _image_facts, "latents": _latent_facts, "fields": _field_facts}[kind](cfg)
+    return {"images": _image_facts, "latents": _latent_facts, "fields": _field_facts,
+            "sequences": _sequence_facts}[kind](cfg)
 
 
 def _get(cfg: Config, key: str) -> Any:

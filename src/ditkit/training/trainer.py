@@ -312,7 +312,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
             dev, amp_dtype, info.world_size, cfg.train.grad_accum, cfg.train.distributed if info.enabled else "none",
             cross_attention=bool(cfg.model.cond_channels and cfg.model.field_mode == "cross_attention")
             or cfg.model.cond_mode == "cross_attention",
-            activation_checkpointing=cfg.train.activation_checkpointing, block=block_options(model)))
+            activation_checkpointing=cfg.train.activation_checkpointing, block=block_options(model),
+            masked=cfg.data.kind == "sequences"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for note in plan.notes:
@@ -342,6 +343,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     sampler = ShardBatchSampler(len(dataset), cfg.train.global_batch_size, info.rank, info.world_size,
                                 cfg.train.grad_accum, cfg.train.seed, start_step)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        collate_fn=getattr(dataset.inner, "collate", None),  # sequences: pad and mask
                         pin_memory=dev.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     batches = iter(loader)
     if info.is_main:
@@ -355,7 +357,9 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
         _truncate_metrics(metrics_path, start_step)
         writer = open_loggers(cfg.train.log_to, run_dir, cfg.to_dict())
     # Every rank samples the grid: a sharded (FSDP) EMA needs all of them for a forward pass.
-    fixed = _fixed_sampling_inputs(cfg, dataset, dev) if cfg.train.sample_every else None
+    fixed = _fixed_sampling_inputs(cfg, dataset, dev) if cfg.train.sample_every and cfg.data.kind != "sequences" else None
+    if cfg.train.sample_every and cfg.data.kind == "sequences" and info.is_main:
+        log.info("sample grids: none for sequences (ditkit.generation.sample_sequences samples a checkpoint)")
     grid_vae = None
     if fixed is not None and cfg.data.kind == "latents" and cfg.train.vae and info.is_main:
         from ditkit.models.vae import load_vae
