@@ -145,6 +145,8 @@ class DataConfig:
     image_size: int = opt(256, "images: side after the center crop and resize")
     flip: bool = opt(True, "random horizontal flips")
     num_workers: int = opt(4, "DataLoader worker processes (0: load in the training process)")
+    length_buckets: int = opt(0, "sequences: sort each window of this many global batches by length, so that a batch "
+                                 "holds sequences of like lengths and little padding (0: off)")
     params_file: str | None = opt(None, "fields: table of the parameters to condition on")
     field_file: str | None = opt(None, "fields: array of the conditioning fields")
     param_names: list | None = opt(None, "fields: columns of params_file to use (none: all)")
@@ -258,6 +260,9 @@ class Config:
             (m.mlp in ("gelu", "swiglu"), "model.mlp", "gelu or swiglu"),
             (m.num_classes >= 0, "model.num_classes", "a non-negative integer (0: unconditional)"),
             (self.data.latent_norm in ("none", "channel"), "data.latent_norm", "none or channel"),
+            (self.data.length_buckets >= 0, "data.length_buckets", "a non-negative integer (0: off)"),
+            (self.data.length_buckets == 0 or self.data.kind == "sequences", "data.length_buckets",
+             "0 unless data.kind is sequences"),
             (self.data.latent_norm == "none" or self.data.kind == "latents", "data.latent_norm",
              "none unless data.kind is latents"),
             (self.data.latent_scale is None or self.data.latent_scale > 0, "data.latent_scale", "positive"),

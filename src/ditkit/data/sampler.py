@@ -22,10 +22,12 @@ class ShardBatchSampler:
     (epoch, index) keys (the epoch seeds each sample's augmentation, see ``EpochIndexed``).
 
     Epoch e is a permutation of the ``num_samples`` indices seeded by (seed, e).  The last
-    incomplete global batch of an epoch is dropped."""
+    incomplete global batch of an epoch is dropped.  With ``lengths`` (one per sample) and ``buckets`` > 0, each
+    window of ``buckets`` global batches of the permutation is sorted by length and its batches are shuffled: an
+    epoch holds the same samples, and a batch sequences of like lengths (little padding)."""
 
     def __init__(self, num_samples: int, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                 grad_accum: int = 1, seed: int = 0, start_step: int = 0):
+                 grad_accum: int = 1, seed: int = 0, start_step: int = 0, lengths=None, buckets: int = 0):
         shards = world_size * grad_accum
         if global_batch_size % shards:
             raise ValueError(f"global batch size {global_batch_size} is not divisible by "
@@ -40,10 +42,21 @@ class ShardBatchSampler:
         self.seed = seed
         self.step = start_step
         self.steps_per_epoch = self.n // global_batch_size
+        self.lengths = None if lengths is None or buckets <= 0 else torch.as_tensor(lengths)
+        self.buckets = buckets
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(step_seed(self.seed, epoch, 7919))
-        return torch.randperm(self.n, generator=g)
+        perm = torch.randperm(self.n, generator=g)
+        if self.lengths is None:
+            return perm
+        G, used = self.global_batch_size, self.steps_per_epoch * self.global_batch_size
+        windows = []
+        for lo in range(0, used, self.buckets * G):
+            w = perm[lo: min(lo + self.buckets * G, used)]
+            w = w[torch.argsort(self.lengths[w], stable=True)].view(-1, G)  # (batches, G), by length
+            windows.append(w[torch.randperm(len(w), generator=g)].reshape(-1))
+        return torch.cat([*windows, perm[used:]])
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, perm = -1, None

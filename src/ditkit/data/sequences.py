@@ -78,7 +78,7 @@ class SequenceDataset(Dataset):
         self.files, self.labels, self.classes = sequence_files(root, classes)
         self.num_classes = len(self.classes) or None
         self.patch_size = patch_size
-        total, sums, squares, channels = 0, None, None, None
+        total, sums, squares, channels, self.lengths = 0, None, None, None, []
         for path in self.files:
             a = self._read(path)
             if channels is None:
@@ -91,6 +91,7 @@ class SequenceDataset(Dataset):
             if not np.isfinite(a).all():
                 raise ValueError(f"sequence file {path} holds NaN or inf")
             total += a.shape[1]
+            self.lengths.append(a.shape[1])
             sums = a.sum(1) if sums is None else sums + a.sum(1)
             squares = (a * a).sum(1) if squares is None else squares + (a * a).sum(1)
         mean = sums / total

@@ -341,7 +341,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
 
     dataset = build_dataset(cfg)
     sampler = ShardBatchSampler(len(dataset), cfg.train.global_batch_size, info.rank, info.world_size,
-                                cfg.train.grad_accum, cfg.train.seed, start_step)
+                                cfg.train.grad_accum, cfg.train.seed, start_step,
+                                getattr(dataset.inner, "lengths", None), cfg.data.length_buckets)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         collate_fn=getattr(dataset.inner, "collate", None),  # sequences: pad and mask
                         pin_memory=dev.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
