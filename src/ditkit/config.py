@@ -272,6 +272,10 @@ class Config:
             (o.time_scale > 0, "objective.time_scale", "positive"),
             (o.repa_weight > 0, "objective.repa_weight", "positive"),
             (o.cos_weight >= 0, "objective.cos_weight", "non-negative (0: off)"),
+            # 1 − cos along the channels at each position: with one channel the cosine is only the sign of each
+            # value, whose gradient vanishes; on the digits it collapsed the samples (docs/reports, modern options)
+            (o.cos_weight == 0 or m.in_channels > 1, "objective.cos_weight",
+             "0 for one-channel data (the cosine is taken along the channels at each position)"),
             (m.repa_dim > 0, "model.repa_dim", "a positive integer (the encoder's feature width)"),
             (self.sample.steps > 0, "sample.steps", "a positive integer"),
             (self.sample.eta >= 0, "sample.eta", "non-negative"),

@@ -93,3 +93,12 @@ def test_ddpm_aims_the_eps_prediction_at_the_noise():
 def test_a_negative_weight_is_refused():
     with pytest.raises(ValueError, match="cos_weight must be non-negative"):
         FlowMatching(cos_weight=-1.0)
+
+
+def test_one_channel_data_is_refused_at_load():
+    """Along one channel the cosine is the sign of each value: no direction to learn (the digits collapsed)."""
+    from ditkit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="objective.cos_weight must be 0 for one-channel data"):
+        load_config("digits", ["objective.name=flow", "sample.sampler=euler", "objective.cos_weight=1"])
+    assert load_config("images32", ["objective.cos_weight=1"]).objective.cos_weight == 1.0
