@@ -101,6 +101,9 @@ class ModelConfig:
     repa_depth: int | None = opt(None, "REPA: align the tokens after this block (1..depth; the paper: 8 of 28) with a "
                                        "frozen encoder's features through a projector MLP (none: off)")
     repa_dim: int = opt(768, "REPA: width of the encoder's patch features (DINOv2-B: 768)")
+    context_dim: int = opt(0, "width of per-sample sequences of embeddings to cross-attend to (a text encoder's, or "
+                              "any; data.context_path), 0: none")
+    context_len: int = opt(256, "the longest conditioning sequence, in entries (the sin-cos table's length)")
 
     def kwargs(self) -> dict:
         """Constructor keyword arguments for ``build_model(self.name, **kwargs)``."""

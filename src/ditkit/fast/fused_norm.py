@@ -202,7 +202,10 @@ class FusedNormBlock(DiTBlock):
     defer_residual = False
     fp8_forward = False  # fc1's and qkv's forward in FP8 (``enable_fp8_forward``)
 
-    def forward(self, x, c: torch.Tensor, context: torch.Tensor | None = None):
+    def forward(self, x, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None):
+        if mask is not None:
+            raise ValueError("fused_norm blocks take no padding mask: the speed recipe leaves them out for masked runs")
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         fp8_attn = self.fp8_forward and isinstance(self.attn, FusedAttention) and context is None
         fp8_mlp = self.fp8_forward and isinstance(self.mlp, FusedMlp) and context is None
@@ -220,7 +223,7 @@ class FusedNormBlock(DiTBlock):
                 x, h = residual_modulated_norm(x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, a_bias)
         else:
             x = x + gate_msa.unsqueeze(1) * self.attn(h)
-            x = x + self.cross_attn(self.norm_cross(x), context)
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
             h = modulated_norm(x, shift_mlp, scale_mlp, self.norm2.eps)
         if self.defer_residual:
             # Under FSDP2 this block's gathered weights are freed after its forward, so fc2's bias cannot be

@@ -207,11 +207,11 @@ class DiTBlock(nn.Module):
             self.cross_attn = CrossAttention(hidden_size, num_heads)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask)
         if context is not None:
-            x = x + self.cross_attn(self.norm_cross(x), context)
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -269,6 +269,10 @@ class DiT(nn.Module):
     - ``cond_channels``: spatial conditioning fields of the input's size, either attended by
       cross-attention in every block (``field_mode="cross_attention"``) or concatenated to the
       input channels (``field_mode="concat"``, where a dropped field is zeros).
+    - ``context_dim``: per-sample sequences of embeddings (B, M, context_dim), M varying, with a key mask
+      (``forward``'s ``context`` and ``context_mask``): ``ditkit.models.conditioning.SequenceEmbedder`` makes them
+      tokens (at most ``context_len``) that every block cross-attends to, beside a field's; a learned null
+      sequence stands for a dropped one.
     - ``cond_mode``: how t and the class reach the blocks: ``"adaln"`` (adaLN-Zero, the paper's
       best), ``"cross_attention"`` (as extra tokens t, y (and params) attended by every block) or
       ``"in_context"`` (as those tokens appended to the sequence); the paper's ablation.
@@ -311,6 +315,8 @@ class DiT(nn.Module):
         mlp: str = "gelu",
         repa_depth: int | None = None,
         repa_dim: int = 768,
+        context_dim: int = 0,
+        context_len: int = 256,
     ):
         super().__init__()
         self.grid = TokenGrid.of(input_size, patch_size)
@@ -328,6 +334,8 @@ class DiT(nn.Module):
                              "tokens have no position on the token grid")
         if repa_depth is not None and not 1 <= repa_depth <= depth:
             raise ValueError(f"repa_depth must be a block in 1..{depth} (the depth), got {repa_depth}")
+        if context_dim < 0 or context_len < 1:
+            raise ValueError(f"context_dim must be ≥ 0 and context_len ≥ 1, got {context_dim} and {context_len}")
         if repa_dim <= 0:
             raise ValueError(f"repa_dim must be positive, got {repa_dim}")
         self.learn_sigma = learn_sigma
@@ -339,6 +347,7 @@ class DiT(nn.Module):
         self.cond_mode = cond_mode
         self.field_mode = field_mode if cond_channels else None
         self.cond_channels = cond_channels
+        self.context_dim = context_dim
         self.grid_size = self.grid.shape  # tokens along each axis
         self.mlp_ratio = mlp_ratio
         self.options = {"pos_embed": pos_embed, "norm": norm, "qk_norm": qk_norm, "mlp": mlp}
@@ -352,6 +361,7 @@ class DiT(nn.Module):
         self.cond = ConditionEmbedders(
             hidden_size, self.grid, num_params=num_params, param_dropout_prob=param_dropout_prob,
             field_channels=cond_channels if self.field_mode == "cross_attention" else 0,
+            context_dim=context_dim, context_len=context_len,
         )
         if pos_embed == "sincos":
             # Fixed sin-cos embedding; a buffer-like Parameter so the state dict holds "pos_embed" as officially.
@@ -359,7 +369,7 @@ class DiT(nn.Module):
         else:  # RoPE alone carries the positions, as in LightningDiT
             self.register_parameter("pos_embed", None)
 
-        cross = self.field_mode == "cross_attention" or cond_mode == "cross_attention"
+        cross = self.field_mode == "cross_attention" or cond_mode == "cross_attention" or context_dim > 0
         rope_grid = self.grid_size if pos_embed == "rope" else None
         self.blocks = nn.ModuleList([
             DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, cross_attention=cross, norm=norm, mlp=mlp,
@@ -402,7 +412,7 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    def _check_conditions(self, x: torch.Tensor, y, params, field) -> None:
+    def _check_conditions(self, x: torch.Tensor, y, params, field, context=None, context_mask=None) -> None:
         """Each conditioning input is given exactly when the model was built for it, with its shape."""
         B = x.shape[0]
         if self.num_classes > 0 and y is None:
@@ -422,6 +432,15 @@ class DiT(nn.Module):
             raise ValueError(f"model expects a conditioning field of shape ({B}, {C}, {', '.join(map(str, size))}), got {got}")
         if not C and field is not None:
             raise ValueError("model was built without a conditioning field (cond_channels=0) but field was given")
+        E = self.context_dim
+        if E and (context is None or context.dim() != 3 or context.shape[0] != B or context.shape[2] != E):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"model expects a conditioning sequence of shape ({B}, M, {E}), got {got}")
+        if not E and context is not None:
+            raise ValueError("model was built without sequence conditioning (context_dim=0) but context was given")
+        if context_mask is not None and (context is None or tuple(context_mask.shape) != tuple(context.shape[:2])):
+            want = None if context is None else tuple(context.shape[:2])
+            raise ValueError(f"context_mask must have the shape {want} of the context's (B, M), got {tuple(context_mask.shape)}")
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p·p·C) -> (B, C, H, W); in general (B, N, p_0·…·p_{d−1}·C) -> (B, C, *input_size)."""
@@ -437,6 +456,8 @@ class DiT(nn.Module):
         force_drop_ids: torch.Tensor | None = None,
         return_repa: bool = False,
         mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) noisy input ((B, C, L) or (B, C, T, H, W) for a model built so); t: (B,) network
         time; y: (B,) labels (``num_classes`` = null); params: (B, P) continuous parameters; field:
@@ -444,6 +465,8 @@ class DiT(nn.Module):
         ``force_drop_ids`` (B,) with 1 where all conditioning is replaced by its null (for guidance).
         ``return_repa``: also return REPA's projection of the image tokens after block ``repa_depth``,
         (B, N, repa_dim).
+        ``context`` (B, M, context_dim): per-sample sequences of embeddings, padded to the longest; ``context_mask``
+        (B, M) bool, True at real entries (None: all real).  A sample with no real entry is unconditional.
 
         Variable lengths (1D models): x may be (B, C, L') with L' ≤ the model's L, a batch padded to its longest
         sequence, and ``mask`` (B, L') bool marks the real positions (True) of each; lengths must be multiples of
@@ -453,12 +476,12 @@ class DiT(nn.Module):
         if return_repa and self.repa_depth is None:
             raise ValueError("return_repa needs a model built with repa_depth (REPA's projector)")
         grid = self.grid.of_input(x)
-        self._check_conditions(x, y, params, field)
+        self._check_conditions(x, y, params, field, context, context_mask)
         keep = None if mask is None else grid.token_mask(mask)  # (B, N) True for real tokens
         if keep is not None and self.field_mode == "cross_attention":
             raise ValueError("a mask does not combine with field_mode='cross_attention' (its field tokens have no "
                              "padding mask); use field_mode='concat'")
-        if self.training and force_drop_ids is None and (self.cond.num_params or self.cond_channels):
+        if self.training and force_drop_ids is None and (self.cond.num_params or self.cond_channels or self.context_dim):
             # One mask for every condition: guidance's unconditional branch drops them all at once,
             # so training must see them dropped together (independent masks almost never would).
             p = self.y_embedder.dropout_prob if self.num_classes > 0 else self.cond.dropout_prob
@@ -473,7 +496,14 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)  # (B, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids) if self.num_classes > 0 else None
         p_emb = self.cond.embed_params(params, self.training, force_drop_ids)
-        context = self.cond.embed_field(field, self.training, force_drop_ids) if self.field_mode == "cross_attention" else None
+        # the tokens every block cross-attends to: a field's, then a sequence's; key_mask (B, M) None when all are real
+        cross = self.cond.embed_field(field, self.training, force_drop_ids) if self.field_mode == "cross_attention" else None
+        key_mask = None
+        if self.context_dim:
+            seq, key_mask = self.cond.embed_sequence(context, context_mask, self.training, force_drop_ids)
+            if cross is not None and key_mask is not None:
+                key_mask = torch.cat([key_mask.new_ones(len(seq), cross.shape[1]), key_mask], dim=1)
+            cross = seq if cross is None else torch.cat([cross, seq], dim=1)
         c = self.cond.combine(t_emb, y_emb, p_emb)  # (B, D)
 
         n_extra = 0
@@ -489,11 +519,16 @@ class DiT(nn.Module):
                 if keep is not None:
                     keep = torch.cat([keep, keep.new_ones(keep.shape[0], n_extra)], dim=1)
             else:
-                context = extra if context is None else torch.cat([context, extra], dim=1)
+                cross = extra if cross is None else torch.cat([cross, extra], dim=1)
+                if key_mask is not None:
+                    key_mask = torch.cat([key_mask, key_mask.new_ones(len(extra), extra.shape[1])], dim=1)
 
         num_patches = grid.num_tokens
         for k, block in enumerate(self.blocks, 1):
-            tokens = block(tokens, c, context) if keep is None else block(tokens, c, context, keep)
+            if keep is None and key_mask is None:
+                tokens = block(tokens, c, cross)
+            else:
+                tokens = block(tokens, c, cross, keep, key_mask)
             if return_repa and k == self.repa_depth:
                 aligned = self.repa_projector(tokens[:, :num_patches])  # (B, N, repa_dim), without in-context tokens
         if n_extra:
