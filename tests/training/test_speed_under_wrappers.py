@@ -95,3 +95,19 @@ def test_torchrun_with_one_process_sets_up_a_group():
     assert out.returncode == 0 and out.stdout.split() == ["True", "True", "True", "1"], out.stdout + out.stderr[-2000:]
     plain = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert plain.stdout.split() == ["False", "False", "False", "1"], plain.stdout + plain.stderr[-2000:]
+
+
+@pytest.mark.parametrize("info, mode, parallel", [
+    (DistInfo(), "fsdp", "none"),  # python -m ditkit train: one plain process, whatever train.distributed says
+    (DistInfo(launched=True), "ddp", "ddp"),  # torchrun wraps even one process
+    (DistInfo(launched=True), "fsdp", "fsdp"),
+    (DistInfo(world_size=2), "fsdp", "fsdp"),
+])
+def test_one_decision_names_the_wrapper_for_the_plan_and_the_checkpoints(info, mode, parallel):
+    """``TrainRun.parallel`` (the speed plan's), the wrapper and the checkpoint helpers read the same decision."""
+    cfg = load_config("digits", overrides=[*TINY, f"train.distributed={mode}"])
+    assert trainer_module._parallel(cfg, info) == parallel
+    if parallel == "none":
+        model = torch.nn.Linear(2, 2)
+        assert trainer_module._wrap_distributed(model, cfg, info) is model
+        assert trainer_module._full_state_dict(model, cfg, info).keys() == model.state_dict().keys()

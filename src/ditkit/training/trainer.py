@@ -144,14 +144,20 @@ def _make_optimizer(model: nn.Module, ema: nn.Module, cfg: Config, plan) -> torc
                                                         fused=True)
 
 
+def _parallel(cfg: Config, info: DistInfo) -> str:
+    """The model's wrapper: none | ddp | fsdp (``TrainRun.parallel``; torchrun wraps even one process)."""
+    return cfg.train.distributed if info.enabled else "none"
+
+
 def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool = False, bf16_gather: bool = False,
                       comm_hook=None) -> nn.Module:
     """DDP for the trained model (``comm_hook``: its gradient all-reduce, from the speed plan); FSDP2
     (``fully_shard`` per block, then the root) shards the model and, identically, its EMA so that the EMA
     update is shard-by-shard.  ``bf16_gather`` (or ``train.fsdp_bf16_gather``): FSDP gathers bf16 weights."""
-    if not info.enabled or (ema and cfg.train.distributed != "fsdp"):
+    parallel = _parallel(cfg, info)
+    if parallel == "none" or (ema and parallel != "fsdp"):
         return model
-    if cfg.train.distributed == "fsdp":
+    if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # bf16 gathering: the blocks' inputs (the residual stream) keep their dtype; gradients are reduced in float32.
@@ -172,7 +178,7 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
 
 def _full_state_dict(model: nn.Module, cfg: Config, info: DistInfo) -> dict:
     """The unsharded state dict (gathered on every rank for FSDP, used on rank 0)."""
-    if info.enabled and cfg.train.distributed == "fsdp":
+    if _parallel(cfg, info) == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -180,7 +186,7 @@ def _full_state_dict(model: nn.Module, cfg: Config, info: DistInfo) -> dict:
 
 
 def _optimizer_state(model: nn.Module, opt, cfg: Config, info: DistInfo) -> dict:
-    if info.enabled and cfg.train.distributed == "fsdp":
+    if _parallel(cfg, info) == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -188,7 +194,7 @@ def _optimizer_state(model: nn.Module, opt, cfg: Config, info: DistInfo) -> dict
 
 
 def _load_optimizer_state(model: nn.Module, opt, state: dict, cfg: Config, info: DistInfo) -> None:
-    if info.enabled and cfg.train.distributed == "fsdp":
+    if _parallel(cfg, info) == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, opt, _keyed_by_name(state, model), options=StateDictOptions(full_state_dict=True))
@@ -309,7 +315,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     # The one door for speed, after the EMA copy: the EMA (and everything sampling from it) keeps the plain modules.
     try:
         plan = train_speed(speed if speed is not None else cfg.train.speed, TrainRun(
-            dev, amp_dtype, info.world_size, cfg.train.grad_accum, cfg.train.distributed if info.enabled else "none",
+            dev, amp_dtype, info.world_size, cfg.train.grad_accum, _parallel(cfg, info),
             cross_attention=bool(cfg.model.cond_channels and cfg.model.field_mode == "cross_attention")
             or cfg.model.cond_mode == "cross_attention",
             activation_checkpointing=cfg.train.activation_checkpointing, block=block_options(model),
@@ -322,7 +328,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     speed_line = f"speed: {describe(plan.speed)}" + (f" ({'; '.join(applied)})" if applied else "")
     model.train()
     ema.eval()
-    fsdp = info.enabled and cfg.train.distributed == "fsdp"
+    fsdp = plan.run.parallel == "fsdp"
     if not fsdp:  # bf16 master weights re-seat the parameters: before DDP builds its buckets from them
         opt = _make_optimizer(model, ema, cfg, plan)
     train_model = _wrap_distributed(model, cfg, info, bf16_gather=plan.bf16_gather, comm_hook=plan.ddp_comm_hook())
