@@ -1,6 +1,7 @@
 """The one door for speed (ditkit.fast.recipes): which levers a recipe keeps for a run, and why it says
 it left one out; explicit levers that cannot work are refused by name; old configs migrate."""
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,19 @@ def test_under_fsdp_master_weights_are_fsdps_mixed_precision(hopper):
     assert plan.optimizer(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), max_norm=0.0) is None  # torch's AdamW on shards
     assert plan.notes == ["master_weights under FSDP: FSDP2's mixed precision serves them (float32 masters and AdamW "
                           "state sharded, bf16 all-gathers, gradients reduce-scattered in float32)"]
+
+
+def test_the_fsdp_note_stays_one_line_when_apply_resolves_again(hopper):
+    """A plan resolved without the blocks' options resolves again when applied to a model that has them (RMSNorm,
+    RoPE, QK-norm, SwiGLU): the lines it adds are the levers it leaves out, and the FSDP note is not repeated."""
+    plan = train_speed("fastest", TrainRun(GPU, torch.bfloat16, world_size=8, parallel="fsdp"))
+    plan.speed = dataclasses.replace(plan.speed, bf16_residual=False)  # float32 on the CPU
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10,
+                pos_embed="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu")
+    applied = plan.apply(model)
+    assert sum(n.startswith("master_weights under FSDP") for n in plan.notes) == 1, plan.notes
+    assert not any(n.startswith("master_weights under FSDP") for n in applied), applied
+    assert sum("left out" in n for n in applied) == 5 and plan.speed.master_weights and plan.bf16_gather
 
 
 def test_explicit_levers_that_cannot_work_are_refused_by_name():

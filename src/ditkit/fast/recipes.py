@@ -197,7 +197,11 @@ def resolve_train_speed(speed: str | TrainSpeed, run: TrainRun) -> tuple[TrainSp
     (explicit levers that cannot work together with the run)."""
     name, s = _named(speed, TRAIN_RECIPES, run.device, "train")
     _check_sdpa(s)
-    return _serving(name, s, run)
+    s, notes = _serving(name, s, run)
+    if s.master_weights and run.parallel == "fsdp":  # said here, once: ``TrainPlan.apply`` calls _serving again
+        notes.append("master_weights under FSDP: FSDP2's mixed precision serves them (float32 masters and AdamW "
+                     "state sharded, bf16 all-gathers, gradients reduce-scattered in float32)")
+    return s, notes
 
 
 def _serving(name: str | None, s: TrainSpeed, run: TrainRun) -> tuple[TrainSpeed, list[str]]:
@@ -213,9 +217,6 @@ def _serving(name: str | None, s: TrainSpeed, run: TrainRun) -> tuple[TrainSpeed
     while True:
         why = _train_conflicts(s, run)
         if not why:
-            if s.master_weights and run.parallel == "fsdp":
-                notes.append("master_weights under FSDP: FSDP2's mixed precision serves them (float32 masters and AdamW "
-                             "state sharded, bf16 all-gathers, gradients reduce-scattered in float32)")
             return s, notes
         if name is None:
             lever, reason = next(iter(why.items()))
