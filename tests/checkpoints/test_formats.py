@@ -113,3 +113,24 @@ def test_finetune_to_other_input_size_recomputes_pos_embed(small_dit):
 def test_finetune_refuses_other_mismatches(small_dit):
     with pytest.raises(StateDictMismatchError, match=r"missing keys \(blocks\.2\."):
         load_for_finetune(DiT(**{**SMALL, "depth": 3}), small_dit.state_dict(), log=lambda s: None)
+
+
+def test_finetune_drops_repas_projector_with_one_line_and_nothing_else(small_dit):
+    """A REPA run's weights (``repa_projector.*``: a training-only head) into a model without REPA: the projector is
+    dropped and said once, every other weight loads as it was; any other stray or missing key is still named."""
+    torch.manual_seed(1)
+    repa = DiT(**SMALL, repa_depth=1, repa_dim=16)
+    repa.load_state_dict(small_dit.state_dict(), strict=False)
+    source = repa.state_dict()
+    target, logged = DiT(**SMALL), []
+    assert load_for_finetune(target, source, log=logged.append, source="repa.pt") == []
+    assert logged == ["fine-tune: dropped REPA's projector (6 tensors of repa.pt): a training-only head, and this "
+                      "model has none (model.repa_depth unset)"]
+    assert all(torch.equal(v, source[k]) for k, v in target.state_dict().items())
+    with pytest.raises(StateDictMismatchError, match=r"1 unexpected keys \(extra\.weight\)"):
+        load_for_finetune(DiT(**SMALL), {**source, "extra.weight": torch.zeros(1)}, log=lambda s: None)
+    del source["blocks.1.attn.qkv.bias"]
+    with pytest.raises(StateDictMismatchError, match=r"1 missing keys \(blocks\.1\.attn\.qkv\.bias\)"):
+        load_for_finetune(DiT(**SMALL), source, log=lambda s: None)
+    with pytest.raises(StateDictMismatchError, match=r"missing keys \(repa_projector\.0\.weight"):
+        load_for_finetune(DiT(**SMALL, repa_depth=1, repa_dim=16), small_dit.state_dict(), log=lambda s: None)

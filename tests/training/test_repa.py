@@ -2,6 +2,7 @@
 the term, resumes bit for bit and samples from its checkpoint; a latent cache extracted with its images
 feeds them to the encoder; every wrong setting is one line naming its key."""
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 import ditkit
 from ditkit.checkpoints.training import load_checkpoint
+from ditkit.cli import main
 from ditkit.config import ConfigError, load_config
 from ditkit.training.trainer import train
 
@@ -57,6 +59,24 @@ def test_digits_with_repa_logs_the_term_resumes_exactly_and_samples(tmp_path, en
         model, cfg = ditkit.load_model(tmp_path / "full" / weights, device="cpu")
         out = ditkit.sample(model, cfg, labels=[0, 1], steps=2, progress=False)
         assert out.x.shape == (2, 1, 8, 8) and torch.isfinite(out.x).all()
+
+
+def test_a_repa_checkpoint_fine_tunes_a_model_without_repa_and_samples_from_the_cli(tmp_path, encoder_dir, caplog):
+    """--init-from a REPA run into a model without REPA drops the projector with one line; ``ditkit sample``
+    rebuilds the checkpoint's model from its config, projector included, and never calls it."""
+    train(digits(encoder_dir, "train.steps=1"), tmp_path / "repa", device="cpu")
+    ckpt = tmp_path / "repa" / "checkpoints" / "last.pt"
+    plain = load_config("digits", [o for o in TINY if not o.startswith("model.repa")] + ["train.steps=1"])
+    with caplog.at_level(logging.INFO, logger="ditkit.train"):
+        train(plain, tmp_path / "plain", device="cpu", init_from=str(ckpt))
+    lines = [r.getMessage() for r in caplog.records if "projector" in r.getMessage()]
+    assert lines == [f"fine-tune: dropped REPA's projector (6 tensors of {ckpt}): a training-only head, and this "
+                     "model has none (model.repa_depth unset)"]
+    for speed in ("reference", "fp8+fp8_mlp"):
+        main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / speed), "--num-samples", "2", "--steps", "2",
+              "--speed", speed])
+        samples = np.load(tmp_path / speed / "samples.npz")["samples"]
+        assert samples.shape[0] == 2
 
 
 def test_a_latent_cache_with_images_feeds_them_to_the_encoder(tmp_path, encoder_dir, vae):

@@ -4,7 +4,8 @@ same folder, fsync, ``os.replace``) so a crash never leaves half a checkpoint un
 
 Also the two checks that sit between a file and a model: ``check_state_dict`` (strict, with an
 error that names the keys) and ``load_for_finetune`` (strict except for the label table and the
-position embedding, which are rebuilt when the class count or the input size changes).
+position embedding, which are rebuilt when the class count or the input size changes, and REPA's
+projector, which is dropped when the model has none).
 """
 from __future__ import annotations
 
@@ -186,9 +187,17 @@ def load_for_finetune(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
     The label table is re-initialised (N(0, 0.02²), as at construction) when its number of rows
     differs, and the fixed sin-cos ``pos_embed`` is recomputed for the model's grid when the
-    number of patches differs; everything else must load strictly.  Returns (and logs) the keys
-    that were re-initialised."""
+    number of patches differs; REPA's projector (``repa_projector.*``, a training-only head that
+    sampling never calls) is dropped when the model has none; everything else must load strictly.
+    Returns (and logs) the keys that were re-initialised."""
     expected = _expected(model)
+    projector = "repa_projector."
+    has_projector = any(k.startswith(projector) for k in expected)
+    dropped = [] if has_projector else [k for k in state_dict if k.startswith(projector)]
+    if dropped:
+        log(f"fine-tune: dropped REPA's projector ({len(dropped)} tensors of {source}): a training-only head, "
+            "and this model has none (model.repa_depth unset)")
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(projector)}
     reinit = []
     table = "y_embedder.embedding_table.weight"
     if table in expected and table in state_dict and state_dict[table].shape != expected[table]:
