@@ -110,7 +110,7 @@ def cmd_sample(args) -> None:
         return
     line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                              settings=settings, speed=args.speed, labels=args.labels, seed=args.seed, vae=args.vae,
-                             cond=args.cond, ema=not args.no_ema, device=args.device)
+                             cond=args.cond, ema=not args.no_ema, device=args.device, context=args.context)
     if line:
         print(line)
 
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="local VAE (folder or file) to decode latents")
     p.add_argument("--cond", help="models on params/fields: .npz with 'params' (N, P) and/or 'field' (N, C, H, W), "
                                   "physical units; one sample per row")
+    p.add_argument("--context", help="models on sequences of embeddings (model.context_dim): a folder of (M, E) "
+                                     ".npy/.safetensors files, one sample per file in name order")
     p.add_argument("--lengths", help="models of sequences (data.kind=sequences): one sample per length, 64,128,... "
                                      "(multiples of the patch size), into samples.npz in the data's units")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

@@ -152,6 +152,9 @@ class DataConfig:
                                  "holds sequences of like lengths and little padding (0: off)")
     params_file: str | None = opt(None, "fields: table of the parameters to condition on")
     field_file: str | None = opt(None, "fields: array of the conditioning fields")
+    context_path: str | None = opt(None, "a folder of per-sample sequences of embeddings to condition on (model.context_dim): "
+                                         "<sample name>.npy or .safetensors, (M, E), M varying; by index for datasets "
+                                         "without file names")
     param_names: list | None = opt(None, "fields: columns of params_file to use (none: all)")
     log_transform: list = opt([], "fields: channels of x to log-transform")
     field_log_transform: list = opt([], "fields: channels of the conditioning field to log-transform")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ditkit.config import Config, from_dict
+from ditkit.data.context import pad_contexts
 from ditkit.fast import SampleSpeed, sample_speed
 from ditkit.fast.recipes import resolve_sample_speed
 from ditkit.models.grid import as_size
@@ -100,7 +101,7 @@ def _images(x: torch.Tensor, cfg: Config, vae) -> np.ndarray:
 def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | None = None, num_samples: int | None = None,
            steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None, vae=None, seed: int = 0,
            speed: str | SampleSpeed = "auto", batch_size: int = 64, params: torch.Tensor | None = None,
-           field: torch.Tensor | None = None, progress: bool = True) -> Samples:
+           field: torch.Tensor | None = None, context=None, progress: bool = True) -> Samples:
     """Samples from ``model`` (from ``ditkit.load_model``) with the sampler of ``cfg`` unless given.
 
     ``labels``: class ids or class names (``cfg.data.class_names``), one sample each (default:
@@ -108,7 +109,9 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     ``vae``: a VAE (``ditkit.models.vae.load_vae``) or a local path, to decode latent models' samples (the run's
     per-channel normalisation undone, then the cache's scale and shift: ``ditkit.data.latents.decode_latents``);
     ``params`` (N, P) and ``field`` (N, C, H, W): the conditions of a field model, in the model's
-    (normalised) units; ``seed``: sample i's noise comes from (seed, i), whatever the batch size;
+    (normalised) units; ``context``: the sequences of embeddings of a model with ``model.context_dim``, one (M_i, E)
+    array or tensor per sample, M_i varying (or a folder of such files, one sample per file in name order: ``load_contexts``);
+    ``seed``: sample i's noise comes from (seed, i), whatever the batch size;
     ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed).
     NaN or inf in ``params``, ``field`` or ``cfg_scale`` is refused: it would only yield NaN samples."""
     device = next(model.parameters()).device
@@ -125,19 +128,22 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     for name, value in (("params", params), ("field", field)):
         if value is not None:
             check_finite(name, torch.as_tensor(value))
-    given = [len(v) for v in (labels, params, field) if v is not None]
+    contexts = _contexts(context, cfg)
+    given = [len(v) for v in (labels, params, field, contexts) if v is not None]
     n = num_samples if num_samples is not None else (given[0] if given else 16)
     check_sample_request(n, batch_size, cfg_scale, cli=False)
     cfg = with_sample_settings(cfg, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
     if any(g != n for g in given):
-        raise ValueError(f"labels/params/field hold {given} rows, but {n} samples were asked for")
+        raise ValueError(f"labels/params/field/context hold {given} rows, but {n} samples were asked for")
     if isinstance(vae, (str, Path)):
         from ditkit.models.vae import load_vae
 
         vae = load_vae(vae, device=device)
     conds = {k: v for k, v in (("params", params), ("field", field)) if v is not None}
-    net, notes = prepare_network(model, cfg, speed, device,
-                                 calibration_kwargs={k: v[:CALIBRATION_SAMPLES].to(device) for k, v in conds.items()} or None)
+    calibration = {k: v[:CALIBRATION_SAMPLES].to(device) for k, v in conds.items()}
+    if contexts is not None:
+        calibration |= {k: v.to(device) for k, v in zip(("context", "context_mask"), pad_contexts(contexts[:CALIBRATION_SAMPLES]))}
+    net, notes = prepare_network(model, cfg, speed, device, calibration_kwargs=calibration or None)
     for note in notes:
         print(note)
     objective = build_objective(cfg)
@@ -153,6 +159,9 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
         kwargs = {k: v[idx.start:idx.stop].float().to(device) for k, v in conds.items()}
         if labels is not None:
             kwargs["y"] = labels[idx.start:idx.stop].to(device)
+        if contexts is not None:
+            ctx, ctx_mask = pad_contexts(contexts[idx.start:idx.stop])
+            kwargs |= {"context": ctx.to(device), "context_mask": ctx_mask.to(device)}
         torch.manual_seed(seed * 1_000_003 + start)  # the sampler's own noise (DDPM, SDE) for this batch
         x, nfe = generate(net, objective, sample_noise(idx, shape, seed).to(device), kwargs, cfg.sample, progress=False)
         xs.append(x.float().cpu())
@@ -160,6 +169,38 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     bar.close()
     x = torch.cat(xs)
     return Samples(images=_images(x, cfg, vae), x=x, labels=labels, nfe=nfe)
+
+
+def load_contexts(path: str | Path) -> list[torch.Tensor]:
+    """The sequences of embeddings in a folder (``.npy``/``.safetensors`` files, each (M, E), in name order) or in one
+    such file: one sample each."""
+    from ditkit.data.context import context_files, read_context
+
+    path = Path(path)
+    files = [path] if path.is_file() else [f for _, f in sorted(context_files(path).items())]
+    return [torch.from_numpy(read_context(f)) for f in files]
+
+
+def _contexts(context, cfg: Config) -> list[torch.Tensor] | None:
+    """``sample``'s ``context`` as a list of (M_i, E) float tensors, checked against the model."""
+    E = cfg.model.context_dim
+    if context is None:
+        if E:
+            raise ValueError(f"this model is conditioned on sequences of embeddings (model.context_dim={E}): give "
+                             "context=[one (M, E) array per sample] or a folder of such .npy files")
+        return None
+    if not E:
+        raise ValueError("this model takes no sequences of embeddings (model.context_dim=0): give no context")
+    items = load_contexts(context) if isinstance(context, (str, Path)) else list(context)
+    out = []
+    for i, c in enumerate(items):
+        c = torch.as_tensor(np.asarray(c, dtype=np.float32) if not torch.is_tensor(c) else c).float()
+        c = c[None] if c.dim() == 1 else c
+        if c.dim() != 2 or c.shape[1] != E:
+            raise ValueError(f"context {i} has shape {tuple(c.shape)}; the model takes (M, {E})")
+        check_finite(f"context {i}", c)
+        out.append(c)
+    return out
 
 
 SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence per length: ditkit sample --lengths "
@@ -254,10 +295,11 @@ def _decoder(cfg: Config, vae_path: str | None, device):
 def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100, batch_size: int = 250,
                       settings: dict | None = None, speed: str | None = None, labels: str = "balanced", seed: int = 0,
                       vae: str | None = None, cond: str | None = None, ema: bool = True,
-                      device: str | None = None) -> str:
+                      device: str | None = None, context: str | None = None) -> str:
     """``ditkit sample``: ``num_samples`` from a checkpoint of any format into ``out/samples.npz`` (ADM layout,
     resumable, one part per batch, on every process of a torchrun launch) and ``out/grid.png``; a field model
-    takes its conditions from ``cond`` (an .npz in physical units).  ``speed``: a recipe or levers (default: the
+    takes its conditions from ``cond`` (an .npz in physical units), a model of sequences of embeddings from ``context``
+    (a folder of (M, E) files, one sample per file: ``load_contexts``).  ``speed``: a recipe or levers (default: the
     config's ``sample.speed``).  The parts record the checkpoint by its content (SHA-256), so a rerun into ``out``
     after the file at ``ckpt`` was replaced by another model is refused.  Returns the line to print."""
     from ditkit.checkpoints import load_run
@@ -276,6 +318,8 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
         if cfg.data.kind == "sequences":
             raise ValueError(SEQUENCES_HINT)
         speed = speed or cfg.sample.speed
+        if cfg.model.context_dim or context is not None:
+            return _sample_contexts(model, cfg, context, out, batch_size, speed, labels, seed, vae, info.device)
         if cfg.model.num_params or cfg.model.cond_channels:
             return _sample_fields(ckpt, model, cfg, stored, cond, out, batch_size, speed, seed, info.device)
         net, notes = prepare_network(model, cfg, speed, info.device, copy_model=False)
@@ -307,6 +351,36 @@ def _write_grid(npz: Path, cfg: Config, path: Path) -> None:
         picks = [int(np.flatnonzero(y == c)[k]) for c, k in zip(wanted.tolist(), list(range(10)) * 10) if (y == c).sum() > k]
         images = images[picks]
     save_grid(images[:100], path, nrow=10, scale=max(1, 64 // images.shape[1]))
+
+
+def _sample_contexts(model, cfg: Config, context: str | None, out, batch_size: int, speed, labels: str, seed: int,
+                     vae, device) -> str:
+    """A model conditioned on sequences of embeddings: one sample per file of ``context``, into ``out/samples.npz``
+    (ADM's arr_0 images and arr_1 labels, and the raw float ``samples``) and ``out/grid.png``, in the files' order."""
+    from ditkit.utils.io import atomic_save_npz
+
+    if context is None:
+        raise ValueError(f"this model is conditioned on sequences of embeddings (model.context_dim="
+                         f"{cfg.model.context_dim}): give --context FOLDER of (M, E) .npy/.safetensors files, one per sample")
+    contexts = _contexts(context, cfg)
+    wanted = None if labels in ("balanced", "random") or not cfg.model.num_classes else _class_ids(labels, cfg)
+    if wanted is not None and len(wanted) not in (1, len(contexts)):
+        raise ValueError(f"--labels gives {len(wanted)} classes for {len(contexts)} context files: give one, or one each")
+    if wanted is not None and len(wanted) == 1:
+        wanted = wanted * len(contexts)
+    if cfg.data.kind == "latents" and vae is None:
+        raise ValueError("this model samples VAE latents; give --vae PATH (a local sd-vae-ft-ema/-mse folder)")
+    result = sample(model, cfg, labels=wanted, num_samples=len(contexts), vae=vae, seed=seed, speed=speed,
+                    batch_size=batch_size, context=contexts)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"arr_0": result.images, "samples": result.x.numpy()}
+    if result.labels is not None:
+        arrays["arr_1"] = result.labels.numpy()
+    atomic_save_npz(out / "samples.npz", **arrays)
+    save_grid(result.images[:100], out / "grid.png", nrow=10, scale=max(1, 64 // result.images.shape[1]))
+    return (f"{len(contexts)} samples, one per file of {context} ({cfg.sample.sampler}, {cfg.sample.steps} steps, "
+            f"guidance {cfg.sample.cfg_scale}) -> {out / 'samples.npz'}; grid -> {out / 'grid.png'}")
 
 
 def _sample_fields(ckpt, model, cfg: Config, stored: dict, cond: str | None, out, batch_size: int, speed, seed: int,

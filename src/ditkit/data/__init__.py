@@ -2,7 +2,8 @@
 
 The trainer sees dicts: "x" (the clean sample: pixels, a VAE latent drawn from its cached
 posterior, a normalised field) and the conditioning the model takes: "y" (class label),
-"params" (continuous parameters), "field" (spatial conditioning); and what the loss alone reads:
+"params" (continuous parameters), "field" (spatial conditioning), "context" and "context_mask" (per-sample
+sequences of embeddings, padded by ``ditkit.data.context.WithContext.collate``); and what the loss alone reads:
 "image" (the pixels beside cached latents, for REPA's encoder), "mask" (the (B, L) padding mask of a batch of
 sequences, made by their collate, ``ditkit.data.sequences.pad_batch``; the loss hands it on to the network)."""
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 from ditkit.config import Config, ConfigError
 from ditkit.data.sampler import step_seed
 
-COND_KEYS = ("y", "params", "field")
+COND_KEYS = ("y", "params", "field", "context", "context_mask")
 LOSS_KEYS = ("image", "mask")
 
 
@@ -79,11 +80,25 @@ def build_dataset(cfg: Config) -> EpochIndexed:
             raise ConfigError(f"data.path: {err}") from None
     else:
         raise ConfigError(f"unknown data.kind {kind!r}")
+    if bool(d.context_path) != bool(cfg.model.context_dim):
+        raise ConfigError("data.context_path (a folder of per-sample embeddings) and model.context_dim (their width) "
+                          f"go together; got data.context_path={d.context_path!r}, model.context_dim={cfg.model.context_dim}")
+    if d.context_path:
+        from ditkit.data.context import WithContext
+
+        try:
+            inner = WithContext(inner, d.context_path)
+        except ValueError as err:
+            raise ConfigError(f"data.context_path: {err}") from None
+        if inner.dim != cfg.model.context_dim:
+            raise ConfigError(f"data.context_path: {inner.files[0]} has entries of width {inner.dim}, but "
+                              f"model.context_dim is {cfg.model.context_dim}")
     found = getattr(inner, "num_classes", None)
     if found is not None and cfg.model.num_classes > 0 and found > cfg.model.num_classes:
         raise ConfigError(f"data at {d.path or kind} has {found} classes but model.num_classes is {cfg.model.num_classes}")
     keep = tuple(k for k, on in (("y", cfg.model.num_classes > 0), ("params", cfg.model.num_params > 0),
-                                 ("field", cfg.model.cond_channels > 0), ("image", cfg.model.repa_depth is not None))
+                                 ("field", cfg.model.cond_channels > 0), ("image", cfg.model.repa_depth is not None),
+                                 ("context", cfg.model.context_dim > 0))
                  if on)
     return EpochIndexed(inner, cfg.train.seed, keep)
 

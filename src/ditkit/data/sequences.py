@@ -75,6 +75,7 @@ class SequenceDataset(Dataset):
     read once at construction, for its shape, finiteness and the normaliser's statistics."""
 
     def __init__(self, root: str | Path, patch_size: int, classes: bool = False):
+        self.root = Path(root)
         self.files, self.labels, self.classes = sequence_files(root, classes)
         self.num_classes = len(self.classes) or None
         self.patch_size = patch_size

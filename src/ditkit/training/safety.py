@@ -151,14 +151,17 @@ def any_rank(flag: bool, info) -> bool:
 # the same global batch gives the same steps).
 RESUME_FIXED = {"train": ("seed", "global_batch_size"), "data": ("kind", "path", "labels_file", "image_size", "flip",
                                                                   "params_file", "field_file", "log_transform",
-                                                                  "field_log_transform", "latent_norm", "length_buckets")}
+                                                                  "field_log_transform", "latent_norm", "length_buckets",
+                                                                  "context_path")}
 
 
 def check_resume(saved: dict, cfg: dict, path: Path, allow_changes: bool) -> None:
     """The saved run's config against this run's: model and objective must match; the seed, the global
     batch and the data too, unless ``allow_changes``.  Raises ValueError naming the key and both values."""
-    from ditkit.config import ConfigError
+    from ditkit.config import Config, ConfigError
 
+    defaults = Config().to_dict()  # keys added since the checkpoint was written hold their defaults there
+    saved = {s: {**defaults.get(s, {}), **v} if isinstance(v, dict) else v for s, v in saved.items()}
     for section in ("model", "objective"):
         if saved.get(section) != cfg[section]:
             keys = sorted(k for k in cfg[section] if saved.get(section, {}).get(k) != cfg[section][k])

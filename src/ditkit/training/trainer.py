@@ -317,7 +317,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
         plan = train_speed(speed if speed is not None else cfg.train.speed, TrainRun(
             dev, amp_dtype, info.world_size, cfg.train.grad_accum, _parallel(cfg, info),
             cross_attention=bool(cfg.model.cond_channels and cfg.model.field_mode == "cross_attention")
-            or cfg.model.cond_mode == "cross_attention",
+            or cfg.model.cond_mode == "cross_attention" or cfg.model.context_dim > 0,
             activation_checkpointing=cfg.train.activation_checkpointing, block=block_options(model),
             masked=cfg.data.kind == "sequences"))
     except ValueError as err:
@@ -548,7 +548,7 @@ def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size
 
 def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
     """The same noise and conditioning at every sample grid, so grids show progress, not luck:
-    labels row by row, and the params / fields of the first training samples."""
+    labels row by row, and the params / fields / embedding sequences of the first training samples."""
     from ditkit.sampling import grid_labels
 
     g = torch.Generator().manual_seed(cfg.train.seed + 12345)
@@ -559,6 +559,11 @@ def _fixed_sampling_inputs(cfg: Config, dataset, dev: torch.device) -> dict:
     for key in ("params", "field"):
         if key in items[0]:
             kwargs[key] = torch.stack([it[key] for it in items]).to(dev)
+    if "context" in items[0]:
+        from ditkit.data.context import pad_contexts
+
+        context, mask = pad_contexts([it["context"] for it in items])
+        kwargs |= {"context": context.to(dev), "context_mask": mask.to(dev)}
     return {"noise": torch.randn(shape, generator=g).to(dev), "kwargs": kwargs}
 
 
