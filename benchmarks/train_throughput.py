@@ -75,7 +75,11 @@ def main() -> None:
                "NVSHMEM_DISABLE_NVLS": "1"}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            rows.append({"model": model, "status": done.stderr.strip().splitlines()[-1][:200]})
+            lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-")]
+            errors = [ln for ln in lines if "Error" in ln or "error:" in ln]  # torchrun ends with a banner of its own
+            rows.append({"model": model, "status": (errors or lines or ["failed"])[-1].strip()[:200],
+                         "stderr_tail": lines[-60:]})
+            print("\n".join(lines[-60:]), flush=True)
             continue
         record = json.loads((work / model.replace("/", "_") / "metrics.jsonl").read_text().splitlines()[-1])
         said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith(("speed", "master_weights"))]

@@ -82,12 +82,16 @@ def test_fastest_keeps_every_lever_under_ddp_and_accumulation(hopper, run):
     assert plan.ddp_comm_hook() is (None if run.parallel == "none" else master_weights.float32_allreduce_hook)
 
 
-def test_under_fsdp_master_weights_are_fsdps_mixed_precision(hopper):
+def test_under_fsdp_master_weights_are_fsdps_mixed_precision_and_cuda_graphs_are_left_out(hopper):
     plan = train_speed("fastest", TrainRun(GPU, torch.bfloat16, world_size=8, parallel="fsdp"))
-    assert plan.speed == TRAIN_RECIPES["fastest"] and plan.bf16_gather and plan.ddp_comm_hook() is None
+    assert plan.speed == dataclasses.replace(TRAIN_RECIPES["fastest"], cuda_graphs=False)
+    assert plan.bf16_gather and plan.ddp_comm_hook() is None
     assert plan.optimizer(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), max_norm=0.0) is None  # torch's AdamW on shards
-    assert plan.notes == ["master_weights under FSDP: FSDP2's mixed precision serves them (float32 masters and AdamW "
-                          "state sharded, bf16 all-gathers, gradients reduce-scattered in float32)"]
+    assert len(plan.notes) == 2 and "cuda_graphs" in plan.notes[0] and "gathers the parameters into new memory" in plan.notes[0]
+    assert plan.notes[1] == ("master_weights under FSDP: FSDP2's mixed precision serves them (float32 masters and "
+                             "AdamW state sharded, bf16 all-gathers, gradients reduce-scattered in float32)")
+    with pytest.raises(ValueError, match="cuda_graphs.*FSDP2 gathers"):
+        train_speed(TrainSpeed(compile=True, cuda_graphs=True), TrainRun(GPU, torch.bfloat16, world_size=8, parallel="fsdp"))
 
 
 def test_the_fsdp_note_stays_one_line_when_apply_resolves_again(hopper):
