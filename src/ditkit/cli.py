@@ -106,7 +106,7 @@ def cmd_sample(args) -> None:
 
         labels = None if args.labels in ("balanced", "random") else [v.strip() for v in args.labels.split(",")]
         print(sequences_to_npz(args.ckpt, args.out, [int(v) for v in args.lengths.split(",")], labels=labels,
-                               seed=args.seed, ema=not args.no_ema, device=args.device, **settings))
+                               seed=args.seed, ema=not args.no_ema, device=args.device, context=args.context, **settings))
         return
     line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                              settings=settings, speed=args.speed, labels=args.labels, seed=args.seed, vae=args.vae,

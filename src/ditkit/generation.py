@@ -209,10 +209,12 @@ SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence pe
 
 @torch.no_grad()
 def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | None = None, seed: int = 0,
-                     ema: bool = True, device: str | None = None, **settings) -> list[np.ndarray]:
+                     ema: bool = True, device: str | None = None, context=None, **settings) -> list[np.ndarray]:
     """One sequence per length in ``lengths`` from a checkpoint trained on ``data.kind=sequences``, each a (C, L_i)
     float64 array in the data's units (the run's per-channel normalisation undone).  ``labels``: class ids or names,
-    one per length (default: classes in turn); ``settings``: ``sample.<key>`` overrides (steps, cfg_scale, sampler)."""
+    one per length (default: classes in turn); ``context``: a model's sequences of embeddings, one (M_i, E) array per
+    length, or a folder of such files (``load_contexts``); ``settings``: ``sample.<key>`` overrides (steps, cfg_scale,
+    sampler)."""
     from ditkit.checkpoints import load_run
     from ditkit.data.sequences import SequenceNormalizer
     from ditkit.sampling import generate_lengths
@@ -229,6 +231,13 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
         if len(ids) != len(lengths):
             raise ValueError(f"{len(ids)} labels for {len(lengths)} lengths")
         kwargs["y"] = torch.tensor(ids, device=next(model.parameters()).device)
+    contexts = _contexts(context, cfg)
+    if contexts is not None:
+        if len(contexts) != len(lengths):
+            raise ValueError(f"{len(contexts)} context sequences for {len(lengths)} lengths")
+        ctx, ctx_mask = pad_contexts(contexts)
+        device = next(model.parameters()).device
+        kwargs |= {"context": ctx.to(device), "context_mask": ctx_mask.to(device)}
     torch.manual_seed(seed)  # the sampler's own noise (DDPM, SDE)
     seqs, _ = generate_lengths(model, build_objective(cfg), list(lengths), kwargs, cfg.sample,
                                channels=cfg.model.in_channels, generator=torch.Generator().manual_seed(seed))
@@ -241,7 +250,7 @@ def sequences_to_npz(ckpt: str | Path, out: str | Path, lengths: list[int], **kw
     a (C, L_i) array) and ``lengths``.  Returns the line to print."""
     from ditkit.utils.io import atomic_save_npz
 
-    seqs = sample_sequences(ckpt, lengths, **kwargs)
+    seqs = sample_sequences(ckpt, lengths, **kwargs)  # a context folder: one file per length, in name order
     path = Path(out) / "samples.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_npz(path, lengths=np.array(lengths), **{f"seq_{i:04d}": s for i, s in enumerate(seqs)})

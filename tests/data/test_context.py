@@ -112,3 +112,22 @@ def test_train_resume_and_sample_from_files(tmp_path):
         ditkit.sample(model, run_cfg, num_samples=2, progress=False)
     with pytest.raises(ValueError, match=r"context 0 has shape \(1, 4\)"):
         ditkit.sample(model, run_cfg, context=[np.zeros(4)], progress=False)
+
+
+def test_sequences_of_mixed_lengths_conditioned_on_sequences_of_embeddings(tmp_path):
+    make_folder(tmp_path / "seq", n=8)
+    for f in sorted((tmp_path / "seq").rglob("*.npy")):
+        target = tmp_path / "ctx" / f.relative_to(tmp_path / "seq")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, np.eye(E, dtype=np.float32)[: 1 + int(f.stem) % 4])
+    cfg = ditkit.load_config("digits", [*TINY, "data.kind=sequences", f"data.path={tmp_path / 'seq'}",
+                                        f"data.context_path={tmp_path / 'ctx'}", "train.steps=3"])
+    ditkit.train(cfg, tmp_path / "run", device="cpu")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    from ditkit.generation import sample_sequences
+
+    asked = [np.eye(E, dtype=np.float32)[:1], np.eye(E, dtype=np.float32)[:3]]
+    seqs = sample_sequences(ckpt, [8, 16], context=asked, seed=1, device="cpu")
+    assert [s.shape for s in seqs] == [(2, 8), (2, 16)] and all(np.isfinite(s).all() for s in seqs)
+    with pytest.raises(ValueError, match="1 context sequences for 2 lengths"):
+        sample_sequences(ckpt, [8, 16], context=asked[:1], device="cpu")
