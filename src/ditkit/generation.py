@@ -32,7 +32,7 @@ from ditkit.sampling import (
     sample_to_npz,
     save_sample_grid,
 )
-from ditkit.utils.images import save_grid, to_uint8
+from ditkit.utils.images import save_grid, stretched_images, to_uint8
 
 CALIBRATION_SAMPLES, CALIBRATION_SEED = 8, 12345
 
@@ -90,11 +90,9 @@ def _images(x: torch.Tensor, cfg: Config, vae) -> np.ndarray:
         from ditkit.data.latents import decode_latents
 
         return to_uint8(decode_latents(vae, x, cfg.data))
-    if cfg.data.kind in ("digits", "images") or cfg.model.in_channels in (1, 3):
+    if x.dim() == 4 and (cfg.data.kind in ("digits", "images") or cfg.model.in_channels in (1, 3)):
         return to_uint8(x)
-    first = x[:, :1].float()  # latents without a VAE, fields: the first channel, stretched per image
-    lo, hi = first.amin(dim=(1, 2, 3), keepdim=True), first.amax(dim=(1, 2, 3), keepdim=True)
-    return to_uint8(2 * (first - lo) / (hi - lo).clamp_min(1e-12) - 1)
+    return stretched_images(x)  # latents without a VAE, fields, volumes, videos, sequences: the first channel
 
 
 @torch.no_grad()
@@ -288,8 +286,9 @@ def _class_ids(text: str, cfg: Config) -> list[int]:
     return class_ids([v.strip() for v in text.split(",") if v.strip()], cfg)
 
 
-def _decoder(cfg: Config, vae_path: str | None, device):
-    """x -> (uint8 N×H×W×3, raw float array or None) for the data kind of the run."""
+def _decoder(cfg: Config, vae_path: str | None, device, stored: dict | None = None):
+    """x -> (uint8 N×H×W×3, raw float array or None) for the data kind of the run; arrays (``data.kind=fields``)
+    come back in the data's units through the checkpoint's normaliser."""
     if cfg.data.kind == "latents":
         if vae_path is None:
             raise ValueError("this model samples VAE latents; give --vae PATH (a local sd-vae-ft-ema/-mse folder)")
@@ -298,7 +297,12 @@ def _decoder(cfg: Config, vae_path: str | None, device):
 
         vae = load_vae(vae_path, device=device)
         return lambda x: (to_uint8(decode_latents(vae, x, cfg.data)), None)
-    return lambda x: (to_uint8(x), x.float().cpu().numpy())
+    if cfg.data.kind == "fields" and stored is not None and "normalizer" in stored:
+        from ditkit.data.fields import FieldNormalizer
+
+        norm = FieldNormalizer(stored["normalizer"])
+        return lambda x: (stretched_images(x), norm.denormalize(x.double().cpu(), "x").float().numpy())
+    return lambda x: (to_uint8(x) if x.dim() == 4 else stretched_images(x), x.float().cpu().numpy())
 
 
 def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100, batch_size: int = 250,
@@ -340,7 +344,7 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
         source = (f"{Path(ckpt).resolve()} sha256={content_sha256(ckpt)} ema={ema} precision={s.precision} "
                   f"fp8={s.fp8} fp8_mlp={s.fp8_mlp}")
         path = sample_to_npz(net, build_objective(cfg), cfg, num_samples, out, batch_size, seed=seed, labels=wanted,
-                             decode=_decoder(cfg, vae, info.device), rank=info.rank, world_size=info.world_size,
+                             decode=_decoder(cfg, vae, info.device, stored), rank=info.rank, world_size=info.world_size,
                              device=info.device, barrier=lambda: barrier(info), source=source)
         if path is None:
             return ""

@@ -13,7 +13,7 @@ from torch import nn
 from ditkit.config import Config, SampleConfig
 from ditkit.guidance import NFECounter, conditional_fn, guided_fn
 from ditkit.models.grid import as_size
-from ditkit.utils.images import save_grid, to_uint8
+from ditkit.utils.images import save_grid, stretched_images, to_uint8
 from ditkit.utils.io import atomic_save_npz, remove_stale_temps
 
 
@@ -103,11 +103,8 @@ def save_sample_grid(x: torch.Tensor, cfg: Config, path: Path, nrow: int, vae=No
 
         images = to_uint8(decode_latents(vae, x, cfg.data))
     else:
-        first = x[:, :1].float()
-        lo = first.amin(dim=(1, 2, 3), keepdim=True)
-        hi = first.amax(dim=(1, 2, 3), keepdim=True)
-        images = to_uint8(2 * (first - lo) / (hi - lo).clamp_min(1e-12) - 1)
-    scale = max(1, 64 // images.shape[1])
+        images = stretched_images(x)
+    scale = 1 if x.dim() == 3 else max(1, 64 // images.shape[1])  # sequences: already a picture per sample
     return save_grid(images, path, nrow=nrow, scale=scale)
 
 

@@ -67,9 +67,12 @@ def build_dataset(cfg: Config) -> EpochIndexed:
     elif kind == "fields":
         from ditkit.data.fields import FieldDataset
 
-        inner = FieldDataset(d.path, d.params_file, d.field_file, param_names=d.param_names,
-                             log_channels=d.log_transform, field_log_channels=d.field_log_transform,
-                             augment=d.flip)
+        try:
+            inner = FieldDataset(d.path, d.params_file, d.field_file, param_names=d.param_names,
+                                 log_channels=d.log_transform, field_log_channels=d.field_log_transform,
+                                 augment=d.flip, axes=d.axes)
+        except ValueError as err:
+            raise ConfigError(f"data.path: {err}") from None
     elif kind == "sequences":
         from ditkit.data.facts import patch_1d
         from ditkit.data.sequences import SequenceDataset

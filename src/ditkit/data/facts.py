@@ -158,10 +158,14 @@ def _field_facts(cfg: Config) -> DataFacts:
 
     d = cfg.data
     try:
-        x = FieldSource(d.path, what="x")
-        n, c, h, w = x.shape
-        facts = DataFacts(str(d.path), f"{n} fields of {c}×{h}×{w}", count=n)
-        facts.exact.update({"model.in_channels": c, "model.input_size": _grid(h, w)})
+        x = FieldSource(d.path, what="x", axes=d.axes)
+        n, c, *size = x.shape
+        facts = DataFacts(str(d.path), f"{n} fields of {c}×{'×'.join(map(str, size))}", count=n)
+        facts.exact.update({"model.in_channels": c, "model.input_size": _grid(*size) if len(size) == 2 else list(size)})
+        if len(size) == 1:
+            facts.defaults["data.flip"] = False  # a sequence has no symmetry of the square to draw
+        if len(size) == 2 and size[0] != size[1] or len(size) == 3 and size[1] != size[2]:
+            facts.defaults["data.flip"] = False  # nor a slice that is not square
         if d.params_file is not None:
             _, names = read_params(d.params_file, names=d.param_names)
             facts.found += f", {len(names)} parameters ({', '.join(names)})"
@@ -169,7 +173,7 @@ def _field_facts(cfg: Config) -> DataFacts:
         else:
             facts.exact["model.num_params"] = 0
         if d.field_file is not None:
-            cond = FieldSource(d.field_file, what="field").shape[1]
+            cond = FieldSource(d.field_file, what="field", axes=x.axes).shape[1]
             facts.found += f", a {cond}-channel conditioning field"
             facts.exact["model.cond_channels"] = cond
         else:

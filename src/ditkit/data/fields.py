@@ -1,6 +1,7 @@
-"""Datasets of physical fields: target fields x (N, C, H, W), a table of parameters per sample
+"""Datasets of arrays and physical fields: target fields x (N, C, H, W), a table of parameters per sample
 (N, P, named columns) and optional conditioning fields (N, C_cond, H, W), each standardised with
-statistics of the training set.
+statistics of the training set.  The grid may also be 1D, (N, C, L), or 3D, (N, C, D, H, W) volumes or
+(N, C, T, H, W) videos (``data.axes``: the number of grid axes, inferred for 2D and for five-axis arrays).
 
 Files: an array of all samples in ``.npy`` (memory-mapped), ``.npz`` or HDF5 (``.h5``/``.hdf5``,
 read lazily; needs h5py), or a folder with one ``.npy``/``.npz`` file per sample (sorted by name).
@@ -61,23 +62,40 @@ def _open_array(path: Path, key: str | None, what: str):
     raise ValueError(f"{what} file {path}: unsupported format {suffix!r}; use {', '.join(ARRAY_SUFFIXES)} or a folder")
 
 
-class FieldSource:
-    """Samples (C, H, W) of one kind (``what``: "x" or "field") from one array file or a folder."""
+GRID_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}  # a sample's grid axes, by their number (data.axes)
 
-    def __init__(self, path: str | Path, key: str | None = None, what: str = "x"):
+
+def infer_axes(ndim: int) -> int:
+    """The grid axes of a one-file array of ``ndim`` dimensions when ``data.axes`` is not given: (N, C, D, H, W) is
+    3, (N, C, H, W) and (N, H, W) are 2 (so 1D arrays and one-channel volumes need ``data.axes``)."""
+    return 3 if ndim == 5 else 2
+
+
+class FieldSource:
+    """Samples (C, *grid) of one kind (``what``: "x" or "field") from one array file or a folder; ``axes``: the
+    number of grid axes, 1 (L), 2 (H, W) or 3 (D, H, W, or T, H, W for video); None infers it (``infer_axes``).
+    A one-file array is (N, C, *grid) or (N, *grid); a folder holds one (C, *grid) or (*grid) array per sample."""
+
+    def __init__(self, path: str | Path, key: str | None = None, what: str = "x", axes: int | None = None):
         self.path, self.key, self.what = Path(path), key, what
+        if axes is not None and axes not in GRID_NAMES:
+            raise ValueError(f"data.axes must be 1, 2 or 3, got {axes}")
         self._array, self._pid = None, None
         if self.path.is_dir():
             self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in (".npy", ".npz"))
             if not self.files:
                 raise ValueError(f"{what} folder {self.path} holds no .npy or .npz files")
+            self.axes = axes if axes is not None else infer_axes(np.asarray(_open_array(self.files[0], key, what)).ndim + 1)
             self.shape = (len(self.files), *self._sample_file(0).shape)
         else:
             self.files = None
             shape = tuple(self.array().shape)
-            if len(shape) not in (3, 4):
-                raise ValueError(f"{what} array {self.name()} has shape {shape}; expected (N, C, H, W) or (N, H, W)")
-            self.shape = shape if len(shape) == 4 else (shape[0], 1, *shape[1:])
+            self.axes = axes if axes is not None else infer_axes(len(shape))
+            if len(shape) not in (self.axes + 1, self.axes + 2):
+                grid = GRID_NAMES[self.axes]
+                raise ValueError(f"{what} array {self.name()} has shape {shape}; expected (N, C, {grid}) or (N, {grid})"
+                                 + ("" if axes is not None else " (data.axes sets the number of grid axes)"))
+            self.shape = shape if len(shape) == self.axes + 2 else (shape[0], 1, *shape[1:])
 
     def array(self):
         """The open array.  An HDF5 handle is not shared across a fork: each DataLoader worker
@@ -101,7 +119,7 @@ class FieldSource:
         return self.shape[0]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """Sample i as (C, H, W)."""
+        """Sample i as (C, *grid)."""
         if self.files is None:
             return np.asarray(self.array()[i]).reshape(self.shape[1:])
         a = self._sample_file(i)
@@ -112,13 +130,14 @@ class FieldSource:
 
     def _sample_file(self, i: int) -> np.ndarray:
         a = np.asarray(_open_array(self.files[i], self.key, self.what))
-        a = a[None] if a.ndim == 2 else a
-        if a.ndim != 3:
-            raise ValueError(f"{self.what} file {self.files[i]} has shape {a.shape}; expected (C, H, W) or (H, W)")
+        a = a[None] if a.ndim == self.axes else a
+        if a.ndim != self.axes + 1:
+            grid = GRID_NAMES[self.axes]
+            raise ValueError(f"{self.what} file {self.files[i]} has shape {a.shape}; expected (C, {grid}) or ({grid})")
         return a
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """Samples at sorted ``indices`` as (n, C, H, W) float64."""
+        """Samples at sorted ``indices`` as (n, C, *grid) float64."""
         if self.files is None:
             return np.asarray(self.array()[indices], dtype=np.float64).reshape(len(indices), *self.shape[1:])
         return np.stack([self[i] for i in indices]).astype(np.float64)
@@ -166,7 +185,8 @@ def read_params(path: str | Path, key: str | None = None, names: Sequence[str] |
 
 class FieldNormalizer:
     """Standardisation of x, the field and params with training-set statistics (module docstring).
-    Its state is plain: {"x": {"mean": (C,), "std": (C,), "log": [bool]·C, "eps": float},
+    Its state is plain: {"x": {"mean": (C,), "std": (C,), "log": [bool]·C, "eps": float, "axes": grid axes (2 when
+    absent)},
     "field": {…} (if any), "params": {"mean": (P,), "std": (P,), "names": [str]} (if any)},
     so a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
 
@@ -183,7 +203,7 @@ class FieldNormalizer:
         return key in self.state
 
     def normalize(self, value: torch.Tensor, key: str = "x") -> torch.Tensor:
-        """Physical units -> standardised.  x/field: (..., C, H, W); params: (..., P)."""
+        """Physical units -> standardised.  x/field: (..., C, *grid); params: (..., P)."""
         s = self._stats(key)
         mean, std = self._shaped(s["mean"], value, key), self._shaped(s["std"], value, key)
         if "log" in s and any(s["log"]):
@@ -207,16 +227,16 @@ class FieldNormalizer:
             raise KeyError(f"normalizer has no statistics for {key!r}; it has {', '.join(self.state)}")
         return self.state[key]
 
-    @staticmethod
-    def _shaped(stat: torch.Tensor, value: torch.Tensor, key: str) -> torch.Tensor:
-        """(C,) -> broadcastable over (..., C, H, W), or (P,) over (..., P), on value's device."""
+    def _shaped(self, stat: torch.Tensor, value: torch.Tensor, key: str) -> torch.Tensor:
+        """(C,) -> broadcastable over (..., C, *grid), or (P,) over (..., P), on value's device."""
         n = stat.shape[0]
-        axis = -1 if key == "params" else -3
+        grid = 0 if key == "params" else self.state[key].get("axes", 2)
+        axis = -1 - grid
         if value.dim() < -axis or value.shape[axis] != n:
             raise ValueError(f"{key} of shape {tuple(value.shape)} does not have the normalizer's {n} "
                              f"{'columns' if key == 'params' else 'channels'} at dim {axis}")
         stat = stat.to(device=value.device, dtype=value.dtype if stat.dtype != torch.bool else torch.bool)
-        return stat if key == "params" else stat[:, None, None]
+        return stat.reshape(n, *[1] * grid)
 
 
 class _Moments:
@@ -260,7 +280,7 @@ def scan_fields(source: FieldSource, indices: np.ndarray, log: list[bool], eps: 
     num_bad, first_bad = 0, None  # every sample is read before refusing, to say how many values are bad
     for start in range(0, len(indices), SCAN_CHUNK):
         chunk = np.sort(indices[start:start + SCAN_CHUNK])
-        a = source.read(chunk)  # (n, C, H, W)
+        a = source.read(chunk)  # (n, C, *grid)
         bad = np.argwhere(~np.isfinite(a))
         if len(bad) and first_bad is None:
             i, c = bad[0][:2]
@@ -276,14 +296,14 @@ def scan_fields(source: FieldSource, indices: np.ndarray, log: list[bool], eps: 
                                  f"{sub[i, c].min():.4g}; log(x + eps) with eps={eps:g} needs x > {-eps:g}")
             a[:, log_idx] = np.log(sub + eps)
         if fit:
-            moments.update(a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1))
+            moments.update(np.moveaxis(a, 1, 0).reshape(a.shape[1], -1))
     if num_bad:
         raise ValueError(f"{source.what} data {source.name()} holds {num_bad} NaN or inf values (first: {first_bad}); "
                          "remove or repair those samples")
     if not fit:
         return None
     mean, std = moments.result([f"{source.what} data {source.name()} channel {c}" for c in range(source.shape[1])])
-    return {"mean": mean, "std": std, "log": [bool(b) for b in log], "eps": float(eps)}
+    return {"mean": mean, "std": std, "log": [bool(b) for b in log], "eps": float(eps), "axes": source.axes}
 
 
 def _log_mask(channels: Sequence[int], n: int, what: str) -> list[bool]:
@@ -303,27 +323,28 @@ def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarra
 
 
 class FieldDataset(Dataset):
-    """Items ``{"x": (C, H, W), "params": (P,), "field": (C_cond, H, W), "index": int}`` (params and
-    field only when given), float32 and standardised.
+    """Items ``{"x": (C, *grid), "params": (P,), "field": (C_cond, *grid), "index": int}`` (params and
+    field only when given), float32 and standardised; the grid is (H, W), or (L) or (D, H, W) with ``axes``.
 
     ``indices`` restricts the dataset to a subset (a train/val split).  Without ``normalizer`` the
     statistics are fitted on this subset (the training set); give the training set's normaliser
     to a validation set.  Every sample is checked once at construction (``validate``).
-    ``augment`` applies one random symmetry of the square (flips, transpose) to x and field
-    together, for statistically isotropic fields."""
+    ``augment`` applies one random symmetry of the square (flips, transpose) to the last two axes of x and field
+    together, for statistically isotropic fields (of a volume, each slice; of a video, each frame); 1D data has
+    no such symmetry and refuses it."""
 
     def __init__(self, x: str | Path, params: str | Path | None = None, field: str | Path | None = None, *,
                  x_key: str | None = None, params_key: str | None = None, field_key: str | None = None,
                  param_names: Sequence[str] | None = None, log_channels: Sequence[int] | None = None,
                  field_log_channels: Sequence[int] | None = None, eps: float = 1e-6,
                  indices: Sequence[int] | None = None, normalizer: FieldNormalizer | None = None,
-                 augment: bool = False, validate: bool = True):
-        self.x = FieldSource(x, x_key, "x")
-        N, C, H, W = self.x.shape
-        self.field = None if field is None else FieldSource(field, field_key, "field")
-        if self.field is not None and (len(self.field), *self.field.shape[2:]) != (N, H, W):
+                 augment: bool = False, validate: bool = True, axes: int | None = None):
+        self.x = FieldSource(x, x_key, "x", axes)
+        N, C, *size = self.x.shape
+        self.field = None if field is None else FieldSource(field, field_key, "field", self.x.axes)
+        if self.field is not None and (len(self.field), *self.field.shape[2:]) != (N, *size):
             raise ValueError(f"field {self.field.name()} has shape {self.field.shape}; x {self.x.name()} has "
-                             f"{self.x.shape}, so the field must be ({N}, C_cond, {H}, {W})")
+                             f"{self.x.shape}, so the field must be ({N}, C_cond, {', '.join(map(str, size))})")
         self.params, self.param_names = (None, []) if params is None else read_params(params, params_key, param_names)
         self.params_source = params
         if self.params is not None and len(self.params) != N:
@@ -331,8 +352,9 @@ class FieldDataset(Dataset):
         self.indices = np.arange(N) if indices is None else np.asarray(indices, dtype=np.int64)
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= N):
             raise ValueError(f"indices must lie in [0, {N}) for x {self.x.name()}")
-        if augment and H != W:
-            raise ValueError(f"augment needs square fields, x {self.x.name()} is {H}×{W}")
+        if augment and (len(size) < 2 or size[-1] != size[-2]):
+            raise ValueError(f"augment (data.flip) needs square slices of the last two axes, x {self.x.name()} is "
+                             f"{'×'.join(map(str, size))}: set data.flip=false")
         self.augment = augment
 
         if normalizer is None:
@@ -380,8 +402,8 @@ class FieldDataset(Dataset):
 
     def model_shape(self) -> dict:
         """What the network must be built for: in_channels, input_size, num_params, cond_channels."""
-        _, C, H, W = self.x.shape
-        return {"in_channels": C, "input_size": H if H == W else [H, W],
+        _, C, *size = self.x.shape
+        return {"in_channels": C, "input_size": size[0] if len(size) == 2 and size[0] == size[1] else list(size),
                 "num_params": 0 if self.params is None else self.params.shape[1],
                 "cond_channels": 0 if self.field is None else self.field.shape[1]}
 

@@ -151,7 +151,7 @@ def any_rank(flag: bool, info) -> bool:
 # the same global batch gives the same steps).
 RESUME_FIXED = {"train": ("seed", "global_batch_size"), "data": ("kind", "path", "labels_file", "image_size", "flip",
                                                                   "params_file", "field_file", "log_transform",
-                                                                  "field_log_transform", "latent_norm", "length_buckets",
+                                                                  "field_log_transform", "latent_norm", "length_buckets", "axes",
                                                                   "context_path")}
 
 

@@ -23,6 +23,24 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return uint8_hwc(x[:, :3]).cpu().numpy()
 
 
+def stretched_images(x: torch.Tensor, height: int = 32) -> np.ndarray:
+    """Samples of any grid as (N, H, W, 3) uint8 pictures of their first channel, each stretched to its own
+    min..max: (N, C, H, W) as it is; (N, C, D, H, W) volumes and (N, C, T, H, W) videos by their middle slice or
+    frame; (N, C, L) sequences as a line plot ``height`` pixels tall, one column per position."""
+    first = x[:, :1].float().cpu()
+    if first.dim() == 5:
+        first = first[:, :, first.shape[2] // 2]
+    lo = first.flatten(1).amin(1).view(-1, *[1] * (first.dim() - 1))
+    hi = first.flatten(1).amax(1).view(-1, *[1] * (first.dim() - 1))
+    unit = (first - lo) / (hi - lo).clamp_min(1e-12)  # [0, 1]
+    if first.dim() == 3:  # (N, 1, L): the row of each position's value, counted from the bottom
+        rows = ((1 - unit[:, 0]) * (height - 1)).round().long()  # (N, L)
+        picture = torch.zeros(len(first), height, first.shape[-1], dtype=torch.uint8)
+        picture.scatter_(1, rows[:, None, :], 255)
+        return picture[..., None].expand(-1, -1, -1, 3).numpy().copy()
+    return to_uint8(2 * unit - 1)
+
+
 def save_grid(images: np.ndarray, path: str | Path, nrow: int, scale: int = 1, pad: int = 2) -> np.ndarray:
     """(N, H, W, 3) uint8 -> one PNG of ceil(N / nrow) rows, each image upscaled ×``scale``."""
     n, h, w, _ = images.shape
