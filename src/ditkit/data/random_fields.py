@@ -28,44 +28,56 @@ import torch
 CHUNK = 256  # samples drawn per call when writing; fixed so a seed always gives the same data
 
 
-def wavenumbers(size: int) -> torch.Tensor:
-    """|k| on the FFT grid, (size, size) float64, in units of the fundamental mode."""
+def wavenumbers(size: int, axes: int = 2) -> torch.Tensor:
+    """|k| on the FFT grid of ``axes`` axes of ``size`` points, (size,)·axes float64, in units of the fundamental
+    mode."""
     f = torch.fft.fftfreq(size, d=1.0 / size, dtype=torch.float64)
-    return torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    if axes == 2:
+        return torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    return torch.sqrt(sum(g ** 2 for g in torch.meshgrid(*[f] * axes, indexing="ij")))
 
 
-def power_law_spectrum(amplitude: torch.Tensor, slope: torch.Tensor, size: int) -> torch.Tensor:
-    """P(k) = A k^(−n) on the grid, P(0) = 0.  amplitude, slope: (B,) -> (B, size, size) float64."""
-    k = wavenumbers(size)
+def power_law_spectrum(amplitude: torch.Tensor, slope: torch.Tensor, size: int, axes: int = 2) -> torch.Tensor:
+    """P(k) = A k^(−n) on the grid, P(0) = 0.  amplitude, slope: (B,) -> (B, size, …) float64 (``axes`` grid axes)."""
+    k = wavenumbers(size, axes)
     k_safe = torch.where(k > 0, k, torch.ones_like(k))
-    P = amplitude.double()[:, None, None] * k_safe ** (-slope.double()[:, None, None])
+    shape = (-1, *[1] * axes)
+    P = amplitude.double().view(shape) * k_safe ** (-slope.double().view(shape))
     return torch.where(k > 0, P, torch.zeros_like(P))
+
+
+def _grid_dims(P: torch.Tensor) -> tuple[int, ...]:
+    """The grid axes of a batch (B, *grid): every axis after the first."""
+    return tuple(range(-(P.dim() - 1), 0))
 
 
 def gaussian_field(P: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A Gaussian random field with spectrum P: δ̂_k = sqrt(P(k)) ŵ_k with ŵ the orthonormal FFT of
-    unit white noise (so ⟨|ŵ_k|²⟩ = 1, Hermitian: δ is real).  P: (B, n, n) -> (B, n, n) float64."""
+    unit white noise (so ⟨|ŵ_k|²⟩ = 1, Hermitian: δ is real).  P: (B, *grid) -> (B, *grid) float64, on a grid of
+    1, 2 or 3 axes."""
     w = torch.randn(P.shape, generator=generator, dtype=torch.float64)
-    delta_k = torch.sqrt(P) * torch.fft.fft2(w, norm="ortho")
-    return torch.fft.ifft2(delta_k, norm="forward").real
+    dims = _grid_dims(P)
+    delta_k = torch.sqrt(P) * torch.fft.fftn(w, dim=dims, norm="ortho")
+    return torch.fft.ifftn(delta_k, dim=dims, norm="forward").real
 
 
 def field_variance(P: torch.Tensor) -> torch.Tensor:
-    """σ² = Σ_k P(k), the variance of every pixel.  (B, n, n) -> (B,)."""
-    return P.sum(dim=(-2, -1))
+    """σ² = Σ_k P(k), the variance of every pixel.  (B, *grid) -> (B,)."""
+    return P.sum(dim=_grid_dims(P))
 
 
 def lognormal_field(g: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-    """y = exp(g − σ²/2): E y = 1, Var y = exp(σ²) − 1.  g: (B, n, n), variance: (B,)."""
-    return torch.exp(g - variance[:, None, None] / 2)
+    """y = exp(g − σ²/2): E y = 1, Var y = exp(σ²) − 1.  g: (B, *grid), variance: (B,)."""
+    return torch.exp(g - variance.view(-1, *[1] * (g.dim() - 1)) / 2)
 
 
 def lognormal_spectrum(P: torch.Tensor) -> torch.Tensor:
     """Exact spectrum of y = exp(g − σ²/2) for g ~ GRF(P) on the grid:
     ξ_g = Σ_k P(k) e^{2πik·r/n},  ξ_y = exp(ξ_g) − 1,  P_y = (1/N) Σ_r ξ_y(r) e^{−2πik·r/n}.
-    (B, n, n) -> (B, n, n) float64.  Unlike P(0), P_y(0) > 0: the spatial mean of y fluctuates."""
-    xi_g = torch.fft.ifft2(P, norm="forward").real
-    return torch.fft.fft2(torch.expm1(xi_g), norm="forward").real
+    (B, *grid) -> (B, *grid) float64.  Unlike P(0), P_y(0) > 0: the spatial mean of y fluctuates."""
+    dims = _grid_dims(P)
+    xi_g = torch.fft.ifftn(P, dim=dims, norm="forward").real
+    return torch.fft.fftn(torch.expm1(xi_g), dim=dims, norm="forward").real
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -16,40 +16,44 @@ import torch
 from ditkit.data.random_fields import FieldBenchmark, field_variance
 
 
-def radial_bins(shape: tuple[int, int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def radial_bins(shape: tuple[int, ...], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One-hot bin matrix (H·W, K) float64, bin centres k̄ (K,) (the mean |k| of each bin's modes)
-    and mode counts (K,)."""
-    H, W = shape
-    if H != W:
-        raise ValueError(f"radial power spectra need square fields, got {H}×{W}")
-    fy = torch.fft.fftfreq(H, d=1.0 / H, dtype=torch.float64, device=device)
-    fx = torch.fft.fftfreq(W, d=1.0 / W, dtype=torch.float64, device=device)
-    k = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).reshape(-1)  # (H*W,)
-    K = min(H, W) // 2
+    and mode counts (K,); for a grid of 1 or 3 axes, (L,) or (D, H, W), the same over its modes."""
+    if len(set(shape)) != 1:
+        raise ValueError(f"radial power spectra need square fields, got {'×'.join(map(str, shape))}")
+    n = shape[0]
+    f = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64, device=device)
+    if len(shape) == 2:
+        k = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2).reshape(-1)  # (H*W,)
+    else:
+        k = torch.sqrt(sum(g ** 2 for g in torch.meshgrid(*[f] * len(shape), indexing="ij"))).reshape(-1)
+    K = n // 2
     index = torch.round(k).long()  # shells [i − ½, i + ½)
     onehot = (index[:, None] == torch.arange(1, K + 1, device=device)[None]).double()  # (H*W, K)
     counts = onehot.sum(0)
     return onehot, (k[:, None] * onehot).sum(0) / counts, counts
 
 
-def bin_spectrum(P2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Radial average of a per-mode quantity: (..., H, W) -> k̄ (K,), (..., K) float64."""
-    onehot, k, counts = radial_bins(tuple(P2d.shape[-2:]), P2d.device)
-    return k, (P2d.double().flatten(-2) @ onehot) / counts
+def bin_spectrum(P2d: torch.Tensor, axes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radial average of a per-mode quantity over its last ``axes`` axes: (..., H, W) -> k̄ (K,), (..., K) float64."""
+    onehot, k, counts = radial_bins(tuple(P2d.shape[-axes:]), P2d.device)
+    return k, (P2d.double().flatten(-axes) @ onehot) / counts
 
 
-def cross_power_spectrum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """P_xy(k) = Re⟨x̂_k ŷ_k*⟩ averaged over each bin, per field: (..., H, W) -> k̄ (K,), (..., K)."""
+def cross_power_spectrum(x: torch.Tensor, y: torch.Tensor, axes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """P_xy(k) = Re⟨x̂_k ŷ_k*⟩ averaged over each bin, per field: (..., H, W) -> k̄ (K,), (..., K); ``axes`` 1 or 3
+    for (..., L) or (..., D, H, W)."""
     if x.shape != y.shape:
         raise ValueError(f"fields to cross-correlate differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
-    x_k = torch.fft.fft2(x.double(), norm="forward")
-    y_k = torch.fft.fft2(y.double(), norm="forward")
-    return bin_spectrum((x_k * y_k.conj()).real)
+    dims = tuple(range(-axes, 0))
+    x_k = torch.fft.fftn(x.double(), dim=dims, norm="forward")
+    y_k = torch.fft.fftn(y.double(), dim=dims, norm="forward")
+    return bin_spectrum((x_k * y_k.conj()).real, axes)
 
 
-def power_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """P(k) = ⟨|x̂_k|²⟩ averaged over each bin, per field: (..., H, W) -> k̄ (K,), (..., K)."""
-    return cross_power_spectrum(x, x)
+def power_spectrum(x: torch.Tensor, axes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(k) = ⟨|x̂_k|²⟩ averaged over each bin, per field: (..., H, W) -> k̄ (K,), (..., K) (``axes``: as above)."""
+    return cross_power_spectrum(x, x, axes)
 
 
 def cross_correlation(x: torch.Tensor, y: torch.Tensor, dim: int | tuple[int, ...] = 0) -> torch.Tensor:
@@ -135,6 +139,38 @@ def evaluate_benchmark(
         "lognormal_mean": y.mean().item(),
         "lognormal_var": (y.var(dim=(1, 2, 3)) / torch.expm1(variance)).mean().item(),
     }
+
+
+def score_power_law(generate: Callable[[torch.Tensor], torch.Tensor], bench, points: int = 8, samples: int = 16,
+                    seed: int = 1_000_003) -> dict:
+    """Score a generator on ``ditkit.data.power_law.PowerLawFields`` at ``points`` fresh parameter points with
+    ``samples`` fields each, against the exact spectra.
+
+    ``generate(params (B, 2)) -> x (B, 2, *grid)``, called once with B = points·samples, both in physical units
+    (params float64 on the CPU).  Per channel c: the mean over points and k-bins of |P̄_gen / P_exact − 1|, P̄ the
+    binned spectrum averaged over a point's samples (``gaussian_spectrum_err``, ``lognormal_spectrum_err``); the
+    same for as many fresh draws of the benchmark's own generator (``*_floor``: sampling noise, which a perfect
+    generator also shows; it falls as 1/sqrt(samples)); the per-point, per-bin errors and spectra as tensors."""
+    g = torch.Generator().manual_seed(seed)
+    params = bench.sample_params(points, g)  # (G, 2)
+    params_rep = params.repeat_interleave(samples, 0)  # (G·M, 2)
+    gen = generate(params_rep)
+    want = (points * samples, 2, *bench.shape)
+    if tuple(gen.shape) != want:
+        raise ValueError(f"generate returned shape {tuple(gen.shape)}, expected {want}")
+    gen = gen.double().reshape(points, samples, *want[1:])
+    oracle = bench.sample_x(params_rep, g).reshape(points, samples, *want[1:])
+    k, p_exact = bin_spectrum(bench.expected_spectra(params), bench.axes)  # (G, 2, K)
+    _, p_gen = power_spectrum(gen, bench.axes)  # (G, M, 2, K)
+    _, p_oracle = power_spectrum(oracle, bench.axes)
+    err = relative_error(p_gen.mean(1), p_exact)  # (G, 2, K)
+    floor = relative_error(p_oracle.mean(1), p_exact)
+    out = {"k": k, "params": params, "generated": gen, "spectrum": p_gen.mean(1), "spectrum_exact": p_exact,
+           "rel_err": err}
+    for c, name in enumerate(bench.channel_names):
+        out[f"{name}_spectrum_err"] = err[:, c].abs().mean().item()
+        out[f"{name}_spectrum_err_floor"] = floor[:, c].abs().mean().item()
+    return out
 
 
 #################################################################################

@@ -1,0 +1,123 @@
+"""A benchmark with a known answer on a grid of 1, 2 or 3 axes: random fields whose power spectrum is a power law
+of known amplitude and slope, the conditions of the model.
+
+Conventions are those of ``ditkit.data.random_fields`` (box side 1, an n^d periodic grid, δ̂_k = FFT(δ)/n^d,
+P(k) = ⟨|δ̂_k|²⟩, integer wavenumbers).  Each sample has the parameters (σ², n_s), σ² log-uniform and n_s uniform
+over their ranges, and two channels:
+
+    x[0] = g,                  g ~ GRF(P),  P(k) = σ² k^(−n_s) / Σ_k' k'^(−n_s)   (P(0) = 0)
+    x[1] = exp(h − σ²/2),      h ~ GRF(P) independent of g                        (log-normal, mean 1)
+
+The normalisation Σ_k' k'^(−n_s) makes σ² the variance of every pixel of g whatever the grid and the slope, so that
+one parameter range serves 1D spectra, images and volumes.  The spectrum of x[0] is P and that of x[1] is
+``lognormal_spectrum(P)``, both exact, so generated fields are scored by the error of their radially binned spectra
+against these (``ditkit.eval.fields.score_power_law``)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditkit.data.random_fields import gaussian_field, lognormal_field, lognormal_spectrum, power_law_spectrum
+
+CHUNK = 64  # samples drawn per call when writing; fixed so that a seed always gives the same data
+
+
+@dataclass
+class PowerLawFields:
+    """The generator (module docstring): ``axes`` grid axes of ``size`` points each."""
+
+    size: int = 32
+    axes: int = 3
+    variance_range: tuple[float, float] = (0.1, 0.5)
+    slope_range: tuple[float, float] = (1.0, 3.0)
+
+    param_names = ("variance", "n_s")
+    channel_names = ("gaussian", "lognormal")
+    log_channels = (1,)  # x[1] is positive: normalise log(x + eps)
+
+    def __post_init__(self) -> None:
+        self.variance_range = tuple(float(v) for v in self.variance_range)
+        self.slope_range = tuple(float(v) for v in self.slope_range)
+        if self.axes not in (1, 2, 3):
+            raise ValueError(f"axes must be 1, 2 or 3, got {self.axes}")
+        if self.size < 4 or self.size % 2:
+            raise ValueError(f"size must be an even integer >= 4, got {self.size}")
+        lo, hi = self.variance_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"variance_range must satisfy 0 < low <= high, got {self.variance_range}")
+        if self.slope_range[0] > self.slope_range[1]:
+            raise ValueError(f"slope_range must satisfy low <= high, got {self.slope_range}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.size,) * self.axes
+
+    def sample_params(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, 2): σ² log-uniform over variance_range, n_s uniform over slope_range (float64)."""
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        (a0, a1), (s0, s1) = self.variance_range, self.slope_range
+        var = torch.exp(math.log(a0) + u[:, 0] * (math.log(a1) - math.log(a0)))
+        return torch.stack([var, s0 + u[:, 1] * (s1 - s0)], dim=1)
+
+    def spectrum(self, params: torch.Tensor) -> torch.Tensor:
+        """(B, 2) -> (B, *grid): P(k) = σ² k^(−n_s) / Σ_k' k'^(−n_s)."""
+        shape = power_law_spectrum(torch.ones(len(params)), params[:, 1], self.size, self.axes)
+        scale = params[:, 0].double() / shape.flatten(1).sum(1)
+        return shape * scale.view(-1, *[1] * self.axes)
+
+    def expected_spectra(self, params: torch.Tensor) -> torch.Tensor:
+        """Exact per-mode spectra of both channels: (B, 2) -> (B, 2, *grid) = [P, P_lognormal]."""
+        P = self.spectrum(params)
+        return torch.stack([P, lognormal_spectrum(P)], dim=1)
+
+    def sample_x(self, params: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Fresh fields given the parameters: (B, 2) -> (B, 2, *grid) float64."""
+        P = self.spectrum(params)
+        g = gaussian_field(P, generator)
+        y = lognormal_field(gaussian_field(P, generator), params[:, 0].double())
+        return torch.stack([g, y], dim=1)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"param_names": list(self.param_names), "channel_names": list(self.channel_names),
+                               "log_channels": list(self.log_channels)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PowerLawFields":
+        return cls(**{k: data[k] for k in ("size", "axes", "variance_range", "slope_range")})
+
+
+def write_power_law(out_dir: str | Path, n: int, size: int = 32, axes: int = 3, seed: int = 0,
+                    **settings) -> dict[str, Path]:
+    """Draw n samples and write them in the format of ``ditkit.data.fields``: ``x.npy`` (n, 2, *grid) float32,
+    ``params.csv`` (columns variance, n_s) and ``benchmark.json`` (the generator's settings, seed and file names).
+    Train with ``data.kind=fields``, ``data.path=x.npy``, ``data.params_file=params.csv``,
+    ``data.log_transform=[1]`` (and ``data.axes=1`` for a 1D grid).  Returns the paths."""
+    if n <= 0:
+        raise ValueError(f"number of samples must be positive, got {n}")
+    bench = PowerLawFields(size=size, axes=axes, **settings)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"x": out / "x.npy", "params": out / "params.csv", "meta": out / "benchmark.json"}
+    x = np.lib.format.open_memmap(paths["x"], mode="w+", dtype=np.float32, shape=(n, 2, *bench.shape))
+    params = np.empty((n, 2), dtype=np.float64)
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        p = bench.sample_params(stop - start, generator)
+        x[start:stop] = bench.sample_x(p, generator).float().numpy()
+        params[start:stop] = p.numpy()
+    x.flush()
+    del x
+    with open(paths["params"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(bench.param_names)
+        writer.writerows([[repr(float(a)), repr(float(b))] for a, b in params])
+    meta = {"benchmark": bench.to_dict(), "seed": seed, "n": n, "files": {k: p.name for k, p in paths.items() if k != "meta"}}
+    paths["meta"].write_text(json.dumps(meta, indent=2))
+    return paths
