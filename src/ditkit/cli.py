@@ -99,8 +99,9 @@ def cmd_sample(args) -> None:
     from ditkit.generation import sample_checkpoint
 
     settings = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale, "eta": args.eta,
-                "guided_channels": args.guided_channels, "grid": args.grid, "sde_diffusion": args.sde_diffusion,
-                "guidance_interval": args.guidance_interval}
+                "guided_channels": args.guided_channels, "grid": args.grid or ("shifted" if args.shift else None),
+                "sde_diffusion": args.sde_diffusion,
+                "guidance_interval": args.guidance_interval, "shift": args.shift}
     if args.lengths:
         from ditkit.generation import sequences_to_npz
 
@@ -223,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none); default: the checkpoint's "
                    "sample.cfg_scale")
     p.add_argument("--eta", type=float, help="DDIM eta")
-    p.add_argument("--grid", choices=["uniform", "shifted"], help="euler/heun/sde time grid (shifted: the objective's shift)")
+    p.add_argument("--grid", choices=["uniform", "shifted"], help="euler/heun/sde time grid (shifted: by --shift, else "
+                                                                  "the objective's shift)")
+    p.add_argument("--shift", type=float, help="the shifted grid's shift (> 1: more steps at high noise)")
     p.add_argument("--sde-diffusion", choices=DIFFUSION_FORMS,
                    help="diffusion coefficient of the sde sampler (SiT's forms)")
     p.add_argument("--guided-channels", type=int, help="guide only the first N channels (3: the official code)")

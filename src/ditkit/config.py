@@ -220,7 +220,9 @@ class SampleConfig:
     guided_channels: int | None = opt(None, "guide only the first N predicted channels (none: all; 3: the official code)")
     guidance_interval: list | None = opt(None, "[a, b]: guide only for noise levels in [a, b] (none: always)")
     eta: float = opt(0.0, "ddim: eta (0: deterministic)")
-    grid: str = opt("uniform", "euler/heun/sde time grid: uniform | shifted (objective.shift)")
+    grid: str = opt("uniform", "euler/heun/sde time grid: uniform | shifted (by sample.shift)")
+    shift: float | None = opt(None, "the shifted grid's shift t' = t / (s − (s − 1) t), s > 1 spending more steps at high "
+                                    "noise (none: objective.shift, the training draw's)")
     sde_diffusion: str = opt("sigma", "sde: sigma | constant | SBDM | linear | decreasing | increasing-decreasing")
     speed: str = opt("auto", "auto | reference | fast | fastest: the speed recipe (ditkit.fast.recipes; auto: "
                              "fastest on a GPU)")
@@ -329,6 +331,10 @@ class Config:
                               f"channels, never the variance), got {self.sample.guided_channels}")
         if self.sample.grid not in ("uniform", "shifted"):
             raise ConfigError(f"sample.grid must be uniform or shifted, got {self.sample.grid!r}")
+        if self.sample.shift is not None and not self.sample.shift > 0:
+            raise ConfigError(f"sample.shift must be positive, got {self.sample.shift}")
+        if self.sample.shift is not None and self.sample.grid != "shifted":
+            raise ConfigError(f"sample.shift={self.sample.shift} moves the shifted grid: set sample.grid=shifted too")
         allowed = DDPM_SAMPLERS if self.objective.name == "ddpm" else FLOW_SAMPLERS
         if self.sample.sampler not in allowed:
             raise ConfigError(f"sample.sampler {self.sample.sampler!r} does not fit objective.name={self.objective.name!r}; "
@@ -382,9 +388,9 @@ class Config:
         depth = m.depth if m.name == "custom" else DiT_models[m.name].depth
         if depth is not None and not 1 <= m.repa_depth <= depth:
             raise ConfigError(f"model.repa_depth must be a block in 1..{depth} (the model's depth), got {m.repa_depth}")
-        if self.data.kind == "fields":
+        if self.data.kind in ("fields", "sequences"):
             raise ConfigError("model.repa_depth aligns with an image encoder: data.kind must be images, latents "
-                              "(extracted with --images) or digits, not fields")
+                              f"(extracted with --images) or digits, not {self.data.kind}")
 
     def _check_finite(self) -> None:
         """Every float of the config, alone or in a list, is finite: an inf or nan learning rate or

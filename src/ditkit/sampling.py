@@ -69,6 +69,8 @@ def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dic
         fn = conditional_fn(model, model_kwargs, counter)
     opts = {"ddim": {"eta": cfg.eta}, "euler": {"grid": cfg.grid}, "heun": {"grid": cfg.grid},
             "sde": {"grid": cfg.grid, "diffusion": cfg.sde_diffusion}}.get(cfg.sampler, {})
+    if cfg.shift is not None and "grid" in opts:
+        opts["shift"] = cfg.shift  # else the objective's own (objective.shift)
     x, _ = objective.sample(fn, noise, sampler=cfg.sampler, steps=cfg.steps, progress=progress, **opts)
     return x, counter.nfe
 

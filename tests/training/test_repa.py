@@ -116,6 +116,7 @@ def test_settings_the_run_cannot_use_are_named_at_start(tmp_path, encoder_dir, o
     (["objective.repa_weight=0"], "objective.repa_weight must be positive"),
     (["objective.cos_weight=-0.1"], "objective.cos_weight must be non-negative"),
     (["data.kind=fields"], "model.repa_depth aligns with an image encoder: data.kind must be"),
+    (["data.kind=sequences"], "model.repa_depth aligns with an image encoder: .* not sequences"),
 ])
 def test_bad_values_fail_at_load_naming_the_key(encoder_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):
