@@ -85,12 +85,26 @@ def generate_lengths(model: nn.Module, objective, lengths: list[int], model_kwar
     length, a (C, L_i) tensor.  Returns (the sequences, NFE)."""
     if not lengths or min(lengths) < 1:
         raise ValueError(f"lengths must be at least 1 each, got {list(lengths)}")
+    return generate_sizes(model, objective, [(n,) for n in lengths], model_kwargs, cfg, channels, generator, progress)
+
+
+def generate_sizes(model: nn.Module, objective, sizes: list[tuple[int, ...]], model_kwargs: dict, cfg: SampleConfig,
+                   channels: int, generator: torch.Generator | None = None,
+                   progress: bool = False) -> tuple[list[torch.Tensor], int]:
+    """Samples of the given ``sizes``, one per sample, each a size per axis ((L,), (H, W) or (T, H, W); up to the
+    model's size, multiples of its patch): the batch's noise (B, C, *largest) with its mask (B, *largest), True
+    inside each sample's extent from the origin, goes through ``generate``, and each sample comes back cut to its
+    size, a (C, *size_i) tensor.  Returns (the samples, NFE)."""
+    if not sizes or len({len(s) for s in sizes}) != 1 or min(min(s) for s in sizes) < 1:
+        raise ValueError(f"sizes must be positive, with the same number of axes each, got {list(sizes)}")
     device = next(model.parameters()).device
-    longest = max(lengths)
-    mask = torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]  # (B, L) True = real
-    noise = torch.randn(len(lengths), channels, longest, generator=generator).to(device)  # drawn on the CPU
-    x, nfe = generate(model, objective, noise, {**model_kwargs, "mask": mask}, cfg, progress=progress)
-    return [x[i, :, :n] for i, n in enumerate(lengths)], nfe
+    largest = tuple(max(s[a] for s in sizes) for a in range(len(sizes[0])))
+    mask = torch.zeros(len(sizes), *largest, dtype=torch.bool)
+    for i, size in enumerate(sizes):
+        mask[(i, *[slice(0, n) for n in size])] = True
+    noise = torch.randn(len(sizes), channels, *largest, generator=generator).to(device)  # drawn on the CPU
+    x, nfe = generate(model, objective, noise, {**model_kwargs, "mask": mask.to(device)}, cfg, progress=progress)
+    return [x[(i, slice(None), *[slice(0, n) for n in size])] for i, size in enumerate(sizes)], nfe
 
 
 def save_sample_grid(x: torch.Tensor, cfg: Config, path: Path, nrow: int, vae=None) -> np.ndarray:

@@ -73,8 +73,37 @@ def test_errors_name_the_rule():
     with pytest.raises(ValueError, match="pos_embed='rope' does not combine with cond_mode='in_context'"):
         DiT(input_size=(L,), patch_size=P, pos_embed="rope", cond_mode="in_context", **TINY)
     image = DiT(input_size=8, patch_size=4, **TINY)
-    with pytest.raises(ValueError, match="a mask serves"):
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(B, H, W\) = \(2, 8, 8\)"):
         image(torch.randn(2, 3, 8, 8), t, y, mask=torch.ones(2, 8, dtype=torch.bool))
+    volume = DiT(input_size=(4, 8, 8), patch_size=(1, 4, 4), **TINY)
+    with pytest.raises(ValueError, match=r"input axis 2 \(W\) has size 6 is not a multiple of the patch size 4"):
+        volume(torch.randn(2, 3, 4, 8, 6), t, y)
+    rope = DiT(input_size=(4, 8, 8), patch_size=(1, 4, 4), pos_embed="rope", **TINY)
+    with pytest.raises(ValueError, match="RoPE|pos_embed='rope' takes inputs smaller than the model's size in 1D only"):
+        rope(torch.randn(2, 3, 2, 8, 8), t, y)
+
+
+@pytest.mark.parametrize("size, patch, extents", [
+    ((4, 8, 8), (1, 4, 4), [(2, 8, 4), (3, 4, 8), (1, 4, 4)]),   # videos: frames × height × width
+    ((8, 8, 8), (2, 2, 2), [(4, 4, 6), (6, 2, 4), (2, 6, 6)]),   # volumes
+    ((12, 16), 4, [(8, 12), (12, 4), (4, 16)]),                 # images of different sizes
+])
+def test_volumes_and_images_of_different_sizes_match_each_alone(size, patch, extents):
+    model = randomised(DiT(input_size=size, patch_size=patch, **TINY)).eval()
+    torch.manual_seed(2)
+    largest = tuple(max(e[a] for e in extents) for a in range(len(size)))
+    mask = torch.zeros(len(extents), *largest, dtype=torch.bool)
+    for i, e in enumerate(extents):
+        mask[(i, *[slice(0, n) for n in e])] = True
+    x = torch.where(mask[:, None], torch.randn(len(extents), 3, *largest), 100 * torch.randn(len(extents), 3, *largest))
+    t, y = torch.tensor([3.0, 500.0, 999.0]), torch.tensor([0, 4, 2])
+    out = model(x, t, y, mask=mask)
+    for i, e in enumerate(extents):
+        region = (slice(i, i + 1), slice(None), *[slice(0, n) for n in e])
+        alone = model(x[region], t[i:i + 1], y[i:i + 1])
+        torch.testing.assert_close(out[region], alone, rtol=1e-5, atol=1e-5)
+    full = model(torch.zeros(1, 3, *size), t[:1], y[:1])  # the model's own size: the plain path, no mask
+    assert full.shape == (1, 6, *size)
 
 
 def test_the_speed_door_leaves_the_fused_attention_out_of_masked_runs():
@@ -94,3 +123,27 @@ def test_the_guide_runs_as_written():
     scope = {}
     exec(code, scope)
     assert [tuple(s.shape) for s in scope["seqs"]] == [(2, 8), (2, 40), (2, 64)] and scope["nfe"] == 5
+
+
+def test_volumes_of_requested_sizes_are_generated_and_their_loss_counts_real_positions():
+    from ditkit.config import SampleConfig
+    from ditkit.objectives.flow import FlowMatching
+    from ditkit.sampling import generate_sizes
+
+    model = randomised(DiT(input_size=(4, 8, 8), patch_size=(1, 4, 4), learn_sigma=False, **TINY)).eval()
+    objective = FlowMatching()
+    sizes = [(2, 8, 4), (4, 4, 8)]
+    y = torch.tensor([1, 2])
+    out, nfe = generate_sizes(model, objective, sizes, {"y": y}, SampleConfig(sampler="euler", steps=3, cfg_scale=2.0),
+                              channels=3, generator=torch.Generator().manual_seed(0))
+    assert [tuple(o.shape) for o in out] == [(3, *s) for s in sizes] and nfe == 3
+    alone, _ = generate_sizes(model, objective, sizes[1:], {"y": y[1:]}, SampleConfig(sampler="euler", steps=3,
+                              cfg_scale=2.0), channels=3, generator=torch.Generator().manual_seed(0))
+    assert alone[0].shape == out[1].shape  # its noise differs (drawn for its own batch); the shapes are asked ones
+    mask = torch.zeros(2, 4, 8, 8, dtype=torch.bool)
+    mask[0, :2, :, :4] = True
+    mask[1, :, :4, :] = True
+    x0 = torch.randn(2, 3, 4, 8, 8) * mask[:, None]
+    model.train()
+    losses = objective.loss(model, x0, {"y": y}, mask=mask)["loss"]
+    assert losses.shape == (2,) and torch.isfinite(losses).all()

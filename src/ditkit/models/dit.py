@@ -442,6 +442,14 @@ class DiT(nn.Module):
             want = None if context is None else tuple(context.shape[:2])
             raise ValueError(f"context_mask must have the shape {want} of the context's (B, M), got {tuple(context_mask.shape)}")
 
+    def _positions_of(self, grid: TokenGrid) -> torch.Tensor:
+        """The position table's rows of an input smaller than the model's size: its tokens sit at the origin of
+        every axis, so its rows are the table's first ``grid.shape`` rows along each axis, (1, N', D)."""
+        if grid.dims == 1:
+            return self.pos_embed[:, :grid.num_tokens]
+        table = self.pos_embed.reshape(*self.grid.shape, -1)
+        return table[tuple(slice(0, n) for n in grid.shape)].reshape(1, grid.num_tokens, -1)
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p·p·C) -> (B, C, H, W); in general (B, N, p_0·…·p_{d−1}·C) -> (B, C, *input_size)."""
         return self.grid.unpatchify(x)
@@ -468,14 +476,18 @@ class DiT(nn.Module):
         ``context`` (B, M, context_dim): per-sample sequences of embeddings, padded to the longest; ``context_mask``
         (B, M) bool, True at real entries (None: all real).  A sample with no real entry is unconditional.
 
-        Variable lengths (1D models): x may be (B, C, L') with L' ≤ the model's L, a batch padded to its longest
-        sequence, and ``mask`` (B, L') bool marks the real positions (True) of each; lengths must be multiples of
-        the patch size.  Attention gives padded tokens no weight and positions count from each sequence's start,
-        so the output on the real positions does not depend on the padding; the output on padding is not
-        meaningful (a loss leaves it out)."""
+        Variable sizes: x may be (B, C, L') with L' ≤ the model's L, a batch padded to its longest sequence (or, on
+        2 or 3 axes, (B, C, T', H', W') no larger than the model's size on any axis, padded at the end of each
+        axis), and ``mask`` (B, *x's size) bool marks the real positions (True) of each; every sample's extent must
+        be a multiple of the patch on every axis.  Attention gives padded tokens no weight and positions count from
+        each sample's origin, so the output on the real positions does not depend on the padding; the output on
+        padding is not meaningful (a loss leaves it out).  RoPE serves smaller inputs in 1D only."""
         if return_repa and self.repa_depth is None:
             raise ValueError("return_repa needs a model built with repa_depth (REPA's projector)")
         grid = self.grid.of_input(x)
+        if grid is not self.grid and grid.dims > 1 and self.pos_embed is None:
+            raise ValueError(f"pos_embed='rope' takes inputs smaller than the model's size in 1D only; this input is "
+                             f"{tuple(x.shape[2:])} for a model of {self.grid.size}: use pos_embed='sincos'")
         self._check_conditions(x, y, params, field, context, context_mask)
         keep = None if mask is None else grid.token_mask(mask)  # (B, N) True for real tokens
         if keep is not None and self.field_mode == "cross_attention":
@@ -492,7 +504,7 @@ class DiT(nn.Module):
             x = torch.cat([x, field.to(x.dtype)], dim=1)
         tokens = self.x_embedder(x)  # (B, N, D)
         if self.pos_embed is not None:
-            tokens = tokens + (self.pos_embed if grid is self.grid else self.pos_embed[:, :grid.num_tokens])
+            tokens = tokens + (self.pos_embed if grid is self.grid else self._positions_of(grid))
         t_emb = self.t_embedder(t)  # (B, D)
         y_emb = self.y_embedder(y, self.training, force_drop_ids) if self.num_classes > 0 else None
         p_emb = self.cond.embed_params(params, self.training, force_drop_ids)

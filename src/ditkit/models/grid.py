@@ -92,35 +92,40 @@ class TokenGrid:
                              f"with {expected}")
 
     def of_input(self, x: torch.Tensor) -> "TokenGrid":
-        """The grid of input x: this one, or for a (B, C, L') sequence with L' ≤ L (a batch padded to its
-        longest sequence, shorter than the model's length L) the grid of the first L' positions, whose
-        tokens keep the positions 0..L'/p − 1.  A ``ValueError`` for any other shape."""
-        if self.dims == 1 and x.ndim == 3 and x.shape[2] != self.size[0] and 0 < x.shape[2] <= self.size[0]:
-            if x.shape[2] % self.patch[0]:
-                raise ValueError(f"sequence length {x.shape[2]} is not a multiple of the patch size {self.patch[0]}: "
-                                 "pad every sequence (and its mask) to a multiple of the patch size")
-            return TokenGrid((x.shape[2],), self.patch)
+        """The grid of input x: this one, or for an input no larger than the model's size on any axis (a batch
+        padded to its longest sequence or largest volume, smaller than the model's size) the grid of its own size,
+        whose tokens keep their positions from the origin of every axis.  A ``ValueError`` for any other shape,
+        naming the axis that is not a multiple of its patch."""
+        size = tuple(x.shape[2:])
+        if x.ndim == 2 + self.dims and size != self.size and all(0 < n <= m for n, m in zip(size, self.size)):
+            for axis, (n, p, name) in enumerate(zip(size, self.patch, self.axes)):
+                if n % p:
+                    what = "sequence length" if self.dims == 1 else f"input axis {axis} ({name}) has size"
+                    raise ValueError(f"{what} {n} is not a multiple of the patch size {p}: pad every sample (and "
+                                     "its mask) to a multiple of the patch size")
+            return TokenGrid(size, self.patch)
         self.check(x)
         return self
 
     def token_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """A (B, L) mask over a sequence's positions (True = real) -> (B, N) over its tokens.  A token is real
-        when its p positions are, so each sequence's length must be a multiple of p and every sequence needs a
-        real token (a query with no key to attend to would be NaN): a ``ValueError`` says which rule is broken."""
+        """A (B, *size) mask over an input's positions (True = real): (B, L) for sequences, (B, T, H, W) for volumes
+        -> (B, N) over its tokens.  A token is real when all its patch's positions are, so each sample's extent must
+        be a multiple of the patch on every axis and every sample needs a real token (a query with no key to attend
+        to would be NaN): a ``ValueError`` says which rule is broken."""
         B = mask.shape[0]
-        if self.dims != 1:
-            raise ValueError(f"a mask serves (B, C, L) sequences; this model takes (B, C, {', '.join(self.axes)}) inputs")
-        if mask.dtype != torch.bool or tuple(mask.shape) != (B, self.size[0]):
-            raise ValueError(f"mask must be a bool tensor of shape (B, L) = ({B}, {self.size[0]}), got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
-        cells = mask.reshape(B, self.num_tokens, self.patch[0])  # (B, N, p)
+        if mask.dtype != torch.bool or tuple(mask.shape) != (B, *self.size):
+            raise ValueError(f"mask must be a bool tensor of shape (B, {', '.join(self.axes)}) = "
+                             f"({B}, {', '.join(map(str, self.size))}), got {mask.dtype} {tuple(mask.shape)}")
+        cells = self.patchify(mask[:, None])  # (B, N, cells per patch)
         tokens = cells.all(dim=-1)  # (B, N)
         partial, empty = (cells.any(dim=-1) != tokens).any(), ~tokens.any(dim=-1).all()
         if bool(partial | empty):  # one read on the host for both rules
+            what = "a sequence whose length is" if self.dims == 1 else "a sample whose extent is"
             if bool(partial):
-                raise ValueError(f"mask has a sequence whose length is not a multiple of the patch size {self.patch[0]}: "
-                                 "pad every sequence (and its mask) to a multiple of the patch size")
-            raise ValueError("mask has a sequence without any real position: every sample needs at least one token")
+                raise ValueError(f"mask has {what} not a multiple of the patch size {'×'.join(map(str, self.patch))}: "
+                                 "pad every sample (and its mask) to a multiple of the patch size")
+            raise ValueError(f"mask has {what.split(' whose')[0]} without any real position: every sample needs at "
+                             "least one token")
         return tokens
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
