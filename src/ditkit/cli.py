@@ -106,7 +106,9 @@ def cmd_sample(args) -> None:
         from ditkit.generation import sequences_to_npz
 
         labels = None if args.labels in ("balanced", "random") else [v.strip() for v in args.labels.split(",")]
-        print(sequences_to_npz(args.ckpt, args.out, [int(v) for v in args.lengths.split(",")], labels=labels,
+        sizes = [tuple(int(n) for n in v.split("x")) for v in args.lengths.split(",")]
+        sizes = [s[0] if len(s) == 1 else s for s in sizes]
+        print(sequences_to_npz(args.ckpt, args.out, sizes, labels=labels,
                                seed=args.seed, ema=not args.no_ema, device=args.device, context=args.context, **settings))
         return
     line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
@@ -243,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="models on sequences of embeddings (model.context_dim): a folder of (M, E) "
                                      ".npy/.safetensors files, one sample per file in name order")
     p.add_argument("--lengths", help="models of sequences (data.kind=sequences): one sample per length, 64,128,... "
-                                     "(multiples of the patch size), into samples.npz in the data's units")
+                                     "(multiples of the patch size), into samples.npz in the data's units; for images "
+                                     "or volumes of different sizes one size per sample, 16x32,4x16x16,...")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU if any)")
     p.set_defaults(func=cmd_sample)

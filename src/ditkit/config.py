@@ -152,8 +152,9 @@ class DataConfig:
                                  "holds sequences of like lengths and little padding (0: off)")
     params_file: str | None = opt(None, "fields: table of the parameters to condition on")
     field_file: str | None = opt(None, "fields: array of the conditioning fields")
-    axes: int | None = opt(None, "fields: the grid axes of one sample, 1 ((N, C, L) sequences), 2 ((N, C, H, W)) or 3 "
-                                 "((N, C, D, H, W) volumes, (N, C, T, H, W) videos); none: 3 for five-axis arrays, else 2")
+    axes: int | None = opt(None, "fields, sequences: the grid axes of one sample, 1 ((N, C, L) sequences), 2 ((N, C, H, W)) "
+                                 "or 3 ((N, C, D, H, W) volumes, (N, C, T, H, W) videos); none: fields 3 for five-axis "
+                                 "arrays, else 2; sequences 1")
     context_path: str | None = opt(None, "a folder of per-sample sequences of embeddings to condition on (model.context_dim): "
                                          "<sample name>.npy or .safetensors, (M, E), M varying; by index for datasets "
                                          "without file names")

@@ -209,13 +209,14 @@ SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence pe
 def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | None = None, seed: int = 0,
                      ema: bool = True, device: str | None = None, context=None, **settings) -> list[np.ndarray]:
     """One sequence per length in ``lengths`` from a checkpoint trained on ``data.kind=sequences``, each a (C, L_i)
-    float64 array in the data's units (the run's per-channel normalisation undone).  ``labels``: class ids or names,
+    float64 array in the data's units (the run's per-channel normalisation undone); for a run on images or volumes of
+    different sizes (``data.axes`` 2 or 3), ``lengths`` holds one size tuple per sample, e.g. (4, 16, 16).  ``labels``: class ids or names,
     one per length (default: classes in turn); ``context``: a model's sequences of embeddings, one (M_i, E) array per
     length, or a folder of such files (``load_contexts``); ``settings``: ``sample.<key>`` overrides (steps, cfg_scale,
     sampler)."""
     from ditkit.checkpoints import load_run
     from ditkit.data.sequences import SequenceNormalizer
-    from ditkit.sampling import generate_lengths
+    from ditkit.sampling import generate_sizes
 
     model, cfg, stored = load_run(ckpt, use_ema=ema, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.data.kind != "sequences" or "normalizer" not in stored:
@@ -237,8 +238,12 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
         device = next(model.parameters()).device
         kwargs |= {"context": ctx.to(device), "context_mask": ctx_mask.to(device)}
     torch.manual_seed(seed)  # the sampler's own noise (DDPM, SDE)
-    seqs, _ = generate_lengths(model, build_objective(cfg), list(lengths), kwargs, cfg.sample,
-                               channels=cfg.model.in_channels, generator=torch.Generator().manual_seed(seed))
+    sizes = [tuple(n) if isinstance(n, (tuple, list)) else (int(n),) for n in lengths]
+    axes = 2 if isinstance(cfg.model.input_size, int) else len(cfg.model.input_size)
+    if any(len(s) != axes for s in sizes) or min(min(s) for s in sizes) < 1:
+        raise ValueError(f"the model's samples have {axes} axes; asked for sizes {sizes}")
+    seqs, _ = generate_sizes(model, build_objective(cfg), sizes, kwargs, cfg.sample,
+                             channels=cfg.model.in_channels, generator=torch.Generator().manual_seed(seed))
     norm = SequenceNormalizer(stored["normalizer"])
     return [norm.denormalize(s.double().cpu()).numpy() for s in seqs]
 
@@ -251,8 +256,12 @@ def sequences_to_npz(ckpt: str | Path, out: str | Path, lengths: list[int], **kw
     seqs = sample_sequences(ckpt, lengths, **kwargs)  # a context folder: one file per length, in name order
     path = Path(out) / "samples.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_npz(path, lengths=np.array(lengths), **{f"seq_{i:04d}": s for i, s in enumerate(seqs)})
-    return f"{len(seqs)} sequences of lengths {min(lengths)} to {max(lengths)}, in the data's units -> {path}"
+    sizes = np.array([s.shape[1:] for s in seqs])
+    key = {"lengths": sizes[:, 0]} if sizes.shape[1] == 1 else {"sizes": sizes}
+    atomic_save_npz(path, **key, **{f"seq_{i:04d}": s for i, s in enumerate(seqs)})
+    what = f"lengths {sizes.min()} to {sizes.max()}" if sizes.shape[1] == 1 else "sizes " + ", ".join(
+        "×".join(map(str, s)) for s in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
+    return f"{len(seqs)} samples of {what}, in the data's units -> {path}"
 
 
 #################################################################################

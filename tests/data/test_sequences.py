@@ -119,3 +119,40 @@ def test_train_resume_and_sample_mixed_lengths(tmp_path):
         assert saved["lengths"].tolist() == lengths
         for i, s in enumerate(seqs):
             np.testing.assert_array_equal(saved[f"seq_{i:04d}"], s)
+
+
+def test_volumes_of_different_sizes_train_resume_and_sample(tmp_path):
+    """data.axes=3: a folder of (C, T_i, H_i, W_i) arrays, padded per axis with a (B, T, H, W) mask."""
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        size = (int(rng.integers(1, 3)) * 2, int(rng.integers(1, 3)) * 4, int(rng.integers(1, 3)) * 4)
+        np.save(tmp_path / f"{i:02d}.npy", rng.normal(size=(2, *size)) * [[[[2.0]]], [[[0.5]]]] + 3)
+    (tmp_path / "vol").mkdir()
+    for f in tmp_path.glob("*.npy"):
+        f.rename(tmp_path / "vol" / f.name)
+    cfg = lambda *extra: ditkit.load_config("digits", [  # noqa: E731
+        "model.name=custom", "model.patch_size=[2, 4, 4]", "model.input_size=[4, 8, 8]", "model.hidden_size=32",
+        "model.depth=2", "model.num_heads=2", "model.num_classes=0", "train.global_batch_size=4", "train.log_every=1",
+        "train.ckpt_every=2", "train.warmup_steps=1", "train.log_to=none", "sample.steps=3", "data.kind=sequences",
+        f"data.path={tmp_path / 'vol'}", "data.axes=3", *extra])
+    data = build_dataset(fit_to_data(cfg())[0])
+    batch = data.inner.collate([data[(0, i)] for i in range(4)])
+    assert batch["x"].shape[2:] == batch["mask"].shape[1:] and batch["mask"].dim() == 4
+    assert [tuple(m.nonzero().max(0).values + 1) for m in batch["mask"]] == [data.inner.sizes[i] for i in range(4)]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ditkit.train(cfg("train.steps=4"), ref, device="cpu")
+    ditkit.train(cfg("train.steps=2"), run, device="cpu")
+    ditkit.train(cfg("train.steps=4"), run, device="cpu", resume=True)
+    losses = [[json.loads(r)["loss"] for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, run)]
+    assert len(losses[0]) == 4 and all(np.isfinite(losses[0])) and losses[0] == losses[1]
+    ckpt = ref / "checkpoints" / "last.pt"
+    assert load_checkpoint(ckpt)["normalizer"]["x"]["axes"] == 3
+    vols = sample_sequences(ckpt, [(2, 4, 8), (4, 8, 4)], seed=1, device="cpu")
+    assert [v.shape for v in vols] == [(2, 2, 4, 8), (2, 4, 8, 4)]
+    main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--lengths", "2x4x8,4x8x4", "--seed", "1",
+          "--device", "cpu"])
+    with np.load(tmp_path / "out" / "samples.npz") as saved:
+        assert saved["sizes"].tolist() == [[2, 4, 8], [4, 8, 4]]
+        np.testing.assert_array_equal(saved["seq_0001"], vols[1])
+    with pytest.raises(ValueError, match="3 axes; asked for sizes"):
+        sample_sequences(ckpt, [8], device="cpu")

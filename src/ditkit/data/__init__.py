@@ -74,11 +74,12 @@ def build_dataset(cfg: Config) -> EpochIndexed:
         except ValueError as err:
             raise ConfigError(f"data.path: {err}") from None
     elif kind == "sequences":
-        from ditkit.data.facts import patch_1d
+        from ditkit.data.facts import patch_sizes
         from ditkit.data.sequences import SequenceDataset
 
         try:
-            inner = SequenceDataset(d.path, patch_1d(cfg), classes=cfg.model.num_classes > 0)
+            axes = d.axes or 1
+            inner = SequenceDataset(d.path, patch_sizes(cfg, axes), classes=cfg.model.num_classes > 0, axes=axes)
         except ValueError as err:
             raise ConfigError(f"data.path: {err}") from None
     else:

@@ -186,24 +186,36 @@ def _field_facts(cfg: Config) -> DataFacts:
 
 def patch_1d(cfg: Config) -> int:
     """The patch size of a 1D model (a named variant's from its name; the model's default 2 when unset)."""
+    return patch_sizes(cfg, 1)[0]
+
+
+def patch_sizes(cfg: Config, axes: int) -> tuple[int, ...]:
+    """The patch size along each of ``axes`` axes (a named variant's from its name; the model's default 2 when unset)."""
     m = cfg.model
     p = (m.patch_size if m.name == "custom" else int(m.name.rsplit("/", 1)[1])) or 2
-    return p[0] if isinstance(p, (list, tuple)) else p
+    if isinstance(p, (list, tuple)):
+        return tuple(p) if len(p) == axes else (p[0],) * axes
+    return (p,) * axes
 
 
 def _sequence_facts(cfg: Config) -> DataFacts:
     from ditkit.data.sequences import sequence_files, sequence_shape
 
     d, m = cfg.data, cfg.model
+    axes = d.axes or 1
     try:
         files, _, classes = sequence_files(d.path, classes=m.num_classes > 0)
-        shapes = [sequence_shape(f) for f in files]
+        shapes = [sequence_shape(f, axes) for f in files]
     except (ValueError, OSError) as err:
         raise ConfigError(str(err)) from None
-    p, longest = patch_1d(cfg), max(s[1] for s in shapes)
-    what = f"{len(files)} sequences of {shapes[0][0]} channels, lengths {min(s[1] for s in shapes)} to {longest}"
+    patch = patch_sizes(cfg, axes)
+    largest = [-(-max(s[1 + a] for s in shapes) // patch[a]) * patch[a] for a in range(axes)]
+    if axes == 1:
+        what = f"{len(files)} sequences of {shapes[0][0]} channels, lengths {min(s[1] for s in shapes)} to {largest[0]}"
+    else:
+        what = f"{len(files)} samples of {shapes[0][0]} channels, sizes up to {'×'.join(map(str, largest))}"
     facts = DataFacts(str(d.path), what, count=len(files))
-    facts.exact.update({"model.in_channels": shapes[0][0], "model.input_size": [-(-longest // p) * p]})
+    facts.exact.update({"model.in_channels": shapes[0][0], "model.input_size": largest})
     if classes:
         facts.found += f" in {len(classes)} class folders"
         facts.at_least["model.num_classes"] = len(classes)

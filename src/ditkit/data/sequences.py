@@ -1,11 +1,14 @@
 """A folder of 1D sequences of mixed lengths: one ``.npy`` file per sample, shape (C, L_i) (an (L_i,) array is one
 channel), L_i varying; with class subfolders (``root/<class>/*.npy``, classes in sorted order) for class labels, as
 an image folder.  Every length must be a multiple of the patch size (a token is real when all its positions are).
+With ``axes`` 2 or 3 (``data.axes``) the samples are images (C, H_i, W_i) or volumes and videos (C, T_i, H_i, W_i)
+of different sizes, each a multiple of the patch on every axis.
 
 Normalisation (``SequenceNormalizer``), per channel c over every real position of every sample, in float64:
     z = (x − μ_c) / s_c,  and back  x = z s_c + μ_c.
 
-A batch is padded to its longest sequence with a (B, L) bool mask, True at the real positions (``pad_batch``)."""
+A batch is padded to its longest sequence (its largest extent on each axis) with a (B, *size) bool mask, True at
+the real positions (``pad_batch``)."""
 from __future__ import annotations
 
 import os
@@ -34,17 +37,22 @@ def sequence_files(root: str | Path, classes: bool) -> tuple[list[Path], list[in
     return files, labels, names
 
 
-def sequence_shape(path: Path) -> tuple[int, int]:
-    """(C, L) of one file, from its header."""
+GRID = {1: "L", 2: "H, W", 3: "T, H, W"}
+
+
+def sequence_shape(path: Path, axes: int = 1) -> tuple[int, ...]:
+    """(C, *size) of one file, from its header: (C, L) for sequences, (C, T, H, W) for ``axes`` = 3."""
     a = np.load(path, mmap_mode="r")
-    if a.ndim not in (1, 2) or a.shape[-1] < 1:
-        raise ValueError(f"sequence file {path} has shape {a.shape}; expected (C, L) or (L,)")
-    return (1, a.shape[0]) if a.ndim == 1 else tuple(a.shape)
+    if a.ndim not in (axes, axes + 1) or min(a.shape) < 1:
+        raise ValueError(f"sequence file {path} has shape {a.shape}; expected (C, {GRID[axes]}) or ({GRID[axes]})"
+                         + (" (data.axes sets the number of axes)" if a.ndim not in (axes, axes + 1) else ""))
+    return (1, *a.shape) if a.ndim == axes else tuple(a.shape)
 
 
 class SequenceNormalizer:
     """Per-channel standardisation of sequences (module docstring).  Its state is plain,
-    {"x": {"mean": (C,), "std": (C,)}}, so a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+    {"x": {"mean": (C,), "std": (C,), "axes": grid axes (1 when absent)}}, so a checkpoint holding it loads with
+    ``torch.load(weights_only=True)``."""
 
     def __init__(self, state: dict):
         self.state = {"x": dict(state["x"])}
@@ -54,10 +62,12 @@ class SequenceNormalizer:
 
     def _stats(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.state["x"]
-        if value.dim() < 2 or value.shape[-2] != len(s["mean"]):
-            raise ValueError(f"sequences of shape {tuple(value.shape)} do not have the normalizer's "
-                             f"{len(s['mean'])} channels at dim -2")
-        return (s["mean"].to(value.device, value.dtype)[:, None], s["std"].to(value.device, value.dtype)[:, None])
+        axes = int(s.get("axes", 1))
+        if value.dim() < axes + 1 or value.shape[-axes - 1] != len(s["mean"]):
+            raise ValueError(f"samples of shape {tuple(value.shape)} do not have the normalizer's "
+                             f"{len(s['mean'])} channels at dim {-axes - 1}")
+        shape = (-1, *[1] * axes)
+        return s["mean"].to(value.device, value.dtype).view(shape), s["std"].to(value.device, value.dtype).view(shape)
 
     def normalize(self, value: torch.Tensor) -> torch.Tensor:
         """Physical units (..., C, L) -> standardised."""
@@ -74,38 +84,45 @@ class SequenceDataset(Dataset):
     """Items ``{"x": (C, L_i) float32 standardised, "y": class id}`` from a folder (module docstring); every file is
     read once at construction, for its shape, finiteness and the normaliser's statistics."""
 
-    def __init__(self, root: str | Path, patch_size: int, classes: bool = False):
+    def __init__(self, root: str | Path, patch_size: int | tuple[int, ...], classes: bool = False, axes: int = 1):
         self.root = Path(root)
         self.files, self.labels, self.classes = sequence_files(root, classes)
         self.num_classes = len(self.classes) or None
-        self.patch_size = patch_size
-        total, sums, squares, channels, self.lengths = 0, None, None, None, []
+        self.axes = axes
+        self.patch = (patch_size,) * axes if isinstance(patch_size, int) else tuple(patch_size)
+        self.patch_size = self.patch[0] if axes == 1 else self.patch  # the 1D collate's int
+        total, sums, squares, channels, self.lengths, self.sizes = 0, None, None, None, [], []
         for path in self.files:
             a = self._read(path)
             if channels is None:
                 channels = a.shape[0]
             if a.shape[0] != channels:
                 raise ValueError(f"sequence file {path} has {a.shape[0]} channels; {self.files[0]} has {channels}")
-            if a.shape[1] % patch_size:
-                raise ValueError(f"sequence file {path} has length {a.shape[1]}, not a multiple of the patch size "
-                                 f"{patch_size}: pad or crop the sequences to multiples of it")
+            if any(n % p for n, p in zip(a.shape[1:], self.patch)):
+                what = f"length {a.shape[1]}" if axes == 1 else f"size {'×'.join(map(str, a.shape[1:]))}"
+                patch = self.patch[0] if axes == 1 else "×".join(map(str, self.patch))
+                raise ValueError(f"sequence file {path} has {what}, not a multiple of the patch size {patch}: pad or "
+                                 f"crop the samples to multiples of it")
             if not np.isfinite(a).all():
                 raise ValueError(f"sequence file {path} holds NaN or inf")
-            total += a.shape[1]
-            self.lengths.append(a.shape[1])
-            sums = a.sum(1) if sums is None else sums + a.sum(1)
-            squares = (a * a).sum(1) if squares is None else squares + (a * a).sum(1)
+            flat = a.reshape(channels, -1)
+            total += flat.shape[1]
+            self.lengths.append(flat.shape[1])  # positions: what a length bucket sorts by
+            self.sizes.append(tuple(a.shape[1:]))
+            sums = flat.sum(1) if sums is None else sums + flat.sum(1)
+            squares = (flat * flat).sum(1) if squares is None else squares + (flat * flat).sum(1)
         mean = sums / total
         std = np.sqrt(np.maximum(squares / total - mean * mean, 0.0))
         std = np.where(std > 0, std, 1.0)  # a constant channel stays put rather than dividing by zero
-        self.normalizer = SequenceNormalizer({"x": {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}})
+        state = {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}
+        self.normalizer = SequenceNormalizer({"x": state if axes == 1 else state | {"axes": axes}})
 
-    @staticmethod
-    def _read(path: Path) -> np.ndarray:
+    def _read(self, path: Path) -> np.ndarray:
         a = np.asarray(np.load(path), dtype=np.float64)
-        a = a[None] if a.ndim == 1 else a
-        if a.ndim != 2 or a.shape[1] < 1:
-            raise ValueError(f"sequence file {path} has shape {a.shape}; expected (C, L) or (L,)")
+        a = a[None] if a.ndim == self.axes else a
+        if a.ndim != self.axes + 1 or min(a.shape) < 1:
+            grid = GRID[self.axes]
+            raise ValueError(f"sequence file {path} has shape {a.shape}; expected (C, {grid}) or ({grid})")
         return a
 
     def __len__(self) -> int:
@@ -119,13 +136,18 @@ class SequenceDataset(Dataset):
         return pad_batch(items, self.patch_size)
 
 
-def pad_batch(items: list[dict], patch_size: int) -> dict:
+def pad_batch(items: list[dict], patch_size: int | tuple[int, ...]) -> dict:
     """Items of (C, L_i) sequences -> {"x": (B, C, L) zero-padded, "mask": (B, L) True at real positions, and the
-    other keys stacked}, L the longest L_i rounded up to a multiple of ``patch_size``."""
-    lengths = torch.tensor([it["x"].shape[-1] for it in items])
-    longest = -(-int(lengths.max()) // patch_size) * patch_size
-    x = torch.zeros(len(items), items[0]["x"].shape[0], longest)  # (B, C, L)
+    other keys stacked}, L the longest L_i rounded up to a multiple of ``patch_size``.  Items of (C, *size_i) (images,
+    volumes; ``patch_size`` one per axis) are padded at the end of every axis to the largest extent, (B, *size)."""
+    axes = items[0]["x"].dim() - 1
+    patch = (patch_size,) * axes if isinstance(patch_size, int) else tuple(patch_size)
+    largest = [-(-max(it["x"].shape[1 + a] for it in items) // patch[a]) * patch[a] for a in range(axes)]
+    x = torch.zeros(len(items), items[0]["x"].shape[0], *largest)  # (B, C, *size)
+    mask = torch.zeros(len(items), *largest, dtype=torch.bool)
     for i, it in enumerate(items):
-        x[i, :, :it["x"].shape[-1]] = it["x"]
+        region = tuple(slice(0, n) for n in it["x"].shape[1:])
+        x[(i, slice(None), *region)] = it["x"]
+        mask[(i, *region)] = True
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "x"}
-    return batch | {"x": x, "mask": torch.arange(longest) < lengths[:, None]}  # (B, L)
+    return batch | {"x": x, "mask": mask}
