@@ -47,6 +47,8 @@ def test_collate_pads_to_the_longest_rounded_to_the_patch_and_masks():
     for i, n in enumerate((8, 10, 4)):
         assert (batch["x"][i, :, :n] == n).all() and (batch["x"][i, :, n:] == 0).all()
         assert batch["mask"][i, :n].all() and not batch["mask"][i, n:].any()
+    same = pad_batch([{"x": torch.ones(2, 8), "y": torch.tensor(0)}] * 3, P)
+    assert "mask" not in same and same["x"].shape == (3, 2, 8)  # nothing padded: attention gets no mask
 
 
 def test_the_data_sizes_the_model_and_a_contradicting_value_is_refused(tmp_path):

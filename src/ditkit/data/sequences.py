@@ -138,7 +138,8 @@ class SequenceDataset(Dataset):
 
 def pad_batch(items: list[dict], patch_size: int | tuple[int, ...]) -> dict:
     """Items of (C, L_i) sequences -> {"x": (B, C, L) zero-padded, "mask": (B, L) True at real positions, and the
-    other keys stacked}, L the longest L_i rounded up to a multiple of ``patch_size``.  Items of (C, *size_i) (images,
+    other keys stacked}, L the longest L_i rounded up to a multiple of ``patch_size``; a batch without padding has no
+    mask.  Items of (C, *size_i) (images,
     volumes; ``patch_size`` one per axis) are padded at the end of every axis to the largest extent, (B, *size)."""
     axes = items[0]["x"].dim() - 1
     patch = (patch_size,) * axes if isinstance(patch_size, int) else tuple(patch_size)
@@ -150,4 +151,6 @@ def pad_batch(items: list[dict], patch_size: int | tuple[int, ...]) -> dict:
         x[(i, slice(None), *region)] = it["x"]
         mask[(i, *region)] = True
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "x"}
+    if bool(mask.all()):  # nothing padded (a length bucket of equal sizes): attention needs no mask, and gets none
+        return batch | {"x": x}
     return batch | {"x": x, "mask": mask}
