@@ -8,7 +8,8 @@ parameter points, beside the error of as many true draws (the sampling-noise flo
     PYTHONPATH=src python benchmarks/power_law_fields.py --out runs/volumes score --points 8 --samples 32
 
 1D spectra: `data --axes 1 --size 1024` and `score --samples 256` (a 1D bin holds two modes, so its floor needs
-more samples).  Everything runs through the public API: `ditkit.load_config`, `ditkit.train` and the checkpoint's
+more samples).  Mixed lengths in one training set: `data --lengths 64,128,256,512,1024` writes a folder of sequences
+(`data.kind=sequences` with their parameters), and `score` reports each length.  Everything runs through the public API: `ditkit.load_config`, `ditkit.train` and the checkpoint's
 normaliser; `train --set KEY=VALUE` passes any other config key."""
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ import torch
 
 import ditkit
 from ditkit.checkpoints import load_run
-from ditkit.data.power_law import PowerLawFields, write_power_law
+from ditkit.data.power_law import PowerLawFields, write_power_law, write_power_law_sequences
 from ditkit.eval.field_benchmark import field_generator, field_normalizer
-from ditkit.eval.fields import plot_power_spectra, score_power_law
+from ditkit.eval.fields import plot_power_spectra, score_power_law, score_power_law_lengths
 
 # model size by grid: (input tokens are size^axes / patch^axes)
 PATCH = {1: 8, 2: 2, 3: 4}
@@ -33,10 +34,22 @@ def bench_of(out: Path) -> PowerLawFields:
     return PowerLawFields.from_dict(json.loads((out / "data" / "benchmark.json").read_text())["benchmark"])
 
 
+def mixed_lengths(out: Path) -> list[int] | None:
+    return json.loads((out / "data" / "benchmark.json").read_text()).get("lengths")
+
+
 def config(out: Path, steps: int, minutes: float, extra: list[str]):
     bench = bench_of(out)
     data = out / "data"
     patch = PATCH[bench.axes]
+    lengths = mixed_lengths(out)
+    if lengths:  # a folder of sequences of mixed lengths with a params table
+        return ditkit.load_config("fields64", [
+            "data.kind=sequences", f"data.path={data / 'seqs'}", f"data.params_file={data / 'params.csv'}",
+            "data.field_file=null", "data.log_transform=[]", "data.flip=false", "data.length_buckets=8",
+            "model.name=custom", "model.hidden_size=384", "model.depth=12", "model.num_heads=6",
+            f"model.patch_size={patch}", "model.cond_channels=0",
+            f"train.steps={steps}", f"train.max_minutes={minutes}", f"train.ckpt_every={steps}", *extra])
     return ditkit.load_config("fields64", [
         f"data.path={data / 'x.npy'}", f"data.params_file={data / 'params.csv'}", "data.field_file=null",
         f"data.axes={bench.axes}", f"data.flip={'true' if bench.axes > 1 else 'false'}", "data.log_transform=[1]",
@@ -56,6 +69,7 @@ def main() -> None:
     d.add_argument("--size", type=int, default=32)
     d.add_argument("--n", type=int, default=20000)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--lengths", help="1D fields of these mixed lengths, e.g. 64,128,256,512,1024 (a sequence folder)")
     t = sub.add_parser("train", help="train on the written data")
     t.add_argument("--steps", type=int, default=100000)
     t.add_argument("--minutes", type=float, default=20.0, help="stop after this wall time (train.max_minutes)")
@@ -66,7 +80,11 @@ def main() -> None:
     s.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
     out = Path(args.out)
-    if args.cmd == "data":
+    if args.cmd == "data" and args.lengths:
+        lengths = tuple(int(v) for v in args.lengths.split(","))
+        paths = write_power_law_sequences(out / "data", args.n, lengths=lengths, seed=args.seed)
+        print(f"{args.n} 1D fields of lengths {args.lengths} -> {paths['seqs']}")
+    elif args.cmd == "data":
         paths = write_power_law(out / "data", args.n, size=args.size, axes=args.axes, seed=args.seed)
         print(f"{args.n} fields of {args.size}^{args.axes} -> {paths['x']}")
     elif args.cmd == "train":
@@ -80,6 +98,8 @@ def score(out: Path, device: str, points: int, samples: int, batch_size: int = 6
     """Sample the run's last checkpoint, score it, write ``score.json`` and ``spectra.png``; returns the table."""
     bench = bench_of(out)
     ckpt = out / "run" / "checkpoints" / "last.pt"
+    if mixed_lengths(out):
+        return score_lengths(out, ckpt, mixed_lengths(out), device, points, samples)
     model, cfg, stored = load_run(ckpt, device=device)
     generate = field_generator(model, cfg, field_normalizer(ckpt, stored), device, batch_size=batch_size)
     result = score_power_law(lambda p: generate(p, None).cpu(), bench, points=points, samples=samples)
@@ -98,6 +118,26 @@ def score(out: Path, device: str, points: int, samples: int, batch_size: int = 6
                                          "exact, log-normal": result["spectrum_exact"][0, 1]},
                            folder / "spectra.png", title=f"{bench.axes}D power-law fields, first parameter point")
     return table
+
+
+def score_lengths(out: Path, ckpt: Path, lengths: list[int], device: str, points: int, samples: int) -> str:
+    """The mixed-length run: one score per length (``score_power_law_lengths``), into ``score.json``."""
+    from ditkit.generation import sample_sequences
+
+    def generate(sizes: list[int], params: torch.Tensor) -> list[torch.Tensor]:
+        seqs = sample_sequences(ckpt, sizes, params=params.numpy(), device=device)
+        return [torch.from_numpy(s) for s in seqs]
+
+    result = score_power_law_lengths(generate, lengths, points=points, samples=samples)
+    rows = ["| length | Gaussian spectrum error | floor | log-normal spectrum error | floor |", "| --- | --- | --- | --- | --- |"]
+    for L in [*lengths, "mean"]:
+        r = result[L]
+        rows.append(f"| {L} | {r['gaussian_spectrum_err']:.4f} | {r['gaussian_spectrum_err_floor']:.4f} | "
+                    f"{r['lognormal_spectrum_err']:.4f} | {r['lognormal_spectrum_err_floor']:.4f} |")
+    summary = {str(k): v for k, v in result.items()} | {"points": points, "samples": samples, "checkpoint": str(ckpt)}
+    for folder in [out, *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])]:
+        (folder / "score.json").write_text(json.dumps(summary, indent=2))
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

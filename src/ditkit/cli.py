@@ -108,7 +108,13 @@ def cmd_sample(args) -> None:
         labels = None if args.labels in ("balanced", "random") else [v.strip() for v in args.labels.split(",")]
         sizes = [tuple(int(n) for n in v.split("x")) for v in args.lengths.split(",")]
         sizes = [s[0] if len(s) == 1 else s for s in sizes]
-        print(sequences_to_npz(args.ckpt, args.out, sizes, labels=labels,
+        params = None
+        if args.cond:  # models of sequences on parameters: 'params' (N, P), one row per length
+            import numpy as np
+
+            with np.load(args.cond) as cond:
+                params = cond["params"]
+        print(sequences_to_npz(args.ckpt, args.out, sizes, labels=labels, params=params,
                                seed=args.seed, ema=not args.no_ema, device=args.device, context=args.context, **settings))
         return
     line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,

@@ -150,7 +150,8 @@ class DataConfig:
     num_workers: int = opt(4, "DataLoader worker processes (0: load in the training process)")
     length_buckets: int = opt(0, "sequences: sort each window of this many global batches by length, so that a batch "
                                  "holds sequences of like lengths and little padding (0: off)")
-    params_file: str | None = opt(None, "fields: table of the parameters to condition on")
+    params_file: str | None = opt(None, "fields: table of the parameters to condition on; sequences: a CSV with a 'file' "
+                                        "column (each sample's .npy below data.path) and one column per parameter")
     field_file: str | None = opt(None, "fields: array of the conditioning fields")
     axes: int | None = opt(None, "fields, sequences: the grid axes of one sample, 1 ((N, C, L) sequences), 2 ((N, C, H, W)) "
                                  "or 3 ((N, C, D, H, W) volumes, (N, C, T, H, W) videos); none: fields 3 for five-axis "

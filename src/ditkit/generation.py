@@ -207,13 +207,15 @@ SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence pe
 
 @torch.no_grad()
 def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | None = None, seed: int = 0,
-                     ema: bool = True, device: str | None = None, context=None, **settings) -> list[np.ndarray]:
+                     ema: bool = True, device: str | None = None, context=None, params=None,
+                     **settings) -> list[np.ndarray]:
     """One sequence per length in ``lengths`` from a checkpoint trained on ``data.kind=sequences``, each a (C, L_i)
     float64 array in the data's units (the run's per-channel normalisation undone); for a run on images or volumes of
     different sizes (``data.axes`` 2 or 3), ``lengths`` holds one size tuple per sample, e.g. (4, 16, 16).  ``labels``: class ids or names,
     one per length (default: classes in turn); ``context``: a model's sequences of embeddings, one (M_i, E) array per
     length, or a folder of such files (``load_contexts``); ``settings``: ``sample.<key>`` overrides (steps, cfg_scale,
-    sampler)."""
+    sampler); ``params``: (N, P) parameters in the data's units, one row per length, for a run with
+    ``data.params_file``."""
     from ditkit.checkpoints import load_run
     from ditkit.data.sequences import SequenceNormalizer
     from ditkit.sampling import generate_sizes
@@ -230,6 +232,16 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
         if len(ids) != len(lengths):
             raise ValueError(f"{len(ids)} labels for {len(lengths)} lengths")
         kwargs["y"] = torch.tensor(ids, device=next(model.parameters()).device)
+    norm = SequenceNormalizer(stored["normalizer"])
+    P = cfg.model.num_params
+    if P and params is None:
+        raise ValueError(f"{ckpt} is conditioned on {P} parameters: give params, one row per length")
+    if params is not None:
+        params = torch.as_tensor(np.asarray(params, dtype=np.float64))
+        if not P or tuple(params.shape) != (len(lengths), P):
+            raise ValueError(f"params of shape {tuple(params.shape)}; the model takes ({len(lengths)}, {P})")
+        check_finite("params", params)
+        kwargs["params"] = norm.normalize_params(params).float().to(next(model.parameters()).device)
     contexts = _contexts(context, cfg)
     if contexts is not None:
         if len(contexts) != len(lengths):
@@ -244,7 +256,6 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
         raise ValueError(f"the model's samples have {axes} axes; asked for sizes {sizes}")
     seqs, _ = generate_sizes(model, build_objective(cfg), sizes, kwargs, cfg.sample,
                              channels=cfg.model.in_channels, generator=torch.Generator().manual_seed(seed))
-    norm = SequenceNormalizer(stored["normalizer"])
     return [norm.denormalize(s.double().cpu()).numpy() for s in seqs]
 
 

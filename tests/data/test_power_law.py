@@ -74,3 +74,45 @@ def test_the_benchmark_writes_trains_and_scores(tmp_path, monkeypatch):
     scores = json.loads((tmp_path / "score.json").read_text())
     assert "| gaussian |" in table and np.isfinite(scores["gaussian_spectrum_err"])
     assert (tmp_path / "spectra.png").stat().st_size > 0
+
+
+def test_mixed_lengths_with_parameters_write_train_and_score(tmp_path, monkeypatch):
+    from ditkit.data.power_law import write_power_law_sequences
+
+    spec = importlib.util.spec_from_file_location("power_law_fields", ROOT / "benchmarks" / "power_law_fields.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    paths = write_power_law_sequences(tmp_path / "data", 24, lengths=(16, 32), seed=0)
+    shapes = {np.load(f).shape for f in paths["seqs"].glob("*.npy")}
+    assert shapes == {(2, 16), (2, 32)}
+    cfg = script.config(tmp_path, steps=2, minutes=0, extra=[
+        "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8", "train.log_to=none",
+        "train.precision=fp32", "data.num_workers=0", "sample.steps=2", "train.warmup_steps=1", "model.patch_size=4",
+        "data.length_buckets=0"])
+    import ditkit
+    from ditkit.checkpoints.training import load_checkpoint
+
+    ditkit.train(cfg, tmp_path / "run", device="cpu")
+    stored = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert stored["normalizer"]["params"]["names"] == ["variance", "n_s"]
+    monkeypatch.delenv("OUT", raising=False)
+    table = script.score(tmp_path, "cpu", points=1, samples=2)
+    scores = json.loads((tmp_path / "score.json").read_text())
+    assert "| 16 |" in table and "| 32 |" in table and np.isfinite(scores["mean"]["gaussian_spectrum_err"])
+
+
+def test_a_sequence_without_a_parameter_row_is_named(tmp_path):
+    from ditkit.data.sequences import SequenceDataset
+
+    (tmp_path / "s").mkdir()
+    for i in range(3):
+        np.save(tmp_path / "s" / f"{i}.npy", np.ones((1, 8)) * i)
+    (tmp_path / "p.csv").write_text("file,a\n0,1.0\n1.npy,2.0\n")
+    with pytest.raises(ValueError, match=r"no row for 1 of 3 samples \(first: 2\)"):
+        SequenceDataset(tmp_path / "s", 4, params_file=tmp_path / "p.csv")
+    (tmp_path / "p.csv").write_text("file,a\n0,1.0\n1.npy,2.0\n2,4.0\n")
+    data = SequenceDataset(tmp_path / "s", 4, params_file=tmp_path / "p.csv")
+    assert data.param_names == ["a"] and np.isclose(float(data[2]["params"][0]), (4.0 - 7 / 3) / np.std([1, 2, 4]))
+    (tmp_path / "q.csv").write_text("name,a\n0,1\n")
+    with pytest.raises(ValueError, match="needs a 'file' column"):
+        SequenceDataset(tmp_path / "s", 4, params_file=tmp_path / "q.csv")

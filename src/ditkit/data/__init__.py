@@ -79,7 +79,8 @@ def build_dataset(cfg: Config) -> EpochIndexed:
 
         try:
             axes = d.axes or 1
-            inner = SequenceDataset(d.path, patch_sizes(cfg, axes), classes=cfg.model.num_classes > 0, axes=axes)
+            inner = SequenceDataset(d.path, patch_sizes(cfg, axes), classes=cfg.model.num_classes > 0, axes=axes,
+                                    params_file=d.params_file, param_names=d.param_names)
         except ValueError as err:
             raise ConfigError(f"data.path: {err}") from None
     else:

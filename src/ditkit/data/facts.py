@@ -216,6 +216,15 @@ def _sequence_facts(cfg: Config) -> DataFacts:
         what = f"{len(files)} samples of {shapes[0][0]} channels, sizes up to {'×'.join(map(str, largest))}"
     facts = DataFacts(str(d.path), what, count=len(files))
     facts.exact.update({"model.in_channels": shapes[0][0], "model.input_size": largest})
+    if d.params_file is not None:
+        from ditkit.data.sequences import read_sequence_params
+
+        try:
+            _, names = read_sequence_params(d.params_file, Path(d.path), files, d.param_names)
+        except (ValueError, OSError) as err:
+            raise ConfigError(str(err)) from None
+        facts.found += f", {len(names)} parameters ({', '.join(names)})"
+    facts.exact["model.num_params"] = len(names) if d.params_file is not None else 0
     if classes:
         facts.found += f" in {len(classes)} class folders"
         facts.at_least["model.num_classes"] = len(classes)

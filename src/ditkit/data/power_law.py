@@ -121,3 +121,34 @@ def write_power_law(out_dir: str | Path, n: int, size: int = 32, axes: int = 3, 
     meta = {"benchmark": bench.to_dict(), "seed": seed, "n": n, "files": {k: p.name for k, p in paths.items() if k != "meta"}}
     paths["meta"].write_text(json.dumps(meta, indent=2))
     return paths
+
+
+def write_power_law_sequences(out_dir: str | Path, n: int, lengths: tuple[int, ...] = (64, 128, 256, 512, 1024),
+                              seed: int = 0, **settings) -> dict[str, Path]:
+    """1D power-law fields of mixed lengths, in the format of ``data.kind=sequences``: ``seqs/<i>.npy`` (2, L_i)
+    float32 with L_i drawn uniformly from ``lengths``, ``params.csv`` (columns file, variance, n_s) and
+    ``benchmark.json``.  The spectrum of each is normalised on its own length's grid, so σ² is the pixel variance at
+    every length.  Train with ``data.kind=sequences``, ``data.path=seqs``, ``data.params_file=params.csv``."""
+    if n <= 0:
+        raise ValueError(f"number of samples must be positive, got {n}")
+    out = Path(out_dir)
+    (out / "seqs").mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    benches = {L: PowerLawFields(size=L, axes=1, **settings) for L in lengths}
+    picks = torch.randint(len(lengths), (n,), generator=generator).tolist()
+    params = benches[lengths[0]].sample_params(n, generator)
+    rows = []
+    for i, (pick, p) in enumerate(zip(picks, params)):
+        L = lengths[pick]
+        x = benches[L].sample_x(p[None], generator)[0]  # (2, L)
+        np.save(out / "seqs" / f"{i:06d}.npy", x.float().numpy())
+        rows.append([f"{i:06d}", repr(float(p[0])), repr(float(p[1]))])
+    paths = {"seqs": out / "seqs", "params": out / "params.csv", "meta": out / "benchmark.json"}
+    with open(paths["params"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", *PowerLawFields.param_names])
+        writer.writerows(rows)
+    meta = {"benchmark": benches[lengths[0]].to_dict(), "lengths": list(lengths), "seed": seed, "n": n,
+            "files": {"seqs": "seqs", "params": "params.csv"}}
+    paths["meta"].write_text(json.dumps(meta, indent=2))
+    return paths

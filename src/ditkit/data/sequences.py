@@ -55,10 +55,20 @@ class SequenceNormalizer:
     ``torch.load(weights_only=True)``."""
 
     def __init__(self, state: dict):
-        self.state = {"x": dict(state["x"])}
+        self.state = {k: dict(v) for k, v in state.items() if k in ("x", "params")}
 
     def state_dict(self) -> dict:
-        return {"x": dict(self.state["x"])}
+        return {k: dict(v) for k, v in self.state.items()}
+
+    def normalize_params(self, params: torch.Tensor) -> torch.Tensor:
+        """Physical parameters (..., P) -> standardised, with the training set's column statistics."""
+        s = self._params()
+        return (params - s["mean"].to(params.device, params.dtype)) / s["std"].to(params.device, params.dtype)
+
+    def _params(self) -> dict:
+        if "params" not in self.state:
+            raise KeyError("this normalizer has no parameter statistics: the run had no data.params_file")
+        return self.state["params"]
 
     def _stats(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.state["x"]
@@ -84,7 +94,8 @@ class SequenceDataset(Dataset):
     """Items ``{"x": (C, L_i) float32 standardised, "y": class id}`` from a folder (module docstring); every file is
     read once at construction, for its shape, finiteness and the normaliser's statistics."""
 
-    def __init__(self, root: str | Path, patch_size: int | tuple[int, ...], classes: bool = False, axes: int = 1):
+    def __init__(self, root: str | Path, patch_size: int | tuple[int, ...], classes: bool = False, axes: int = 1,
+                 params_file: str | Path | None = None, param_names: list[str] | None = None):
         self.root = Path(root)
         self.files, self.labels, self.classes = sequence_files(root, classes)
         self.num_classes = len(self.classes) or None
@@ -115,7 +126,14 @@ class SequenceDataset(Dataset):
         std = np.sqrt(np.maximum(squares / total - mean * mean, 0.0))
         std = np.where(std > 0, std, 1.0)  # a constant channel stays put rather than dividing by zero
         state = {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}
-        self.normalizer = SequenceNormalizer({"x": state if axes == 1 else state | {"axes": axes}})
+        states = {"x": state if axes == 1 else state | {"axes": axes}}
+        self.params, self.param_names = None, []
+        if params_file is not None:
+            self.params, self.param_names = read_sequence_params(params_file, self.root, self.files, param_names)
+            p_mean, p_std = self.params.mean(0), self.params.std(0)
+            states["params"] = {"mean": torch.from_numpy(p_mean), "std": torch.from_numpy(np.where(p_std > 0, p_std, 1.0)),
+                                "names": list(self.param_names)}
+        self.normalizer = SequenceNormalizer(states)
 
     def _read(self, path: Path) -> np.ndarray:
         a = np.asarray(np.load(path), dtype=np.float64)
@@ -130,10 +148,52 @@ class SequenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         x = self.normalizer.normalize(torch.from_numpy(self._read(self.files[i]))).float()
-        return {"x": x, "y": torch.tensor(self.labels[i], dtype=torch.long)}
+        item = {"x": x, "y": torch.tensor(self.labels[i], dtype=torch.long)}
+        if self.params is not None:
+            item["params"] = self.normalizer.normalize_params(torch.from_numpy(self.params[i])).float()
+        return item
 
     def collate(self, items: list[dict]) -> dict:
         return pad_batch(items, self.patch_size)
+
+
+def read_sequence_params(path: str | Path, root: Path, files: list[Path],
+                         names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """(N, P) float64 parameters of ``files``, in their order, and the column names, from a CSV whose header has a
+    ``file`` column (each sample's path below ``root``, with or without ``.npy``) and one column per parameter
+    (``names`` picks some; default all).  A sample without a row, or a cell that is not a number, is named."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"params file {path} does not exist")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = [h.strip() for h in rows[0]] if rows else []
+    if "file" not in header:
+        raise ValueError(f"params file {path} needs a 'file' column naming each sample's .npy below {root}; "
+                         f"columns: {', '.join(header) or 'none'}")
+    names = [h for h in header if h != "file"] if names is None else list(names)
+    missing = [n for n in names if n not in header]
+    if missing or not names:
+        raise ValueError(f"params file {path} has no column {missing[0]!r}" if missing else
+                         f"params file {path} has no parameter columns beside 'file'")
+    cols, at = [header.index(n) for n in names], header.index("file")
+    table = {}
+    for r, row in enumerate(rows[1:], start=2):
+        key = row[at].strip().removesuffix(".npy")
+        try:
+            table[key] = [float(row[c]) for c in cols]
+        except (ValueError, IndexError):
+            raise ValueError(f"params file {path}, row {r}: a parameter is missing or not a number") from None
+    keys = [f.relative_to(root).with_suffix("").as_posix() for f in files]
+    absent = [k for k in keys if k not in table]
+    if absent:
+        raise ValueError(f"params file {path} has no row for {len(absent)} of {len(keys)} samples (first: {absent[0]})")
+    values = np.array([table[k] for k in keys], dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"params file {path} holds NaN or inf")
+    return values, names
 
 
 def pad_batch(items: list[dict], patch_size: int | tuple[int, ...]) -> dict:

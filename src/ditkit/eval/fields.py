@@ -173,6 +173,23 @@ def score_power_law(generate: Callable[[torch.Tensor], torch.Tensor], bench, poi
     return out
 
 
+def score_power_law_lengths(generate: Callable[[list[int], torch.Tensor], list[torch.Tensor]], lengths: list[int],
+                            points: int = 8, samples: int = 64, seed: int = 1_000_003, **settings) -> dict:
+    """``score_power_law`` for 1D fields of mixed lengths, one score per length: ``generate(lengths, params (B, 2))
+    -> [x_i (2, L_i)]`` in physical units, called once per length with B = points·samples.  Returns
+    {L: the per-length summary floats of ``score_power_law``}, and the mean over lengths ("mean")."""
+    from ditkit.data.power_law import PowerLawFields
+
+    out = {}
+    for L in lengths:
+        bench = PowerLawFields(size=L, axes=1, **settings)
+        result = score_power_law(lambda p: torch.stack(generate([L] * len(p), p)).double(), bench, points=points,
+                                 samples=samples, seed=seed)
+        out[L] = {k: v for k, v in result.items() if isinstance(v, float)}
+    out["mean"] = {k: sum(out[L][k] for L in lengths) / len(lengths) for k in out[lengths[0]]}
+    return out
+
+
 #################################################################################
 #                                    Figures                                     #
 #################################################################################
