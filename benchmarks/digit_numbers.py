@@ -9,9 +9,9 @@ of held-out digits score 0.98; an image against an unrelated number (chance) 0.0
 Three steps, each a subcommand, all through the public API (`ditkit.load_config`, `ditkit.train`,
 `ditkit.checkpoints.load_run`, `ditkit.sample`):
 
-    PYTHONPATH=src python benchmarks/digit_numbers.py data  --out runs/digit_numbers [--num 30000]
-    PYTHONPATH=src python benchmarks/digit_numbers.py train --out runs/digit_numbers [--steps 6000] [--device cuda]
-    PYTHONPATH=src python benchmarks/digit_numbers.py score --out runs/digit_numbers [--per-length 200] [--cfg-scales 1 2 3]
+    PYTHONPATH=src python benchmarks/digit_numbers.py --out runs/digit_numbers data [--num 30000]
+    PYTHONPATH=src python benchmarks/digit_numbers.py --out runs/digit_numbers --device cuda train [--steps 6000]
+    PYTHONPATH=src python benchmarks/digit_numbers.py --out runs/digit_numbers score [--per-length 200] [--cfg-scales 1 2 3]
 
 `data` writes --out/data (x.npy, context/, numbers.json) from the training split of the digits; `train` trains
 flow matching on it into --out/run (a 4×12-token custom DiT, the digits preset's optimiser); `score` samples one

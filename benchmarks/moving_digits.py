@@ -10,9 +10,9 @@ model: real clips of held-out digits under the same conditions score 0.99; clips
 Three steps, each a subcommand, all through the public API (`ditkit.load_config`, `ditkit.train`,
 `ditkit.checkpoints.load_run`, `ditkit.sample`):
 
-    PYTHONPATH=src python benchmarks/moving_digits.py data  --out runs/moving_digits [--num 30000]
-    PYTHONPATH=src python benchmarks/moving_digits.py train --out runs/moving_digits [--steps 8000] [--device cuda]
-    PYTHONPATH=src python benchmarks/moving_digits.py score --out runs/moving_digits [--per-condition 4]
+    PYTHONPATH=src python benchmarks/moving_digits.py --out runs/moving_digits data [--num 30000]
+    PYTHONPATH=src python benchmarks/moving_digits.py --out runs/moving_digits --device cuda train [--steps 8000]
+    PYTHONPATH=src python benchmarks/moving_digits.py --out runs/moving_digits score [--per-condition 4]
                                                               [--cfg-scales 1 2 3]
 
 `data` writes --out/data (x.npy, params.csv, clips.json) from the training split of the digits; `train` trains flow
