@@ -158,3 +158,34 @@ def test_volumes_of_different_sizes_train_resume_and_sample(tmp_path):
         np.testing.assert_array_equal(saved["seq_0001"], vols[1])
     with pytest.raises(ValueError, match="3 axes; asked for sizes"):
         sample_sequences(ckpt, [8], device="cpu")
+
+
+def test_videos_as_folders_of_frames_of_different_lengths(tmp_path):
+    """root/<class>/<clip>/*.png: RGB frames in name order, clips of 2 or 4 frames, class labels from the folders."""
+    from PIL import Image
+
+    from ditkit.data.sequences import SequenceDataset, read_clip
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        clip = tmp_path / "videos" / f"class{i % 2}" / f"clip{i}"
+        clip.mkdir(parents=True)
+        for t in range(2 + 2 * (i % 2)):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(clip / f"frame_{t:03d}.png")
+    first = read_clip(tmp_path / "videos" / "class1" / "clip1")
+    frame = np.asarray(Image.open(tmp_path / "videos" / "class1" / "clip1" / "frame_002.png"), dtype=np.float64)
+    assert first.shape == (3, 4, 8, 8) and np.allclose(first[:, 2], frame.transpose(2, 0, 1) / 127.5 - 1)
+    data = SequenceDataset(tmp_path / "videos", (2, 4, 4), classes=True, axes=3)
+    assert sorted(data.sizes) == [(2, 8, 8)] * 4 + [(4, 8, 8)] * 4 and data.classes == ["class0", "class1"]
+    cfg = ditkit.load_config("digits", [
+        "model.name=custom", "model.patch_size=[2, 4, 4]", "model.input_size=[4, 8, 8]", "model.hidden_size=32",
+        "model.depth=1", "model.num_heads=2", "model.num_classes=2", "train.global_batch_size=4", "train.steps=2",
+        "train.log_to=none", "train.warmup_steps=1", "sample.steps=2", "data.kind=sequences",
+        f"data.path={tmp_path / 'videos'}", "data.axes=3"])
+    ditkit.train(cfg, tmp_path / "run", device="cpu")
+    vids = sample_sequences(tmp_path / "run" / "checkpoints" / "last.pt", [(2, 8, 8), (4, 8, 8)], labels=[0, 1],
+                            device="cpu")
+    assert [v.shape for v in vids] == [(3, 2, 8, 8), (3, 4, 8, 8)]
+    (tmp_path / "videos" / "class0" / "clip0" / "frame_009.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="frame_009.png cannot be read"):
+        read_clip(tmp_path / "videos" / "class0" / "clip0")

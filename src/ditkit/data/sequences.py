@@ -2,7 +2,9 @@
 channel), L_i varying; with class subfolders (``root/<class>/*.npy``, classes in sorted order) for class labels, as
 an image folder.  Every length must be a multiple of the patch size (a token is real when all its positions are).
 With ``axes`` 2 or 3 (``data.axes``) the samples are images (C, H_i, W_i) or volumes and videos (C, T_i, H_i, W_i)
-of different sizes, each a multiple of the patch on every axis.
+of different sizes, each a multiple of the patch on every axis.  A video may also be a folder of frames (image
+files, in name order; RGB, or one channel when the first frame is greyscale), ``root/<class>/<clip>/*.png``; its
+pixels are read as values in [-1, 1] before the per-channel normalisation.
 
 Normalisation (``SequenceNormalizer``), per channel c over every real position of every sample, in float64:
     z = (x − μ_c) / s_c,  and back  x = z s_c + μ_c.
@@ -19,9 +21,24 @@ import torch
 from torch.utils.data import Dataset
 
 
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _frames(clip: Path) -> list[Path]:
+    """The image files of a clip folder, in name order."""
+    return sorted(p for p in clip.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
+
+
+def _clip_folders(top: Path) -> list[Path]:
+    """Folders below ``top`` (itself included) that hold image files: one video each."""
+    return sorted(d for d in [top, *top.rglob("*")] if d.is_dir() and any(
+        e.is_file() and Path(e).suffix.lower() in FRAME_EXTENSIONS for e in os.scandir(d)))
+
+
 def sequence_files(root: str | Path, classes: bool) -> tuple[list[Path], list[int], list[str]]:
-    """(the ``.npy`` files sorted by name, their class ids, the class names).  ``classes``: one class per subfolder
-    (a folder without subfolders is one class 0); otherwise every file below ``root`` is a sample of class 0."""
+    """(the samples sorted by name: ``.npy`` files and folders of video frames, their class ids, the class names).
+    ``classes``: one class per subfolder (a folder without subfolders is one class 0); otherwise every sample below
+    ``root`` is of class 0."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"sequence folder {root} does not exist")
@@ -29,19 +46,51 @@ def sequence_files(root: str | Path, classes: bool) -> tuple[list[Path], list[in
     tops = [root / n for n in names] or [root]
     files, labels = [], []
     for c, top in enumerate(tops):
-        found = sorted(top.rglob("*.npy"))
+        found = sorted([*top.rglob("*.npy"), *_clip_folders(top)])
         files += found
         labels += [c] * len(found)
     if not files:
-        raise ValueError(f"sequence folder {root} holds no .npy files")
+        raise ValueError(f"sequence folder {root} holds no .npy files and no folders of frames")
     return files, labels, names
+
+
+def read_clip(clip: Path) -> np.ndarray:
+    """A folder of frames as (C, T, H, W) float64 in [-1, 1]: C = 3, or 1 when the first frame is greyscale.  Every
+    frame must have the first one's size; a frame that cannot be read is named."""
+    from PIL import Image
+
+    frames = _frames(clip)
+    arrays = []
+    for f in frames:
+        try:
+            with Image.open(f) as im:
+                if not arrays:
+                    mode = "L" if im.mode in ("L", "I;16", "1") else "RGB"
+                arrays.append(np.asarray(im.convert(mode), dtype=np.float64))
+        except OSError as err:
+            raise ValueError(f"video frame {f} cannot be read: {err}") from None
+        if arrays[-1].shape != arrays[0].shape:
+            raise ValueError(f"video frame {f} is {arrays[-1].shape[1]}×{arrays[-1].shape[0]}; {frames[0].name} is "
+                             f"{arrays[0].shape[1]}×{arrays[0].shape[0]}")
+    video = np.stack(arrays)  # (T, H, W) or (T, H, W, 3)
+    video = video[None] if video.ndim == 3 else video.transpose(3, 0, 1, 2)
+    return video / 127.5 - 1.0
 
 
 GRID = {1: "L", 2: "H, W", 3: "T, H, W"}
 
 
 def sequence_shape(path: Path, axes: int = 1) -> tuple[int, ...]:
-    """(C, *size) of one file, from its header: (C, L) for sequences, (C, T, H, W) for ``axes`` = 3."""
+    """(C, *size) of one file, from its header: (C, L) for sequences, (C, T, H, W) for ``axes`` = 3 (a folder of
+    frames: from its first frame and its number of frames)."""
+    if path.is_dir():
+        from PIL import Image
+
+        if axes != 3:
+            raise ValueError(f"{path} is a folder of video frames: it needs data.axes=3")
+        frames = _frames(path)
+        with Image.open(frames[0]) as im:
+            return (1 if im.mode in ("L", "I;16", "1") else 3, len(frames), im.height, im.width)
     a = np.load(path, mmap_mode="r")
     if a.ndim not in (axes, axes + 1) or min(a.shape) < 1:
         raise ValueError(f"sequence file {path} has shape {a.shape}; expected (C, {GRID[axes]}) or ({GRID[axes]})"
@@ -136,6 +185,10 @@ class SequenceDataset(Dataset):
         self.normalizer = SequenceNormalizer(states)
 
     def _read(self, path: Path) -> np.ndarray:
+        if path.is_dir():
+            if self.axes != 3:
+                raise ValueError(f"{path} is a folder of video frames: it needs data.axes=3")
+            return read_clip(path)
         a = np.asarray(np.load(path), dtype=np.float64)
         a = a[None] if a.ndim == self.axes else a
         if a.ndim != self.axes + 1 or min(a.shape) < 1:
