@@ -148,6 +148,8 @@ class DataConfig:
     image_size: int = opt(256, "images: side after the center crop and resize")
     flip: bool = opt(True, "random horizontal flips")
     num_workers: int = opt(4, "DataLoader worker processes (0: load in the training process)")
+    pad_multiple: int = opt(0, "sequences: pad each batch's extent on every axis up to a multiple of this (a multiple of "
+                                "the patch; capped at the model's size), so that a compiled run sees few shapes (0: the patch)")
     length_buckets: int = opt(0, "sequences: sort each window of this many global batches by length, so that a batch "
                                  "holds sequences of like lengths and little padding (0: off)")
     params_file: str | None = opt(None, "fields: table of the parameters to condition on; sequences: a CSV with a 'file' "
@@ -273,6 +275,7 @@ class Config:
             (m.num_classes >= 0, "model.num_classes", "a non-negative integer (0: unconditional)"),
             (self.data.latent_norm in ("none", "channel"), "data.latent_norm", "none or channel"),
             (self.data.length_buckets >= 0, "data.length_buckets", "a non-negative integer (0: off)"),
+            (self.data.pad_multiple >= 0, "data.pad_multiple", "a non-negative integer (0: the patch size)"),
             (self.data.length_buckets == 0 or self.data.kind == "sequences", "data.length_buckets",
              "0 unless data.kind is sequences"),
             (self.data.latent_norm == "none" or self.data.kind == "latents", "data.latent_norm",

@@ -189,3 +189,15 @@ def test_videos_as_folders_of_frames_of_different_lengths(tmp_path):
     (tmp_path / "videos" / "class0" / "clip0" / "frame_009.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="frame_009.png cannot be read"):
         read_clip(tmp_path / "videos" / "class0" / "clip0")
+
+
+def test_pad_multiple_bounds_the_shapes_a_batch_takes(tmp_path):
+    items = [{"x": torch.ones(2, n), "y": torch.tensor(0)} for n in (8, 20)]
+    assert pad_batch(items, P, multiple=16)["x"].shape[-1] == 32
+    assert pad_batch(items, P, multiple=16, max_size=(24,))["x"].shape[-1] == 24  # no further than the model's size
+    assert pad_batch(items[:1], P, multiple=16)["mask"].sum() == 8
+    from ditkit.data.sequences import SequenceDataset
+
+    with pytest.raises(ValueError, match="pad_multiple=6 is not a multiple of the patch size 4"):
+        np.save(tmp_path / "a.npy", np.ones((1, 8)))
+        SequenceDataset(tmp_path, P, pad_multiple=6)

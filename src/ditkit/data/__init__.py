@@ -80,7 +80,9 @@ def build_dataset(cfg: Config) -> EpochIndexed:
         try:
             axes = d.axes or 1
             inner = SequenceDataset(d.path, patch_sizes(cfg, axes), classes=cfg.model.num_classes > 0, axes=axes,
-                                    params_file=d.params_file, param_names=d.param_names)
+                                    params_file=d.params_file, param_names=d.param_names,
+                                    pad_multiple=d.pad_multiple, max_size=tuple(cfg.model.input_size)
+                                    if isinstance(cfg.model.input_size, list) else None)
         except ValueError as err:
             raise ConfigError(f"data.path: {err}") from None
     else:

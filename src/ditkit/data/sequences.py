@@ -144,13 +144,18 @@ class SequenceDataset(Dataset):
     read once at construction, for its shape, finiteness and the normaliser's statistics."""
 
     def __init__(self, root: str | Path, patch_size: int | tuple[int, ...], classes: bool = False, axes: int = 1,
-                 params_file: str | Path | None = None, param_names: list[str] | None = None):
+                 params_file: str | Path | None = None, param_names: list[str] | None = None,
+                 pad_multiple: int = 0, max_size: tuple[int, ...] | None = None):
         self.root = Path(root)
         self.files, self.labels, self.classes = sequence_files(root, classes)
         self.num_classes = len(self.classes) or None
         self.axes = axes
         self.patch = (patch_size,) * axes if isinstance(patch_size, int) else tuple(patch_size)
         self.patch_size = self.patch[0] if axes == 1 else self.patch  # the 1D collate's int
+        if pad_multiple and any(pad_multiple % p for p in self.patch):
+            raise ValueError(f"data.pad_multiple={pad_multiple} is not a multiple of the patch size "
+                             f"{'×'.join(map(str, self.patch))}")
+        self.pad_multiple, self.max_size = pad_multiple, max_size
         total, sums, squares, channels, self.lengths, self.sizes = 0, None, None, None, [], []
         for path in self.files:
             a = self._read(path)
@@ -207,7 +212,7 @@ class SequenceDataset(Dataset):
         return item
 
     def collate(self, items: list[dict]) -> dict:
-        return pad_batch(items, self.patch_size)
+        return pad_batch(items, self.patch_size, self.pad_multiple, self.max_size)
 
 
 def read_sequence_params(path: str | Path, root: Path, files: list[Path],
@@ -249,14 +254,21 @@ def read_sequence_params(path: str | Path, root: Path, files: list[Path],
     return values, names
 
 
-def pad_batch(items: list[dict], patch_size: int | tuple[int, ...]) -> dict:
+def pad_batch(items: list[dict], patch_size: int | tuple[int, ...], multiple: int = 0,
+              max_size: tuple[int, ...] | None = None) -> dict:
     """Items of (C, L_i) sequences -> {"x": (B, C, L) zero-padded, "mask": (B, L) True at real positions, and the
     other keys stacked}, L the longest L_i rounded up to a multiple of ``patch_size``; a batch without padding has no
     mask.  Items of (C, *size_i) (images,
-    volumes; ``patch_size`` one per axis) are padded at the end of every axis to the largest extent, (B, *size)."""
+    volumes; ``patch_size`` one per axis) are padded at the end of every axis to the largest extent, (B, *size).
+    ``multiple``: round each extent up to a multiple of it instead of the patch, no further than ``max_size``, so that
+    batches take few distinct shapes."""
     axes = items[0]["x"].dim() - 1
     patch = (patch_size,) * axes if isinstance(patch_size, int) else tuple(patch_size)
-    largest = [-(-max(it["x"].shape[1 + a] for it in items) // patch[a]) * patch[a] for a in range(axes)]
+    step = [multiple or p for p in patch]
+    largest = [-(-max(it["x"].shape[1 + a] for it in items) // step[a]) * step[a] for a in range(axes)]
+    if max_size is not None:
+        largest = [max(min(n, m), -(-max(it["x"].shape[1 + a] for it in items) // patch[a]) * patch[a])
+                   for a, (n, m) in enumerate(zip(largest, max_size))]
     x = torch.zeros(len(items), items[0]["x"].shape[0], *largest)  # (B, C, *size)
     mask = torch.zeros(len(items), *largest, dtype=torch.bool)
     for i, it in enumerate(items):
