@@ -39,6 +39,7 @@ def main(folder: Path) -> None:
         if b in fastest:
             cells.append(("ditkit step, `fastest` (bench)", fastest[b]["img_per_s"], fastest[b]["peak_mem_gib"], None))
         for tag, name in (("plain", "`ditkit train`, one process"), ("ddp", "`ditkit train`, DDP (torchrun, 1 process)"),
+                          ("ddp256", "`ditkit train`, DDP, 256 MiB buckets (torchrun, 1 process)"),
                           ("fsdp", "`ditkit train`, FSDP (torchrun, 1 process)")):
             r = train_row(folder, f"{tag}_b{b}")
             if r is None:

@@ -210,6 +210,8 @@ class TrainConfig:
                                    "for the backward)")
     fsdp_bf16_gather: bool = opt(False, "FSDP: gather the weights in bf16 (half the all-gather traffic; gradients "
                                         "reduced in float32)")
+    ddp_bucket_mb: float = opt(25.0, "DDP: the gradient bucket size in MiB (torch's bucket_cap_mb); under torch.compile "
+                                     "the graph is cut at every bucket, so larger buckets mean fewer pieces")
     vae: str | None = opt(None, "local VAE (folder or file) to decode the sample grids of latent runs")
     repa_encoder: str | None = opt(None, "REPA: local folder of the frozen encoder (facebook/dinov2-base from the Hugging "
                                          "Face hub, read by transformers' Dinov2Model); needed with model.repa_depth")
@@ -301,6 +303,7 @@ class Config:
             (self.train.spike_factor == 0 or self.train.spike_factor > 1, "train.spike_factor",
              "0 (off) or above 1 (a loss over that many times its running mean is a spike)"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
+            (self.train.ddp_bucket_mb > 0, "train.ddp_bucket_mb", "positive"),
             (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
              "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),
         ]

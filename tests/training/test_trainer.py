@@ -425,6 +425,23 @@ def test_fsdp_bf16_gathering_trains_like_one_process_in_bf16(tmp_path):
             load_config("digits", overrides=[option])
 
 
+def test_the_ddp_bucket_size_reaches_ddp():
+    """train.ddp_bucket_mb as DDP's reducer records it (bucket_bytes_cap), in one process, a 1-rank gloo group."""
+    import torch.distributed as dist
+
+    from ditkit.training.distributed import DistInfo
+    from ditkit.training.trainer import _wrap_distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = load_config("digits", overrides=[*TINY, "train.distributed=ddp", "train.ddp_bucket_mb=64"])
+        model = build_model(cfg.model.name, **cfg.model.kwargs())
+        ddp = _wrap_distributed(model, cfg, DistInfo(world_size=2))
+        assert ddp.bucket_bytes_cap == 64 * 1024 * 1024
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp_options_reach_fully_shard():
     """train.fsdp_reshard=false and train.fsdp_bf16_gather=true as FSDP2 records them, block by block, for the
     trained model and (always resharded, gathered in float32) its EMA; in one process, a 1-rank gloo group."""

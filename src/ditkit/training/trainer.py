@@ -170,7 +170,8 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+              bucket_cap_mb=cfg.train.ddp_bucket_mb)
     if comm_hook is not None:
         ddp.register_comm_hook(None, comm_hook)
     return ddp
