@@ -20,21 +20,25 @@ scale, undoes the run's normalisation, prints a Markdown table, writes --out/dig
 scale (--out/samples_cfg<scale>.png: rows by length, each sample above its asked number)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 import ditkit
 from ditkit.checkpoints import load_run
 from ditkit.data.fields import FieldNormalizer
-from ditkit.data.numbers import compose_numbers, digit_pool, number_tokens, write_numbers
+from ditkit.data.numbers import (
+    compose_numbers,
+    digit_pool,
+    number_tokens,
+    write_numbers,
+)
 from ditkit.eval.numbers import score_numbers, split_digits, to_number_pixels
+from ditkit.utils.benchmark_cli import three_step_parser, train_timed
 
 TEST_SEED = 1234  # the test list of numbers and the real digits drawn for its yardstick
 
@@ -111,24 +115,9 @@ def score(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/digit_numbers")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("data", help="write --out/data from the training digits")
-    d.add_argument("--num", type=int, default=30000, help="training numbers")
+    ap, d, _, s = three_step_parser(__doc__.splitlines()[0], "runs/digit_numbers", "numbers", steps=6000)
     d.add_argument("--max-digits", type=int, default=3)
-    d.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("train", help="train --out/run on --out/data")
-    t.add_argument("--steps", type=int, default=6000)
-    t.add_argument("--batch", type=int, default=256, help="train.global_batch_size")
-    t.add_argument("--hidden", type=int, default=256, help="model.hidden_size")
-    t.add_argument("--depth", type=int, default=6, help="model.depth")
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further config overrides")
-    s = sub.add_parser("score", help="sample the test numbers from --out/run and score them")
     s.add_argument("--per-length", type=int, default=200, help="asked numbers of each length")
-    s.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    s.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.command == "data":
@@ -136,9 +125,7 @@ def main(argv: list[str] | None = None):
         print(f"{len(numbers)} numbers of 1 to {args.max_digits} digits in {out / 'data'}")
     elif args.command == "train":
         cfg = train_config(out / "data", args.steps, args.batch, args.hidden, args.depth, args.set)
-        t0 = time.perf_counter()
-        ditkit.train(cfg, out / "run", device=args.device)
-        print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s into {out / 'run'}")
+        train_timed(cfg, out, args.steps, args.device)
     else:
         return score(args)
 

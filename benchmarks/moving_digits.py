@@ -23,7 +23,6 @@ undoes the run's normalisation, prints a Markdown table and writes --out/moving_
 (--out/clips_cfg<scale>.gif, one per class)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -36,10 +35,17 @@ from PIL import Image, ImageDraw
 import ditkit
 from ditkit.checkpoints import load_run
 from ditkit.data.fields import FieldNormalizer
-from ditkit.data.moving_digits import clip_params, compose_clips, max_speed, random_starts, write_moving_digits
+from ditkit.data.moving_digits import (
+    clip_params,
+    compose_clips,
+    max_speed,
+    random_starts,
+    write_moving_digits,
+)
 from ditkit.data.numbers import digit_pool
 from ditkit.eval.moving_digits import score_clips
 from ditkit.eval.numbers import split_digits, to_number_pixels
+from ditkit.utils.benchmark_cli import three_step_parser, train_timed
 
 TEST_SEED = 1234  # the real clips of the yardstick and the shuffled conditions of chance
 
@@ -137,23 +143,8 @@ def score(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/moving_digits")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("data", help="write --out/data from the training digits")
-    d.add_argument("--num", type=int, default=30000, help="training clips")
-    d.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("train", help="train --out/run on --out/data")
-    t.add_argument("--steps", type=int, default=8000)
-    t.add_argument("--batch", type=int, default=256, help="train.global_batch_size")
-    t.add_argument("--hidden", type=int, default=256, help="model.hidden_size")
-    t.add_argument("--depth", type=int, default=6, help="model.depth")
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further config overrides")
-    s = sub.add_parser("score", help="sample the test conditions from --out/run and score them")
+    ap, _, _, s = three_step_parser(__doc__.splitlines()[0], "runs/moving_digits", "clips", steps=8000)
     s.add_argument("--per-condition", type=int, default=4, help="clips of each (class, velocity)")
-    s.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    s.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.command == "data":
@@ -161,9 +152,7 @@ def main(argv: list[str] | None = None):
         print(f"{len(meta['clips'])} clips of {meta['frames']}×{meta['size']}×{meta['size']} in {out / 'data'}")
     elif args.command == "train":
         cfg = train_config(out / "data", args.steps, args.batch, args.hidden, args.depth, args.set)
-        t0 = time.perf_counter()
-        ditkit.train(cfg, out / "run", device=args.device)
-        print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s into {out / 'run'}")
+        train_timed(cfg, out, args.steps, args.device)
     else:
         return score(args)
 

@@ -1,7 +1,6 @@
 """Sequences of embeddings from files (``data.context_path``): matched to samples by name or by index, padded with a
 mask by the collate, checked against ``model.context_dim``; `ditkit.train` runs, resumes exactly and
 `ditkit sample --context` makes one sample per file."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,13 @@ import torch
 from safetensors.numpy import save_file
 
 import ditkit
-from ditkit.checkpoints.training import load_checkpoint
 from ditkit.cli import main
 from ditkit.config import ConfigError
 from ditkit.data import build_dataset
 from ditkit.data.context import WithContext, pad_contexts, read_context
 from ditkit.data.digits import DigitsDataset
 from ditkit.data.sequences import SequenceDataset
+from tests.data.resume import assert_resumes_exactly
 from tests.data.test_sequences import make_folder
 
 E = 10
@@ -80,22 +79,13 @@ def test_missing_and_mismatched_files_are_named(tmp_path):
 def test_train_resume_and_sample_from_files(tmp_path):
     write_digit_contexts(tmp_path / "ctx")
     cfg = lambda *extra: ditkit.load_config("digits", [*TINY, f"data.context_path={tmp_path / 'ctx'}", *extra])  # noqa: E731
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    ditkit.train(cfg("train.steps=6"), ref, device="cpu")
-    ditkit.train(cfg("train.steps=3"), run, device="cpu")
-    ditkit.train(cfg("train.steps=6"), run, device="cpu", resume=True)
-    losses = [[json.loads(r)["loss"] for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, run)]
-    assert len(losses[0]) == 6 and all(np.isfinite(losses[0])) and losses[0] == losses[1]
-    a, b = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (ref, run))
-    for k in a["ema"]:
-        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    a, ckpt = assert_resumes_exactly(cfg, tmp_path, steps=6)
     assert any("sequence" in k for k in a["ema"])
 
     asked = tmp_path / "asked"
     asked.mkdir()
     for i, (y, extra) in enumerate([(3, 0), (7, 2), (0, 1)]):
         np.save(asked / f"{i}.npy", digit_tokens(y, extra))
-    ckpt = ref / "checkpoints" / "last.pt"
     main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--context", str(asked), "--seed", "2",
           "--device", "cpu"])
     with np.load(tmp_path / "out" / "samples.npz") as saved:

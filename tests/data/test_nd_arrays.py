@@ -2,19 +2,18 @@
 (N, C, D, H, W) volumes or (N, C, T, H, W) videos, one file or one file per sample, standardised per channel with the
 statistics kept in the checkpoint; the data sizes the model, `ditkit.train` runs and resumes, samples come back as
 arrays and pictures."""
-import json
 
 import numpy as np
 import pytest
 import torch
 
 import ditkit
-from ditkit.checkpoints.training import load_checkpoint
 from ditkit.cli import main
 from ditkit.config import ConfigError
 from ditkit.data.facts import fit_to_data
 from ditkit.data.fields import FieldDataset, FieldNormalizer, FieldSource
 from ditkit.utils.images import stretched_images
+from tests.data.resume import assert_resumes_exactly
 
 TINY = ["model.name=custom", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.num_classes=0",
         "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=2", "train.warmup_steps=1",
@@ -84,13 +83,8 @@ def test_the_data_sizes_the_model_and_flips_only_square_slices(tmp_path):
 def test_train_resume_and_sample(tmp_path, name, shape, extra):
     a = _write(tmp_path / f"{name}.npy", shape)
     cfg = lambda *more: ditkit.load_config("digits", [*TINY, f"data.path={tmp_path / name}.npy", *extra, *more])  # noqa: E731
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    ditkit.train(cfg("train.steps=4"), ref, device="cpu")
-    ditkit.train(cfg("train.steps=2"), run, device="cpu")
-    ditkit.train(cfg("train.steps=4"), run, device="cpu", resume=True)
-    losses = [[json.loads(r)["loss"] for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, run)]
-    assert len(losses[0]) == 4 and all(np.isfinite(losses[0])) and losses[0] == losses[1]
-    stored = load_checkpoint(ref / "checkpoints" / "last.pt")
+    stored, ckpt = assert_resumes_exactly(cfg, tmp_path, steps=4)
+    ref = ckpt.parents[1]
     np.testing.assert_allclose(stored["normalizer"]["x"]["mean"].numpy(), a.mean(axis=(0, *range(2, len(shape)))), rtol=1e-4)
     assert stored["normalizer"]["x"]["axes"] == len(shape) - 2
     assert any(p.suffix == ".png" for p in ref.rglob("*.png"))  # the training grid, of any grid dimension

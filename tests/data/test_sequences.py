@@ -16,6 +16,7 @@ from ditkit.data.facts import fit_to_data
 from ditkit.data.sampler import ShardBatchSampler
 from ditkit.data.sequences import pad_batch
 from ditkit.generation import sample_sequences
+from tests.data.resume import assert_resumes_exactly
 
 P = 4
 TINY = ["model.name=custom", f"model.patch_size={P}", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
@@ -141,14 +142,8 @@ def test_volumes_of_different_sizes_train_resume_and_sample(tmp_path):
     batch = data.inner.collate([data[(0, i)] for i in range(4)])
     assert batch["x"].shape[2:] == batch["mask"].shape[1:] and batch["mask"].dim() == 4
     assert [tuple(m.nonzero().max(0).values + 1) for m in batch["mask"]] == [data.inner.sizes[i] for i in range(4)]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    ditkit.train(cfg("train.steps=4"), ref, device="cpu")
-    ditkit.train(cfg("train.steps=2"), run, device="cpu")
-    ditkit.train(cfg("train.steps=4"), run, device="cpu", resume=True)
-    losses = [[json.loads(r)["loss"] for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, run)]
-    assert len(losses[0]) == 4 and all(np.isfinite(losses[0])) and losses[0] == losses[1]
-    ckpt = ref / "checkpoints" / "last.pt"
-    assert load_checkpoint(ckpt)["normalizer"]["x"]["axes"] == 3
+    stored, ckpt = assert_resumes_exactly(cfg, tmp_path, steps=4)
+    assert stored["normalizer"]["x"]["axes"] == 3
     vols = sample_sequences(ckpt, [(2, 4, 8), (4, 8, 4)], seed=1, device="cpu")
     assert [v.shape for v in vols] == [(2, 2, 4, 8), (2, 4, 8, 4)]
     main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--lengths", "2x4x8,4x8x4", "--seed", "1",
