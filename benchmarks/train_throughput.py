@@ -27,19 +27,25 @@ from safetensors.torch import save_file
 from ditkit.data.latents import FORMAT, MANIFEST, shard_name
 
 
-def write_synthetic_cache(out: Path, count: int, latent: int, num_classes: int, shard_size: int = 2048) -> None:
+def write_synthetic_cache(out: Path, count: int, latent: int, num_classes: int, shard_size: int = 2048,
+                          images: bool = False) -> None:
+    """A latent cache in the real format with random latents (and, with ``images``, random uint8 images beside them,
+    as ``ditkit extract --images`` stores them for REPA's encoder)."""
     g = torch.Generator().manual_seed(0)
     shards = []
     for k, start in enumerate(range(0, count, shard_size)):
         n = min(shard_size, count - start)
         shape = (n, 2, 4, latent, latent)
-        save_file({"mean": torch.randn(shape, generator=g).half(), "std": torch.full(shape, 0.1).half(),
-                   "label": torch.randint(num_classes, (n,), generator=g)}, str(out / shard_name(k)))
+        tensors = {"mean": torch.randn(shape, generator=g).half(), "std": torch.full(shape, 0.1).half(),
+                   "label": torch.randint(num_classes, (n,), generator=g)}
+        if images:
+            tensors["image"] = torch.randint(0, 256, (n, 3, latent * 8, latent * 8), generator=g, dtype=torch.uint8)
+        save_file(tensors, str(out / shard_name(k)))
         shards.append({"name": shard_name(k), "start": start, "count": n})
     manifest = {"format": FORMAT, "count": count, "image_shape": [3, latent * 8, latent * 8],
                 "latent_shape": [4, latent, latent], "views": ["image", "hflip"], "scale_factor": 0.18215,
                 "dtype": "float16", "num_classes": num_classes, "classes": None, "source": "synthetic",
-                "vae": "none", "shard_size": shard_size, "shards": shards}
+                "vae": "none", "shard_size": shard_size, "shards": shards, "images": images}
     (out / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -54,11 +60,20 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32)
     ap.add_argument("--extra", nargs="*", default=[], help="more --set overrides, e.g. train.speed=fastest")
     ap.add_argument("--tag", default="run", help="in the JSON file's name under $OUT")
+    ap.add_argument("--repa", action="store_true", help="REPA on: a randomly initialised DINOv2-B (transformers' "
+                    "Dinov2Model of the published configuration) as the encoder, images in the cache, block 8 aligned")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
     cache = work / "latents"
     cache.mkdir()
-    write_synthetic_cache(cache, count=max(4 * args.batch, 2048), latent=args.latent, num_classes=1000)
+    write_synthetic_cache(cache, count=max(4 * args.batch, 2048), latent=args.latent, num_classes=1000,
+                          images=args.repa)
+    if args.repa:  # the encoder's weights do not change its cost: a random one of the real architecture
+        from transformers import Dinov2Config, Dinov2Model
+
+        Dinov2Model(Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14,
+                                 image_size=518)).save_pretrained(str(work / "dinov2-base"))
+        args.extra += ["model.repa_depth=8", f"train.repa_encoder={work / 'dinov2-base'}"]
     rows = []
     for model in args.models:
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)] \
