@@ -4,10 +4,10 @@ scored by the error of their radially binned power spectra against the exact one
 parameter points, beside the error of as many true draws (the sampling-noise floor).
 
     PYTHONPATH=src python benchmarks/power_law_fields.py --out runs/volumes data --axes 3 --size 32 --n 20000
-    PYTHONPATH=src python benchmarks/power_law_fields.py --out runs/volumes train --minutes 20 --device cuda
+    PYTHONPATH=src python benchmarks/power_law_fields.py --out runs/volumes --device cuda train --minutes 20
     PYTHONPATH=src python benchmarks/power_law_fields.py --out runs/volumes score --points 8 --samples 32
 
-1D spectra: `data --axes 1 --size 1024` and `score --samples 256` (a 1D bin holds two modes, so its floor needs
+1D spectra: `data --axes 1 --size 1024` and `score --samples 1024` (a 1D bin holds two modes, so its floor needs
 more samples).  Mixed lengths in one training set: `data --lengths 64,128,256,512,1024` writes a folder of sequences
 (`data.kind=sequences` with their parameters), and `score` reports each length.  Everything runs through the public API: `ditkit.load_config`, `ditkit.train` and the checkpoint's
 normaliser; `train --set KEY=VALUE` passes any other config key."""

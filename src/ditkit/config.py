@@ -94,7 +94,8 @@ class ModelConfig:
     cond_channels: int = opt(0, "channels of a conditioning field (0: none)")
     field_mode: str = opt("cross_attention", "how a conditioning field enters: cross_attention | concat (to the input)")
     cond_mode: str = opt("adaln", "how t and the class reach the blocks: adaln | cross_attention | in_context")
-    pos_embed: str = opt("sincos", "positions: sincos (the fixed table added to the tokens) | rope (2D axial rotary q, k)")
+    pos_embed: str = opt("sincos", "positions: sincos (the fixed table added to the tokens) | rope (axial rotary q, k on each "
+                                      "of the 1, 2 or 3 axes)")
     norm: str = opt("layernorm", "the blocks' adaLN norm: layernorm | rmsnorm")
     qk_norm: bool = opt(False, "RMSNorm on each head's q and k before attention")
     mlp: str = opt("gelu", "each block's feed-forward: gelu (the official MLP) | swiglu (about the same parameter count)")
@@ -146,7 +147,7 @@ class DataConfig:
     class_names: list | None = opt(None, "names of the class ids 0..K-1 (taken from the class folders or the "
                                          "latent cache; sampling takes them in place of ids)")
     image_size: int = opt(256, "images: side after the center crop and resize")
-    flip: bool = opt(True, "random horizontal flips")
+    flip: bool = opt(True, "random horizontal flips (fields: one random symmetry of the square over the last two axes)")
     num_workers: int = opt(4, "DataLoader worker processes (0: load in the training process)")
     pad_multiple: int = opt(0, "sequences: pad each batch's extent on every axis up to a multiple of this (a multiple of "
                                 "the patch; capped at the model's size), so that a compiled run sees few shapes (0: the patch)")

@@ -352,7 +352,7 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
             raise ValueError(SEQUENCES_HINT)
         speed = speed or cfg.sample.speed
         if cfg.model.context_dim or context is not None:
-            return _sample_contexts(model, cfg, context, out, batch_size, speed, labels, seed, vae, info.device)
+            return _sample_contexts(model, cfg, context, out, batch_size, speed, labels, seed, vae, info.device, stored)
         if cfg.model.num_params or cfg.model.cond_channels:
             return _sample_fields(ckpt, model, cfg, stored, cond, out, batch_size, speed, seed, info.device)
         net, notes = prepare_network(model, cfg, speed, info.device, copy_model=False)
@@ -387,7 +387,7 @@ def _write_grid(npz: Path, cfg: Config, path: Path) -> None:
 
 
 def _sample_contexts(model, cfg: Config, context: str | None, out, batch_size: int, speed, labels: str, seed: int,
-                     vae, device) -> str:
+                     vae, device, stored: dict | None = None) -> str:
     """A model conditioned on sequences of embeddings: one sample per file of ``context``, into ``out/samples.npz``
     (ADM's arr_0 images and arr_1 labels, and the raw float ``samples``) and ``out/grid.png``, in the files' order."""
     from ditkit.utils.io import atomic_save_npz
@@ -407,7 +407,12 @@ def _sample_contexts(model, cfg: Config, context: str | None, out, batch_size: i
                     batch_size=batch_size, context=contexts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {"arr_0": result.images, "samples": result.x.numpy()}
+    raw = result.x
+    if cfg.data.kind == "fields" and stored is not None and "normalizer" in stored:  # arrays: in the data's units
+        from ditkit.data.fields import FieldNormalizer
+
+        raw = FieldNormalizer(stored["normalizer"]).denormalize(raw.double(), "x").float()
+    arrays = {"arr_0": result.images, "samples": raw.numpy()}
     if result.labels is not None:
         arrays["arr_1"] = result.labels.numpy()
     atomic_save_npz(out / "samples.npz", **arrays)

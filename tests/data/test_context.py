@@ -121,3 +121,41 @@ def test_sequences_of_mixed_lengths_conditioned_on_sequences_of_embeddings(tmp_p
     assert [s.shape for s in seqs] == [(2, 8), (2, 16)] and all(np.isfinite(s).all() for s in seqs)
     with pytest.raises(ValueError, match="1 context sequences for 2 lengths"):
         sample_sequences(ckpt, [8, 16], context=asked[:1], device="cpu")
+
+
+def test_arrays_conditioned_on_sequences_sample_in_the_data_units(tmp_path):
+    """data.kind=fields with contexts by index: ditkit sample --context writes the arrays with the normalisation
+    undone, as the API's model-space samples mapped back by the checkpoint's normaliser."""
+    from ditkit.checkpoints import load_run
+    from ditkit.data.fields import FieldNormalizer
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", (rng.normal(size=(16, 1, 8, 8)) * 3 + 5).astype(np.float32))
+    (tmp_path / "ctx").mkdir()
+    for i in range(16):
+        np.save(tmp_path / "ctx" / f"{i}.npy", digit_tokens(i % 10, i % 2))
+    cfg = ditkit.load_config("digits", [*TINY, f"data.path={tmp_path / 'x.npy'}", f"data.context_path={tmp_path / 'ctx'}",
+                                        "train.steps=2", "train.sample_every=0"])
+    ditkit.train(cfg, tmp_path / "run", device="cpu")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    asked = tmp_path / "asked"
+    asked.mkdir()
+    np.save(asked / "0.npy", digit_tokens(4, 1))
+    main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--context", str(asked), "--device", "cpu"])
+    model, run_cfg, stored = load_run(ckpt, device="cpu")
+    x = ditkit.sample(model, run_cfg, context=asked, progress=False).x
+    with np.load(tmp_path / "out" / "samples.npz") as saved:
+        physical = FieldNormalizer(stored["normalizer"]).denormalize(x.double(), "x").numpy()
+        np.testing.assert_allclose(saved["samples"], physical, rtol=1e-4, atol=1e-4)
+
+
+def test_the_guides_token_files_are_what_the_digits_take(tmp_path, monkeypatch):
+    """docs/training.md#conditioning-on-sequences-of-embeddings: its Python block, as a user types it, writes a
+    folder that the digits read by index."""
+    text = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
+    code = text.split("## Conditioning on sequences of embeddings", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokens").mkdir()
+    exec(code, {})
+    data = WithContext(DigitsDataset(), tmp_path / "tokens")
+    assert data.dim == 10 and torch.equal(data[5]["context"], torch.eye(10)[int(data[5]["y"])][None])
