@@ -38,7 +38,7 @@ from ditkit.data.numbers import (
     write_numbers,
 )
 from ditkit.eval.numbers import score_numbers, split_digits, to_number_pixels
-from ditkit.utils.benchmark_cli import three_step_parser, train_timed
+from ditkit.utils.benchmark_cli import run_step, three_step_parser
 
 TEST_SEED = 1234  # the test list of numbers and the real digits drawn for its yardstick
 
@@ -119,15 +119,12 @@ def main(argv: list[str] | None = None):
     d.add_argument("--max-digits", type=int, default=3)
     s.add_argument("--per-length", type=int, default=200, help="asked numbers of each length")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    if args.command == "data":
-        numbers = write_numbers(out / "data", args.num, args.seed, args.max_digits, digits=split_digits("train"))
-        print(f"{len(numbers)} numbers of 1 to {args.max_digits} digits in {out / 'data'}")
-    elif args.command == "train":
-        cfg = train_config(out / "data", args.steps, args.batch, args.hidden, args.depth, args.set)
-        train_timed(cfg, out, args.steps, args.device)
-    else:
-        return score(args)
+
+    def write_data(data: Path) -> str:
+        numbers = write_numbers(data, args.num, args.seed, args.max_digits, digits=split_digits("train"))
+        return f"{len(numbers)} numbers of 1 to {args.max_digits} digits in {data}"
+
+    return run_step(args, write_data, train_config, score)
 
 
 if __name__ == "__main__":

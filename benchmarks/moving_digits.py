@@ -45,7 +45,7 @@ from ditkit.data.moving_digits import (
 from ditkit.data.numbers import digit_pool
 from ditkit.eval.moving_digits import score_clips
 from ditkit.eval.numbers import split_digits, to_number_pixels
-from ditkit.utils.benchmark_cli import three_step_parser, train_timed
+from ditkit.utils.benchmark_cli import run_step, three_step_parser
 
 TEST_SEED = 1234  # the real clips of the yardstick and the shuffled conditions of chance
 
@@ -146,15 +146,12 @@ def main(argv: list[str] | None = None):
     ap, _, _, s = three_step_parser(__doc__.splitlines()[0], "runs/moving_digits", "clips", steps=8000)
     s.add_argument("--per-condition", type=int, default=4, help="clips of each (class, velocity)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    if args.command == "data":
-        meta = write_moving_digits(out / "data", args.num, args.seed, *split_digits("train"))
-        print(f"{len(meta['clips'])} clips of {meta['frames']}×{meta['size']}×{meta['size']} in {out / 'data'}")
-    elif args.command == "train":
-        cfg = train_config(out / "data", args.steps, args.batch, args.hidden, args.depth, args.set)
-        train_timed(cfg, out, args.steps, args.device)
-    else:
-        return score(args)
+
+    def write_data(data: Path) -> str:
+        meta = write_moving_digits(data, args.num, args.seed, *split_digits("train"))
+        return f"{len(meta['clips'])} clips of {meta['frames']}×{meta['size']}×{meta['size']} in {data}"
+
+    return run_step(args, write_data, train_config, score)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,7 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
     from ditkit.sampling import generate_sizes
 
     model, cfg, stored = load_run(ckpt, use_ema=ema, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = next(model.parameters()).device
     if cfg.data.kind != "sequences" or "normalizer" not in stored:
         raise ValueError(f"{ckpt} is not a checkpoint of a run on data.kind=sequences")
     cfg = with_sample_settings(cfg, **settings)
@@ -231,7 +232,7 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
                                                                                       "balanced", seed).tolist()
         if len(ids) != len(lengths):
             raise ValueError(f"{len(ids)} labels for {len(lengths)} lengths")
-        kwargs["y"] = torch.tensor(ids, device=next(model.parameters()).device)
+        kwargs["y"] = torch.tensor(ids, device=device)
     norm = SequenceNormalizer(stored["normalizer"])
     P = cfg.model.num_params
     if P and params is None:
@@ -241,13 +242,12 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
         if not P or tuple(params.shape) != (len(lengths), P):
             raise ValueError(f"params of shape {tuple(params.shape)}; the model takes ({len(lengths)}, {P})")
         check_finite("params", params)
-        kwargs["params"] = norm.normalize_params(params).float().to(next(model.parameters()).device)
+        kwargs["params"] = norm.normalize_params(params).float().to(device)
     contexts = _contexts(context, cfg)
     if contexts is not None:
         if len(contexts) != len(lengths):
             raise ValueError(f"{len(contexts)} context sequences for {len(lengths)} lengths")
         ctx, ctx_mask = pad_contexts(contexts)
-        device = next(model.parameters()).device
         kwargs |= {"context": ctx.to(device), "context_mask": ctx_mask.to(device)}
     torch.manual_seed(seed)  # the sampler's own noise (DDPM, SDE)
     sizes = [tuple(n) if isinstance(n, (tuple, list)) else (int(n),) for n in lengths]
@@ -317,12 +317,21 @@ def _decoder(cfg: Config, vae_path: str | None, device, stored: dict | None = No
 
         vae = load_vae(vae_path, device=device)
         return lambda x: (to_uint8(decode_latents(vae, x, cfg.data)), None)
-    if cfg.data.kind == "fields" and stored is not None and "normalizer" in stored:
-        from ditkit.data.fields import FieldNormalizer
-
-        norm = FieldNormalizer(stored["normalizer"])
-        return lambda x: (stretched_images(x), norm.denormalize(x.double().cpu(), "x").float().numpy())
+    units = _data_units(cfg, stored)
+    if units is not None:
+        return lambda x: (stretched_images(x), units(x).numpy())
     return lambda x: (to_uint8(x) if x.dim() == 4 else stretched_images(x), x.float().cpu().numpy())
+
+
+def _data_units(cfg: Config, stored: dict | None):
+    """For arrays (``data.kind=fields``): x -> the samples in the data's units (float32 on the CPU), through the
+    checkpoint's normaliser; None for other kinds."""
+    if cfg.data.kind != "fields" or stored is None or "normalizer" not in stored:
+        return None
+    from ditkit.data.fields import FieldNormalizer
+
+    norm = FieldNormalizer(stored["normalizer"])
+    return lambda x: norm.denormalize(x.double().cpu(), "x").float()
 
 
 def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100, batch_size: int = 250,
@@ -407,12 +416,8 @@ def _sample_contexts(model, cfg: Config, context: str | None, out, batch_size: i
                     batch_size=batch_size, context=contexts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = result.x
-    if cfg.data.kind == "fields" and stored is not None and "normalizer" in stored:  # arrays: in the data's units
-        from ditkit.data.fields import FieldNormalizer
-
-        raw = FieldNormalizer(stored["normalizer"]).denormalize(raw.double(), "x").float()
-    arrays = {"arr_0": result.images, "samples": raw.numpy()}
+    units = _data_units(cfg, stored)
+    arrays = {"arr_0": result.images, "samples": (result.x if units is None else units(result.x)).numpy()}
     if result.labels is not None:
         arrays["arr_1"] = result.labels.numpy()
     atomic_save_npz(out / "samples.npz", **arrays)

@@ -184,11 +184,6 @@ def _field_facts(cfg: Config) -> DataFacts:
     return facts
 
 
-def patch_1d(cfg: Config) -> int:
-    """The patch size of a 1D model (a named variant's from its name; the model's default 2 when unset)."""
-    return patch_sizes(cfg, 1)[0]
-
-
 def patch_sizes(cfg: Config, axes: int) -> tuple[int, ...]:
     """The patch size along each of ``axes`` axes (a named variant's from its name; the model's default 2 when unset)."""
     m = cfg.model

@@ -14,16 +14,22 @@ one parameter range serves 1D spectra, images and volumes.  The spectrum of x[0]
 against these (``ditkit.eval.fields.score_power_law``)."""
 from __future__ import annotations
 
-import csv
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ditkit.data.random_fields import gaussian_field, lognormal_field, lognormal_spectrum, power_law_spectrum
+from ditkit.data.random_fields import (
+    check_generator,
+    draw_power_law_params,
+    gaussian_field,
+    lognormal_field,
+    lognormal_spectrum,
+    power_law_spectrum,
+    write_params_csv,
+)
 
 CHUNK = 64  # samples drawn per call when writing; fixed so that a seed always gives the same data
 
@@ -46,13 +52,7 @@ class PowerLawFields:
         self.slope_range = tuple(float(v) for v in self.slope_range)
         if self.axes not in (1, 2, 3):
             raise ValueError(f"axes must be 1, 2 or 3, got {self.axes}")
-        if self.size < 4 or self.size % 2:
-            raise ValueError(f"size must be an even integer >= 4, got {self.size}")
-        lo, hi = self.variance_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"variance_range must satisfy 0 < low <= high, got {self.variance_range}")
-        if self.slope_range[0] > self.slope_range[1]:
-            raise ValueError(f"slope_range must satisfy low <= high, got {self.slope_range}")
+        check_generator(self.size, "variance_range", self.variance_range, self.slope_range)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -60,10 +60,7 @@ class PowerLawFields:
 
     def sample_params(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, 2): σ² log-uniform over variance_range, n_s uniform over slope_range (float64)."""
-        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
-        (a0, a1), (s0, s1) = self.variance_range, self.slope_range
-        var = torch.exp(math.log(a0) + u[:, 0] * (math.log(a1) - math.log(a0)))
-        return torch.stack([var, s0 + u[:, 1] * (s1 - s0)], dim=1)
+        return draw_power_law_params(n, generator, self.variance_range, self.slope_range)
 
     def spectrum(self, params: torch.Tensor) -> torch.Tensor:
         """(B, 2) -> (B, *grid): P(k) = σ² k^(−n_s) / Σ_k' k'^(−n_s)."""
@@ -114,10 +111,7 @@ def write_power_law(out_dir: str | Path, n: int, size: int = 32, axes: int = 3, 
         params[start:stop] = p.numpy()
     x.flush()
     del x
-    with open(paths["params"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(bench.param_names)
-        writer.writerows([[repr(float(a)), repr(float(b))] for a, b in params])
+    write_params_csv(paths["params"], list(bench.param_names), params.tolist())
     meta = {"benchmark": bench.to_dict(), "seed": seed, "n": n, "files": {k: p.name for k, p in paths.items() if k != "meta"}}
     paths["meta"].write_text(json.dumps(meta, indent=2))
     return paths
@@ -142,12 +136,9 @@ def write_power_law_sequences(out_dir: str | Path, n: int, lengths: tuple[int, .
         L = lengths[pick]
         x = benches[L].sample_x(p[None], generator)[0]  # (2, L)
         np.save(out / "seqs" / f"{i:06d}.npy", x.float().numpy())
-        rows.append([f"{i:06d}", repr(float(p[0])), repr(float(p[1]))])
+        rows.append([f"{i:06d}", *p.tolist()])
     paths = {"seqs": out / "seqs", "params": out / "params.csv", "meta": out / "benchmark.json"}
-    with open(paths["params"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", *PowerLawFields.param_names])
-        writer.writerows(rows)
+    write_params_csv(paths["params"], ["file", *PowerLawFields.param_names], rows)
     meta = {"benchmark": benches[lengths[0]].to_dict(), "lengths": list(lengths), "seed": seed, "n": n,
             "files": {"seqs": "seqs", "params": "params.csv"}}
     paths["meta"].write_text(json.dumps(meta, indent=2))

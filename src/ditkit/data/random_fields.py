@@ -32,9 +32,37 @@ def wavenumbers(size: int, axes: int = 2) -> torch.Tensor:
     """|k| on the FFT grid of ``axes`` axes of ``size`` points, (size,)·axes float64, in units of the fundamental
     mode."""
     f = torch.fft.fftfreq(size, d=1.0 / size, dtype=torch.float64)
-    if axes == 2:
-        return torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
     return torch.sqrt(sum(g ** 2 for g in torch.meshgrid(*[f] * axes, indexing="ij")))
+
+
+def check_generator(size: int, scale_name: str, scale_range: tuple[float, float],
+                    slope_range: tuple[float, float]) -> None:
+    """The settings of a power-law generator: an even grid of at least 4 points, 0 < low <= high for the amplitude
+    (``scale_name``) and low <= high for the slope; a ``ValueError`` names the setting."""
+    lo, hi = scale_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"{scale_name} must satisfy 0 < low <= high, got {scale_range}")
+    if slope_range[0] > slope_range[1]:
+        raise ValueError(f"slope_range must satisfy low <= high, got {slope_range}")
+    if size < 4 or size % 2:
+        raise ValueError(f"size must be an even integer >= 4, got {size}")
+
+
+def draw_power_law_params(n: int, generator: torch.Generator, scale_range: tuple[float, float],
+                          slope_range: tuple[float, float]) -> torch.Tensor:
+    """(n, 2) float64: an amplitude log-uniform over ``scale_range``, a slope uniform over ``slope_range``."""
+    u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    (a0, a1), (s0, s1) = scale_range, slope_range
+    scale = torch.exp(math.log(a0) + u[:, 0] * (math.log(a1) - math.log(a0)))
+    return torch.stack([scale, s0 + u[:, 1] * (s1 - s0)], dim=1)
+
+
+def write_params_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    """A parameter table: the header, then one row per sample, floats written exactly (``repr``)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[v if isinstance(v, str) else repr(float(v)) for v in row] for row in rows])
 
 
 def power_law_spectrum(amplitude: torch.Tensor, slope: torch.Tensor, size: int, axes: int = 2) -> torch.Tensor:
@@ -106,20 +134,11 @@ class FieldBenchmark:
     def __post_init__(self) -> None:
         self.amplitude_range = tuple(float(v) for v in self.amplitude_range)
         self.slope_range = tuple(float(v) for v in self.slope_range)
-        lo, hi = self.amplitude_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"amplitude_range must satisfy 0 < low <= high, got {self.amplitude_range}")
-        if self.slope_range[0] > self.slope_range[1]:
-            raise ValueError(f"slope_range must satisfy low <= high, got {self.slope_range}")
-        if self.size < 4 or self.size % 2:
-            raise ValueError(f"size must be an even integer >= 4, got {self.size}")
+        check_generator(self.size, "amplitude_range", self.amplitude_range, self.slope_range)
 
     def sample_params(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, 2): A log-uniform over amplitude_range, n_s uniform over slope_range (float64)."""
-        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
-        (a0, a1), (s0, s1) = self.amplitude_range, self.slope_range
-        A = torch.exp(math.log(a0) + u[:, 0] * (math.log(a1) - math.log(a0)))
-        return torch.stack([A, s0 + u[:, 1] * (s1 - s0)], dim=1)
+        return draw_power_law_params(n, generator, self.amplitude_range, self.slope_range)
 
     def spectrum(self, params: torch.Tensor) -> torch.Tensor:
         """(B, 2) -> (B, n, n): the Gaussian fields' P(k) = A k^(−n_s)."""
@@ -190,10 +209,7 @@ def write_benchmark(out_dir: str | Path, n: int, size: int = 64, seed: int = 0, 
     x.flush()
     field.flush()
     del x, field
-    with open(paths["params"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(bench.param_names)
-        writer.writerows([[repr(float(a)), repr(float(b))] for a, b in params])
+    write_params_csv(paths["params"], list(bench.param_names), params.tolist())
     meta = {"benchmark": bench.to_dict(), "seed": seed, "n": n,
             "files": {k: p.name for k, p in paths.items() if k != "meta"}}
     paths["meta"].write_text(json.dumps(meta, indent=2))

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -29,10 +28,20 @@ def _frames(clip: Path) -> list[Path]:
     return sorted(p for p in clip.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
 
 
-def _clip_folders(top: Path) -> list[Path]:
-    """Folders below ``top`` (itself included) that hold image files: one video each."""
-    return sorted(d for d in [top, *top.rglob("*")] if d.is_dir() and any(
-        e.is_file() and Path(e).suffix.lower() in FRAME_EXTENSIONS for e in os.scandir(d)))
+def _frame_channels(im) -> int:
+    """A video's channels from its first frame: 1 when it is greyscale, else 3 (RGB)."""
+    return 1 if im.mode in ("L", "I;16", "1") else 3
+
+
+def _samples_below(top: Path) -> list[Path]:
+    """In one walk below ``top`` (itself included): every ``.npy`` file, and every folder holding image files (one
+    video each), sorted."""
+    found = []
+    for d, _, files in os.walk(top, followlinks=True):
+        found += [Path(d, f) for f in files if f.endswith(".npy")]
+        if any(Path(f).suffix.lower() in FRAME_EXTENSIONS for f in files):
+            found.append(Path(d))
+    return sorted(found)
 
 
 def sequence_files(root: str | Path, classes: bool) -> tuple[list[Path], list[int], list[str]]:
@@ -46,7 +55,7 @@ def sequence_files(root: str | Path, classes: bool) -> tuple[list[Path], list[in
     tops = [root / n for n in names] or [root]
     files, labels = [], []
     for c, top in enumerate(tops):
-        found = sorted([*top.rglob("*.npy"), *_clip_folders(top)])
+        found = _samples_below(top)
         files += found
         labels += [c] * len(found)
     if not files:
@@ -65,7 +74,7 @@ def read_clip(clip: Path) -> np.ndarray:
         try:
             with Image.open(f) as im:
                 if not arrays:
-                    mode = "L" if im.mode in ("L", "I;16", "1") else "RGB"
+                    mode = "L" if _frame_channels(im) == 1 else "RGB"
                 arrays.append(np.asarray(im.convert(mode), dtype=np.float64))
         except OSError as err:
             raise ValueError(f"video frame {f} cannot be read: {err}") from None
@@ -90,7 +99,7 @@ def sequence_shape(path: Path, axes: int = 1) -> tuple[int, ...]:
             raise ValueError(f"{path} is a folder of video frames: it needs data.axes=3")
         frames = _frames(path)
         with Image.open(frames[0]) as im:
-            return (1 if im.mode in ("L", "I;16", "1") else 3, len(frames), im.height, im.width)
+            return (_frame_channels(im), len(frames), im.height, im.width)
     a = np.load(path, mmap_mode="r")
     if a.ndim not in (axes, axes + 1) or min(a.shape) < 1:
         raise ValueError(f"sequence file {path} has shape {a.shape}; expected (C, {GRID[axes]}) or ({GRID[axes]})"
@@ -264,11 +273,11 @@ def pad_batch(items: list[dict], patch_size: int | tuple[int, ...], multiple: in
     batches take few distinct shapes."""
     axes = items[0]["x"].dim() - 1
     patch = (patch_size,) * axes if isinstance(patch_size, int) else tuple(patch_size)
-    step = [multiple or p for p in patch]
-    largest = [-(-max(it["x"].shape[1 + a] for it in items) // step[a]) * step[a] for a in range(axes)]
-    if max_size is not None:
-        largest = [max(min(n, m), -(-max(it["x"].shape[1 + a] for it in items) // patch[a]) * patch[a])
-                   for a, (n, m) in enumerate(zip(largest, max_size))]
+    extent = [max(it["x"].shape[1 + a] for it in items) for a in range(axes)]  # the longest on each axis
+    needed = [-(-n // p) * p for n, p in zip(extent, patch)]  # rounded up to the patch
+    largest = [-(-n // (multiple or p)) * (multiple or p) for n, p in zip(extent, patch)]
+    if max_size is not None:  # a multiple beyond the model's size: no further than the size, never below the need
+        largest = [max(min(n, m), k) for n, m, k in zip(largest, max_size, needed)]
     x = torch.zeros(len(items), items[0]["x"].shape[0], *largest)  # (B, C, *size)
     mask = torch.zeros(len(items), *largest, dtype=torch.bool)
     for i, it in enumerate(items):

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ditkit.data.random_fields import FieldBenchmark, field_variance
+from ditkit.data.random_fields import FieldBenchmark, field_variance, wavenumbers
 
 
 def radial_bins(shape: tuple[int, ...], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -22,11 +22,7 @@ def radial_bins(shape: tuple[int, ...], device: torch.device | str = "cpu") -> t
     if len(set(shape)) != 1:
         raise ValueError(f"radial power spectra need square fields, got {'×'.join(map(str, shape))}")
     n = shape[0]
-    f = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64, device=device)
-    if len(shape) == 2:
-        k = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2).reshape(-1)  # (H*W,)
-    else:
-        k = torch.sqrt(sum(g ** 2 for g in torch.meshgrid(*[f] * len(shape), indexing="ij"))).reshape(-1)
+    k = wavenumbers(n, len(shape)).to(device).reshape(-1)  # (H*W,)
     K = n // 2
     index = torch.round(k).long()  # shells [i − ½, i + ½)
     onehot = (index[:, None] == torch.arange(1, K + 1, device=device)[None]).double()  # (H*W, K)
@@ -183,7 +179,7 @@ def score_power_law_lengths(generate: Callable[[list[int], torch.Tensor], list[t
     out = {}
     for L in lengths:
         bench = PowerLawFields(size=L, axes=1, **settings)
-        result = score_power_law(lambda p: torch.stack(generate([L] * len(p), p)).double(), bench, points=points,
+        result = score_power_law(lambda p, L=L: torch.stack(generate([L] * len(p), p)).double(), bench, points=points,
                                  samples=samples, seed=seed)
         out[L] = {k: v for k, v in result.items() if isinstance(v, float)}
     out["mean"] = {k: sum(out[L][k] for L in lengths) / len(lengths) for k in out[lengths[0]]}

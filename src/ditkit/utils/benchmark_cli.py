@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,10 +34,19 @@ def three_step_parser(description: str, out: str, what: str, steps: int) -> tupl
     return ap, data, train, score
 
 
-def train_timed(cfg, out: Path, steps: int, device: str) -> None:
-    """``ditkit.train`` into ``out/run``, then one line with the wall time."""
+def run_step(args: argparse.Namespace, write_data: Callable[[Path], str], train_config: Callable, score: Callable):
+    """The subcommand ``args.command`` of a ``three_step_parser``: ``data`` prints ``write_data(out/data)``'s line;
+    ``train`` runs ``ditkit.train`` on ``train_config(out/data, steps, batch, hidden, depth, overrides)`` into
+    out/run and prints its wall time; ``score`` returns ``score(args)``."""
     import ditkit
 
-    t0 = time.perf_counter()
-    ditkit.train(cfg, out / "run", device=device)
-    print(f"trained {steps} steps in {time.perf_counter() - t0:.0f} s into {out / 'run'}")
+    out = Path(args.out)
+    if args.command == "data":
+        print(write_data(out / "data"))
+    elif args.command == "train":
+        cfg = train_config(out / "data", args.steps, args.batch, args.hidden, args.depth, args.set)
+        t0 = time.perf_counter()
+        ditkit.train(cfg, out / "run", device=args.device)
+        print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s into {out / 'run'}")
+    else:
+        return score(args)
