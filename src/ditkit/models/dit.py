@@ -445,8 +445,6 @@ class DiT(nn.Module):
     def _positions_of(self, grid: TokenGrid) -> torch.Tensor:
         """The position table's rows of an input smaller than the model's size: its tokens sit at the origin of
         every axis, so its rows are the table's first ``grid.shape`` rows along each axis, (1, N', D)."""
-        if grid.dims == 1:
-            return self.pos_embed[:, :grid.num_tokens]
         table = self.pos_embed.reshape(*self.grid.shape, -1)
         return table[tuple(slice(0, n) for n in grid.shape)].reshape(1, grid.num_tokens, -1)
 
