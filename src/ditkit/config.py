@@ -204,7 +204,10 @@ class TrainConfig:
     sample_every: int = opt(0, "steps between sample grids in run-dir/samples, and one at the last step (0: off)")
     max_nonfinite: int = opt(10, "consecutive bad steps (non-finite, or loss spikes) before the run stops as diverged")
     spike_factor: float = opt(10.0, "a loss over this × the running mean of good losses is a bad step (skipped); 0: off")
-    max_minutes: float = opt(0.0, "wall-clock budget: checkpoint and stop at the first log step past it (0: off)")
+    max_minutes: float = opt(0.0, "this process's wall-clock budget: checkpoint and stop at the first log step past "
+                                  "it (0: off)")
+    budget_minutes: float = opt(0.0, "the run's training time summed over every resume (each checkpoint keeps it): "
+                                     "checkpoint and stop at the first log step past it (0: off)")
     profile: str = opt("", '"A-B": the PyTorch profiler over steps A to B, written to the run folder '
                            "(ditkit.training.profiling)")
     fsdp_reshard: bool = opt(True, "FSDP: free each block's gathered weights after its forward (false: keep them "
@@ -304,6 +307,7 @@ class Config:
             (self.train.spike_factor == 0 or self.train.spike_factor > 1, "train.spike_factor",
              "0 (off) or above 1 (a loss over that many times its running mean is a spike)"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
+            (self.train.budget_minutes >= 0, "train.budget_minutes", "non-negative (0: no budget)"),
             (self.train.ddp_bucket_mb > 0, "train.ddp_bucket_mb", "positive"),
             (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
              "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),

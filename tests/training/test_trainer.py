@@ -228,6 +228,26 @@ def test_time_limit_checkpoints_and_stops_then_resume_finishes(tmp_path):
         load_config("digits", overrides=["train.max_minutes=-1"])
 
 
+def test_budget_counts_training_time_over_resumes(tmp_path):
+    """train.budget_minutes: the checkpoint keeps the time trained, a resume adds to it; a spent budget trains
+    nothing more, a raised one trains on; metrics log the running total."""
+    cfg = load_config("digits", overrides=[*TINY, "train.steps=10", "train.log_every=3", "train.ckpt_every=100",
+                                           "train.budget_minutes=1e-9"])
+    assert train(cfg, tmp_path, device="cpu")["step"] == 3
+    first = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["extra"]["train_seconds"]
+    assert first > 0
+    assert train(cfg, tmp_path, device="cpu", resume=True)["step"] == 3  # spent: nothing to do
+    assert final_weights(tmp_path)["step"] == 3
+    cfg.train.budget_minutes = 60.0
+    assert train(cfg, tmp_path, device="cpu", resume=True)["step"] == 10
+    total = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["extra"]["train_seconds"]
+    assert total > first
+    minutes = [json.loads(line)["train_minutes"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(minutes) == 4 and minutes == sorted(minutes) and minutes[1] > first / 60
+    with pytest.raises(ValueError, match="train.budget_minutes"):
+        load_config("digits", overrides=["train.budget_minutes=-1"])
+
+
 def test_torn_metrics_line_does_not_block_resume(tmp_path):
     cfg = load_config("digits", overrides=[*TINY, "train.steps=2", "train.ckpt_every=2"])
     train(cfg, tmp_path, device="cpu")

@@ -389,6 +389,17 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     term_acc: dict[str, torch.Tensor] = {}  # the options' loss terms (LOGGED_TERMS), summed over good steps
     n_acc, t_last = 0, time.perf_counter()
     t_start = t_last
+    trained_before = float(extra.get("train_seconds", 0.0))  # the training time of the runs this one resumes
+
+    def trained() -> float:
+        """Seconds of training over every resume: set-up before the loop is not counted, compilation is."""
+        return trained_before + time.perf_counter() - t_start
+
+    budget = 60 * cfg.train.budget_minutes
+    if budget and trained_before >= budget and start_step < end_step:
+        log.info(f"train.budget_minutes={cfg.train.budget_minutes:g} already spent by step {start_step} "
+                 f"({trained_before / 60:.1f} min trained): nothing to do; raise it to train on")
+        end_step = start_step
     bar = tqdm(total=end_step, initial=start_step, desc="train", disable=not info.is_main, dynamic_ncols=True)
 
     def checkpoint(step: int) -> bool:
@@ -406,7 +417,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
         model_sd = opt.master_state_dict(model) if hasattr(opt, "master_state_dict") else _full_state_dict(model, cfg, info)
         st = {"model": model_sd, "ema": ema_sd, "opt": _optimizer_state(train_model, opt, cfg, info),
               "step": step, "config": cfg.to_dict(),
-              "extra": {"nonfinite_total": nonfinite_total, "loss_guard": guard.state_dict()}}
+              "extra": {"nonfinite_total": nonfinite_total, "loss_guard": guard.state_dict(), "train_seconds": trained()}}
         normalizer = getattr(dataset.inner, "normalizer", None)  # fields: samples go back to physical units
         if normalizer is not None:
             st["normalizer"] = normalizer.state_dict()
@@ -455,7 +466,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
             if done % cfg.train.log_every == 0 or done == end_step:
                 # The one host read per logging interval.  'bad' follows the all-reduced gradient norm
                 # (or, with a scaler, the loss, which is then averaged like the loss itself).
-                over_time = cfg.train.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.train.max_minutes
+                over_time = (cfg.train.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.train.max_minutes
+                             or budget > 0 and trained() > budget)
                 names = sorted(term_acc)
                 flags = torch.stack([loss_acc, norm_acc, bad_acc, worst_run, torch.full_like(loss_acc, float(over_time)),
                                      *(term_acc[k] for k in names)])
@@ -466,7 +478,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
                 # A skipped step has no loss to average: an interval of bad steps only logs null, never 0.0.
                 record = {"step": done, "loss": stats[0] / good if good else None,
                           "grad_norm": stats[1] / good if good else None,
-                          "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed}
+                          "lr": opt.param_groups[0]["lr"], "img_per_s": n_acc * cfg.train.global_batch_size / elapsed,
+                          "train_minutes": trained() / 60}
                 record.update({k: stats[5 + i] / good if good else None for i, k in enumerate(names)})
                 if n_bad:
                     record["bad_steps"] = n_bad
@@ -498,7 +511,10 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
                 time_up = stats[4] > 0 and done < end_step
                 if time_up:
                     end_step = done  # the end of this run: final checkpoint, EMA weights; --resume goes on to train.steps
-                    log.info(f"train.max_minutes={cfg.train.max_minutes:g} reached at step {done}: checkpointing and stopping")
+                    limit = (f"train.budget_minutes={cfg.train.budget_minutes:g} ({trained() / 60:.1f} min trained over "
+                             f"every resume)" if budget > 0 and trained() > budget else
+                             f"train.max_minutes={cfg.train.max_minutes:g}")
+                    log.info(f"{limit} reached at step {done}: checkpointing and stopping")
             # Stop signals: one process reads its own flag; several agree every few steps (a host sync).
             stopping = stop.requested if not info.enabled else (
                 done % min(cfg.train.log_every, 10) == 0 and any_rank(stop.requested, info))
