@@ -9,7 +9,9 @@ parameter points, beside the error of as many true draws (the sampling-noise flo
 
 1D spectra: `data --axes 1 --size 1024` and `score --samples 1024` (a 1D bin holds two modes, so its floor needs
 more samples).  Mixed lengths in one training set: `data --lengths 64,128,256,512,1024` writes a folder of sequences
-(`data.kind=sequences` with their parameters), and `score` reports each length.  Everything runs through the public API: `ditkit.load_config`, `ditkit.train` and the checkpoint's
+(`data.kind=sequences` with their parameters), and `score` reports each length.  `train --minutes` is the
+budget of the whole run, summed over resumes: with `--call-minutes` a long budget runs as several calls of
+the same command, each resuming where the last stopped.  Everything runs through the public API: `ditkit.load_config`, `ditkit.train` and the checkpoint's
 normaliser; `train --set KEY=VALUE` passes any other config key."""
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def mixed_lengths(out: Path) -> list[int] | None:
     return json.loads((out / "data" / "benchmark.json").read_text()).get("lengths")
 
 
-def config(out: Path, steps: int, minutes: float, extra: list[str]):
+def config(out: Path, steps: int, minutes: float, extra: list[str], call_minutes: float = 0.0):
     bench = bench_of(out)
     data = out / "data"
     patch = PATCH[bench.axes]
@@ -49,17 +51,18 @@ def config(out: Path, steps: int, minutes: float, extra: list[str]):
             "data.field_file=null", "data.log_transform=[]", "data.flip=false", "data.length_buckets=8",
             "model.name=custom", "model.hidden_size=384", "model.depth=12", "model.num_heads=6",
             f"model.patch_size={patch}", "model.cond_channels=0",
-            f"train.steps={steps}", f"train.max_minutes={minutes}", f"train.ckpt_every={steps}", *extra])
+            f"train.steps={steps}", f"train.budget_minutes={minutes}", f"train.max_minutes={call_minutes}",
+            f"train.ckpt_every={steps}", *extra])
     return ditkit.load_config("fields64", [
         f"data.path={data / 'x.npy'}", f"data.params_file={data / 'params.csv'}", "data.field_file=null",
         f"data.axes={bench.axes}", f"data.flip={'true' if bench.axes > 1 else 'false'}", "data.log_transform=[1]",
         "model.name=custom", "model.hidden_size=384", "model.depth=12", "model.num_heads=6",
         f"model.input_size={list(bench.shape)}", f"model.patch_size={patch}", "model.cond_channels=0",
-        f"train.steps={steps}", f"train.max_minutes={minutes}", f"train.ckpt_every={steps}",
-        f"train.sample_every={steps}", *extra])
+        f"train.steps={steps}", f"train.budget_minutes={minutes}", f"train.max_minutes={call_minutes}",
+        f"train.ckpt_every={steps}", f"train.sample_every={steps}", *extra])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/power_law")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,13 +75,16 @@ def main() -> None:
     d.add_argument("--lengths", help="1D fields of these mixed lengths, e.g. 64,128,256,512,1024 (a sequence folder)")
     t = sub.add_parser("train", help="train on the written data")
     t.add_argument("--steps", type=int, default=100000)
-    t.add_argument("--minutes", type=float, default=20.0, help="stop after this wall time (train.max_minutes)")
+    t.add_argument("--minutes", type=float, default=20.0,
+                   help="the training budget, summed over resumes (train.budget_minutes)")
+    t.add_argument("--call-minutes", type=float, default=0.0,
+                   help="stop this call after this wall time (train.max_minutes); the same command again resumes")
     t.add_argument("--set", nargs="*", default=[], help="further config overrides KEY=VALUE")
     s = sub.add_parser("score", help="sample the checkpoint at fresh parameter points and score the spectra")
     s.add_argument("--points", type=int, default=8)
     s.add_argument("--samples", type=int, default=32)
     s.add_argument("--batch-size", type=int, default=64)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     if args.cmd == "data" and args.lengths:
         lengths = tuple(int(v) for v in args.lengths.split(","))
@@ -88,8 +94,8 @@ def main() -> None:
         paths = write_power_law(out / "data", args.n, size=args.size, axes=args.axes, seed=args.seed)
         print(f"{args.n} fields of {args.size}^{args.axes} -> {paths['x']}")
     elif args.cmd == "train":
-        cfg = config(out, args.steps, args.minutes, args.set)
-        ditkit.train(cfg, out / "run", device=args.device)
+        cfg = config(out, args.steps, args.minutes, args.set, args.call_minutes)
+        ditkit.train(cfg, out / "run", device=args.device, resume=True)  # a new run, or on with the budget left
     else:
         print(score(out, args.device, args.points, args.samples, args.batch_size))
 

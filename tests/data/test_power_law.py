@@ -56,19 +56,26 @@ def test_the_nd_tools_agree_with_their_2d_forms():
     assert one.shape == (2, 32) and torch.isfinite(one).all()
 
 
-def test_the_benchmark_writes_trains_and_scores(tmp_path, monkeypatch):
+def test_the_benchmark_writes_trains_within_a_budget_over_calls_and_scores(tmp_path, monkeypatch):
+    from ditkit.checkpoints.training import load_checkpoint
+
     spec = importlib.util.spec_from_file_location("power_law_fields", ROOT / "benchmarks" / "power_law_fields.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     paths = write_power_law(tmp_path / "data", 24, size=8, axes=3, seed=0)
     assert np.load(paths["x"]).shape == (24, 2, 8, 8, 8)
     assert json.loads(paths["meta"].read_text())["benchmark"]["axes"] == 3
-    cfg = script.config(tmp_path, steps=2, minutes=0, extra=[
-        "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8", "train.log_to=none",
-        "train.precision=fp32", "data.num_workers=0", "sample.steps=2", "train.warmup_steps=1"])
-    import ditkit
-
-    ditkit.train(cfg, tmp_path / "run", device="cpu")
+    toy = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8",
+           "train.log_to=none", "train.precision=fp32", "data.num_workers=0", "sample.steps=2", "train.warmup_steps=1",
+           "train.log_every=1"]
+    command = ["--out", str(tmp_path), "--device", "cpu", "train", "--steps", "3", "--minutes", "1e-9", "--set", *toy]
+    script.main(command)  # the budget is spent at the first log step
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 1
+    script.main(command)  # the same command again resumes: nothing left of the budget
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 1
+    command[command.index("--minutes") + 1] = "60"
+    script.main(command)  # a larger budget goes on to --steps
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
     monkeypatch.delenv("OUT", raising=False)
     table = script.score(tmp_path, "cpu", points=2, samples=2)
     scores = json.loads((tmp_path / "score.json").read_text())
