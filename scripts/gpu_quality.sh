@@ -10,10 +10,12 @@
 #       numbers   numbers of one to three digits from their token sequence: train and score
 #       video     moving-digit clips: train and score
 #       images32  the images32 preset on the shapes dataset, flow matching, 20,000 steps, scored
+#       modern    the post-2023 options at one training budget of 2 minutes each on the shapes dataset:
+#                 the 2023 block, + RoPE/RMSNorm/SwiGLU, + logit-normal times; modern2: + direction loss, + beta2 0.95
 # The digit scorers need scikit-learn; wheels in .whl/ are installed when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?"a part: lengths, lengths2, volumes, volumes-score, numbers, video or images32"}
+part=${1:?"a part: lengths, lengths2, volumes, volumes-score, numbers, video, images32, modern or modern2"}
 runs=runs/quality
 out=${OUT:-$runs}
 mkdir -p "$runs" "$out"
@@ -52,5 +54,10 @@ case "$part" in
         python benchmarks/small_images.py --out "$runs/images32" --steps 20000 --device cuda --objectives flow \
             --speed fast
         cp "$runs"/images32/*.json "$runs"/images32/*.png "$out/" 2>/dev/null || true ;;
+    modern|modern2)
+        configs=baseline,arch,logit_normal
+        if [ "$part" = modern2 ]; then configs=cos,full; fi
+        python benchmarks/modern_options.py --out "$runs/modern_shapes" --data shapes --minutes 2 --device cuda \
+            --speed fast --configs "$configs" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
 esac

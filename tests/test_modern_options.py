@@ -1,0 +1,43 @@
+"""The time-to-quality benchmark of the post-2023 options runs end to end at toy size: every config gets the same
+training budget, a spent budget trains nothing more, and the scores are those of the shapes scorer."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8", "train.log_to=none",
+       "train.log_every=1", "train.warmup_steps=1", "data.num_workers=0", "sample.steps=2", "train.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("modern_options", ROOT / "benchmarks" / "modern_options.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shapes_at_a_fixed_budget(tmp_path, monkeypatch, script):
+    monkeypatch.delenv("OUT", raising=False)
+    argv = ["--out", str(tmp_path), "--data", "shapes", "--per-class", "4", "--configs", "baseline,cos",
+            "--steps", "3", "--minutes", "1e-9", "--num-samples", "12", "--device", "cpu", "--set", *TOY]
+    rows = script.main(argv)
+    assert [r["config"] for r in rows] == ["baseline", "cos"]  # three channels: the direction loss is allowed
+    for r in rows:
+        assert r["steps"] == 1 and r["train_seconds"] > 0  # the budget stopped each run at its first log step
+        assert 0 <= r["agreement"] <= 1 and r["fd"] >= 0 and r["nfe"] == 4
+    again = script.main(argv)  # a spent budget trains nothing more: the same checkpoints, the same scores
+    assert [(r["steps"], r["train_seconds"], r["agreement"]) for r in again] == \
+        [(r["steps"], r["train_seconds"], r["agreement"]) for r in rows]
+    stored = json.loads((tmp_path / "modern_options.json").read_text())
+    assert stored["data"] == "shapes" and stored["minutes"] == 1e-9
+
+
+def test_digits_by_steps_and_the_refused_direction_loss(tmp_path, monkeypatch, script, capsys):
+    monkeypatch.delenv("OUT", raising=False)
+    rows = script.main(["--out", str(tmp_path), "--configs", "baseline,cos", "--steps", "2", "--num-samples", "20",
+                        "--device", "cpu", "--set", *TOY])
+    assert [r["config"] for r in rows] == ["baseline"] and rows[0]["steps"] == 2
+    assert "cos           refused at load" in capsys.readouterr().out  # one-channel digits: the cosine is a sign
