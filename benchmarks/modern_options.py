@@ -60,6 +60,15 @@ def losses(run: Path) -> tuple[int, float, float]:
     return steps, window(steps // 2), window(steps)
 
 
+def merged(out: Path, rows: list[dict]) -> list[dict]:
+    """The rows of earlier calls into the same --out, with this call's rows in place of theirs for the same
+    (config, seed): configs run as several calls make one file."""
+    path = out / "modern_options.json"
+    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+    mine = {(r["config"], r["seed"]) for r in rows}
+    return [r for r in earlier if (r["config"], r["seed"]) not in mine] + rows
+
+
 def score(ckpt: Path, data: str, num_samples: int, seed: int, device: str) -> dict:
     """Samples of the run's EMA weights, scored: the digits as ``ditkit eval`` scores the demo, the shapes by
     ``ditkit.eval.shapes`` with labels balanced over the classes."""
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out.mkdir(parents=True, exist_ok=True)
             (out / "modern_options.json").write_text(json.dumps(
                 {"torch": torch.__version__, "data": args.data, "device": device, "steps": args.steps,
-                 "minutes": args.minutes, "num_samples": num_samples, "rows": rows}, indent=2))
+                 "minutes": args.minutes, "num_samples": num_samples, "rows": merged(out, rows)}, indent=2))
             if os.environ.get("OUT"):
                 Path(os.environ["OUT"], f"modern_options_{args.data}.json").write_text(
                     (out / "modern_options.json").read_text())

@@ -32,7 +32,10 @@ def test_shapes_at_a_fixed_budget(tmp_path, monkeypatch, script):
     assert [(r["steps"], r["train_seconds"], r["agreement"]) for r in again] == \
         [(r["steps"], r["train_seconds"], r["agreement"]) for r in rows]
     stored = json.loads((tmp_path / "modern_options.json").read_text())
-    assert stored["data"] == "shapes" and stored["minutes"] == 1e-9
+    assert stored["data"] == "shapes" and stored["minutes"] == 1e-9 and len(stored["rows"]) == 2
+    script.main([*argv[:argv.index("--configs") + 1], "cos", *argv[argv.index("--configs") + 2:]])
+    stored = json.loads((tmp_path / "modern_options.json").read_text())
+    assert [r["config"] for r in stored["rows"]] == ["baseline", "cos"]  # a call of one config keeps the others
 
 
 def test_digits_by_steps_and_the_refused_direction_loss(tmp_path, monkeypatch, script, capsys):
