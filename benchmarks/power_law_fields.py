@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("score", help="sample the checkpoint at fresh parameter points and score the spectra")
     s.add_argument("--points", type=int, default=8)
     s.add_argument("--samples", type=int, default=32)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=256, help="samples per forward pass")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.cmd == "data" and args.lengths:
@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         print(score(out, args.device, args.points, args.samples, args.batch_size))
 
 
-def score(out: Path, device: str, points: int, samples: int, batch_size: int = 64) -> str:
+def score(out: Path, device: str, points: int, samples: int, batch_size: int = 256) -> str:
     """Sample the run's last checkpoint, score it, write ``score.json`` and ``spectra.png``; returns the table."""
     bench = bench_of(out)
     ckpt = out / "run" / "checkpoints" / "last.pt"
     if mixed_lengths(out):
-        return score_lengths(out, ckpt, mixed_lengths(out), device, points, samples)
+        return score_lengths(out, ckpt, mixed_lengths(out), device, points, samples, batch_size)
     model, cfg, stored = load_run(ckpt, device=device)
     generate = field_generator(model, cfg, field_normalizer(ckpt, stored), device, batch_size=batch_size)
     result = score_power_law(lambda p: generate(p, None).cpu(), bench, points=points, samples=samples)
@@ -126,12 +126,13 @@ def score(out: Path, device: str, points: int, samples: int, batch_size: int = 6
     return table
 
 
-def score_lengths(out: Path, ckpt: Path, lengths: list[int], device: str, points: int, samples: int) -> str:
+def score_lengths(out: Path, ckpt: Path, lengths: list[int], device: str, points: int, samples: int,
+                  batch_size: int = 256) -> str:
     """The mixed-length run: one score per length (``score_power_law_lengths``), into ``score.json``."""
     from ditkit.generation import sample_sequences
 
     def generate(sizes: list[int], params: torch.Tensor) -> list[torch.Tensor]:
-        seqs = sample_sequences(ckpt, sizes, params=params.numpy(), device=device)
+        seqs = sample_sequences(ckpt, sizes, params=params.numpy(), device=device, batch_size=batch_size)
         return [torch.from_numpy(s) for s in seqs]
 
     result = score_power_law_lengths(generate, lengths, points=points, samples=samples)

@@ -114,8 +114,9 @@ def cmd_sample(args) -> None:
 
             with np.load(args.cond) as cond:
                 params = cond["params"]
-        print(sequences_to_npz(args.ckpt, args.out, sizes, labels=labels, params=params,
-                               seed=args.seed, ema=not args.no_ema, device=args.device, context=args.context, **settings))
+        print(sequences_to_npz(args.ckpt, args.out, sizes, labels=labels, params=params, batch_size=args.batch_size,
+                               progress=True, seed=args.seed, ema=not args.no_ema, device=args.device,
+                               context=args.context, **settings))
         return
     line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                              settings=settings, speed=args.speed, labels=args.labels, seed=args.seed, vae=args.vae,

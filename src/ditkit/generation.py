@@ -8,6 +8,7 @@ the static activation scales are calibrated on 8 samples of their own (noise and
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,15 +208,17 @@ SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence pe
 
 @torch.no_grad()
 def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | None = None, seed: int = 0,
-                     ema: bool = True, device: str | None = None, context=None, params=None,
-                     **settings) -> list[np.ndarray]:
+                     ema: bool = True, device: str | None = None, context=None, params=None, batch_size: int = 250,
+                     progress: bool = False, **settings) -> list[np.ndarray]:
     """One sequence per length in ``lengths`` from a checkpoint trained on ``data.kind=sequences``, each a (C, L_i)
     float64 array in the data's units (the run's per-channel normalisation undone); for a run on images or volumes of
     different sizes (``data.axes`` 2 or 3), ``lengths`` holds one size tuple per sample, e.g. (4, 16, 16).  ``labels``: class ids or names,
     one per length (default: classes in turn); ``context``: a model's sequences of embeddings, one (M_i, E) array per
     length, or a folder of such files (``load_contexts``); ``settings``: ``sample.<key>`` overrides (steps, cfg_scale,
     sampler); ``params``: (N, P) parameters in the data's units, one row per length, for a run with
-    ``data.params_file``."""
+    ``data.params_file``.  Samples go through the network ``batch_size`` at a time, grouped by size so that little is
+    padding; sample i's noise comes from its own seed, so a deterministic sampler gives it whatever the batch
+    (the DDPM and SDE samplers' per-step noise is seeded per batch)."""
     from ditkit.checkpoints import load_run
     from ditkit.data.sequences import SequenceNormalizer
     from ditkit.sampling import generate_sizes
@@ -249,14 +252,31 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
             raise ValueError(f"{len(contexts)} context sequences for {len(lengths)} lengths")
         ctx, ctx_mask = pad_contexts(contexts)
         kwargs |= {"context": ctx.to(device), "context_mask": ctx_mask.to(device)}
-    torch.manual_seed(seed)  # the sampler's own noise (DDPM, SDE)
     sizes = [tuple(n) if isinstance(n, (tuple, list)) else (int(n),) for n in lengths]
     axes = 2 if isinstance(cfg.model.input_size, int) else len(cfg.model.input_size)
     if any(len(s) != axes for s in sizes) or min(min(s) for s in sizes) < 1:
         raise ValueError(f"the model's samples have {axes} axes; asked for sizes {sizes}")
-    seqs, _ = generate_sizes(model, build_objective(cfg), sizes, kwargs, cfg.sample,
-                             channels=cfg.model.in_channels, generator=torch.Generator().manual_seed(seed))
-    return [norm.denormalize(s.double().cpu()).numpy() for s in seqs]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    from tqdm import tqdm
+
+    from ditkit.data.sampler import step_seed
+
+    objective = build_objective(cfg)
+    order = sorted(range(len(sizes)), key=lambda i: (math.prod(sizes[i]), sizes[i]))  # like sizes batch together
+    out: list[np.ndarray | None] = [None] * len(sizes)
+    bar = tqdm(total=len(sizes), desc="sample", unit="sample", disable=not progress or len(sizes) <= batch_size)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        torch.manual_seed(step_seed(seed, start, 3))  # the sampler's own noise (DDPM, SDE) for this batch
+        seqs, _ = generate_sizes(model, objective, [sizes[i] for i in chunk],
+                                 {k: v[torch.tensor(chunk, device=v.device)] for k, v in kwargs.items()}, cfg.sample,
+                                 channels=cfg.model.in_channels, seeds=[step_seed(seed, i, 1) for i in chunk])
+        for i, s in zip(chunk, seqs):
+            out[i] = norm.denormalize(s.double().cpu()).numpy()
+        bar.update(len(chunk))
+    bar.close()
+    return out
 
 
 def sequences_to_npz(ckpt: str | Path, out: str | Path, lengths: list[int], **kwargs) -> str:

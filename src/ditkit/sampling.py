@@ -90,11 +90,12 @@ def generate_lengths(model: nn.Module, objective, lengths: list[int], model_kwar
 
 def generate_sizes(model: nn.Module, objective, sizes: list[tuple[int, ...]], model_kwargs: dict, cfg: SampleConfig,
                    channels: int, generator: torch.Generator | None = None,
-                   progress: bool = False) -> tuple[list[torch.Tensor], int]:
+                   progress: bool = False, seeds: list[int] | None = None) -> tuple[list[torch.Tensor], int]:
     """Samples of the given ``sizes``, one per sample, each a size per axis ((L,), (H, W) or (T, H, W); up to the
     model's size, multiples of its patch): the batch's noise (B, C, *largest) with its mask (B, *largest), True
     inside each sample's extent from the origin, goes through ``generate``, and each sample comes back cut to its
-    size, a (C, *size_i) tensor.  Returns (the samples, NFE)."""
+    size, a (C, *size_i) tensor.  ``seeds``: each sample's noise drawn at its own size from its own seed (so that
+    it does not depend on the batch it is in); else the batch's from ``generator``.  Returns (the samples, NFE)."""
     if not sizes or len({len(s) for s in sizes}) != 1 or min(min(s) for s in sizes) < 1:
         raise ValueError(f"sizes must be positive, with the same number of axes each, got {list(sizes)}")
     device = next(model.parameters()).device
@@ -102,7 +103,14 @@ def generate_sizes(model: nn.Module, objective, sizes: list[tuple[int, ...]], mo
     mask = torch.zeros(len(sizes), *largest, dtype=torch.bool)
     for i, size in enumerate(sizes):
         mask[(i, *[slice(0, n) for n in size])] = True
-    noise = torch.randn(len(sizes), channels, *largest, generator=generator).to(device)  # drawn on the CPU
+    if seeds is None:
+        noise = torch.randn(len(sizes), channels, *largest, generator=generator)  # drawn on the CPU
+    else:
+        noise = torch.zeros(len(sizes), channels, *largest)
+        for i, (size, seed) in enumerate(zip(sizes, seeds, strict=True)):
+            noise[(i, slice(None), *[slice(0, n) for n in size])] = torch.randn(
+                channels, *size, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(device)
     x, nfe = generate(model, objective, noise, {**model_kwargs, "mask": mask.to(device)}, cfg, progress=progress)
     return [x[(i, slice(None), *[slice(0, n) for n in size])] for i, size in enumerate(sizes)], nfe
 

@@ -104,16 +104,21 @@ def test_train_resume_and_sample_mixed_lengths(tmp_path):
     assert [s.shape for s in seqs] == [(2, n) for n in lengths]
     # by hand: the same generation in the model's units, then x = z s_c + μ_c
     from ditkit.checkpoints import load_run
+    from ditkit.data.sampler import step_seed
     from ditkit.objectives import build_objective
-    from ditkit.sampling import generate_lengths
+    from ditkit.sampling import generate_sizes
 
     model, cfg, stored = load_run(ckpt, device="cpu")
-    torch.manual_seed(3)
-    z, _ = generate_lengths(model, build_objective(cfg), lengths, {"y": torch.tensor([0, 1, 1])}, cfg.sample,
-                            channels=2, generator=torch.Generator().manual_seed(3))
+    z, _ = generate_sizes(model, build_objective(cfg), [(n,) for n in lengths], {"y": torch.tensor([0, 1, 1])},
+                          cfg.sample, channels=2, seeds=[step_seed(3, i, 1) for i in range(3)])
     mean, std = (stored["normalizer"]["x"][k].numpy()[:, None] for k in ("mean", "std"))
     for s, zi in zip(seqs, z):
         np.testing.assert_allclose(s, zi.double().numpy() * std + mean, rtol=1e-6, atol=1e-6)
+    # batches of any size: each sample's noise is its own, so the same sequences
+    for batch in (1, 2):
+        again = sample_sequences(ckpt, lengths, labels=[0, 1, 1], seed=3, device="cpu", batch_size=batch)
+        for s, a in zip(seqs, again):
+            np.testing.assert_allclose(a, s, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="--lengths"):
         ditkit.sample(model, cfg, num_samples=2, progress=False)
     main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--lengths", "8,20,40", "--labels", "0,1,1",
