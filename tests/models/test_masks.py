@@ -147,3 +147,25 @@ def test_volumes_of_requested_sizes_are_generated_and_their_loss_counts_real_pos
     model.train()
     losses = objective.loss(model, x0, {"y": y}, mask=mask)["loss"]
     assert losses.shape == (2,) and torch.isfinite(losses).all()
+
+
+def test_the_masked_loss_compiles_as_one_graph_for_every_length():
+    """Under torch.compile the mask's rules are not read back on the host (that would split the graph each step,
+    and dynamo then ran the network eagerly); lengths other than the first share one dynamic graph."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ditkit.objectives.flow import FlowMatching
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = randomised(DiT(input_size=(L,), patch_size=P, **TINY))
+    loss = torch.compile(FlowMatching().loss, backend="eager", fullgraph=True)  # a graph break raises
+    y = torch.tensor([1, 2, 3])
+    for lengths in ([8, 16, 12], [4, 8, 8], [12, 20, 16], [8, 4, 4]):
+        x, mask = _padded(lengths)
+        assert torch.isfinite(loss(model, x, {"y": y}, mask=mask)["loss"]).all()
+    assert counters["stats"]["unique_graphs"] <= 2  # the first length, then one graph for any length
+    x, mask = _padded([8, 6, 12])
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):  # eager calls still check the rules
+        model(x, torch.tensor([1.0, 2.0, 3.0]), y=y, mask=mask)

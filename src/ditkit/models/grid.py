@@ -111,13 +111,17 @@ class TokenGrid:
         """A (B, *size) mask over an input's positions (True = real): (B, L) for sequences, (B, T, H, W) for volumes
         -> (B, N) over its tokens.  A token is real when all its patch's positions are, so each sample's extent must
         be a multiple of the patch on every axis and every sample needs a real token (a query with no key to attend
-        to would be NaN): a ``ValueError`` says which rule is broken."""
+        to would be NaN): a ``ValueError`` says which rule is broken.  Under ``torch.compile`` the rules are not
+        read back (a host read would split the compiled graph every step); the trainer's masks come from the
+        collate (``ditkit.data.sequences.pad_batch``), which pads each sample to a multiple of the patch."""
         B = mask.shape[0]
         if mask.dtype != torch.bool or tuple(mask.shape) != (B, *self.size):
             raise ValueError(f"mask must be a bool tensor of shape (B, {', '.join(self.axes)}) = "
                              f"({B}, {', '.join(map(str, self.size))}), got {mask.dtype} {tuple(mask.shape)}")
         cells = self.patchify(mask[:, None])  # (B, N, cells per patch)
         tokens = cells.all(dim=-1)  # (B, N)
+        if torch.compiler.is_compiling():
+            return tokens
         partial, empty = (cells.any(dim=-1) != tokens).any(), ~tokens.any(dim=-1).all()
         if bool(partial | empty):  # one read on the host for both rules
             what = "a sequence whose length is" if self.dims == 1 else "a sample whose extent is"
