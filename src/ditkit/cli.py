@@ -115,7 +115,7 @@ def cmd_sample(args) -> None:
             with np.load(args.cond) as cond:
                 params = cond["params"]
         print(sequences_to_npz(args.ckpt, args.out, sizes, labels=labels, params=params, batch_size=args.batch_size,
-                               progress=True, seed=args.seed, ema=not args.no_ema, device=args.device,
+                               progress=True, speed=args.speed, seed=args.seed, ema=not args.no_ema, device=args.device,
                                context=args.context, **settings))
         return
     line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,

@@ -209,7 +209,7 @@ SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence pe
 @torch.no_grad()
 def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | None = None, seed: int = 0,
                      ema: bool = True, device: str | None = None, context=None, params=None, batch_size: int = 250,
-                     progress: bool = False, **settings) -> list[np.ndarray]:
+                     progress: bool = False, speed: str | SampleSpeed | None = None, **settings) -> list[np.ndarray]:
     """One sequence per length in ``lengths`` from a checkpoint trained on ``data.kind=sequences``, each a (C, L_i)
     float64 array in the data's units (the run's per-channel normalisation undone); for a run on images or volumes of
     different sizes (``data.axes`` 2 or 3), ``lengths`` holds one size tuple per sample, e.g. (4, 16, 16).  ``labels``: class ids or names,
@@ -218,7 +218,8 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
     sampler); ``params``: (N, P) parameters in the data's units, one row per length, for a run with
     ``data.params_file``.  Samples go through the network ``batch_size`` at a time, grouped by size so that little is
     padding; sample i's noise comes from its own seed, so a deterministic sampler gives it whatever the batch
-    (the DDPM and SDE samplers' per-step noise is seeded per batch)."""
+    (the DDPM and SDE samplers' per-step noise is seeded per batch).  ``speed``: the sampling recipe or levers
+    (default: the config's ``sample.speed``), as for ``ditkit.sample``; its notes are printed."""
     from ditkit.checkpoints import load_run
     from ditkit.data.sequences import SequenceNormalizer
     from ditkit.sampling import generate_sizes
@@ -262,6 +263,11 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
 
     from ditkit.data.sampler import step_seed
 
+    calibration = {k: v[:CALIBRATION_SAMPLES] for k, v in kwargs.items()}  # FP8's scales: the model's full size
+    net, notes = prepare_network(model, cfg, speed or cfg.sample.speed, device, calibration_kwargs=calibration or None,
+                                 copy_model=False)
+    for note in notes:
+        print(note)
     objective = build_objective(cfg)
     order = sorted(range(len(sizes)), key=lambda i: (math.prod(sizes[i]), sizes[i]))  # like sizes batch together
     out: list[np.ndarray | None] = [None] * len(sizes)
@@ -269,7 +275,7 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         torch.manual_seed(step_seed(seed, start, 3))  # the sampler's own noise (DDPM, SDE) for this batch
-        seqs, _ = generate_sizes(model, objective, [sizes[i] for i in chunk],
+        seqs, _ = generate_sizes(net, objective, [sizes[i] for i in chunk],
                                  {k: v[torch.tensor(chunk, device=v.device)] for k, v in kwargs.items()}, cfg.sample,
                                  channels=cfg.model.in_channels, seeds=[step_seed(seed, i, 1) for i in chunk])
         for i, s in zip(chunk, seqs):

@@ -119,6 +119,12 @@ def test_train_resume_and_sample_mixed_lengths(tmp_path):
         again = sample_sequences(ckpt, lengths, labels=[0, 1, 1], seed=3, device="cpu", batch_size=batch)
         for s, a in zip(seqs, again):
             np.testing.assert_allclose(a, s, rtol=1e-5, atol=1e-5)
+    # through the speed door: bf16 autocast gives the same sequences to bf16's precision
+    from ditkit.fast import SampleSpeed
+
+    fast = sample_sequences(ckpt, lengths, labels=[0, 1, 1], seed=3, device="cpu", speed=SampleSpeed(precision="amp-bf16"))
+    for s, f in zip(seqs, fast):
+        assert np.abs(f - s).max() < 0.1 * np.abs(s).max() and not np.array_equal(f, s)
     with pytest.raises(ValueError, match="--lengths"):
         ditkit.sample(model, cfg, num_samples=2, progress=False)
     main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--lengths", "8,20,40", "--labels", "0,1,1",
