@@ -29,18 +29,18 @@ case "$part" in
     lengths|lengths2)
         r=$runs/lengths
         [ -f "$r/data/benchmark.json" ] || pl --out "$r" data --lengths 64,128,256,512,1024
-        pl --out "$r" --device cuda train --minutes 10 --call-minutes 8
+        pl --out "$r" --device cuda train --minutes 10 --call-minutes 8 --set train.ckpt_every=2000
         if [ "$part" = lengths2 ]; then pl --out "$r" score --points 8 --samples 1024; fi
         cp "$r/run/metrics.jsonl" "$out/lengths_metrics.jsonl"
         if [ -f "$r/score.json" ]; then cp "$r/score.json" "$out/lengths_score.json"; fi ;;
     volumes)
         r=$runs/volumes
         [ -f "$r/data/benchmark.json" ] || pl --out "$r" data --axes 3 --size 32
-        pl --out "$r" --device cuda train --minutes 20 --call-minutes 9
+        pl --out "$r" --device cuda train --minutes 20 --call-minutes 9 --set train.ckpt_every=2000
         cp "$r/run/metrics.jsonl" "$out/volumes_metrics.jsonl" ;;
     volumes-score)
         r=$runs/volumes
-        pl --out "$r" --device cuda train --minutes 20 --call-minutes 9  # trains out what is left of the budget
+        pl --out "$r" --device cuda train --minutes 20 --call-minutes 9 --set train.ckpt_every=2000  # trains out what is left of the budget
         pl --out "$r" score --points 8 --samples 32
         cp "$r/score.json" "$out/volumes_score.json"; cp "$r/spectra.png" "$out/volumes_spectra.png" ;;
     numbers|video)
