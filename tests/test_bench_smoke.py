@@ -1,20 +1,15 @@
 """benchmarks/bench.py runs every code path on the CPU (tiny model) and reports what it promises.
 No timing is asserted: only the structure of the report, the FLOP count against its closed form,
 and that a failing row is reported instead of stopping the run."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench")
     return module
 
 

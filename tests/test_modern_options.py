@@ -1,21 +1,17 @@
 """The time-to-quality benchmark of the post-2023 options runs end to end at toy size: every config gets the same
 training budget, a spent budget trains nothing more, and the scores are those of the shapes scorer."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from tests.benchmark_scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 TOY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8", "train.log_to=none",
        "train.log_every=1", "train.warmup_steps=1", "data.num_workers=0", "sample.steps=2", "train.precision=fp32"]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("modern_options", ROOT / "benchmarks" / "modern_options.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("modern_options")
     return module
 
 

@@ -3,9 +3,7 @@
 canvas; the scorer against real clips of held-out digits (right, velocity exact) and against shuffled conditions
 (wrong); and benchmarks/moving_digits.py end to end on the CPU."""
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +24,7 @@ from ditkit.data.numbers import digit_pool
 from ditkit.eval.digits import digit_split
 from ditkit.eval.moving_digits import fit_velocities, score_clips
 from ditkit.eval.numbers import split_digits, to_number_pixels
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "moving_digits.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 def real_clips(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -115,9 +112,7 @@ def test_scorer_refuses_what_it_cannot_read():
 
 
 def test_benchmark_writes_trains_samples_and_scores_on_the_cpu(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("moving_digits", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("moving_digits")
     common = ["--out", str(tmp_path), "--device", "cpu"]
     bench.main([*common, "data", "--num", "64"])
     bench.main([*common, "train", "--steps", "4", "--batch", "16", "--hidden", "32", "--depth", "1",

@@ -1,9 +1,7 @@
 """Numbers of handwritten digits from their token sequences (``ditkit.data.numbers``, ``ditkit.eval.numbers``): the
 files ``data.kind=fields`` and ``data.context_path`` read; the scorer against real numbers of held-out digits (right)
 and against shuffled asked numbers (chance); and benchmarks/digit_numbers.py end to end on the CPU."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +10,7 @@ from ditkit.data.digits import to_pixel_space
 from ditkit.data.numbers import compose_numbers, digit_pool, draw_numbers, number_tokens, write_numbers
 from ditkit.eval.digits import digit_split
 from ditkit.eval.numbers import BLANK_MEAN, score_numbers, split_digits, to_number_pixels
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "digit_numbers.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 def real_numbers(n: int, seed: int = 0) -> tuple[np.ndarray, list[list[int]]]:
@@ -80,9 +77,7 @@ def test_scorer_refuses_what_it_cannot_read():
 
 
 def test_benchmark_writes_trains_samples_and_scores_on_the_cpu(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("digit_numbers", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("digit_numbers")
     common = ["--out", str(tmp_path), "--device", "cpu"]
     bench.main([*common, "data", "--num", "64"])
     bench.main([*common, "train", "--steps", "4", "--batch", "16", "--hidden", "32", "--depth", "1",

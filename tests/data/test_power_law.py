@@ -1,10 +1,7 @@
 """Power-law random fields on grids of 1, 2 and 3 axes, a known answer: the spectrum is normalised to the asked
 pixel variance, draws match the exact spectra within their sampling noise, the spectral tools agree with the 2D ones
 they generalise, and the benchmark script writes, trains and scores end to end."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +10,7 @@ import torch
 from ditkit.data.power_law import PowerLawFields, write_power_law
 from ditkit.data.random_fields import gaussian_field, wavenumbers
 from ditkit.eval.fields import power_spectrum, radial_bins, score_power_law
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.mark.parametrize("axes, size", [(1, 128), (2, 16), (3, 8)])
@@ -59,9 +55,7 @@ def test_the_nd_tools_agree_with_their_2d_forms():
 def test_the_benchmark_writes_trains_within_a_budget_over_calls_and_scores(tmp_path, monkeypatch):
     from ditkit.checkpoints.training import load_checkpoint
 
-    spec = importlib.util.spec_from_file_location("power_law_fields", ROOT / "benchmarks" / "power_law_fields.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("power_law_fields")
     paths = write_power_law(tmp_path / "data", 24, size=8, axes=3, seed=0)
     assert np.load(paths["x"]).shape == (24, 2, 8, 8, 8)
     assert json.loads(paths["meta"].read_text())["benchmark"]["axes"] == 3
@@ -86,9 +80,7 @@ def test_the_benchmark_writes_trains_within_a_budget_over_calls_and_scores(tmp_p
 def test_mixed_lengths_with_parameters_write_train_and_score(tmp_path, monkeypatch):
     from ditkit.data.power_law import write_power_law_sequences
 
-    spec = importlib.util.spec_from_file_location("power_law_fields", ROOT / "benchmarks" / "power_law_fields.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("power_law_fields")
     paths = write_power_law_sequences(tmp_path / "data", 24, lengths=(16, 32), seed=0)
     shapes = {np.load(f).shape for f in paths["seqs"].glob("*.npy")}
     assert shapes == {(2, 16), (2, 32)}
