@@ -211,3 +211,50 @@ def test_export_with_an_id2label_file_that_is_not_json(capsys, tmp_path, monkeyp
     err = one_line(capsys, ["export", "--ckpt", "unused.pt", "--out", str(tmp_path / "out"),
                             "--id2label", str(tmp_path / "labels.json")])
     assert f"--id2label {tmp_path / 'labels.json'} is not valid JSON" in err
+
+
+# -- sampling a model of sequences ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sequence_checkpoint(tmp_path_factory):
+    """A one-step run on sequences of lengths 8 to 24 (patch 8) with one parameter per sequence."""
+    root = tmp_path_factory.mktemp("seqs")
+    (root / "seq").mkdir()
+    rows = ["file,a"]
+    for i, n in enumerate([8, 16, 24, 16, 8, 24]):
+        np.save(root / "seq" / f"{i}.npy", np.random.default_rng(i).normal(size=(2, n)))
+        rows.append(f"{i},{i / 2}")
+    (root / "p.csv").write_text("\n".join(rows) + "\n")
+    main(train_argv(root, f"data.path={root / 'seq'}", f"data.params_file={root / 'p.csv'}", "model.patch_size=8",
+                    "model.num_classes=0", "data.num_workers=0", "train.log_to=none"))
+    np.savez(root / "cond.npz", params=np.zeros((2, 1)))
+    np.savez(root / "other.npz", p=np.zeros((2, 1)))
+    (root / "empty.npz").write_bytes(b"")
+    (root / "text.npz").write_text("not an archive\n")
+    return root
+
+
+@pytest.mark.parametrize("lengths, cond, message", [
+    ("8,12", "cond.npz", "--lengths: 12 is not a multiple of the patch size 8"),
+    ("8,32", "cond.npz", "--lengths: 32 is larger than the model's 24 (model.input_size)"),
+    ("0,8", "cond.npz", "--lengths: 0 must be positive"),
+    ("8x8,8", "cond.npz", "--lengths: 8x8 has 2 axes; this model's samples have 1 (L), e.g. 24"),
+    ("abc", "cond.npz", "--lengths 'abc': give lengths or sizes as integers"),
+    ("8,16", None, "is conditioned on 1 parameters: give params (N, 1) in the data's units, one row per sample "
+                   "(ditkit sample: --cond FILE.npz holding 'params')"),
+    ("8,16", "other.npz", "other.npz has no 'params' array (it has: p)"),
+    ("8,16", "empty.npz", "empty.npz is corrupt or truncated"),
+    ("8,16", "text.npz", "text.npz is not an .npz file"),
+    ("8,16", "missing.npz", "missing.npz does not exist"),
+])
+def test_sampling_sequences_names_the_bad_length_or_file(capsys, sequence_checkpoint, lengths, cond, message):
+    root = sequence_checkpoint
+    argv = ["sample", "--ckpt", str(root / "run" / "checkpoints" / "last.pt"), "--out", str(root / "out"),
+            "--lengths", lengths, "--device", "cpu", *(["--cond", str(root / cond)] if cond else [])]
+    assert message in one_line(capsys, argv)
+
+
+def test_a_token_narrower_than_its_patch_is_named(tmp_path, caplog):
+    """64 values per patch (one channel, 8×8) into tokens of width 32: a warning at start-up."""
+    main(train_argv(tmp_path, "model.patch_size=8", "data.num_workers=0", "train.log_to=none"))
+    assert "model.hidden_size=32 is narrower than one patch's 64 values (1 channels × patch 8×8)" in caplog.text

@@ -106,14 +106,17 @@ def cmd_sample(args) -> None:
         from ditkit.generation import sequences_to_npz
 
         labels = None if args.labels in ("balanced", "random") else [v.strip() for v in args.labels.split(",")]
-        sizes = [tuple(int(n) for n in v.split("x")) for v in args.lengths.split(",")]
+        try:
+            sizes = [tuple(int(n) for n in v.split("x")) for v in args.lengths.split(",")]
+        except ValueError:
+            raise ValueError(f"--lengths {args.lengths!r}: give lengths or sizes as integers, e.g. 64,128 or "
+                             "4x16x16,8x32x32") from None
         sizes = [s[0] if len(s) == 1 else s for s in sizes]
         params = None
         if args.cond:  # models of sequences on parameters: 'params' (N, P), one row per length
-            import numpy as np
+            from ditkit.generation import read_npz
 
-            with np.load(args.cond) as cond:
-                params = cond["params"]
+            params = read_npz(args.cond, ["params"], "--cond")["params"]
         print(sequences_to_npz(args.ckpt, args.out, sizes, labels=labels, params=params, batch_size=args.batch_size,
                                progress=True, speed=args.speed, seed=args.seed, ema=not args.no_ema, device=args.device,
                                context=args.context, **settings))

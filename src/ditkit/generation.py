@@ -186,7 +186,8 @@ def _contexts(context, cfg: Config) -> list[torch.Tensor] | None:
     if context is None:
         if E:
             raise ValueError(f"this model is conditioned on sequences of embeddings (model.context_dim={E}): give "
-                             "context=[one (M, E) array per sample] or a folder of such .npy files")
+                             "context=[one (M, E) array per sample] or a folder of such .npy files (ditkit sample: "
+                             "--context DIR)")
         return None
     if not E:
         raise ValueError("this model takes no sequences of embeddings (model.context_dim=0): give no context")
@@ -200,6 +201,31 @@ def _contexts(context, cfg: Config) -> list[torch.Tensor] | None:
         check_finite(f"context {i}", c)
         out.append(c)
     return out
+
+
+def read_npz(path: str | Path, need: list[str], what: str) -> dict[str, np.ndarray]:
+    """The float64 arrays ``need`` of the .npz at ``path`` (``what`` they are for, in the messages); a missing,
+    damaged or foreign file, or a missing array, is one ``ValueError`` naming the file."""
+    import pickle
+
+    from ditkit.eval.batches import damaged_npz_as_value_error
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} file {path} does not exist")
+    with damaged_npz_as_value_error(path):
+        try:
+            data = np.load(path)
+        except (ValueError, pickle.UnpicklingError):  # numpy's reading of a file that is neither .npy nor .npz
+            raise ValueError(f"{what} file {path} is not an .npz file (numpy.savez writes one)") from None
+        if not hasattr(data, "files"):
+            raise ValueError(f"{what} file {path} is a .npy array, not an .npz with {', '.join(map(repr, need))}")
+        with data:
+            missing = [k for k in need if k not in data.files]
+            if missing:
+                raise ValueError(f"{what} file {path} has no {', '.join(map(repr, missing))} array (it has: "
+                                 f"{', '.join(data.files) or 'none'})")
+            return {k: np.asarray(data[k], dtype=np.float64) for k in need}
 
 
 SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence per length: ditkit sample --lengths "
@@ -237,10 +263,13 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
         if len(ids) != len(lengths):
             raise ValueError(f"{len(ids)} labels for {len(lengths)} lengths")
         kwargs["y"] = torch.tensor(ids, device=device)
+    sizes = [tuple(n) if isinstance(n, (tuple, list)) else (int(n),) for n in lengths]
+    check_sizes(sizes, model.grid)
     norm = SequenceNormalizer(stored["normalizer"])
     P = cfg.model.num_params
     if P and params is None:
-        raise ValueError(f"{ckpt} is conditioned on {P} parameters: give params, one row per length")
+        raise ValueError(f"{ckpt} is conditioned on {P} parameters: give params (N, {P}) in the data's units, one row "
+                         "per sample (ditkit sample: --cond FILE.npz holding 'params')")
     if params is not None:
         params = torch.as_tensor(np.asarray(params, dtype=np.float64))
         if not P or tuple(params.shape) != (len(lengths), P):
@@ -253,10 +282,6 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
             raise ValueError(f"{len(contexts)} context sequences for {len(lengths)} lengths")
         ctx, ctx_mask = pad_contexts(contexts)
         kwargs |= {"context": ctx.to(device), "context_mask": ctx_mask.to(device)}
-    sizes = [tuple(n) if isinstance(n, (tuple, list)) else (int(n),) for n in lengths]
-    axes = 2 if isinstance(cfg.model.input_size, int) else len(cfg.model.input_size)
-    if any(len(s) != axes for s in sizes) or min(min(s) for s in sizes) < 1:
-        raise ValueError(f"the model's samples have {axes} axes; asked for sizes {sizes}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     from tqdm import tqdm
@@ -283,6 +308,28 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def check_sizes(sizes: list[tuple[int, ...]], grid) -> None:
+    """The sizes asked of a model of sequences or of mixed sizes (``ditkit sample --lengths``): each positive, no
+    larger than the model's size and a multiple of its patch on every axis; else one ``ValueError`` naming the size."""
+    if not sizes:
+        raise ValueError("--lengths: no size asked")
+    for size in sizes:
+        text = "x".join(map(str, size))
+        if len(size) != grid.dims:
+            example = "x".join(map(str, grid.size))
+            raise ValueError(f"--lengths: {text} has {len(size)} ax{'i' if len(size) == 1 else 'e'}s; this model's "
+                             f"samples have {grid.dims} "
+                             f"({', '.join(grid.axes)}), e.g. {example}")
+        for n, m, p, axis in zip(size, grid.size, grid.patch, grid.axes):
+            where = "" if grid.dims == 1 else f" on axis {axis}"
+            if n < 1:
+                raise ValueError(f"--lengths: {text} must be positive{where}")
+            if n > m:
+                raise ValueError(f"--lengths: {text} is larger than the model's {m}{where} (model.input_size)")
+            if n % p:
+                raise ValueError(f"--lengths: {text} is not a multiple of the patch size {p}{where}")
 
 
 def sequences_to_npz(ckpt: str | Path, out: str | Path, lengths: list[int], **kwargs) -> str:
@@ -463,12 +510,8 @@ def _sample_fields(ckpt, model, cfg: Config, stored: dict, cond: str | None, out
         raise ValueError(f"{ckpt} is conditioned on parameters/fields: give --cond FILE.npz with 'params' (N, P) "
                          "and/or 'field' (N, C, H, W) in physical units")
     norm = field_normalizer(ckpt, stored)
-    with np.load(cond) as data:
-        need = [k for k, on in (("params", cfg.model.num_params), ("field", cfg.model.cond_channels)) if on]
-        missing = [k for k in need if k not in data.files]
-        if missing:
-            raise ValueError(f"{cond} lacks {', '.join(missing)} (it has: {', '.join(data.files)})")
-        arrays = {k: torch.from_numpy(np.asarray(data[k], dtype=np.float64)) for k in need}
+    need = [k for k, on in (("params", cfg.model.num_params), ("field", cfg.model.cond_channels)) if on]
+    arrays = {k: torch.from_numpy(v) for k, v in read_npz(cond, need, "--cond").items()}
     for k, v in arrays.items():
         check_finite(f"{cond}: {k!r}", v)
     first = {k: norm.normalize(v[:CALIBRATION_SAMPLES], k).float().to(device) for k, v in arrays.items()}

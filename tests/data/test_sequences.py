@@ -162,8 +162,10 @@ def test_volumes_of_different_sizes_train_resume_and_sample(tmp_path):
     with np.load(tmp_path / "out" / "samples.npz") as saved:
         assert saved["sizes"].tolist() == [[2, 4, 8], [4, 8, 4]]
         np.testing.assert_array_equal(saved["seq_0001"], vols[1])
-    with pytest.raises(ValueError, match="3 axes; asked for sizes"):
+    with pytest.raises(ValueError, match=r"--lengths: 8 has 1 axis; this model's samples have 3 \(T, H, W\), e.g. 4x8x8"):
         sample_sequences(ckpt, [8], device="cpu")
+    with pytest.raises(ValueError, match="--lengths: 2x6x8 is not a multiple of the patch size 4 on axis H"):
+        sample_sequences(ckpt, [(2, 6, 8)], device="cpu")
 
 
 def test_videos_as_folders_of_frames_of_different_lengths(tmp_path):

@@ -356,6 +356,13 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     batches = iter(loader)
     if info.is_main:
         log.info(_summary(cfg, dataset, model, num_params, info.world_size, sampler.micro, start_step, speed_line))
+        embed = model.x_embedder.proj.weight  # (hidden, C, *patch): a token's width and its patch's values
+        width, values = embed.shape[0], math.prod(embed.shape[1:])
+        if width < values:
+            log.warning(f"model.hidden_size={width} is narrower than one patch's {values} values "
+                        f"({embed.shape[1]} channels × patch {'×'.join(map(str, embed.shape[2:]))}): each token "
+                        "cannot carry its patch, and samples come out far off the data's scale; raise model.hidden_size "
+                        "or lower model.patch_size")
 
     writer = None
     metrics_path = run_dir / "metrics.jsonl"
