@@ -165,6 +165,7 @@ def test_errors_name_the_axis_and_the_key():
         DiT(input_size=(8, 16, 30), patch_size=4, **TINY)
     with pytest.raises(ValueError, match=r"input axis 0 \(L\) has size 30, not divisible by patch size 4"):
         DiT(input_size=(30,), patch_size=4, **TINY)
+    assert TokenGrid.of(8, [2, 4, 4]).size == (8, 8, 8) and TokenGrid.of(8, [4]).size == (8,)  # an int on every axis
     with pytest.raises(ValueError, match=r"patch_size \(1, 2\) has 2 axes but the input has 3 \(T, H, W\)"):
         DiT(input_size=(8, 16, 16), patch_size=(1, 2), **TINY)
     with pytest.raises(ValueError, match="input_size must be an int or 1 to 3 sizes"):

@@ -205,10 +205,11 @@ def _sequence_facts(cfg: Config) -> DataFacts:
         raise ConfigError(str(err)) from None
     patch = patch_sizes(cfg, axes)
     largest = [-(-max(s[1 + a] for s in shapes) // patch[a]) * patch[a] for a in range(axes)]
+    channels = f"{shapes[0][0]} channel{'s' if shapes[0][0] != 1 else ''}"
     if axes == 1:
-        what = f"{len(files)} sequences of {shapes[0][0]} channels, lengths {min(s[1] for s in shapes)} to {largest[0]}"
+        what = f"{len(files)} sequences of {channels}, lengths {min(s[1] for s in shapes)} to {largest[0]}"
     else:
-        what = f"{len(files)} samples of {shapes[0][0]} channels, sizes up to {'×'.join(map(str, largest))}"
+        what = f"{len(files)} samples of {channels}, sizes up to {'×'.join(map(str, largest))}"
     facts = DataFacts(str(d.path), what, count=len(files))
     facts.exact.update({"model.in_channels": shapes[0][0], "model.input_size": largest})
     if d.params_file is not None:

@@ -185,6 +185,7 @@ class SequenceDataset(Dataset):
             self.sizes.append(tuple(a.shape[1:]))
             sums = flat.sum(1) if sums is None else sums + flat.sum(1)
             squares = (flat * flat).sum(1) if squares is None else squares + (flat * flat).sum(1)
+        self.channels = channels
         mean = sums / total
         std = np.sqrt(np.maximum(squares / total - mean * mean, 0.0))
         std = np.where(std > 0, std, 1.0)  # a constant channel stays put rather than dividing by zero

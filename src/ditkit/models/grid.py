@@ -40,10 +40,11 @@ class TokenGrid:
 
     @classmethod
     def of(cls, input_size: int | Sequence[int], patch_size: int | Sequence[int]) -> "TokenGrid":
-        """The grid of a model built for ``input_size`` (an int: a square H × W; a sequence: one size per
-        axis, its length the number of axes) and ``patch_size`` (an int for every axis, or one per axis).
-        A ``ValueError`` names the axis that does not fit."""
-        size = as_size(input_size)
+        """The grid of a model built for ``input_size`` (a sequence: one size per axis, its length the number of
+        axes; an int: the same size on every axis of a patch given per axis, else a square H × W) and
+        ``patch_size`` (an int for every axis, or one per axis).  A ``ValueError`` names the axis that does not
+        fit."""
+        size = as_size(input_size, len(patch_size) if isinstance(patch_size, (list, tuple)) else 2)
         if not 1 <= len(size) <= 3:
             raise ValueError(f"input_size must be an int or 1 to 3 sizes (L | H, W | T, H, W), got {input_size!r}")
         patch = as_size(patch_size, len(size))

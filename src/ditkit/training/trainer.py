@@ -552,8 +552,14 @@ def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size
     data = f"data: {d.kind} {d.path or '(built in)'}, {len(dataset)} samples"
     if cfg.model.num_classes > 0 and classes:
         data += f", {classes} classes"
-    with torch.random.fork_rng(devices=[]):  # reading an item seeds the global generator
-        data += f", x {tuple(dataset[(0, 0)]['x'].shape)}"
+    sizes = set(getattr(inner, "sizes", None) or [])
+    if len(sizes) > 1:  # samples of different sizes: the channels and the largest extent on each axis
+        channels = getattr(inner, "channels", None)
+        largest = "×".join(str(max(s[a] for s in sizes)) for a in range(len(next(iter(sizes)))))
+        data += f", x ({channels if channels is not None else 'C'}, up to {largest})"
+    else:
+        with torch.random.fork_rng(devices=[]):  # reading an item seeds the global generator
+            data += f", x {tuple(dataset[(0, 0)]['x'].shape)}"
     grid = model.grid
     size, p = "×".join(map(str, grid.size)), model.patch_size
     patch = p if isinstance(p, int) else "×".join(map(str, p))
