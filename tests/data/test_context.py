@@ -74,6 +74,15 @@ def test_missing_and_mismatched_files_are_named(tmp_path):
     np.save(tmp_path / "bad.npy", np.full((2, E), np.nan))
     with pytest.raises(ValueError, match="bad.npy holds NaN"):
         read_context(tmp_path / "bad.npy")
+    np.save(tmp_path / "ctx" / "01500.npy", np.zeros((2, E + 6), np.float32))  # one wrong width: named at start-up
+    with pytest.raises(ValueError, match=r"01500.npy has shape \(2, 16\); expected \(M, 10\)"):
+        WithContext(DigitsDataset(), tmp_path / "ctx")
+    from safetensors.numpy import save_file
+
+    (tmp_path / "ctx" / "01500.npy").unlink()
+    save_file({"context": np.zeros((3, E + 1), np.float32)}, str(tmp_path / "ctx" / "01500.safetensors"))
+    with pytest.raises(ValueError, match=r"01500.safetensors has shape \(3, 11\)"):
+        WithContext(DigitsDataset(), tmp_path / "ctx")
 
 
 def test_train_resume_and_sample_from_files(tmp_path):

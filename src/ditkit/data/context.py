@@ -44,6 +44,19 @@ def read_context(path: str | Path) -> np.ndarray:
     return a
 
 
+def context_shape(path: Path) -> tuple[int, ...]:
+    """The shape of one file's array, from its header alone (the values are not read)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            keys = list(f.keys())
+            if len(keys) != 1 and "context" not in keys:
+                raise ValueError(f"context file {path} holds tensors {sorted(keys)}; expected one, or one named 'context'")
+            return tuple(f.get_slice("context" if "context" in keys else keys[0]).get_shape())
+    return tuple(np.load(path, mmap_mode="r").shape)
+
+
 def context_files(folder: str | Path) -> dict[str, Path]:
     """{name: file} for every context file below ``folder``, the name its relative path without the suffix."""
     folder = Path(folder)
@@ -103,6 +116,11 @@ class WithContext(Dataset):
             raise ValueError(f"context folder {folder} has no file for {len(missing)} of {len(inner)} samples "
                              f"(first: {missing[0]}.npy or .safetensors)")
         self.dim = read_context(self.files[0]).shape[1]
+        for path in self.files:  # every file's width from its header, so that a wrong one stops the run at start-up
+            shape = context_shape(path)
+            if len(shape) not in (1, 2) or shape[-1] != self.dim:
+                raise ValueError(f"context file {path} has shape {shape}; expected (M, {self.dim}) as "
+                                 f"{self.files[0]} has")
 
     def __len__(self) -> int:
         return len(self.inner)
