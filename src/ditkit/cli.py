@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond", help="models on params/fields: .npz with 'params' (N, P) and/or 'field' (N, C, H, W), "
                                   "physical units; one sample per row")
     p.add_argument("--context", help="models on sequences of embeddings (model.context_dim): a folder of (M, E) "
-                                     ".npy/.safetensors files, one sample per file in name order")
+                                     ".npy/.safetensors files, one sample per file in natural name order (2 before 10)")
     p.add_argument("--lengths", help="models of sequences (data.kind=sequences): one sample per length, 64,128,... "
                                      "(multiples of the patch size), into samples.npz in the data's units; for images "
                                      "or volumes of different sizes one size per sample, 16x32,4x16x16,...")

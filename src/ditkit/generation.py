@@ -109,7 +109,7 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     per-channel normalisation undone, then the cache's scale and shift: ``ditkit.data.latents.decode_latents``);
     ``params`` (N, P) and ``field`` (N, C, H, W): the conditions of a field model, in the model's
     (normalised) units; ``context``: the sequences of embeddings of a model with ``model.context_dim``, one (M_i, E)
-    array or tensor per sample, M_i varying (or a folder of such files, one sample per file in name order: ``load_contexts``);
+    array or tensor per sample, M_i varying (or a folder of such files, one sample per file in natural name order: ``load_contexts``);
     ``seed``: sample i's noise comes from (seed, i), whatever the batch size;
     ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed).
     NaN or inf in ``params``, ``field`` or ``cfg_scale`` is refused: it would only yield NaN samples."""
@@ -171,13 +171,25 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
 
 
 def load_contexts(path: str | Path) -> list[torch.Tensor]:
-    """The sequences of embeddings in a folder (``.npy``/``.safetensors`` files, each (M, E), in name order) or in one
-    such file: one sample each."""
-    from ditkit.data.context import context_files, read_context
+    """The sequences of embeddings in a folder (``.npy``/``.safetensors`` files, each (M, E), in natural name order:
+    ``context_file_list``) or in one such file: one sample each."""
+    from ditkit.data.context import read_context
+
+    return [torch.from_numpy(read_context(f)) for f in context_file_list(path)]
+
+
+def context_file_list(path: str | Path) -> list[Path]:
+    """The files of a folder of sequences of embeddings in natural name order (``q2`` before ``q10``), or the one
+    file ``path``: the order in which ``--context`` gives them to samples."""
+    import re
+
+    from ditkit.data.context import context_files
 
     path = Path(path)
-    files = [path] if path.is_file() else [f for _, f in sorted(context_files(path).items())]
-    return [torch.from_numpy(read_context(f)) for f in files]
+    if path.is_file():
+        return [path]
+    natural = lambda name: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]  # noqa: E731
+    return [f for _, f in sorted(context_files(path).items(), key=lambda kv: natural(kv[0]))]
 
 
 def _contexts(context, cfg: Config) -> list[torch.Tensor] | None:
@@ -233,9 +245,18 @@ SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence pe
 
 
 @torch.no_grad()
+class SampledSequences(list):
+    """``sample_sequences``' arrays, one per asked size, with what each was asked for: ``labels`` (class ids, or
+    None), ``class_names`` (the run's, or None) and ``params`` ((N, P) in the data's units, or None)."""
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+    params: np.ndarray | None = None
+
+
 def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | None = None, seed: int = 0,
                      ema: bool = True, device: str | None = None, context=None, params=None, batch_size: int = 250,
-                     progress: bool = False, speed: str | SampleSpeed | None = None, **settings) -> list[np.ndarray]:
+                     progress: bool = False, speed: str | SampleSpeed | None = None,
+                     **settings) -> SampledSequences:
     """One sequence per length in ``lengths`` from a checkpoint trained on ``data.kind=sequences``, each a (C, L_i)
     float64 array in the data's units (the run's per-channel normalisation undone); for a run on images or volumes of
     different sizes (``data.axes`` 2 or 3), ``lengths`` holds one size tuple per sample, e.g. (4, 16, 16).  ``labels``: class ids or names,
@@ -295,7 +316,10 @@ def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | N
         print(note)
     objective = build_objective(cfg)
     order = sorted(range(len(sizes)), key=lambda i: (math.prod(sizes[i]), sizes[i]))  # like sizes batch together
-    out: list[np.ndarray | None] = [None] * len(sizes)
+    out = SampledSequences([None] * len(sizes))
+    out.labels = np.array(kwargs["y"].tolist()) if "y" in kwargs else None
+    out.class_names = list(cfg.data.class_names or []) if "y" in kwargs else None
+    out.params = None if params is None else params.numpy()
     bar = tqdm(total=len(sizes), desc="sample", unit="sample", disable=not progress or len(sizes) <= batch_size)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
@@ -334,15 +358,22 @@ def check_sizes(sizes: list[tuple[int, ...]], grid) -> None:
 
 def sequences_to_npz(ckpt: str | Path, out: str | Path, lengths: list[int], **kwargs) -> str:
     """``ditkit sample --lengths``: ``sample_sequences`` into ``out/samples.npz``, one key per sample (``seq_0000``,
-    a (C, L_i) array) and ``lengths``.  Returns the line to print."""
+    a (C, L_i) array), ``lengths`` (or ``sizes``) and what was asked: ``labels`` and ``class_names``, ``params``,
+    ``context_files``, where the model takes them.  Returns the line to print."""
     from ditkit.utils.io import atomic_save_npz
 
-    seqs = sample_sequences(ckpt, lengths, **kwargs)  # a context folder: one file per length, in name order
+    seqs = sample_sequences(ckpt, lengths, **kwargs)  # a context folder: one file per length, in natural name order
     path = Path(out) / "samples.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     sizes = np.array([s.shape[1:] for s in seqs])
     key = {"lengths": sizes[:, 0]} if sizes.shape[1] == 1 else {"sizes": sizes}
-    atomic_save_npz(path, **key, **{f"seq_{i:04d}": s for i, s in enumerate(seqs)})
+    asked = {k: v for k, v in (("labels", seqs.labels), ("params", seqs.params)) if v is not None}
+    if seqs.class_names:
+        asked["class_names"] = np.array(seqs.class_names)
+    context = kwargs.get("context")
+    if isinstance(context, (str, Path)):  # the files, in the order they were taken
+        asked["context_files"] = np.array([str(p) for p in context_file_list(context)])
+    atomic_save_npz(path, **key, **asked, **{f"seq_{i:04d}": s for i, s in enumerate(seqs)})
     what = f"lengths {sizes.min()} to {sizes.max()}" if sizes.shape[1] == 1 else "sizes " + ", ".join(
         "×".join(map(str, s)) for s in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
     return f"{len(seqs)} samples of {what}, in the data's units -> {path}"

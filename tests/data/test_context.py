@@ -168,3 +168,13 @@ def test_the_guides_token_files_are_what_the_digits_take(tmp_path, monkeypatch):
     exec(code, {})
     data = WithContext(DigitsDataset(), tmp_path / "tokens")
     assert data.dim == 10 and torch.equal(data[5]["context"], torch.eye(10)[int(data[5]["y"])][None])
+
+
+def test_a_folder_of_asked_sequences_is_taken_in_natural_name_order(tmp_path):
+    from ditkit.generation import context_file_list, load_contexts
+
+    for i in (10, 2, 1):
+        np.save(tmp_path / f"q{i}.npy", np.full((1, E), float(i), np.float32))
+    assert [p.name for p in context_file_list(tmp_path)] == ["q1.npy", "q2.npy", "q10.npy"]
+    assert [float(c[0, 0]) for c in load_contexts(tmp_path)] == [1.0, 2.0, 10.0]
+    assert context_file_list(tmp_path / "q2.npy") == [tmp_path / "q2.npy"]

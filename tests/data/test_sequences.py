@@ -129,8 +129,10 @@ def test_train_resume_and_sample_mixed_lengths(tmp_path):
         ditkit.sample(model, cfg, num_samples=2, progress=False)
     main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--lengths", "8,20,40", "--labels", "0,1,1",
           "--seed", "3", "--device", "cpu"])
+    assert seqs.labels.tolist() == [0, 1, 1] and seqs.params is None
     with np.load(tmp_path / "out" / "samples.npz") as saved:
-        assert saved["lengths"].tolist() == lengths
+        assert saved["lengths"].tolist() == lengths and saved["labels"].tolist() == [0, 1, 1]
+        assert saved["class_names"].tolist() == seqs.class_names
         for i, s in enumerate(seqs):
             np.testing.assert_array_equal(saved[f"seq_{i:04d}"], s)
 
