@@ -128,3 +128,19 @@ def test_requests_no_run_can_serve_are_refused_in_one_line(tmp_path, setup, kwar
         sample_to_npz(model, objective, cfg2, out_dir=tmp_path, progress=False, **args)
     assert str(exc.value) == message
     assert not (tmp_path / "parts").exists()  # refused before anything was written
+
+
+def test_an_unconditional_model_is_not_guided():
+    """Guidance needs a condition to drop: without one, a scale other than 1 would evaluate the network twice per
+    step for the same output."""
+    from ditkit.config import SampleConfig
+    from ditkit.models.dit import DiT
+    from ditkit.objectives.flow import FlowMatching
+    from ditkit.sampling import generate
+
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=0,
+                learn_sigma=False).eval()
+    noise = torch.randn(2, 1, 8, 8)
+    x2, nfe2 = generate(model, FlowMatching(), noise, {}, SampleConfig(sampler="euler", steps=3, cfg_scale=2.0), False)
+    x1, nfe1 = generate(model, FlowMatching(), noise, {}, SampleConfig(sampler="euler", steps=3, cfg_scale=1.0), False)
+    assert nfe2 == nfe1 == 3 and torch.equal(x1, x2)

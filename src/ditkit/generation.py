@@ -215,6 +215,14 @@ def _contexts(context, cfg: Config) -> list[torch.Tensor] | None:
     return out
 
 
+def guidance_text(cfg: Config) -> str:
+    """'guidance s' for a model with a condition to guide by; 'unconditional' for one without."""
+    m = cfg.model
+    if not (m.num_classes or m.num_params or m.cond_channels or m.context_dim):
+        return "unconditional"
+    return f"guidance {cfg.sample.cfg_scale}"
+
+
 def read_npz(path: str | Path, need: list[str], what: str) -> dict[str, np.ndarray]:
     """The float64 arrays ``need`` of the .npz at ``path`` (``what`` they are for, in the messages); a missing,
     damaged or foreign file, or a missing array, is one ``ValueError`` naming the file."""
@@ -482,7 +490,7 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
         if path is None:
             return ""
         _write_grid(path, cfg, out / "grid.png")
-        return (f"{num_samples} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps, guidance {cfg.sample.cfg_scale}) "
+        return (f"{num_samples} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps, {guidance_text(cfg)}) "
                 f"-> {path}; grid -> {out / 'grid.png'}")
     finally:
         cleanup(info)
@@ -527,7 +535,7 @@ def _sample_contexts(model, cfg: Config, context: str | None, out, batch_size: i
     atomic_save_npz(out / "samples.npz", **arrays)
     save_grid(result.images[:100], out / "grid.png", nrow=10, scale=max(1, 64 // result.images.shape[1]))
     return (f"{len(contexts)} samples, one per file of {context} ({cfg.sample.sampler}, {cfg.sample.steps} steps, "
-            f"guidance {cfg.sample.cfg_scale}) -> {out / 'samples.npz'}; grid -> {out / 'grid.png'}")
+            f"{guidance_text(cfg)}) -> {out / 'samples.npz'}; grid -> {out / 'grid.png'}")
 
 
 def _sample_fields(ckpt, model, cfg: Config, stored: dict, cond: str | None, out, batch_size: int, speed, seed: int,
