@@ -9,7 +9,8 @@
 #       volumes-score
 #       numbers   numbers of one to three digits from their token sequence: train and score
 #       video     moving-digit clips: train and score
-#       images32  the images32 preset on the shapes dataset, flow matching, 20,000 steps, scored
+#       images32  the images32 preset on the shapes dataset, flow matching, 20,000 steps, scored (a cut job:
+#                 run it again, it goes on from the last checkpoint)
 #       modern    the post-2023 options at one training budget of 2 minutes each on the shapes dataset:
 #                 the 2023 block, + RoPE/RMSNorm/SwiGLU, + logit-normal times; modern2: + direction loss, + beta2 0.95
 # The digit scorers need scikit-learn; wheels in .whl/ are installed when it is missing.

@@ -1,8 +1,11 @@
-"""The time-to-quality benchmark of the post-2023 options runs end to end at toy size: every config gets the same
-training budget, a spent budget trains nothing more, and the scores are those of the shapes scorer."""
+"""The time-to-quality benchmark of the post-2023 options and the small-images benchmark run end to end at toy size:
+every config gets the same training budget, a spent budget trains nothing more, a cut run goes on, and the scores
+are those of the shapes scorer."""
 import json
 
 import pytest
+
+from ditkit.checkpoints.training import load_checkpoint
 from tests.benchmark_scripts import load_benchmark
 
 TOY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.global_batch_size=8", "train.log_to=none",
@@ -40,3 +43,17 @@ def test_digits_by_steps_and_the_refused_direction_loss(tmp_path, monkeypatch, s
                         "--device", "cpu", "--set", *TOY])
     assert [r["config"] for r in rows] == ["baseline"] and rows[0]["steps"] == 2
     assert "cos           refused at load" in capsys.readouterr().out  # one-channel digits: the cosine is a sign
+
+
+def test_small_images_resumes_a_cut_run_and_scores(tmp_path, monkeypatch):
+    """benchmarks/small_images.py at toy size: a run cut at its first checkpoint goes on when the same command runs
+    again, and its training time is the sum over both calls."""
+    monkeypatch.delenv("OUT", raising=False)
+    script = load_benchmark("small_images")
+    argv = ["--out", str(tmp_path), "--steps", "2", "--per-class", "4", "--num-samples", "12", "--device", "cpu",
+            "--objectives", "flow", "--set", *TOY, "train.budget_minutes=1e-9"]
+    script.main(argv)  # the budget cuts the run at step 1
+    assert load_checkpoint(tmp_path / "flow" / "checkpoints" / "last.pt")["step"] == 1
+    rows = script.main(argv[:-1])  # no budget: on to step 2, then scored
+    assert load_checkpoint(tmp_path / "flow" / "checkpoints" / "last.pt")["step"] == 2
+    assert [r["sampler"] for r in rows] == ["heun", "euler", "heun"] and all(0 <= r["classifier_agreement"] <= 1 for r in rows)
