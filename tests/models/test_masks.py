@@ -169,3 +169,10 @@ def test_the_masked_loss_compiles_as_one_graph_for_every_length():
     x, mask = _padded([8, 6, 12])
     with pytest.raises(ValueError, match="not a multiple of the patch size"):  # eager calls still check the rules
         model(x, torch.tensor([1.0, 2.0, 3.0]), y=y, mask=mask)
+
+
+def test_the_graph_count_script_runs():
+    from tests.benchmark_scripts import load_benchmark
+
+    result = load_benchmark("compile_graphs").main(["--steps", "6"])
+    assert 1 <= result["graphs"] <= 4 and result["cases"] >= 1
