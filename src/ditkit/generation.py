@@ -252,7 +252,6 @@ SEQUENCES_HINT = ("a model of sequences of mixed lengths samples one sequence pe
                   "64,128,..., or ditkit.generation.sample_sequences(checkpoint, lengths=[64, 128, ...])")
 
 
-@torch.no_grad()
 class SampledSequences(list):
     """``sample_sequences``' arrays, one per asked size, with what each was asked for: ``labels`` (class ids, or
     None), ``class_names`` (the run's, or None) and ``params`` ((N, P) in the data's units, or None)."""
@@ -261,6 +260,7 @@ class SampledSequences(list):
     params: np.ndarray | None = None
 
 
+@torch.no_grad()
 def sample_sequences(ckpt: str | Path, lengths: list[int], labels: list[int] | None = None, seed: int = 0,
                      ema: bool = True, device: str | None = None, context=None, params=None, batch_size: int = 250,
                      progress: bool = False, speed: str | SampleSpeed | None = None,
