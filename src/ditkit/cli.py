@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", help="sample into an ADM-style .npz and a PNG grid")
     p.add_argument("--ckpt", required=True, help="ditkit checkpoint, official DiT .pt, safetensors or diffusers folder")
     p.add_argument("--out", required=True, help="output folder (samples.npz, grid.png, parts/)")
-    p.add_argument("--num-samples", type=int, default=100, help="images to generate")
-    p.add_argument("--batch-size", type=int, default=250, help="images per forward pass (lower it if out of memory)")
+    p.add_argument("--num-samples", type=int, default=100, help="samples to generate (with --lengths: one per length instead)")
+    p.add_argument("--batch-size", type=int, default=250, help="samples per forward pass (lower it if out of memory)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "dopri5", "sde"],
                    help="the sampler (ddpm, ddim for DDPM models; the others for flow models); default: the checkpoint's "
                    "sample.sampler")
