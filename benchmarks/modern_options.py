@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import ditkit
-from ditkit.checkpoints.training import load_checkpoint
+from ditkit.checkpoints import load_run
 from ditkit.config import ConfigError
 from ditkit.eval.digits import evaluate_digits, to_digit_pixels
 
@@ -69,10 +69,9 @@ def merged(out: Path, rows: list[dict]) -> list[dict]:
     return [r for r in earlier if (r["config"], r["seed"]) not in mine] + rows
 
 
-def score(ckpt: Path, data: str, num_samples: int, seed: int, device: str) -> dict:
-    """Samples of the run's EMA weights, scored: the digits as ``ditkit eval`` scores the demo, the shapes by
+def score(model: torch.nn.Module, cfg: ditkit.Config, data: str, num_samples: int, seed: int) -> dict:
+    """Samples of a run's EMA weights, scored: the digits as ``ditkit eval`` scores the demo, the shapes by
     ``ditkit.eval.shapes`` with labels balanced over the classes."""
-    model, cfg = ditkit.load_model(ckpt, device=device)
     t0 = time.perf_counter()
     if data == "digits":
         out = ditkit.sample(model, cfg, num_samples=num_samples, seed=seed, progress=False)
@@ -134,9 +133,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             run = out / f"{name}-seed{seed}"
             ditkit.train(cfg, run, device=device, resume=True)  # a finished run (or budget) trains nothing more
-            train_s = load_checkpoint(run / "checkpoints" / "last.pt")["extra"].get("train_seconds", float("nan"))
+            model, run_cfg, stored = load_run(run / "checkpoints" / "last.pt", device=device)  # the file, read once
+            train_s = stored["extra"].get("train_seconds", float("nan"))
             steps, half_loss, loss = losses(run)
-            r = score(run / "checkpoints" / "last.pt", args.data, num_samples, seed, device)
+            r = score(model, run_cfg, args.data, num_samples, seed)
             rows.append({"config": name, "adds": adds, "overrides": overrides, "seed": seed, "steps": steps,
                          "train_seconds": train_s, "loss_half": half_loss, "loss": loss, **r})
             print(f"{name:13s} seed {seed} loss {loss:.4f} agreement {r['agreement']:.3f} FD {r['fd']:.3f} "

@@ -6,7 +6,7 @@ writes JSON and one PNG grid per row under --out.
 
     PYTHONPATH=src python benchmarks/small_images.py --out runs/small_images [--steps 6000] [--device cuda]
 
-Everything runs through the public API: `ditkit.load_config`, `ditkit.train`, `ditkit.load_model`,
+Everything runs through the public API: `ditkit.load_config`, `ditkit.train`, `ditkit.checkpoints.load_run`,
 `ditkit.sample`.  A run cut short (a job's time limit) goes on from its last checkpoint when the same command runs
 again; `training s` is the training time summed over such calls."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import ditkit
-from ditkit.checkpoints.training import load_checkpoint
+from ditkit.checkpoints import load_run
 from ditkit.data.shapes import CLASSES, write_shapes
 from ditkit.eval.shapes import evaluate_shapes
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                               f"train.ckpt_every={min(args.steps, 2000)}", *args.set])
         run = out / objective
         ditkit.train(cfg, run, device=args.device, resume=True)  # a cut run goes on; a finished one trains nothing
-        train_s = load_checkpoint(run / "checkpoints" / "last.pt")["extra"].get("train_seconds", float("nan"))
-        model, cfg = ditkit.load_model(run / "checkpoints" / "last.pt", device=args.device)
+        model, cfg, stored = load_run(run / "checkpoints" / "last.pt", device=args.device)  # the file, read once
+        train_s = stored["extra"].get("train_seconds", float("nan"))
         labels = np.arange(args.num_samples) % len(CLASSES)
         for obj, sampler, steps, scale in RUNS:
             if obj != objective:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ditkit.config import Config, SampleConfig
+from ditkit.data import COND_KEYS
 from ditkit.guidance import NFECounter, conditional_fn, guided_fn
 from ditkit.models.grid import as_size
 from ditkit.utils.images import save_grid, stretched_images, to_uint8
@@ -56,16 +57,13 @@ def grid_labels(num_classes: int, per_class: int, max_total: int | None = None) 
     return labels[:max_total] if max_total else labels
 
 
-CONDITIONS = ("y", "params", "field", "context")  # the model_kwargs that guidance drops for its unconditional half
-
-
 @torch.no_grad()
 def generate(model: nn.Module, objective, noise: torch.Tensor, model_kwargs: dict, cfg: SampleConfig,
              progress: bool = True) -> tuple[torch.Tensor, int]:
     """Samples from ``noise`` with the sampler, steps and guidance of ``cfg``; returns (x0, NFE).  Without a
     condition in ``model_kwargs`` (an unconditional model) there is nothing to guide: one evaluation per step."""
     counter = NFECounter()
-    if cfg.cfg_scale != 1.0 and any(k in model_kwargs for k in CONDITIONS):
+    if cfg.cfg_scale != 1.0 and any(k in model_kwargs for k in COND_KEYS):
         interval = tuple(cfg.guidance_interval) if cfg.guidance_interval else None
         fn = guided_fn(model, model_kwargs, cfg.cfg_scale, cfg.guided_channels, interval,
                        objective.noise_level, counter)

@@ -21,6 +21,15 @@ from torch.utils.data import Dataset, default_collate
 SUFFIXES = (".npy", ".safetensors")
 
 
+def _context_key(path: Path, keys: list[str]) -> str:
+    """The tensor of a .safetensors context file: the one it holds, or the one named 'context'."""
+    if "context" in keys:
+        return "context"
+    if len(keys) != 1:
+        raise ValueError(f"context file {path} holds tensors {sorted(keys)}; expected one, or one named 'context'")
+    return keys[0]
+
+
 def read_context(path: str | Path) -> np.ndarray:
     """The (M, E) array of one file (an (E,) array is one entry), checked finite."""
     path = Path(path)
@@ -28,9 +37,7 @@ def read_context(path: str | Path) -> np.ndarray:
         from safetensors.numpy import load_file
 
         tensors = load_file(str(path))
-        if len(tensors) != 1 and "context" not in tensors:
-            raise ValueError(f"context file {path} holds tensors {sorted(tensors)}; expected one, or one named 'context'")
-        a = tensors.get("context", next(iter(tensors.values())))
+        a = tensors[_context_key(path, list(tensors))]
     elif path.suffix == ".npy":
         a = np.load(path)
     else:
@@ -50,10 +57,7 @@ def context_shape(path: Path) -> tuple[int, ...]:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="np") as f:
-            keys = list(f.keys())
-            if len(keys) != 1 and "context" not in keys:
-                raise ValueError(f"context file {path} holds tensors {sorted(keys)}; expected one, or one named 'context'")
-            return tuple(f.get_slice("context" if "context" in keys else keys[0]).get_shape())
+            return tuple(f.get_slice(_context_key(path, list(f.keys()))).get_shape())
     return tuple(np.load(path, mmap_mode="r").shape)
 
 

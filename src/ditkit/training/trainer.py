@@ -553,10 +553,9 @@ def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size
     if cfg.model.num_classes > 0 and classes:
         data += f", {classes} classes"
     sizes = set(getattr(inner, "sizes", None) or [])
-    if len(sizes) > 1:  # samples of different sizes: the channels and the largest extent on each axis
-        channels = getattr(inner, "channels", None)
+    if len(sizes) > 1:  # samples of different sizes (SequenceDataset): the channels and the largest extent per axis
         largest = "×".join(str(max(s[a] for s in sizes)) for a in range(len(next(iter(sizes)))))
-        data += f", x ({channels if channels is not None else 'C'}, up to {largest})"
+        data += f", x ({inner.channels}, up to {largest})"
     else:
         with torch.random.fork_rng(devices=[]):  # reading an item seeds the global generator
             data += f", x {tuple(dataset[(0, 0)]['x'].shape)}"
