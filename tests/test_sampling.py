@@ -140,7 +140,17 @@ def test_an_unconditional_model_is_not_guided():
 
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=0,
                 learn_sigma=False).eval()
+    batches = []
+    model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     noise = torch.randn(2, 1, 8, 8)
     x2, nfe2 = generate(model, FlowMatching(), noise, {}, SampleConfig(sampler="euler", steps=3, cfg_scale=2.0), False)
+    assert batches == [2, 2, 2]  # the batch as it is: no doubled batch for a guidance with nothing to drop
     x1, nfe1 = generate(model, FlowMatching(), noise, {}, SampleConfig(sampler="euler", steps=3, cfg_scale=1.0), False)
     assert nfe2 == nfe1 == 3 and torch.equal(x1, x2)
+    batches.clear()
+    y = torch.tensor([0, 0])
+    conditional = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=2,
+                      learn_sigma=False).eval()
+    conditional.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    generate(conditional, FlowMatching(), noise, {"y": y}, SampleConfig(sampler="euler", steps=3, cfg_scale=2.0), False)
+    assert batches == [4, 4, 4]  # a class-conditional model is guided: the doubled batch
