@@ -30,7 +30,7 @@ def test_every_option_has_help_and_shows_its_default():
                 assert action.help and action.help.strip(), f"ditkit {name} {action.option_strings[0]} has no help"
         p.format_help()  # a stray % in a help string would fail here
     text = " ".join(subparsers()["sample"].format_help().split())
-    assert "samples to generate (with --lengths: one per length instead) (default: 100)" in text and "(default: 250)" in text
+    assert "samples to generate (default 100); not with --lengths" in text and "(default: 250)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
 
 

@@ -254,6 +254,13 @@ def test_sampling_sequences_names_the_bad_length_or_file(capsys, sequence_checkp
     assert message in one_line(capsys, argv)
 
 
+def test_sampling_sequences_refuses_a_number_of_samples(capsys, sequence_checkpoint):
+    root = sequence_checkpoint
+    argv = ["sample", "--ckpt", str(root / "run" / "checkpoints" / "last.pt"), "--out", str(root / "out"),
+            "--lengths", "8,16", "--num-samples", "4", "--device", "cpu", "--cond", str(root / "cond.npz")]
+    assert "--num-samples does not apply with --lengths" in one_line(capsys, argv)
+
+
 def test_a_token_narrower_than_its_patch_is_named(tmp_path, caplog):
     """64 values per patch (one channel, 8×8) into tokens of width 32: a warning at start-up."""
     main(train_argv(tmp_path, "model.patch_size=8", "data.num_workers=0", "train.log_to=none"))

@@ -105,6 +105,9 @@ def cmd_sample(args) -> None:
     if args.lengths:
         from ditkit.generation import sequences_to_npz
 
+        if args.num_samples is not None:
+            raise ValueError("--num-samples does not apply with --lengths, which makes one sample per length: repeat a "
+                             "length for more samples of it (64,64,128)")
         labels = None if args.labels in ("balanced", "random") else [v.strip() for v in args.labels.split(",")]
         try:
             sizes = [tuple(int(n) for n in v.split("x")) for v in args.lengths.split(",")]
@@ -121,7 +124,7 @@ def cmd_sample(args) -> None:
                                progress=True, speed=args.speed, seed=args.seed, ema=not args.no_ema, device=args.device,
                                context=args.context, **settings))
         return
-    line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
+    line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples or 100, batch_size=args.batch_size,
                              settings=settings, speed=args.speed, labels=args.labels, seed=args.seed, vae=args.vae,
                              cond=args.cond, ema=not args.no_ema, device=args.device, context=args.context)
     if line:
@@ -227,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", help="sample into an ADM-style .npz and a PNG grid")
     p.add_argument("--ckpt", required=True, help="ditkit checkpoint, official DiT .pt, safetensors or diffusers folder")
     p.add_argument("--out", required=True, help="output folder (samples.npz, grid.png, parts/)")
-    p.add_argument("--num-samples", type=int, default=100, help="samples to generate (with --lengths: one per length instead)")
+    p.add_argument("--num-samples", type=int, help="samples to generate (default 100); not with --lengths, which makes "
+                                                      "one sample per length")
     p.add_argument("--batch-size", type=int, default=250, help="samples per forward pass (lower it if out of memory)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "dopri5", "sde"],
                    help="the sampler (ddpm, ddim for DDPM models; the others for flow models); default: the checkpoint's "

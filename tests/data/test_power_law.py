@@ -100,7 +100,7 @@ def test_mixed_lengths_with_parameters_write_train_and_score(tmp_path, monkeypat
     assert "| 16 |" in table and "| 32 |" in table and np.isfinite(scores["mean"]["gaussian_spectrum_err"])
 
 
-def test_a_sequence_without_a_parameter_row_is_named(tmp_path):
+def test_a_sequence_without_a_parameter_row_is_named(tmp_path, caplog):
     from ditkit.data.sequences import SequenceDataset
 
     (tmp_path / "s").mkdir()
@@ -112,6 +112,10 @@ def test_a_sequence_without_a_parameter_row_is_named(tmp_path):
     (tmp_path / "p.csv").write_text("file,a\n0,1.0\n1.npy,2.0\n2,4.0\n")
     data = SequenceDataset(tmp_path / "s", 4, params_file=tmp_path / "p.csv")
     assert data.param_names == ["a"] and np.isclose(float(data[2]["params"][0]), (4.0 - 7 / 3) / np.std([1, 2, 4]))
+    (tmp_path / "p.csv").write_text("file,a\n0,1.0\n1.npy,2.0\n2,4.0\n3,8.0\n")  # a row for a sample that is not there
+    with caplog.at_level("WARNING", logger="ditkit.data.sequences"):
+        SequenceDataset(tmp_path / "s", 4, params_file=tmp_path / "p.csv")
+    assert "1 rows for no sample" in caplog.text and "(first: 3)" in caplog.text
     (tmp_path / "q.csv").write_text("name,a\n0,1\n")
     with pytest.raises(ValueError, match="needs a 'file' column"):
         SequenceDataset(tmp_path / "s", 4, params_file=tmp_path / "q.csv")

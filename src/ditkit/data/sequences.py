@@ -13,12 +13,15 @@ A batch is padded to its longest sequence (its largest extent on each axis) with
 the real positions (``pad_batch``)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -258,6 +261,9 @@ def read_sequence_params(path: str | Path, root: Path, files: list[Path],
     absent = [k for k in keys if k not in table]
     if absent:
         raise ValueError(f"params file {path} has no row for {len(absent)} of {len(keys)} samples (first: {absent[0]})")
+    stray = sorted(set(table) - set(keys))
+    if stray:  # a subset of a larger table is fine, but a misspelt name would otherwise go unnoticed
+        log.warning("params file %s has %d rows for no sample below %s (first: %s)", path, len(stray), root, stray[0])
     values = np.array([table[k] for k in keys], dtype=np.float64)
     if not np.isfinite(values).all():
         raise ValueError(f"params file {path} holds NaN or inf")
