@@ -216,7 +216,7 @@ def _sequence_facts(cfg: Config) -> DataFacts:
         from ditkit.data.sequences import read_sequence_params
 
         try:
-            _, names = read_sequence_params(d.params_file, Path(d.path), files, d.param_names)
+            _, names = read_sequence_params(d.params_file, Path(d.path), files, d.param_names, warn=False)
         except (ValueError, OSError) as err:
             raise ConfigError(str(err)) from None
         facts.found += f", {len(names)} parameters ({', '.join(names)})"

@@ -228,11 +228,12 @@ class SequenceDataset(Dataset):
         return pad_batch(items, self.patch_size, self.pad_multiple, self.max_size)
 
 
-def read_sequence_params(path: str | Path, root: Path, files: list[Path],
-                         names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+def read_sequence_params(path: str | Path, root: Path, files: list[Path], names: list[str] | None = None,
+                         warn: bool = True) -> tuple[np.ndarray, list[str]]:
     """(N, P) float64 parameters of ``files``, in their order, and the column names, from a CSV whose header has a
     ``file`` column (each sample's path below ``root``, with or without ``.npy``) and one column per parameter
-    (``names`` picks some; default all).  A sample without a row, or a cell that is not a number, is named."""
+    (``names`` picks some; default all).  A sample without a row, or a cell that is not a number, is named; rows for
+    no sample are warned of (``warn``: the start-up check, which reads the table first, leaves that to the dataset)."""
     import csv
 
     path = Path(path)
@@ -262,7 +263,7 @@ def read_sequence_params(path: str | Path, root: Path, files: list[Path],
     if absent:
         raise ValueError(f"params file {path} has no row for {len(absent)} of {len(keys)} samples (first: {absent[0]})")
     stray = sorted(set(table) - set(keys))
-    if stray:  # a subset of a larger table is fine, but a misspelt name would otherwise go unnoticed
+    if stray and warn:  # a subset of a larger table is fine, but a misspelt name would otherwise go unnoticed
         log.warning("params file %s has %d rows for no sample below %s (first: %s)", path, len(stray), root, stray[0])
     values = np.array([table[k] for k in keys], dtype=np.float64)
     if not np.isfinite(values).all():
