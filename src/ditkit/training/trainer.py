@@ -171,7 +171,7 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-              bucket_cap_mb=cfg.train.ddp_bucket_mb)
+              bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True)
     if comm_hook is not None:
         ddp.register_comm_hook(None, comm_hook)
     return ddp
