@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,11 +96,15 @@ def main() -> None:
             rows.append({"model": model, "status": (errors or lines or ["failed"])[-1].strip()[:200],
                          "stderr_tail": lines[-60:]})
             print("\n".join(lines[-60:]), flush=True)
+            shutil.rmtree(work / model.replace("/", "_"), ignore_errors=True)
             continue
-        record = json.loads((work / model.replace("/", "_") / "metrics.jsonl").read_text().splitlines()[-1])
-        said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith(("speed", "master_weights"))]
+        run_dir = work / model.replace("/", "_")
+        record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        shutil.rmtree(run_dir, ignore_errors=True)  # an XL/2 checkpoint is several GB: runs in a row would fill the disk
+        said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith(("speed", "master_weights", "DDP"))]
         rows.append({"model": model, "status": "ok", "speed_lines": said, **record})
         print("\n".join(said), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{device} × {args.nproc}; global batch {args.batch} (micro {args.micro}), {args.steps} steps, extra {args.extra}")
     print("| model | GPUs | run | img/s | img/s per GPU | GPU mem GiB | loss | status |\n| --- | --- | --- | --- | --- | --- | --- | --- |")

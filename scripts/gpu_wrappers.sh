@@ -4,7 +4,8 @@
 # latent cache in one process, under DDP and under FSDP (torchrun with one process: the wrapper's hooks and
 # collectives are in the step), at 32 and 128 images per step.
 #   PYTHONPATH=src bash scripts/gpu_wrappers.sh [BATCHES] [PARTS]   # defaults "32 128", "official fastest plain ddp fsdp"
-#   (the part ddp_buckets adds DDP with train.ddp_bucket_mb at each size of $DDP_BUCKETS, default 256)
+#   (ddp: the default buckets, one for all gradients under CUDA graphs; the part ddp_buckets adds DDP with
+#   train.ddp_bucket_mb at each size of $DDP_BUCKETS, default 25, torch's size)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 batches=${1:-"32 128"}
@@ -35,7 +36,7 @@ for b in $batches; do
         fi
     done
     if [[ " $parts " == *" ddp_buckets "* ]]; then  # larger DDP buckets: fewer pieces of the compiled graph
-        for mb in ${DDP_BUCKETS:-256}; do
+        for mb in ${DDP_BUCKETS:-25}; do
             python benchmarks/train_throughput.py "${common[@]}" --torchrun --extra train.speed=fastest \
                 train.distributed=ddp "train.ddp_bucket_mb=$mb" --tag "ddp${mb}_b$b" || true
         done

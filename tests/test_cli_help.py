@@ -114,6 +114,19 @@ def test_startup_summary(tmp_path, caplog):
     lines = block.splitlines()
     assert lines[0] == "data: digits (built in), 1797 samples, 10 classes, x (1, 8, 8)"
     assert lines[1].startswith("model: custom, 0.") and "M parameters, 16 tokens per sample (8×8 / patch 2)" in lines[1]
-    assert lines[2].startswith("objective: ddpm, sampler ")
+    assert lines[2].startswith("objective: ddpm, uniform times; sampler ") and "AdamW lr 0.001, betas (0.9, 0.999)" in lines[2]
     assert lines[3] == "batch: 16 global = 1 process × 16 micro-batch × 1 accumulation; steps 0 → 1"
     assert lines[4].startswith("speed: ")
+
+
+def test_startup_summary_names_the_post_2023_options(tmp_path, caplog):
+    options = ["model.pos_embed=rope", "model.norm=rmsnorm", "model.qk_norm=true", "model.mlp=swiglu",
+               "objective.name=flow", "objective.time_sampling=logit_normal", "objective.shift=2",
+               "train.adam_betas=[0.9,0.95]", "sample.sampler=euler"]
+    with caplog.at_level(logging.INFO, logger="ditkit.train"):
+        trainer.train(load_config("digits", [*TINY, *options]), tmp_path, device="cpu")
+    (block,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    lines = block.splitlines()
+    assert lines[1].endswith("; RoPE, RMSNorm, QK-norm, SwiGLU")
+    assert lines[2].startswith("objective: flow, logit_normal times (0, 1), shift 2; sampler euler")
+    assert "betas (0.9, 0.95)" in lines[2]

@@ -30,6 +30,7 @@ _FLOAT_RE = re.compile(r"^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|na
 
 DDPM_SAMPLERS = ("ddpm", "ddim")
 FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
+GRID_SAMPLERS = ("euler", "heun", "sde")  # the samplers that step along a time grid (sample.grid)
 
 
 RUN_CONFIG_KEY = "ditkit_run_config"  # a run's whole config, in the header of its ema.safetensors
@@ -128,8 +129,8 @@ class ObjectiveConfig:
                                         "sigmoid(N(logit_mean, logit_std))); ddpm: t = floor(level · T)")
     logit_mean: float = opt(0.0, "mean of the logit-normal noise level (> 0: more training on noisy inputs)")
     logit_std: float = opt(1.0, "standard deviation of the logit-normal noise level")
-    shift: float = opt(1.0, "time shift toward noise (1: none) of the training draw; flow: also the sampler's shifted "
-                            "grid")
+    shift: float = opt(1.0, "time shift toward noise (1: none) of the training draw; flow: also the shift of the "
+                            "sampler's grid when sample.grid=shifted and sample.shift is unset")
     time_scale: float = opt(1000.0, "flow: network time = time_scale · t (SiT's own checkpoints: 1)")
     repa_weight: float = opt(0.5, "REPA (model.repa_depth set): λ of the term λ · mean over tokens of −cos(projected "
                                   "token, encoder feature)")
@@ -214,8 +215,10 @@ class TrainConfig:
                                    "for the backward)")
     fsdp_bf16_gather: bool = opt(False, "FSDP: gather the weights in bf16 (half the all-gather traffic; gradients "
                                         "reduced in float32)")
-    ddp_bucket_mb: float = opt(25.0, "DDP: the gradient bucket size in MiB (torch's bucket_cap_mb); under torch.compile "
-                                     "the graph is cut at every bucket, so larger buckets mean fewer pieces")
+    ddp_bucket_mb: float | None = opt(None, "DDP: the gradient bucket size in MiB (torch's bucket_cap_mb); under "
+                                            "torch.compile the graph is cut at every bucket, so larger buckets mean "
+                                            "fewer pieces. Default: all gradients in one bucket when the step is "
+                                            "compiled with CUDA graphs, else torch's 25")
     vae: str | None = opt(None, "local VAE (folder or file) to decode the sample grids of latent runs")
     repa_encoder: str | None = opt(None, "REPA: local folder of the frozen encoder (facebook/dinov2-base from the Hugging "
                                          "Face hub, read by transformers' Dinov2Model); needed with model.repa_depth")
@@ -308,7 +311,7 @@ class Config:
              "0 (off) or above 1 (a loss over that many times its running mean is a spike)"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
             (self.train.budget_minutes >= 0, "train.budget_minutes", "non-negative (0: no budget)"),
-            (self.train.ddp_bucket_mb > 0, "train.ddp_bucket_mb", "positive"),
+            (self.train.ddp_bucket_mb is None or self.train.ddp_bucket_mb > 0, "train.ddp_bucket_mb", "positive"),
             (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
              "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),
         ]
@@ -352,6 +355,11 @@ class Config:
         if self.sample.sampler not in allowed:
             raise ConfigError(f"sample.sampler {self.sample.sampler!r} does not fit objective.name={self.objective.name!r}; "
                               f"choose one of {', '.join(allowed)}")
+        if self.sample.grid == "shifted" and self.sample.sampler not in GRID_SAMPLERS:
+            raise ConfigError(f"sample.grid=shifted (--grid, --shift) moves the time grid of {', '.join(GRID_SAMPLERS)}; "
+                              f"sample.sampler {self.sample.sampler!r} has no such grid "
+                              + ("(its steps are the model's T steps, evenly spaced)" if self.sample.sampler in DDPM_SAMPLERS
+                                 else "(its steps are adaptive)"))
         self.model.kwargs()
         self._check_grid()
         self._check_repa()
@@ -373,9 +381,17 @@ class Config:
         from ditkit.models.grid import TokenGrid
 
         try:
-            TokenGrid.of(m.input_size, patch)
+            grid = TokenGrid.of(m.input_size, patch)
         except ValueError as err:
             raise ConfigError(f"model.input_size={m.input_size} with model.patch_size={patch}: {err}") from None
+        if m.name != "custom" or not (m.hidden_size and m.num_heads):
+            return
+        if m.hidden_size % m.num_heads:
+            raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+        head, axes = m.hidden_size // m.num_heads, len(grid.size)
+        if m.pos_embed == "rope" and (head % 4 or head // 2 < axes):  # a rotation pair per axis
+            raise ConfigError(f"model.pos_embed=rope needs a head size (model.hidden_size / model.num_heads = {head}) "
+                              f"divisible by 4, with a rotation pair for each of the {axes} axes")
 
     def _check_latent_stats(self) -> None:
         """data.latent_mean and data.latent_std: one number per channel of x, each σ_c positive."""

@@ -215,6 +215,15 @@ def _contexts(context, cfg: Config) -> list[torch.Tensor] | None:
     return out
 
 
+def sampler_text(cfg: Config) -> str:
+    """'heun, 50 steps, shifted grid (shift 3.33), guidance 4.0': what a sample line says of the sampling."""
+    s = cfg.sample
+    grid = ""
+    if s.grid == "shifted":
+        grid = f", shifted grid (shift {s.shift if s.shift is not None else cfg.objective.shift:g})"
+    return f"{s.sampler}, {s.steps} steps{grid}, {guidance_text(cfg)}"
+
+
 def guidance_text(cfg: Config) -> str:
     """'guidance s' for a model with a condition to guide by; 'unconditional' for one without."""
     m = cfg.model
@@ -490,7 +499,7 @@ def sample_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int = 100,
         if path is None:
             return ""
         _write_grid(path, cfg, out / "grid.png")
-        return (f"{num_samples} samples ({cfg.sample.sampler}, {cfg.sample.steps} steps, {guidance_text(cfg)}) "
+        return (f"{num_samples} samples ({sampler_text(cfg)}) "
                 f"-> {path}; grid -> {out / 'grid.png'}")
     finally:
         cleanup(info)
@@ -534,8 +543,8 @@ def _sample_contexts(model, cfg: Config, context: str | None, out, batch_size: i
         arrays["arr_1"] = result.labels.numpy()
     atomic_save_npz(out / "samples.npz", **arrays)
     save_grid(result.images[:100], out / "grid.png", nrow=10, scale=max(1, 64 // result.images.shape[1]))
-    return (f"{len(contexts)} samples, one per file of {context} ({cfg.sample.sampler}, {cfg.sample.steps} steps, "
-            f"{guidance_text(cfg)}) -> {out / 'samples.npz'}; grid -> {out / 'grid.png'}")
+    return (f"{len(contexts)} samples, one per file of {context} ({sampler_text(cfg)}) -> {out / 'samples.npz'}; "
+            f"grid -> {out / 'grid.png'}")
 
 
 def _sample_fields(ckpt, model, cfg: Config, stored: dict, cond: str | None, out, batch_size: int, speed, seed: int,

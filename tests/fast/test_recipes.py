@@ -82,6 +82,20 @@ def test_fastest_keeps_every_lever_under_ddp_and_accumulation(hopper, run):
     assert plan.ddp_comm_hook() is (None if run.parallel == "none" else master_weights.float32_allreduce_hook)
 
 
+def test_under_ddp_a_step_with_cuda_graphs_gets_one_bucket_unless_asked(hopper):
+    """DDP's bucket size: every gradient in one bucket when the step is compiled with CUDA graphs (dynamo cuts the
+    step at every bucket), said in one line; a configured size wins; otherwise torch's 25 MiB, said nothing."""
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of float32 weights and 4 KiB of bias
+    plan = train_speed("fastest", TrainRun(GPU, torch.bfloat16, world_size=8, parallel="ddp"))
+    mb, said = plan.ddp_bucket_mb(model, None)
+    assert mb == 6.0 and "one bucket of 6 MiB" in said and "train.ddp_bucket_mb" in said
+    assert plan.ddp_bucket_mb(model, 64.0) == (64.0, None)
+    for speed, run in (("fast", TrainRun(GPU, torch.bfloat16, world_size=8, parallel="none")),
+                       (TrainSpeed(compile=True), TrainRun(GPU, torch.bfloat16, world_size=8, parallel="ddp")),
+                       ("reference", TrainRun(GPU, torch.bfloat16, world_size=8, parallel="ddp"))):
+        assert train_speed(speed, run).ddp_bucket_mb(model, None) == (25.0, None)
+
+
 def test_under_fsdp_master_weights_are_fsdps_mixed_precision_and_cuda_graphs_are_left_out(hopper):
     plan = train_speed("fastest", TrainRun(GPU, torch.bfloat16, world_size=8, parallel="fsdp"))
     assert plan.speed == dataclasses.replace(TRAIN_RECIPES["fastest"], cuda_graphs=False)

@@ -125,6 +125,11 @@ def test_unknown_options_are_one_clear_error():
         DiT(**{**SMALL, "hidden_size": 72, "num_heads": 4}, pos_embed="rope")
     with pytest.raises(ConfigError, match="model.mlp must be gelu or swiglu, got 'relu'"):
         load_config("digits", overrides=["model.mlp=relu"])
+    with pytest.raises(ConfigError, match=r"model.pos_embed=rope needs a head size \(model.hidden_size / "
+                                          r"model.num_heads = 6\) divisible by 4"):  # at load, before any training
+        load_config("digits", overrides=["model.hidden_size=24", "model.num_heads=4", "model.pos_embed=rope"])
+    with pytest.raises(ConfigError, match="model.hidden_size=30 is not divisible by model.num_heads=4"):
+        load_config("digits", overrides=["model.hidden_size=30", "model.num_heads=4"])
 
 
 def test_a_checkpoint_with_options_loads_back_with_the_same_outputs(tmp_path):

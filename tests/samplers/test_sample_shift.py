@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ditkit
-from ditkit.config import ConfigError, SampleConfig
+from ditkit.config import ConfigError, SampleConfig, load_config
 from ditkit.objectives.flow import FlowMatching
 from ditkit.sampling import generate
 
@@ -36,3 +36,21 @@ def test_a_shift_without_the_shifted_grid_or_not_positive_is_refused():
         ditkit.load_config("digits", ["sample.shift=2.0"])
     with pytest.raises(ConfigError, match="sample.shift must be positive"):
         ditkit.load_config("digits", ["sample.grid=shifted", "sample.shift=0"])
+
+
+def test_a_shifted_grid_is_refused_for_samplers_without_a_grid():
+    """ddpm/ddim step through the model's T steps and dopri5 chooses its own: --grid/--shift would change nothing."""
+    with pytest.raises(ConfigError, match="sample.sampler 'ddim' has no such grid"):
+        load_config("digits", ["sample.grid=shifted"])
+    with pytest.raises(ConfigError, match="sample.sampler 'dopri5' has no such grid .its steps are adaptive"):
+        load_config("digits", ["objective.name=flow", "sample.sampler=dopri5", "sample.grid=shifted"])
+
+
+def test_the_sample_line_names_the_grid_and_its_shift():
+    from ditkit.generation import sampler_text
+
+    flow = ["objective.name=flow", "sample.sampler=heun", "sample.steps=10", "sample.cfg_scale=1.5"]
+    assert sampler_text(load_config("digits", flow)) == "heun, 10 steps, guidance 1.5"
+    assert sampler_text(load_config("digits", [*flow, "sample.grid=shifted", "sample.shift=3.33"])) == \
+        "heun, 10 steps, shifted grid (shift 3.33), guidance 1.5"
+    assert "shifted grid (shift 2)" in sampler_text(load_config("digits", [*flow, "objective.shift=2", "sample.grid=shifted"]))

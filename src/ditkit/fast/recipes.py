@@ -20,6 +20,7 @@ The state dict never changes: checkpoints written with any recipe load into the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -314,6 +315,23 @@ class TrainPlan:
         from ditkit.fast.master_weights import float32_allreduce_hook
 
         return float32_allreduce_hook
+
+    def ddp_bucket_mb(self, model: nn.Module, configured: float | None) -> tuple[float, str | None]:
+        """(DDP's bucket size in MiB, a line for the log or None): ``configured`` (``train.ddp_bucket_mb``) when
+        set; else, for a step compiled with CUDA graphs, one bucket that holds every gradient, else torch's 25.
+
+        Why one bucket: dynamo cuts the compiled step at every bucket (so that each bucket's all-reduce can start
+        during the backward), and each piece is a CUDA graph of its own with the communication hook run eagerly
+        between them; at small batches per GPU the step is bound by that host work (docs/multi_gpu.md).  One
+        bucket keeps the step one graph, at the price of starting the all-reduce after the backward."""
+        if configured is not None:
+            return configured, None
+        if not (self.run.parallel == "ddp" and self.cuda_graphs):
+            return 25.0, None
+        size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2 ** 20
+        mb = float(math.ceil(size) + 1)
+        return mb, (f"DDP: the gradients in one bucket of {mb:.0f} MiB, so that the compiled step stays one CUDA graph "
+                    "(train.ddp_bucket_mb sets smaller buckets, which start the all-reduce during the backward)")
 
     @property
     def cuda_graphs(self) -> bool:

@@ -150,8 +150,9 @@ def _parallel(cfg: Config, info: DistInfo) -> str:
 
 
 def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool = False, bf16_gather: bool = False,
-                      comm_hook=None) -> nn.Module:
-    """DDP for the trained model (``comm_hook``: its gradient all-reduce, from the speed plan); FSDP2
+                      comm_hook=None, bucket_mb: float | None = None) -> nn.Module:
+    """DDP for the trained model (``comm_hook``: its gradient all-reduce, and ``bucket_mb``: its bucket size, from
+    the speed plan; default ``train.ddp_bucket_mb``, else torch's 25 MiB); FSDP2
     (``fully_shard`` per block, then the root) shards the model and, identically, its EMA so that the EMA
     update is shard-by-shard.  ``bf16_gather`` (or ``train.fsdp_bf16_gather``): FSDP gathers bf16 weights."""
     parallel = _parallel(cfg, info)
@@ -171,7 +172,7 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-              bucket_cap_mb=cfg.train.ddp_bucket_mb, gradient_as_bucket_view=True)
+              bucket_cap_mb=bucket_mb or cfg.train.ddp_bucket_mb or 25.0, gradient_as_bucket_view=True)
     if comm_hook is not None:
         ddp.register_comm_hook(None, comm_hook)
     return ddp
@@ -332,7 +333,11 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     fsdp = plan.run.parallel == "fsdp"
     if not fsdp:  # bf16 master weights re-seat the parameters: before DDP builds its buckets from them
         opt = _make_optimizer(model, ema, cfg, plan)
-    train_model = _wrap_distributed(model, cfg, info, bf16_gather=plan.bf16_gather, comm_hook=plan.ddp_comm_hook())
+    bucket_mb, said = plan.ddp_bucket_mb(model, cfg.train.ddp_bucket_mb)
+    if said:
+        log.info(said)
+    train_model = _wrap_distributed(model, cfg, info, bf16_gather=plan.bf16_gather, comm_hook=plan.ddp_comm_hook(),
+                                    bucket_mb=bucket_mb)
     _wrap_distributed(ema, cfg, info, ema=True)
     if fsdp:  # FSDP2 turns the parameters into shards (DTensors): the optimizer holds those
         opt = _make_optimizer(train_model, ema, cfg, plan)
@@ -564,13 +569,23 @@ def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size
     patch = p if isinstance(p, int) else "×".join(map(str, p))
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     global_batch = world_size * micro * cfg.train.grad_accum
+    m, o, t = cfg.model, cfg.objective, cfg.train
+    block = [name for on, name in ((m.pos_embed == "rope", "RoPE"), (m.norm == "rmsnorm", "RMSNorm"),
+                                   (m.qk_norm, "QK-norm"), (m.mlp == "swiglu", "SwiGLU")) if on]
+    if m.repa_depth:
+        block.append(f"REPA after block {m.repa_depth}")
+    recipe = [f"{o.time_sampling} times" + (f" ({o.logit_mean:g}, {o.logit_std:g})" if o.time_sampling == "logit_normal"
+                                             else "")]
+    recipe += [f"shift {o.shift:g}"] * (o.shift != 1) + [f"direction loss {o.cos_weight:g}"] * (o.cos_weight > 0)
+    recipe += [f"REPA λ {o.repa_weight:g}"] * bool(m.repa_depth)
     return "\n".join([
         data,
-        f"model: {cfg.model.name}, {num_params / 1e6:.2f}M parameters, {grid.num_tokens} tokens per sample "
-        f"({size} / patch {patch})",
-        f"objective: {cfg.objective.name}, sampler {cfg.sample.sampler}, {cfg.sample.steps} steps",
-        f"batch: {global_batch} global = {processes} × {micro} micro-batch × {cfg.train.grad_accum} accumulation; "
-        f"steps {start_step} → {cfg.train.steps}",
+        f"model: {m.name}, {num_params / 1e6:.2f}M parameters, {grid.num_tokens} tokens per sample "
+        f"({size} / patch {patch})" + (f"; {', '.join(block)}" if block else ""),
+        f"objective: {o.name}, {', '.join(recipe)}; sampler {cfg.sample.sampler}, {cfg.sample.steps} steps; "
+        f"AdamW lr {t.lr:g}, betas ({t.adam_betas[0]:g}, {t.adam_betas[1]:g}), weight decay {t.weight_decay:g}",
+        f"batch: {global_batch} global = {processes} × {micro} micro-batch × {t.grad_accum} accumulation; "
+        f"steps {start_step} → {t.steps}",
         speed_line,
     ])
 
