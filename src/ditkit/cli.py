@@ -173,7 +173,8 @@ def cmd_export(args) -> None:
         export_diffusers(model, args.out, vae=args.vae, id2label=labels, data=cfg.data)
         gap = None if args.vae else pipeline_decoding_gap(cfg.data)
         if gap is not None:
-            print(f"note: {gap}; sample this transformer with ditkit, not a DiTPipeline")
+            print(f"note: {gap}, and this folder does not record it either; to sample, export with --to safetensors "
+                  "and use `ditkit sample --vae`")
     else:
         save_weights(model.state_dict(), model, cfg, args.out)
     print(f"exported {args.ckpt} -> {args.out} ({args.to})")

@@ -85,3 +85,14 @@ def test_saved_config_needs_no_inference(tmp_path):
     loaded, config = load_pretrained(tmp_path / "m.safetensors")
     assert config["num_params"] == 2 and config["cond_mode"] == "in_context" and config["input_size"] == [16, 8]
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_on_sequences_of_embeddings_round_trips(tmp_path):
+    """context_dim and context_len are recorded, so the cross-attention weights have a home when loaded back."""
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=1, num_heads=3, num_classes=0,
+                context_dim=12, context_len=20, param_dropout_prob=0.2)
+    save_pretrained(model, tmp_path / "m.safetensors")
+    loaded, config = load_pretrained(tmp_path / "m.safetensors")
+    assert (config["context_dim"], config["context_len"], config["param_dropout_prob"]) == (12, 20, 0.2)
+    assert loaded.cond.sequence.max_len == 20
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())

@@ -16,6 +16,9 @@ and two of arithmetic, which no weights can absorb:
 - the LayerNorm before the MLP uses ``norm_eps`` (diffusers' default 1e-5); exports set 1e-6, the
   official value.
 
+A model with an option the 2023 DiT lacks (RoPE, RMSNorm, QK-norm, SwiGLU, REPA's projector, other
+conditioning, other input shapes) is refused before anything is written: see ``_PLAIN``.
+
 Nothing here imports diffusers: folders are written as JSON and safetensors.
 """
 from __future__ import annotations
@@ -85,22 +88,35 @@ def _diffusers_version() -> str:
         return "0.28.0"
 
 
+# DiT constructor arguments (the run config's model.* keys) with the one value diffusers' DiTTransformer2DModel
+# can hold; any other value adds weights it has no place for or changes what the network computes.
+_PLAIN = {
+    "num_params": 0, "cond_channels": 0, "context_dim": 0, "cond_mode": "adaln", "mlp_ratio": 4.0,
+    "pos_embed": "sincos", "norm": "layernorm", "qk_norm": False, "mlp": "gelu",
+    "repa_depth": None,  # REPA's projector: a training head, but dropping it would break the exact round trip
+}
+_INSTEAD = "use --to safetensors (save_pretrained), which keeps every option and round-trips exactly"
+
+
+def _setting(key: str, value) -> str:
+    """``model.key=value`` as ``--set`` takes it."""
+    return f"model.{key}={json.dumps(value) if isinstance(value, (bool, list, tuple)) else value}"
+
+
 def _check_exportable(config: Mapping) -> None:
-    for key in ("num_params", "cond_channels"):
-        if config.get(key):
-            raise ValueError(f"diffusers' DiT has no {key} conditioning; cannot export a model with {key}={config[key]}")
-    if config.get("cond_mode", "adaln") != "adaln":
-        raise ValueError(f"diffusers' DiT is adaLN-Zero only; cannot export cond_mode={config['cond_mode']!r}")
+    """Refuse, in one line naming every such key, a config that diffusers' DiT cannot represent."""
+    found = [_setting(k, config[k]) for k, plain in _PLAIN.items() if config.get(k, plain) != plain]
     if not config.get("num_classes"):
-        raise ValueError("diffusers' DiT is class-conditional; cannot export an unconditional model (num_classes=0)")
-    if config.get("mlp_ratio", 4.0) != 4.0:
-        raise ValueError(f"diffusers' DiT has an MLP ratio of 4; cannot export mlp_ratio={config['mlp_ratio']}")
+        found.append(_setting("num_classes", 0) + " (unconditional)")
     size, patch = config["input_size"], config["patch_size"]
-    if not isinstance(size, int) and len(size) != 2 or not isinstance(patch, int):
-        raise ValueError(f"diffusers' DiT takes images (H, W) cut by one patch size; cannot export input size {size} "
-                         f"with patch size {patch}")
-    if not isinstance(size, int) and size[0] != size[1]:
-        raise ValueError(f"diffusers' DiT is square; cannot export input size {tuple(size)}")
+    if not isinstance(size, int) and (len(size) != 2 or size[0] != size[1]):
+        found.append(_setting("input_size", list(size)))
+    if not isinstance(patch, int):
+        found.append(_setting("patch_size", list(patch)))
+    if found:
+        raise ValueError(f"diffusers' DiTTransformer2DModel (the 2023 DiT: square images cut by one patch size, class "
+                         f"labels through adaLN-Zero, sin-cos positions, LayerNorm, GELU MLP of ratio 4) cannot represent "
+                         f"{', '.join(found)}; {_INSTEAD}")
 
 
 def to_diffusers_state_dict(dit_state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None) -> tuple[dict, StateDict]:
@@ -131,25 +147,30 @@ def to_diffusers_state_dict(dit_state_dict: Mapping[str, torch.Tensor], config: 
         "norm_elementwise_affine": False,
         "norm_eps": 1e-6,
     }
-    sd = dict(dit_state_dict)
-    shared = {k: sd[k] for k in _SHARED}
+    sd = dict(dit_state_dict)  # each weight is popped as it is placed: what is left has no place in diffusers
+    sd.pop("pos_embed", None)  # fixed; diffusers recomputes it
+    shared = {k: sd.pop(k) for k in _SHARED}
     if shared[_TABLE].shape[0] == config["num_classes"]:
         # trained without label dropout: diffusers always has a null row; a zero one is harmless
         shared[_TABLE] = torch.cat([shared[_TABLE], shared[_TABLE].new_zeros(1, hidden)])
     out: StateDict = {}
     for src, dst in _GLOBAL.items():
         for p in ("weight", "bias"):
-            out[f"{dst}.{p}"] = sd[f"{src}.{p}"]
+            out[f"{dst}.{p}"] = sd.pop(f"{src}.{p}")
     for i in range(depth):
         for src, dst in _BLOCK.items():
             for p in ("weight", "bias"):
-                out[f"transformer_blocks.{i}.{dst}.{p}"] = sd[f"blocks.{i}.{src}.{p}"]
+                out[f"transformer_blocks.{i}.{dst}.{p}"] = sd.pop(f"blocks.{i}.{src}.{p}")
         for p in ("weight", "bias"):
-            q, k, v = sd[f"blocks.{i}.attn.qkv.{p}"].chunk(3, dim=0)  # (3D, ...) -> 3 × (D, ...)
+            q, k, v = sd.pop(f"blocks.{i}.attn.qkv.{p}").chunk(3, dim=0)  # (3D, ...) -> 3 × (D, ...)
             for name, t in zip(("to_q", "to_k", "to_v"), (q, k, v)):
                 out[f"transformer_blocks.{i}.attn1.{name}.{p}"] = t.clone()
         for src, dst in _SHARED.items():
             out[f"transformer_blocks.{i}.norm1.emb.{dst}"] = shared[src]
+    if sd:  # an option the config does not name
+        left = sorted(sd)
+        raise ValueError(f"diffusers' DiTTransformer2DModel has no place for {len(left)} weights of this model "
+                         f"({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}); {_INSTEAD}")
     return diff_config, out
 
 
@@ -242,13 +263,14 @@ def export_diffusers(model: DiT, folder: str | os.PathLike, vae: str | os.PathLi
     with ``id2label``), refused where the pipeline would decode the run's latents wrongly
     (``pipeline_decoding_gap`` of ``data``, the run's data config).  Returns the folder."""
     folder = Path(folder)
+    # first: a model diffusers cannot represent is refused whatever the VAE, and before anything is written
+    diff_config, state_dict = to_diffusers_state_dict(model.state_dict(), model_config(model))
     if vae is not None:
         vae_scale = json.loads((_vae_dir(vae) / "config.json").read_text()).get("scaling_factor")
         gap = pipeline_decoding_gap(data, vae_scale)
         if gap is not None:
-            raise ValueError(f"cannot write a DiTPipeline: {gap}; export the transformer alone (without --vae) or "
-                             "--to safetensors, and sample with `ditkit sample --vae`")
-    diff_config, state_dict = to_diffusers_state_dict(model.state_dict(), model_config(model))
+            raise ValueError(f"cannot write a DiTPipeline: {gap}; export with --to safetensors, which carries the run's "
+                             "config, and sample that file with `ditkit sample --vae`")
     transformer = folder / "transformer" if vae is not None else folder
     save_state_dict(state_dict, transformer / f"{WEIGHTS}.safetensors", metadata={"format": "pt"})
     _write_json(transformer / "config.json", diff_config)

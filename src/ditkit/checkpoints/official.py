@@ -47,6 +47,9 @@ def model_config(model: DiT) -> dict:
         config.update(cond_channels=model.cond_channels, field_mode=model.field_mode)
     if model.cond_mode != "adaln":
         config.update(cond_mode=model.cond_mode)
+    if model.context_dim:
+        config.update(context_dim=model.context_dim, context_len=model.cond.sequence.max_len,
+                      param_dropout_prob=model.cond.dropout_prob)
     defaults = inspect.signature(DiT).parameters
     config.update({k: v for k, v in model.options.items() if v != defaults[k].default})  # the architecture options
     if model.repa_depth is not None:  # REPA's projector: in the state dict, unused by sampling
