@@ -427,12 +427,28 @@ def _class_ids(text: str, cfg: Config) -> list[int]:
     return class_ids([v.strip() for v in text.split(",") if v.strip()], cfg)
 
 
+def _vae_needed(cfg: Config) -> str:
+    """The message for a latent model sampled without a VAE: it names the VAE its cache was made with, where the
+    run's cache (``data.path``) or ``train.vae`` still says."""
+    from ditkit.data.latents import read_manifest
+
+    made_with = cfg.train.vae
+    if made_with is None and cfg.data.path:
+        try:
+            made_with = read_manifest(cfg.data.path).get("vae")
+        except (OSError, ValueError):
+            made_with = None
+    which = f"the VAE its latents were made with, {made_with}" if made_with else \
+        "the VAE its latents were made with (sd-vae-ft-ema or -mse for the official checkpoints)"
+    return f"this model samples VAE latents; give --vae PATH, a local folder of {which}"
+
+
 def _decoder(cfg: Config, vae_path: str | None, device, stored: dict | None = None):
     """x -> (uint8 N×H×W×3, raw float array or None) for the data kind of the run; arrays (``data.kind=fields``)
     come back in the data's units through the checkpoint's normaliser."""
     if cfg.data.kind == "latents":
         if vae_path is None:
-            raise ValueError("this model samples VAE latents; give --vae PATH (a local sd-vae-ft-ema/-mse folder)")
+            raise ValueError(_vae_needed(cfg))
         from ditkit.data.latents import decode_latents
         from ditkit.models.vae import load_vae
 
@@ -532,7 +548,7 @@ def _sample_contexts(model, cfg: Config, context: str | None, out, batch_size: i
     if wanted is not None and len(wanted) == 1:
         wanted = wanted * len(contexts)
     if cfg.data.kind == "latents" and vae is None:
-        raise ValueError("this model samples VAE latents; give --vae PATH (a local sd-vae-ft-ema/-mse folder)")
+        raise ValueError(_vae_needed(cfg))
     result = sample(model, cfg, labels=wanted, num_samples=len(contexts), vae=vae, seed=seed, speed=speed,
                     batch_size=batch_size, context=contexts)
     out = Path(out)

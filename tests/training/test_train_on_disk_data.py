@@ -39,7 +39,7 @@ def test_image_folder_trains_and_counts_unreadable_files(tmp_path, folder):
     assert record["loss"] == record["loss"] and "unreadable_images" in record
 
 
-def test_latent_cache_trains_and_samples_through_the_vae(tmp_path, folder):
+def test_latent_cache_trains_and_samples_through_the_vae(tmp_path, folder, capsys):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -55,3 +55,8 @@ def test_latent_cache_trains_and_samples_through_the_vae(tmp_path, folder):
           "--out", str(tmp_path / "samples"), "--num-samples", "4", "--device", "cpu"])
     batch = np.load(tmp_path / "samples" / "samples.npz")
     assert batch["arr_0"].shape == (4, 16, 16, 3) and batch["arr_0"].dtype == np.uint8
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out", str(tmp_path / "s2"),
+              "--num-samples", "4", "--device", "cpu"])
+    said = capsys.readouterr().err  # the VAE is named from the cache's manifest
+    assert f"give --vae PATH, a local folder of the VAE its latents were made with, {tmp_path / 'vae'}" in said
