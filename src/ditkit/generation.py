@@ -50,7 +50,7 @@ class Samples:
 
 def with_sample_settings(cfg: Config, **settings) -> Config:
     """``cfg`` with ``sample.<key>`` set for every setting that is not None, validated."""
-    given = {k: v for k, v in settings.items() if v is not None}
+    given = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items() if v is not None}
     return from_dict({"sample": given}, copy.deepcopy(cfg)).validate() if given else cfg
 
 
@@ -100,7 +100,7 @@ def _images(x: torch.Tensor, cfg: Config, vae) -> np.ndarray:
 def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | None = None, num_samples: int | None = None,
            steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None, vae=None, seed: int = 0,
            speed: str | SampleSpeed = "auto", batch_size: int = 64, params: torch.Tensor | None = None,
-           field: torch.Tensor | None = None, context=None, progress: bool = True) -> Samples:
+           field: torch.Tensor | None = None, context=None, progress: bool = True, **settings) -> Samples:
     """Samples from ``model`` (from ``ditkit.load_model``) with the sampler of ``cfg`` unless given.
 
     ``labels``: class ids or class names (``cfg.data.class_names``), one sample each (default:
@@ -111,7 +111,9 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     (normalised) units; ``context``: the sequences of embeddings of a model with ``model.context_dim``, one (M_i, E)
     array or tensor per sample, M_i varying (or a folder of such files, one sample per file in natural name order: ``load_contexts``);
     ``seed``: sample i's noise comes from (seed, i), whatever the batch size;
-    ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed).
+    ``speed``: a recipe name or ``SampleSpeed`` (``ditkit.fast``; ``model`` itself is not changed);
+    ``settings``: any other ``sample.<key>`` for this call, e.g. ``grid="shifted", shift=3.33``, ``eta``,
+    ``guidance_interval=(0.1, 0.9)``, ``guided_channels``, ``sde_diffusion`` (``ditkit config`` lists them).
     NaN or inf in ``params``, ``field`` or ``cfg_scale`` is refused: it would only yield NaN samples."""
     device = next(model.parameters()).device
     if cfg.data.kind == "sequences":
@@ -130,8 +132,8 @@ def sample(model: nn.Module, cfg: Config, labels: list[int] | torch.Tensor | Non
     contexts = _contexts(context, cfg)
     given = [len(v) for v in (labels, params, field, contexts) if v is not None]
     n = num_samples if num_samples is not None else (given[0] if given else 16)
-    check_sample_request(n, batch_size, cfg_scale, cli=False)
-    cfg = with_sample_settings(cfg, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+    check_sample_request(n, batch_size, cfg_scale, settings.get("guidance_interval"), cli=False)
+    cfg = with_sample_settings(cfg, steps=steps, cfg_scale=cfg_scale, sampler=sampler, **settings)
     if any(g != n for g in given):
         raise ValueError(f"labels/params/field/context hold {given} rows, but {n} samples were asked for")
     if isinstance(vae, (str, Path)):

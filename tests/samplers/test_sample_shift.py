@@ -7,6 +7,7 @@ import ditkit
 from ditkit.config import ConfigError, SampleConfig, load_config
 from ditkit.objectives.flow import FlowMatching
 from ditkit.sampling import generate
+from tests.models.dit_cases import randomised
 
 
 def _recorded_times(cfg: SampleConfig, objective: FlowMatching) -> list[float]:
@@ -54,3 +55,20 @@ def test_the_sample_line_names_the_grid_and_its_shift():
     assert sampler_text(load_config("digits", [*flow, "sample.grid=shifted", "sample.shift=3.33"])) == \
         "heun, 10 steps, shifted grid (shift 3.33), guidance 1.5"
     assert "shifted grid (shift 2)" in sampler_text(load_config("digits", [*flow, "objective.shift=2", "sample.grid=shifted"]))
+
+
+def test_ditkit_sample_takes_any_sample_setting():
+    """ditkit.sample(..., grid=, shift=, guidance_interval=): the same samples as the settings put in the config."""
+    cfg = load_config("digits", ["objective.name=flow", "sample.sampler=euler", "sample.steps=4", "model.hidden_size=32",
+                                 "model.depth=1", "model.num_heads=2"])
+    model = randomised(ditkit.build_model(cfg.model.name, **cfg.model.kwargs())).eval()  # a zero output would hide the grid
+    by_call = ditkit.sample(model, cfg, labels=[1, 2], grid="shifted", shift=3.0, guidance_interval=(0.2, 0.8),
+                            cfg_scale=2.0, speed="reference", progress=False)
+    set_cfg = load_config("digits", ["objective.name=flow", "sample.sampler=euler", "sample.steps=4", "model.hidden_size=32",
+                                     "model.depth=1", "model.num_heads=2", "sample.grid=shifted", "sample.shift=3.0",
+                                     "sample.guidance_interval=[0.2,0.8]", "sample.cfg_scale=2.0"])
+    by_config = ditkit.sample(model, set_cfg, labels=[1, 2], speed="reference", progress=False)
+    plain = ditkit.sample(model, cfg, labels=[1, 2], cfg_scale=2.0, speed="reference", progress=False)
+    assert torch.equal(by_call.x, by_config.x) and not torch.equal(by_call.x, plain.x)
+    with pytest.raises(ConfigError, match="griid"):
+        ditkit.sample(model, cfg, labels=[1], griid="shifted", progress=False)
