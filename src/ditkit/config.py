@@ -221,7 +221,8 @@ class TrainConfig:
                                             "compiled with CUDA graphs, else torch's 25")
     vae: str | None = opt(None, "local VAE (folder or file) to decode the sample grids of latent runs")
     repa_encoder: str | None = opt(None, "REPA: local folder of the frozen encoder (facebook/dinov2-base from the Hugging "
-                                         "Face hub, read by transformers' Dinov2Model); needed with model.repa_depth")
+                                         "Face hub, or a DINOv2 with registers; read by transformers); needed with "
+                                         "model.repa_depth")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 resume and rank splitting, and clear errors for a missing or damaged cache."""
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -201,3 +202,60 @@ def test_images_beside_the_latents_follow_the_view(vae, images, cache32, tmp_pat
         LatentDataset(cache32, images=True)
     with pytest.raises(ValueError, match=r"cache with images=True, not False"):
         extract_latents(images, vae, tmp_path, shard_size=2, num_workers=0, dtype=torch.float32)
+
+
+def tiny_vae(seed: int = 0):
+    """An AutoencoderKL of one level (no downsampling) and 8 channels: 10k parameters."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                                   block_out_channels=(8,), layers_per_block=1, norm_num_groups=4)
+
+
+def test_a_rerun_finds_its_vae_and_data_however_their_paths_are_spelled(images, tmp_path, monkeypatch):
+    """``--vae vae16s``, ``vae16s/``, its absolute path and a link to it are one folder; another VAE is refused."""
+    monkeypatch.chdir(tmp_path)
+    tiny_vae().save_pretrained(tmp_path / "vae16s")
+    (tmp_path / "link").symlink_to(tmp_path / "vae16s")
+    kwargs = {"image_size": 16, "device": "cpu", "shard_size": 4, "num_workers": 0}
+    first = build_latent_cache(images.source, "vae16s", "cache", **kwargs)
+    spellings = [("vae16s/", images.source + "/"), (str(tmp_path / "vae16s"), images.source), ("link", images.source)]
+    for vae, data in spellings:
+        assert build_latent_cache(data, vae, "cache", **kwargs)["count"] == first["count"] == 5
+    tiny_vae(seed=1).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"cache with vae='link', not 'other': use another output folder, or delete "
+                                         r"this one only if it is not wanted$"):
+        build_latent_cache(images.source, "other", "cache", **kwargs)
+
+
+def test_extract_names_what_a_folder_that_is_no_vae_holds(images, tmp_path, capsys):
+    """A DINOv2 folder, a VAE's config.json without its weights, another diffusers model: one line each."""
+    transformers = pytest.importorskip("transformers")
+    import diffusers
+
+    from ditkit.cli import main
+
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    (tmp_path / "config-only").mkdir()
+    tiny_vae().save_config(tmp_path / "config-only")
+    diffusers.UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+                          down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                          ).save_pretrained(tmp_path / "unet")
+    for folder, message in [
+        ("dinov2", "holds a transformers model of model_type 'dinov2', not a diffusers AutoencoderKL: download"),
+        ("config-only", ("has the config.json of an AutoencoderKL but no weights "
+                         "(diffusion_pytorch_model.safetensors or .bin): download")),
+        ("unet", "holds a diffusers UNet2DModel, not an AutoencoderKL: download"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(f'{tmp_path / folder} {message}')}") as err:
+            build_latent_cache(images.source, tmp_path / folder, tmp_path / "cache", image_size=16, device="cpu")
+        assert "\n" not in str(err.value)
+    capsys.readouterr()  # transformers' progress bar of save_pretrained
+    with pytest.raises(SystemExit) as exit_:
+        main(["extract", "--data", images.source, "--vae", str(tmp_path / "dinov2"), "--out", str(tmp_path / "cache"),
+              "--image-size", "16", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "model_type 'dinov2'" in err, err
+    assert not (tmp_path / "cache").exists()

@@ -3,6 +3,7 @@ the term, resumes bit for bit and samples from its checkpoint; a latent cache ex
 feeds them to the encoder; every wrong setting is one line naming its key."""
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,91 @@ def test_settings_the_run_cannot_use_are_named_at_start(tmp_path, encoder_dir, o
 def test_bad_values_fail_at_load_naming_the_key(encoder_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):
         digits(encoder_dir, *overrides)
+
+
+def tiny_registers_model(registers: int = 4):
+    torch.manual_seed(1)
+    config = transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=64, num_register_tokens=registers,
+                                                    patch_size=14)  # facebook/dinov2-with-registers-base's
+    return transformers.Dinov2WithRegistersModel(config).eval()
+
+
+def test_a_dinov2_with_registers_gives_its_patch_tokens_without_the_registers(tmp_path):
+    """Its tokens are [CLS, 4 registers, 16×16 patches]: the features are the last 256, in order."""
+    from ditkit.models.encoders import encoder_input
+    from ditkit.models.encoders import load_dinov2
+
+    model = tiny_registers_model()
+    model.save_pretrained(tmp_path / "dinov2-reg")
+    encoder = load_dinov2(tmp_path / "dinov2-reg", (16, 16))
+    image = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert encoder.input_size == (224, 224)
+    full = model(pixel_values=encoder_input(image, (224, 224))).last_hidden_state  # (2, 1 + 4 + 256, 32)
+    assert full.shape == (2, 261, 32)
+    torch.testing.assert_close(encoder(image), full[:, 5:])
+    assert not torch.allclose(full[:, 1:5], full[:, 5:9])  # the registers are not patches
+
+
+def test_digits_trains_with_a_dinov2_with_registers(tmp_path):
+    tiny_registers_model().save_pretrained(tmp_path / "dinov2-reg")
+    train(digits(tmp_path / "dinov2-reg", "train.steps=1"), tmp_path / "run", device="cpu")
+    assert -1 <= records(tmp_path / "run")[0]["repa"] <= 1
+
+
+def vit_folder(path: Path) -> None:
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=28, patch_size=14)
+    transformers.ViTModel(config).save_pretrained(path)
+
+
+def vae_folder(path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                            block_out_channels=(8,), layers_per_block=1, norm_num_groups=4).save_pretrained(path)
+
+
+def image_folder(path: Path) -> None:
+    (path / "cats").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path / "cats" / "0.png")
+
+
+def dinov2_without_weights(path: Path) -> None:
+    path.mkdir()
+    (path / "config.json").write_text(transformers.Dinov2Config(hidden_size=32).to_json_string())
+
+
+def dinov2_lacking_a_tensor(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.Dinov2Model(config).save_pretrained(path)
+    weights = load_file(path / "model.safetensors")
+    del weights["layernorm.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("make, message", [
+    (vit_folder, (r"holds a transformers model of model_type 'vit', not DINOv2: expected a transformers DINOv2 "
+                  r"folder \(model_type 'dinov2'")),
+    (vae_folder, r"holds a diffusers AutoencoderKL, not DINOv2: expected"),
+    (image_folder, (r"is not a DINOv2 model folder \(no config.json\): download facebook/dinov2-base into a new "
+                    r"folder, e.g. `huggingface-cli download facebook/dinov2-base --local-dir DINOV2_DIR`")),
+    (dinov2_without_weights, r"has the config.json of a dinov2 model but no weights transformers can read"),
+    (dinov2_lacking_a_tensor, (r": its weights leave 1 of the dinov2 model's tensors at random "
+                               r"\(layernorm.weight\): download the model again")),
+])
+def test_a_folder_that_is_not_a_whole_dinov2_is_refused_in_one_line(tmp_path, make, message):
+    make(tmp_path / "encoder")
+    with pytest.raises(ConfigError, match="^train.repa_encoder: " + re.escape(str(tmp_path / "encoder"))) as err:
+        train(digits(tmp_path / "encoder", "train.steps=1"), tmp_path / "run", device="cpu")
+    assert re.search(message, str(err.value)) and "\n" not in str(err.value), err.value
+    assert f"--local-dir {tmp_path / 'encoder'}" not in str(err.value)  # never download into a folder in use
+
+
+def test_only_an_absent_or_empty_folder_is_offered_as_the_download_target(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "absent", tmp_path / "empty"):
+        with pytest.raises(ConfigError, match=rf"no DINOv2 model at {re.escape(str(path))} .* --local-dir "
+                                              rf"{re.escape(str(path))}`$"):
+            train(digits(path, "train.steps=1"), tmp_path / "run", device="cpu")

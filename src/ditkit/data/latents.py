@@ -111,10 +111,10 @@ def extract_latents(
     if (out / MANIFEST).exists():
         old = {"images": False, **read_manifest(out)}
         for key in ("count", "image_shape", "shard_size", "source", "vae", "dtype", "images"):
-            if old[key] != manifest[key]:
+            if not _same(key, old[key], manifest[key]):
                 raise ValueError(
                     f"{out / MANIFEST} is a cache with {key}={old[key]!r}, not {manifest[key]!r}: "
-                    "use another output folder or delete this one"
+                    "use another output folder, or delete this one only if it is not wanted"
                 )
         manifest.update({k: old[k] for k in STATS if k in old})  # computed once, kept by a rerun
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
@@ -160,6 +160,14 @@ def extract_latents(
             tensors["image"] = torch.cat(pixels).contiguous()
         atomic_write(out / s["name"], lambda tmp: save_file(tensors, tmp, metadata={"start": str(s["start"])}))
     return _with_channel_stats(out, manifest)
+
+
+def _same(key: str, old, new) -> bool:
+    """Whether a rerun's manifest value agrees with the cache's: the data and the VAE are paths, the same
+    folder however spelled (vae16s, vae16s/, its absolute path or a link to it)."""
+    if key in ("source", "vae"):
+        return os.path.realpath(os.path.expanduser(old)) == os.path.realpath(os.path.expanduser(new))
+    return old == new
 
 
 STATS = ("channel_mean", "channel_std")

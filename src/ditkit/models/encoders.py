@@ -9,6 +9,7 @@ Any module mapping normalised images (B, 3, S_h, S_w) to patch features (B, S_h/
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -74,32 +75,82 @@ class RepaEncoder(nn.Module):
 
 
 class Dinov2Patches(nn.Module):
-    """transformers' Dinov2Model as a backbone: the final (layer-normed) patch tokens, CLS dropped."""
+    """transformers' Dinov2Model (or Dinov2WithRegistersModel) as a backbone: the final (layer-normed) patch
+    tokens.  The tokens are [CLS, R registers, N_e patches]; the CLS token and the registers carry no place in
+    the image, so the first ``1 + R`` are dropped."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.skip = 1 + getattr(model.config, "num_register_tokens", 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).last_hidden_state[:, 1:]  # (B, 1 + N_e, D) -> (B, N_e, D)
+        return self.model(pixel_values=x).last_hidden_state[:, self.skip:]  # (B, 1 + R + N_e, D) -> (B, N_e, D)
 
 
 def dinov2_encoder(model: nn.Module, grid: tuple[int, int]) -> RepaEncoder:
-    """A ``Dinov2Model`` (loaded or freshly built) as REPA's encoder for a DiT token grid ``grid``."""
+    """A DINOv2 model (loaded or freshly built) as REPA's encoder for a DiT token grid ``grid``."""
     c = model.config
     return RepaEncoder(Dinov2Patches(model), c.patch_size, c.hidden_size, grid)
 
 
-def load_dinov2(path: str | Path, grid: tuple[int, int], device: torch.device | str = "cpu") -> RepaEncoder:
-    """DINOv2 from a local folder (``Dinov2Model.from_pretrained``; never a download).  A missing
-    folder or a missing ``transformers`` is a ValueError saying what to install or fetch."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
+DINOV2_CLASSES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}  # model_type -> class
+_EXPECTED = "a transformers DINOv2 folder (model_type 'dinov2', e.g. facebook/dinov2-base, or 'dinov2_with_registers')"
+_DOWNLOAD = "huggingface-cli download facebook/dinov2-base --local-dir"
+
+
+def dinov2_model_type(path: Path) -> str:
+    """The ``model_type`` in the config.json of the folder ``path``, one of ``DINOV2_CLASSES``; anything else is a
+    ValueError naming the folder, what it holds and what is expected (a download into ``path`` is suggested
+    only where nothing is there yet)."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         raise ValueError(f"no DINOv2 model at {path} (a folder with config.json): download facebook/dinov2-base "
-                         f"from the Hugging Face hub, e.g. `huggingface-cli download facebook/dinov2-base "
-                         f"--local-dir {path}`")
+                         f"from the Hugging Face hub, e.g. `{_DOWNLOAD} {path}`")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a DINOv2 model folder (no config.json): download facebook/dinov2-base into "
+                         f"a new folder, e.g. `{_DOWNLOAD} DINOV2_DIR`, and give DINOV2_DIR")
     try:
-        from transformers import Dinov2Model
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+    config = config if isinstance(config, dict) else {}
+    kind = config.get("model_type")
+    if kind in DINOV2_CLASSES:
+        return kind
+    if config.get("_class_name"):
+        held = f"a diffusers {config['_class_name']}"
+    elif kind:
+        held = f"a transformers model of model_type {kind!r}"
+    else:
+        held = "a config.json without model_type"
+    raise ValueError(f"{path} holds {held}, not DINOv2: expected {_EXPECTED}")
+
+
+def load_dinov2(path: str | Path, grid: tuple[int, int], device: torch.device | str = "cpu") -> RepaEncoder:
+    """REPA's frozen encoder for a DiT token grid ``grid`` from the local DINOv2 folder ``path`` (never a
+    download).  The folder is checked before transformers reads it: its config.json must name a DINOv2 (with or
+    without registers) and every weight of that model must be there, so that REPA never aligns with another model
+    or with one left partly at its random initialisation.  Each refusal is a ValueError of one line."""
+    path = Path(path).expanduser()
+    kind = dinov2_model_type(path)
+    try:
+        import transformers
     except ImportError:
         raise ValueError("REPA's DINOv2 encoder needs transformers: pip install 'ditkit[repa]'") from None
-    return dinov2_encoder(Dinov2Model.from_pretrained(str(path), local_files_only=True), grid).to(device)
+    cls = getattr(transformers, DINOV2_CLASSES[kind], None)
+    if cls is None:
+        raise ValueError(f"{path} holds a {kind} model, which transformers {transformers.__version__} cannot read "
+                         f"({DINOV2_CLASSES[kind]}): upgrade transformers")
+    try:
+        model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except OSError as err:
+        if err.errno is not None:  # the system's (permissions, disk); transformers' own "no file named" has none
+            raise
+        raise ValueError(f"{path} has the config.json of a {kind} model but no weights transformers can read "
+                         "(model.safetensors or pytorch_model.bin)") from None
+    missing = sorted(info["missing_keys"])
+    if missing:
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ValueError(f"{path}: its weights leave {len(missing)} of the {kind} model's tensors at random "
+                         f"({listed}): download the model again")
+    return dinov2_encoder(model, grid).to(device)

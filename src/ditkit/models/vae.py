@@ -104,6 +104,24 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
         folder = _model_folder(path)
         if folder is None:
             raise ValueError(f"no VAE in {path} (no config.json there or in {path}/vae): {_HOW_TO_GET}")
+        import json
+
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+        config = config if isinstance(config, dict) else {}
+        # diffusers writes _class_name, transformers model_type: another model is named before its weights are sought
+        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ValueError(f"{folder} holds a diffusers {config['_class_name']}, not an AutoencoderKL: {_HOW_TO_GET}")
+        if "_class_name" not in config and config.get("model_type"):
+            raise ValueError(f"{folder} holds a transformers model of model_type {config['model_type']!r}, not a "
+                             f"diffusers AutoencoderKL: {_HOW_TO_GET}")
+        weights = [f"diffusion_pytorch_model.{s}" for s in ("safetensors", "bin", "safetensors.index.json",
+                                                             "bin.index.json")]
+        if not any((folder / w).is_file() for w in weights):
+            raise ValueError(f"{folder} has the config.json of an AutoencoderKL but no weights ({weights[0]} or "
+                             f".bin): {_HOW_TO_GET}")
         # low_cpu_mem_usage=False: the same load, without diffusers' warning when accelerate is absent.
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
     elif path.is_file():

@@ -1,5 +1,7 @@
 """The objective a training step calls with REPA on (``model.repa_depth``): the run's objective plus the
-alignment term, with the frozen encoder of ``train.repa_encoder`` loaded once on the training device."""
+alignment term, with the frozen encoder of ``train.repa_encoder`` loaded once on the training device.
+
+The encoder folder is checked before transformers reads it (``ditkit.models.encoders.load_dinov2``)."""
 from __future__ import annotations
 
 import torch
@@ -31,3 +33,4 @@ def repa_objective(cfg: Config, objective, grid: tuple[int, int], device: torch.
             f"{encoder.source_grid[0]}×{encoder.source_grid[1]} -> {grid[0]}×{grid[1]} tokens), "
             f"λ = {cfg.objective.repa_weight:g}")
     return RepaObjective(objective, encoder, cfg.objective.repa_weight), note
+
