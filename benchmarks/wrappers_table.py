@@ -42,7 +42,8 @@ def main(folder: Path) -> None:
                          for p in folder.glob(f"train_throughput_1gpu_ddp*_b{b}.json") if p.stem.split("_ddp", 1)[1][0].isdigit())
         for tag, name in (("plain", "`ditkit train`, one process"), ("ddp", "`ditkit train`, DDP (torchrun, 1 process)"),
                           *((f"ddp{mb}", f"`ditkit train`, DDP, {mb} MiB buckets (torchrun, 1 process)") for mb in buckets),
-                          ("fsdp", "`ditkit train`, FSDP (torchrun, 1 process)")):
+                          ("fsdp", "`ditkit train`, FSDP (torchrun, 1 process)"),
+                          ("fsdpeager", "`ditkit train`, FSDP, fastest's levers without torch.compile (torchrun, 1 process)")):
             r = train_row(folder, f"{tag}_b{b}")
             if r is None:
                 continue

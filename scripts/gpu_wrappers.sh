@@ -5,7 +5,8 @@
 # collectives are in the step), at 32 and 128 images per step.
 #   PYTHONPATH=src bash scripts/gpu_wrappers.sh [BATCHES] [PARTS]   # defaults "32 128", "official fastest plain ddp fsdp"
 #   (ddp: the default buckets, one for all gradients under CUDA graphs; the part ddp_buckets adds DDP with
-#   train.ddp_bucket_mb at each size of $DDP_BUCKETS, default 25, torch's size)
+#   train.ddp_bucket_mb at each size of $DDP_BUCKETS, default 25, torch's size; fsdp_eager adds FSDP with the
+#   levers of fastest but without torch.compile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 batches=${1:-"32 128"}
@@ -35,6 +36,11 @@ for b in $batches; do
                 "train.distributed=$mode" --tag "${mode}_b$b" || true
         fi
     done
+    if [[ " $parts " == *" fsdp_eager "* ]]; then  # FSDP with fastest's levers but no torch.compile
+        python benchmarks/train_throughput.py "${common[@]}" --torchrun --extra train.distributed=fsdp \
+            train.speed=fused_mlp+fused_attention+tuned_linear+fused_norm+bf16_residual+master_weights+fp8_forward+fp8_backward \
+            --tag "fsdpeager_b$b" || true
+    fi
     if [[ " $parts " == *" ddp_buckets "* ]]; then  # larger DDP buckets: fewer pieces of the compiled graph
         for mb in ${DDP_BUCKETS:-25}; do
             python benchmarks/train_throughput.py "${common[@]}" --torchrun --extra train.speed=fastest \
