@@ -101,7 +101,7 @@ def main() -> None:
         run_dir = work / model.replace("/", "_")
         record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         out = os.environ.get("OUT")
-        for profile in run_dir.glob("profile_*.txt") if out else []:  # train.profile=A-B: the table comes back
+        for profile in run_dir.glob("profile_*.txt") if out else []:  # train.profile=A-B: its table is copied to $OUT
             shutil.copy(profile, Path(out, f"{args.tag}_{model.replace('/', '_')}_{profile.name}"))
         shutil.rmtree(run_dir, ignore_errors=True)  # an XL/2 checkpoint is several GB: runs in a row would fill the disk
         said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith(("speed", "master_weights", "DDP"))]

@@ -38,8 +38,8 @@ def main(folder: Path) -> None:
             cells.append(("official step, bf16 autocast (bench)", official[b]["img_per_s"], official[b]["peak_mem_gib"], None))
         if b in fastest:
             cells.append(("ditkit step, `fastest` (bench)", fastest[b]["img_per_s"], fastest[b]["peak_mem_gib"], None))
-        buckets = sorted(int(p.stem.split("_ddp", 1)[1].split("_b", 1)[0])
-                         for p in folder.glob(f"train_throughput_1gpu_ddp*_b{b}.json") if p.stem.split("_ddp", 1)[1][0].isdigit())
+        buckets = sorted({p.stem.split("_ddp", 1)[1].rsplit("_b", 1)[0] for p in folder.glob(f"train_throughput_1gpu_ddp*_b{b}.json")
+                          if p.stem.split("_ddp", 1)[1][0].isdigit()}, key=float)  # DDP_BUCKETS sizes, 12.5 too
         for tag, name in (("plain", "`ditkit train`, one process"), ("ddp", "`ditkit train`, DDP (torchrun, 1 process)"),
                           *((f"ddp{mb}", f"`ditkit train`, DDP, {mb} MiB buckets (torchrun, 1 process)") for mb in buckets),
                           ("fsdp", "`ditkit train`, FSDP (torchrun, 1 process)"),

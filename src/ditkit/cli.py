@@ -124,7 +124,7 @@ def cmd_sample(args) -> None:
                                progress=True, speed=args.speed, seed=args.seed, ema=not args.no_ema, device=args.device,
                                context=args.context, **settings))
         return
-    line = sample_checkpoint(args.ckpt, args.out, num_samples=args.num_samples or 100, batch_size=args.batch_size,
+    line = sample_checkpoint(args.ckpt, args.out, num_samples=100 if args.num_samples is None else args.num_samples, batch_size=args.batch_size,
                              settings=settings, speed=args.speed, labels=args.labels, seed=args.seed, vae=args.vae,
                              cond=args.cond, ema=not args.no_ema, device=args.device, context=args.context)
     if line:

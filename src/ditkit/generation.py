@@ -589,4 +589,4 @@ def _sample_fields(ckpt, model, cfg: Config, stored: dict, cond: str | None, out
     out = Path(out)
     atomic_save_npz(out / "samples.npz", samples=x.numpy(), **{k: v.numpy() for k, v in arrays.items()})
     save_sample_grid(x[:64], cfg, out / "grid.png", nrow=8)
-    return f"{len(x)} fields in physical units ({cfg.sample.sampler}, {cfg.sample.steps} steps) -> {out / 'samples.npz'}"
+    return f"{len(x)} fields in physical units ({sampler_text(cfg)}) -> {out / 'samples.npz'}"

@@ -32,8 +32,10 @@ def check_sample_request(num_samples: int, batch_size: int, cfg_scale: float | N
         raise ValueError(f"{name('batch_size')} must be at least 1, got {batch_size}")
     if cfg_scale is not None and not math.isfinite(cfg_scale):
         raise ValueError(f"{name('cfg_scale')} must be a finite number, got {cfg_scale}")
-    if guidance_interval is not None and not all(math.isfinite(v) for v in guidance_interval):
-        raise ValueError(f"{name('guidance_interval')} must be two finite noise levels, got {list(guidance_interval)}")
+    if guidance_interval is not None and not (isinstance(guidance_interval, (list, tuple)) and len(guidance_interval) == 2
+                                              and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                      for v in guidance_interval)):
+        raise ValueError(f"{name('guidance_interval')} must be two finite noise levels, got {guidance_interval!r}")
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:

@@ -56,7 +56,7 @@ def test_every_such_option_is_named_in_one_line(tmp_path):
 
 
 def test_sequence_conditioning_is_refused(tmp_path):
-    refused(DiT(**{**SMALL, "context_dim": 8}), tmp_path)
+    assert "model.context_dim=8" in refused(DiT(**{**SMALL, "context_dim": 8}), tmp_path)
 
 
 def test_a_pipeline_export_refuses_the_option_first(tmp_path):

@@ -224,9 +224,10 @@ def test_a_rerun_finds_its_vae_and_data_however_their_paths_are_spelled(images, 
     for vae, data in spellings:
         assert build_latent_cache(data, vae, "cache", **kwargs)["count"] == first["count"] == 5
     tiny_vae(seed=1).save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match=r"cache with vae='link', not 'other': use another output folder, or delete "
+    with pytest.raises(ValueError, match=r"cache with vae='\S+/link', not '\S+/other': use another output folder, or delete "
                                          r"this one only if it is not wanted$"):
         build_latent_cache(images.source, "other", "cache", **kwargs)
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["vae"] == str(tmp_path / "link")  # absolute
 
 
 def test_extract_names_what_a_folder_that_is_no_vae_holds(images, tmp_path, capsys):

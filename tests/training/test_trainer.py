@@ -458,6 +458,9 @@ def test_the_ddp_bucket_size_reaches_ddp():
         model = build_model(cfg.model.name, **cfg.model.kwargs())
         ddp = _wrap_distributed(model, cfg, DistInfo(world_size=2))
         assert ddp.bucket_bytes_cap == 64 * 1024 * 1024
+        plain = load_config("digits", overrides=[*TINY, "train.distributed=ddp"])  # the speed plan's size, else 25
+        assert _wrap_distributed(model, plain, DistInfo(world_size=2), bucket_mb=6.0).bucket_bytes_cap == 6 * 2 ** 20
+        assert _wrap_distributed(model, plain, DistInfo(world_size=2)).bucket_bytes_cap == 25 * 2 ** 20
     finally:
         dist.destroy_process_group()
 

@@ -257,7 +257,8 @@ def build_latent_cache(
     dataset = ImageDataset(data, image_size, labels_file=labels_file, num_classes=num_classes, random_flip=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_vae(vae_path, device=device, dtype=vae_dtype)
-    manifest = extract_latents(dataset, vae, out_dir, vae_name=str(vae_path), **extract_kwargs)
+    manifest = extract_latents(dataset, vae, out_dir, vae_name=os.path.abspath(os.path.expanduser(vae_path)),
+                               **extract_kwargs)  # absolute: the manifest names the VAE wherever it is read from
     if dataset.num_unreadable:
         log.warning("%d unreadable images were replaced by their successors: %s", dataset.num_unreadable,
                     ", ".join(dataset.unreadable_files()[:5]))

@@ -233,7 +233,8 @@ def read_sequence_params(path: str | Path, root: Path, files: list[Path], names:
     """(N, P) float64 parameters of ``files``, in their order, and the column names, from a CSV whose header has a
     ``file`` column (each sample's path below ``root``, with or without ``.npy``) and one column per parameter
     (``names`` picks some; default all).  A sample without a row, or a cell that is not a number, is named; rows for
-    no sample are warned of (``warn``: the start-up check, which reads the table first, leaves that to the dataset)."""
+    no sample are warned of, by the first rank (``warn``: the start-up check, which reads the table first, leaves that
+    to the dataset)."""
     import csv
 
     path = Path(path)
@@ -263,7 +264,9 @@ def read_sequence_params(path: str | Path, root: Path, files: list[Path], names:
     if absent:
         raise ValueError(f"params file {path} has no row for {len(absent)} of {len(keys)} samples (first: {absent[0]})")
     stray = sorted(set(table) - set(keys))
-    if stray and warn:  # a subset of a larger table is fine, but a misspelt name would otherwise go unnoticed
+    first_rank = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0  # every rank builds the dataset; one says it
+    if stray and warn and first_rank:  # a subset of a larger table is fine, but a misspelt name would otherwise go unnoticed
         log.warning("params file %s has %d rows for no sample below %s (first: %s)", path, len(stray), root, stray[0])
     values = np.array([table[k] for k in keys], dtype=np.float64)
     if not np.isfinite(values).all():

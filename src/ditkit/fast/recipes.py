@@ -323,15 +323,17 @@ class TrainPlan:
         Why one bucket: dynamo cuts the compiled step at every bucket (so that each bucket's all-reduce can start
         during the backward), and each piece is a CUDA graph of its own with the communication hook run eagerly
         between them; at small batches per GPU the step is bound by that host work (docs/multi_gpu.md).  One
-        bucket keeps the step one graph, at the price of starting the all-reduce after the backward."""
+        bucket leaves two pieces (dynamo closes its first bucket at 1 MiB) instead of one per 25 MiB, at the
+        price of starting most of the all-reduce after the backward."""
         if configured is not None:
             return configured, None
         if not (self.run.parallel == "ddp" and self.cuda_graphs):
             return 25.0, None
         size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2 ** 20
         mb = float(math.ceil(size) + 1)
-        return mb, (f"DDP: the gradients in one bucket of {mb:.0f} MiB, so that the compiled step stays one CUDA graph "
-                    "(train.ddp_bucket_mb sets smaller buckets, which start the all-reduce during the backward)")
+        return mb, (f"DDP: the gradients in one bucket of {mb:.0f} MiB, so that dynamo cuts the compiled step into "
+                    "two pieces, not one per bucket (train.ddp_bucket_mb sets smaller buckets, which start the "
+                    "all-reduce during the backward)")
 
     @property
     def cuda_graphs(self) -> bool:

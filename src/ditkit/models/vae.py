@@ -12,6 +12,7 @@ told otherwise.  Weights are never downloaded here: ``load_vae`` reads a local f
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -104,8 +105,6 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
         folder = _model_folder(path)
         if folder is None:
             raise ValueError(f"no VAE in {path} (no config.json there or in {path}/vae): {_HOW_TO_GET}")
-        import json
-
         try:
             config = json.loads((folder / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -33,4 +33,3 @@ def repa_objective(cfg: Config, objective, grid: tuple[int, int], device: torch.
             f"{encoder.source_grid[0]}×{encoder.source_grid[1]} -> {grid[0]}×{grid[1]} tokens), "
             f"λ = {cfg.objective.repa_weight:g}")
     return RepaObjective(objective, encoder, cfg.objective.repa_weight), note
-
