@@ -312,7 +312,8 @@ class Config:
              "0 (off) or above 1 (a loss over that many times its running mean is a spike)"),
             (self.train.max_minutes >= 0, "train.max_minutes", "non-negative (0: no time limit)"),
             (self.train.budget_minutes >= 0, "train.budget_minutes", "non-negative (0: no budget)"),
-            (self.train.ddp_bucket_mb is None or self.train.ddp_bucket_mb > 0, "train.ddp_bucket_mb", "positive"),
+            (self.train.ddp_bucket_mb is None or self.train.ddp_bucket_mb >= 1, "train.ddp_bucket_mb",
+             "at least 1 (MiB; under torch.compile no bucket may be smaller than dynamo's first, 1 MiB)"),
             (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
              "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),
         ]

@@ -461,6 +461,8 @@ def test_the_ddp_bucket_size_reaches_ddp():
         plain = load_config("digits", overrides=[*TINY, "train.distributed=ddp"])  # the speed plan's size, else 25
         assert _wrap_distributed(model, plain, DistInfo(world_size=2), bucket_mb=6.0).bucket_bytes_cap == 6 * 2 ** 20
         assert _wrap_distributed(model, plain, DistInfo(world_size=2)).bucket_bytes_cap == 25 * 2 ** 20
+        with pytest.raises(ConfigError, match="train.ddp_bucket_mb must be at least 1 .MiB"):
+            load_config("digits", overrides=["train.ddp_bucket_mb=0.5"])
     finally:
         dist.destroy_process_group()
 

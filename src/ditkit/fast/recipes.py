@@ -323,8 +323,9 @@ class TrainPlan:
         Why one bucket: dynamo cuts the compiled step at every bucket (so that each bucket's all-reduce can start
         during the backward), and each piece is a CUDA graph of its own with the communication hook run eagerly
         between them; at small batches per GPU the step is bound by that host work (docs/multi_gpu.md).  One
-        bucket leaves two pieces (dynamo closes its first bucket at 1 MiB) instead of one per 25 MiB, at the
-        price of starting most of the all-reduce after the backward."""
+        bucket leaves a few pieces (dynamo closes its first bucket at 1 MiB; three for a small DiT in
+        tests/training/test_ddp_graph_pieces.py) instead of one per 25 MiB, at the price of starting most of the
+        all-reduce after the backward."""
         if configured is not None:
             return configured, None
         if not (self.run.parallel == "ddp" and self.cuda_graphs):
@@ -332,7 +333,7 @@ class TrainPlan:
         size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2 ** 20
         mb = float(math.ceil(size) + 1)
         return mb, (f"DDP: the gradients in one bucket of {mb:.0f} MiB, so that dynamo cuts the compiled step into "
-                    "two pieces, not one per bucket (train.ddp_bucket_mb sets smaller buckets, which start the "
+                    "a few pieces, not one per bucket (train.ddp_bucket_mb sets smaller buckets, which start the "
                     "all-reduce during the backward)")
 
     @property
