@@ -103,6 +103,22 @@ def test_one_process_checkpoint_resumes_on_two_processes(tmp_path, mode):
     assert losses(run).keys() == {1, 2, 3, 4, 5}
 
 
+def test_a_two_process_run_resumed_on_one_process_keeps_its_shards(tmp_path, caplog):
+    """3 steps on 2 processes (DDP, 1 accumulation step), then `ditkit train --run-dir R --resume` on 1 process
+    with the run's own config: the accumulation becomes 2, so the run goes on bit for bit as 1 process with 2
+    accumulation steps would have run it, and one line says why."""
+    from ditkit.cli import main
+
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    reference(ref, 5)
+    torchrun(2, *COMMON, "--steps", "3", "--run-dir", str(run), *overrides(*KEEP))
+    with caplog.at_level("INFO", logger="ditkit.train"):
+        main(["train", "--run-dir", str(run), "--resume", "--steps", "5", "--device", "cpu"])
+    assert "train.grad_accum = 2 (the checkpoint's 2 shards per step over 1 process" in caplog.text
+    assert_same_weights(final_weights(run), final_weights(ref))
+    assert losses(run).keys() == {1, 2, 3, 4, 5}
+
+
 LEVERS = "fused_mlp+fused_attention+tuned_linear+fused_norm+bf16_residual"  # the levers that run on a CPU
 
 

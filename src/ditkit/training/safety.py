@@ -148,7 +148,7 @@ def any_rank(flag: bool, info) -> bool:
 
 # What may not change on --resume without --allow-changes: each changes the batches or the random draws,
 # so the resumed run would no longer be the one it was (train.grad_accum and the number of processes may:
-# the same global batch gives the same steps).
+# the trainer keeps their product, the shards of a step, where it can; trainer._keep_shards).
 RESUME_FIXED = {"train": ("seed", "global_batch_size"), "data": ("kind", "path", "labels_file", "image_size", "flip",
                                                                   "params_file", "field_file", "log_transform",
                                                                   "field_log_transform", "latent_norm", "length_buckets", "axes",

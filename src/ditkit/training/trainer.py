@@ -277,6 +277,31 @@ def _resume_state(ckpt_dir: Path, cfg: Config, resume: bool, resume_from, allow_
     return state
 
 
+def _keep_shards(cfg: Config, state: dict, info: DistInfo) -> Config:
+    """``cfg`` for resuming ``state`` on ``info.world_size`` processes.  A step's global batch is cut into
+    processes × accumulation shards, and each shard's random draws come from (seed, step, shard): the same number
+    of shards gives the same micro-batches and draws, so the run goes on bit for bit.  With the accumulation the
+    checkpoint's and another number of processes, the accumulation is changed to keep the shards (said in one
+    line); where it cannot be (it was changed, or does not divide), the run goes on with other draws, and a
+    warning says so."""
+    shards = state.get("extra", {}).get("shards")
+    accum, world = cfg.train.grad_accum, info.world_size
+    if not shards or shards == world * accum:
+        return cfg
+    saved_accum = state["config"].get("train", {}).get("grad_accum", accum)
+    if accum == saved_accum and shards % world == 0:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.grad_accum = shards // world
+        log.info(f"train.grad_accum = {cfg.train.grad_accum} (the checkpoint's {shards} shards per step over {world} "
+                 f"process{'es' if world > 1 else ''}: the same micro-batches and random draws)")
+        return cfg
+    keep = f"; train.grad_accum={shards // world} would keep them" if shards % world == 0 else ""
+    log.warning(f"resuming as {world} process{'es' if world > 1 else ''} × {accum} accumulation = {world * accum} shards "
+                f"per step, where the checkpoint had {shards}: the global batch is the same, but its random draws are "
+                f"split otherwise, so the run goes on statistically alike, not bit for bit{keep}")
+    return cfg
+
+
 def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume: bool, init_from, speed, resume_from,
            allow_changes: bool) -> dict:
     dev = info.device
@@ -302,6 +327,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     state = _resume_state(ckpt_dir, cfg, resume, resume_from, allow_changes, init_from)
     start_step, extra = 0, {}
     if state is not None:
+        cfg = _keep_shards(cfg, state, info)
         model.load_state_dict(state["model"])
         start_step = int(state["step"])
         extra = state.get("extra", {})
@@ -429,7 +455,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
         model_sd = opt.master_state_dict(model) if hasattr(opt, "master_state_dict") else _full_state_dict(model, cfg, info)
         st = {"model": model_sd, "ema": ema_sd, "opt": _optimizer_state(train_model, opt, cfg, info),
               "step": step, "config": cfg.to_dict(),
-              "extra": {"nonfinite_total": nonfinite_total, "loss_guard": guard.state_dict(), "train_seconds": trained()}}
+              "extra": {"nonfinite_total": nonfinite_total, "loss_guard": guard.state_dict(), "train_seconds": trained(),
+                        "shards": info.world_size * cfg.train.grad_accum}}
         normalizer = getattr(dataset.inner, "normalizer", None)  # fields: samples go back to physical units
         if normalizer is not None:
             st["normalizer"] = normalizer.state_dict()
