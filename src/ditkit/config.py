@@ -316,6 +316,8 @@ class Config:
              "at least 1 (MiB; under torch.compile no bucket may be smaller than dynamo's first, 1 MiB)"),
             (self.train.distributed == "fsdp" or (self.train.fsdp_reshard and not self.train.fsdp_bf16_gather),
              "train.distributed", "fsdp with train.fsdp_reshard=false or train.fsdp_bf16_gather=true (FSDP's options)"),
+            (self.train.distributed == "ddp" or self.train.ddp_bucket_mb is None,
+             "train.distributed", "ddp with train.ddp_bucket_mb (DDP's option)"),
         ]
         for ok, name, what in checks:
             if not ok:

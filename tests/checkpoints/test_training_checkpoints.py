@@ -239,3 +239,16 @@ def test_other_errors_pass_through_unchanged(tmp_path):
     with pytest.raises(RuntimeError, match="something else"):
         atomic_write(tmp_path / "a.pt", write)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """mkstemp makes its files 0600, and safetensors' writer sets 0600 again: the file written keeps neither."""
+    from ditkit.checkpoints.formats import save_state_dict
+
+    umask = os.umask(0o022)
+    try:
+        save_state_dict({"a": torch.zeros(3)}, tmp_path / "ema.safetensors")
+        save_state_dict({"a": torch.zeros(3)}, tmp_path / "ema.pt")
+    finally:
+        os.umask(umask)
+    assert {oct(os.stat(p).st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}

@@ -37,7 +37,10 @@ def test_auto_is_reference_on_a_cpu_and_a_named_recipe_says_why():
     assert plan.speed == TrainSpeed() and plan.notes == []
     plan = train_speed("fastest", TrainRun(CPU, torch.bfloat16))
     assert plan.speed == TrainSpeed()
-    assert plan.notes == ["speed fastest: the fast levers need a CUDA GPU; this run is on cpu: training the reference modules"]
+    assert plan.notes == ["speed fastest: the fast levers need a CUDA GPU; this run is on cpu: training the reference "
+                          "modules (named, fused_mlp+fused_attention+tuned_linear+fused_norm+bf16_residual run on a CPU "
+                          "too)"]
+    assert train_speed(recipes.CPU_LEVERS, TrainRun(CPU, torch.bfloat16)).speed.fused_norm  # and they do
     assert resolve_sample_speed("fast", CPU) == (SampleSpeed(), [
         "speed fast: the fast levers need a CUDA GPU; sampling on cpu with the reference numerics"])
 

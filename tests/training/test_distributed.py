@@ -111,7 +111,9 @@ def test_a_two_process_run_resumed_on_one_process_keeps_its_shards(tmp_path, cap
 
     run, ref = tmp_path / "run", tmp_path / "ref"
     reference(ref, 5)
-    torchrun(2, *COMMON, "--steps", "3", "--run-dir", str(run), *overrides(*KEEP))
+    said = torchrun(2, *COMMON, "--steps", "3", "--run-dir", str(run), *overrides(*KEEP))
+    assert "batch: 16 global = 2 processes (DDP) × 8 micro-batch × 1 accumulation" in said  # the wrapper is named
+    assert said.count("trained to step 3") == 1  # said by rank 0 alone
     with caplog.at_level("INFO", logger="ditkit.train"):
         main(["train", "--run-dir", str(run), "--resume", "--steps", "5", "--device", "cpu"])
     assert "train.grad_accum = 2 (the checkpoint's 2 shards per step over 1 process" in caplog.text

@@ -34,6 +34,7 @@ def torchrun(nproc, *args):
            "-m", "ditkit", *args]
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
 
 
 def overrides(*extra):
@@ -463,6 +464,8 @@ def test_the_ddp_bucket_size_reaches_ddp():
         assert _wrap_distributed(model, plain, DistInfo(world_size=2)).bucket_bytes_cap == 25 * 2 ** 20
         with pytest.raises(ConfigError, match="train.ddp_bucket_mb must be at least 1 .MiB"):
             load_config("digits", overrides=["train.ddp_bucket_mb=0.5"])
+        with pytest.raises(ConfigError, match="train.distributed must be ddp with train.ddp_bucket_mb"):
+            load_config("digits", overrides=["train.distributed=fsdp", "train.ddp_bucket_mb=64"])
     finally:
         dist.destroy_process_group()
 

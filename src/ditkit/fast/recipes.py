@@ -208,12 +208,16 @@ def resolve_train_speed(speed: str | TrainSpeed, run: TrainRun) -> tuple[TrainSp
     return s, notes
 
 
+# The training levers whose modules also run on a CPU (their kernels have eager forms): what the CPU tests compare.
+CPU_LEVERS = "fused_mlp+fused_attention+tuned_linear+fused_norm+bf16_residual"
+
+
 def _serving(name: str | None, s: TrainSpeed, run: TrainRun) -> tuple[TrainSpeed, list[str]]:
     """The levers of ``s`` that serve ``run``: for a named recipe, the rest left out with one line each."""
     notes = []
     if name is not None and name != "reference" and run.device.type != "cuda":
         notes.append(f"speed {name}: the fast levers need a CUDA GPU; this run is on {run.device.type}: "
-                     "training the reference modules")
+                     f"training the reference modules (named, {CPU_LEVERS} run on a CPU too)")
         return TRAIN_RECIPES["reference"], notes
     if name is not None and not fp8_tensor_cores(run.device) and (s.fp8_forward or s.fp8_backward):
         s = dataclasses.replace(s, fp8_forward=False, fp8_backward=False)

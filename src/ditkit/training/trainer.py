@@ -386,7 +386,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
                         pin_memory=dev.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     batches = iter(loader)
     if info.is_main:
-        log.info(_summary(cfg, dataset, model, num_params, info.world_size, sampler.micro, start_step, speed_line))
+        log.info(_summary(cfg, dataset, model, num_params, info.world_size, sampler.micro, start_step, speed_line,
+                          _parallel(cfg, info)))
         embed = model.x_embedder.proj.weight  # (hidden, C, *patch): a token's width and its patch's values
         width, values = embed.shape[0], math.prod(embed.shape[1:])
         if width < values:
@@ -577,7 +578,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
 
 
 def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size: int, micro: int, start_step: int,
-             speed_line: str) -> str:
+             speed_line: str, parallel: str = "none") -> str:
     """The start-up block: what the run found and what it will do."""
     d, inner = cfg.data, dataset.inner
     classes = len(getattr(inner, "classes", None) or []) or getattr(inner, "num_classes", None)
@@ -594,7 +595,7 @@ def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size
     grid = model.grid
     size, p = "×".join(map(str, grid.size)), model.patch_size
     patch = p if isinstance(p, int) else "×".join(map(str, p))
-    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}" + (f" ({parallel.upper()})" if parallel != "none" else "")
     global_batch = world_size * micro * cfg.train.grad_accum
     m, o, t = cfg.model, cfg.objective, cfg.train
     block = [name for on, name in ((m.pos_embed == "rope", "RoPE"), (m.norm == "rmsnorm", "RMSNorm"),

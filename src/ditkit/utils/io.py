@@ -36,9 +36,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make files private to their writer
     try:
         write(tmp)
+        # after the write: mkstemp's 0600, which a writer may also set anew (safetensors' save_file does), would
+        # make the file private to its writer
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
