@@ -22,7 +22,7 @@ from ditkit.fast.fused_norm import (
     revert_fused_norm,
 )
 from ditkit.kernels import norm as norm_kernels
-from ditkit.models.dit import DiTBlock, FinalLayer, build_model, modulate
+from ditkit.models.dit import DiT, DiTBlock, FinalLayer, build_model, modulate
 from tests.conftest import rel_err
 
 G = torch.Generator().manual_seed(0)
@@ -303,3 +303,28 @@ def test_compiled_model_equals_eager():
     assert len(eager) == len(got)
     for a, b in zip(eager, got):
         assert torch.equal(a, b) or rel_err(b, a) < 1e-5
+
+
+def test_under_fsdp_a_fused_block_returns_no_view():
+    """FSDP2 hooks a block's output tensors for its backward and warns of a view, whose in-place change would drop
+    the hook: the fused blocks under FSDP hand on copies where a tensor would be a view (the adaLN gate's chunk)."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+        assert convert_to_fused_norm(model) == 3
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = model(torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2,)), torch.randint(0, 10, (2,)))
+            out.square().mean().backward()
+        assert not [w for w in seen if "view tensor" in str(w.message)]
+    finally:
+        dist.destroy_process_group()

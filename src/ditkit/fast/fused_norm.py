@@ -228,7 +228,9 @@ class FusedNormBlock(DiTBlock):
         if self.defer_residual:
             # Under FSDP2 this block's gathered weights are freed after its forward, so fc2's bias cannot be
             # handed to the next block (which reads it there and in its backward): the MLP adds it itself.
-            m, m_bias = (self.mlp(h), None) if isinstance(self, FSDPModule) else _without_last_bias(self.mlp, h, h_fp8)
+            if isinstance(self, FSDPModule):  # FSDP2 hooks the output tensors for the backward: none may be a view
+                return PendingResidual(*(t.clone() if t._is_view() else t for t in (x, self.mlp(h), gate_mlp)))
+            m, m_bias = _without_last_bias(self.mlp, h, h_fp8)
             return PendingResidual(x, m, gate_mlp, m_bias)
         return x + gate_mlp.unsqueeze(1) * (self.mlp(h, x_fp8=h_fp8) if h_fp8 is not None else self.mlp(h))
 
