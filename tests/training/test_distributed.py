@@ -143,16 +143,19 @@ def test_cpu_speed_levers_in_bf16_on_two_processes_follow_one_process(tmp_path, 
 
 FAKE_SLURM = {  # what the script asks of SLURM, played on this host; the job step is one process group
     "srun": 'while [[ $1 == --* ]]; do shift; done\nsetsid "$@" &\necho $! > "$FAKE_SLURM/step"\nwait $!\n',
-    "scancel": 'kill -TERM -- -"$(cat "$FAKE_SLURM/step")"\n',
+    "scancel": '[[ $* == "--signal=TERM $SLURM_JOB_ID.0" ]] || { echo "scancel $*: not the training step" >&2; exit 1; }\n'
+               'kill -TERM -- -"$(cat "$FAKE_SLURM/step")"\n',
     "scontrol": 'case $1 in show) echo 127.0.0.1 ;; requeue) echo "$2" >> "$FAKE_SLURM/requeued" ;; esac\n',
 }
 
 
-def test_slurm_script_checkpoints_before_the_time_limit_and_requeues(tmp_path):
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_slurm_script_checkpoints_before_the_time_limit_and_requeues(tmp_path, sig, requeued):
     """scripts/slurm_train.sbatch with srun, scancel and scontrol played on this host (one node of one
-    process): the time limit's warning, a SIGTERM to the batch shell, reaches ditkit, which checkpoints and
-    stops, and the job requeues itself.  The requeued job runs the same command, whose --resume continues
-    from that checkpoint (--resume after a stop under torchrun: test_safety.py)."""
+    process): the time limit's warning, a SIGUSR1 to the batch shell, reaches ditkit's training step, which
+    checkpoints and stops, and the job requeues itself.  The requeued job runs the same command, whose --resume
+    continues from that checkpoint (--resume after a stop under torchrun: test_safety.py).  A cancel (SIGTERM)
+    also checkpoints, but does not requeue."""
     script = Path(__file__).parents[2] / "scripts" / "slurm_train.sbatch"
     assert "export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1" in script.read_text()
     fake = tmp_path / "slurm"
@@ -170,9 +173,9 @@ def test_slurm_script_checkpoints_before_the_time_limit_and_requeues(tmp_path):
     deadline = time.time() + 240
     while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # --signal=B:TERM@120
+    proc.send_signal(sig)  # --signal=B:USR1@120, or scancel JOBID
     out = proc.communicate(timeout=240)[0]
     assert proc.returncode != 0 and "stopped by a signal" in out, out[-3000:]
     assert "no checkpoint in" in out and "starting a new run" in out  # --resume: the same command continues
     assert 1 <= final_weights(run)["step"] < 400
-    assert (fake / "requeued").read_text() == "4242\n", out[-3000:]
+    assert (fake / "requeued").read_text() == "4242\n" if requeued else not (fake / "requeued").exists(), out[-3000:]
