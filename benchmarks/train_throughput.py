@@ -77,10 +77,11 @@ def main() -> None:
         args.extra += ["model.repa_depth=8", f"train.repa_encoder={work / 'dinov2-base'}"]
     rows = []
     for model in args.models:
+        run_dir = work / model.replace("/", "_")
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)] \
             if args.nproc > 1 or args.torchrun else []
         cmd = [sys.executable, *launch, "-m", "ditkit", "train", "--preset", "imagenet256", "--model", model,
-               "--steps", str(args.steps), "--run-dir", str(work / model.replace("/", "_")),
+               "--steps", str(args.steps), "--run-dir", str(run_dir),
                "--set", f"data.path={cache}", "--set", f"model.input_size={args.latent}",
                "--set", f"train.global_batch_size={args.batch}", "--set", f"train.grad_accum={args.batch // (args.micro * args.nproc)}",
                "--set", f"train.log_every={args.steps // 2}", "--set", "train.ckpt_every=1000000"]
@@ -96,9 +97,8 @@ def main() -> None:
             rows.append({"model": model, "status": (errors or lines or ["failed"])[-1].strip()[:200],
                          "stderr_tail": lines[-60:]})
             print("\n".join(lines[-60:]), flush=True)
-            shutil.rmtree(work / model.replace("/", "_"), ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
             continue
-        run_dir = work / model.replace("/", "_")
         record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         out = os.environ.get("OUT")
         for profile in run_dir.glob("profile_*.txt") if out else []:  # train.profile=A-B: its table is copied to $OUT

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -80,7 +79,9 @@ def cmd_train(args) -> None:
     cfg = _resolve_config(args, fallback=run_dir / "config.yaml" if resuming else None)  # a resume needs only the run
     result = train(cfg, args.run_dir, resume=resuming, device=args.device,
                    init_from=args.init_from, resume_from=args.resume_from, allow_changes=args.allow_changes)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once for the run, not once per process
+    from ditkit.training.distributed import env_rank
+
+    if env_rank() == 0:  # under torchrun, once for the run, not once per process
         print(f"trained to step {result['step']}; checkpoints in {Path(args.run_dir) / 'checkpoints'}")
 
 

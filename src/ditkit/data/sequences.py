@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ditkit.training.distributed import env_rank
+
 log = logging.getLogger(__name__)
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -264,9 +266,7 @@ def read_sequence_params(path: str | Path, root: Path, files: list[Path], names:
     if absent:
         raise ValueError(f"params file {path} has no row for {len(absent)} of {len(keys)} samples (first: {absent[0]})")
     stray = sorted(set(table) - set(keys))
-    first_rank = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0  # every rank builds the dataset; one says it
-    if stray and warn and first_rank:  # a subset of a larger table is fine, but a misspelt name would otherwise go unnoticed
+    if stray and warn and env_rank() == 0:  # every rank builds the dataset; one says it.  # a subset of a larger table is fine, but a misspelt name would otherwise go unnoticed
         log.warning("params file %s has %d rows for no sample below %s (first: %s)", path, len(stray), root, stray[0])
     values = np.array([table[k] for k in keys], dtype=np.float64)
     if not np.isfinite(values).all():

@@ -208,6 +208,8 @@ def resolve_train_speed(speed: str | TrainSpeed, run: TrainRun) -> tuple[TrainSp
     return s, notes
 
 
+TORCH_DDP_BUCKET_MB = 25.0  # DistributedDataParallel's own bucket_cap_mb
+
 # The training levers whose modules also run on a CPU (their kernels have eager forms): what the CPU tests compare.
 CPU_LEVERS = "fused_mlp+fused_attention+tuned_linear+fused_norm+bf16_residual"
 
@@ -333,7 +335,7 @@ class TrainPlan:
         if configured is not None:
             return configured, None
         if not (self.run.parallel == "ddp" and self.cuda_graphs):
-            return 25.0, None
+            return TORCH_DDP_BUCKET_MB, None
         size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2 ** 20
         mb = float(math.ceil(size) + 1)
         return mb, (f"DDP: the gradients in one bucket of {mb:.0f} MiB, so that dynamo cuts the compiled step into "

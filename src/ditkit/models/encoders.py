@@ -9,12 +9,13 @@ Any module mapping normalised images (B, 3, S_h, S_w) to patch features (B, S_h/
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ditkit.utils.io import held_by, read_json_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,21 +110,12 @@ def dinov2_model_type(path: Path) -> str:
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a DINOv2 model folder (no config.json): download facebook/dinov2-base into "
                          f"a new folder, e.g. `{_DOWNLOAD} DINOV2_DIR`, and give DINOV2_DIR")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
-    config = config if isinstance(config, dict) else {}
+    config = read_json_config(path / "config.json")
     kind = config.get("model_type")
     if kind in DINOV2_CLASSES:
         return kind
-    if config.get("_class_name"):
-        held = f"a diffusers {config['_class_name']}"
-    elif kind:
-        held = f"a transformers model of model_type {kind!r}"
-    else:
-        held = "a config.json without model_type"
-    raise ValueError(f"{path} holds {held}, not DINOv2: expected {_EXPECTED}")
+    raise ValueError(f"{path} holds {held_by(config) or 'a config.json without model_type'}, not DINOv2: "
+                     f"expected {_EXPECTED}")
 
 
 def load_dinov2(path: str | Path, grid: tuple[int, int], device: torch.device | str = "cpu") -> RepaEncoder:

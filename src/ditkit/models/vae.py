@@ -12,13 +12,13 @@ told otherwise.  Weights are never downloaded here: ``load_vae`` reads a local f
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ditkit.utils.images import uint8_hwc
+from ditkit.utils.io import held_by, read_json_config
 
 LATENT_SCALE = 0.18215
 
@@ -105,17 +105,12 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
         folder = _model_folder(path)
         if folder is None:
             raise ValueError(f"no VAE in {path} (no config.json there or in {path}/vae): {_HOW_TO_GET}")
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
-        config = config if isinstance(config, dict) else {}
-        # diffusers writes _class_name, transformers model_type: another model is named before its weights are sought
+        config = read_json_config(folder / "config.json")
+        # another model is named before its weights are sought
         if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"{folder} holds a diffusers {config['_class_name']}, not an AutoencoderKL: {_HOW_TO_GET}")
+            raise ValueError(f"{folder} holds {held_by(config)}, not an AutoencoderKL: {_HOW_TO_GET}")
         if "_class_name" not in config and config.get("model_type"):
-            raise ValueError(f"{folder} holds a transformers model of model_type {config['model_type']!r}, not a "
-                             f"diffusers AutoencoderKL: {_HOW_TO_GET}")
+            raise ValueError(f"{folder} holds {held_by(config)}, not a diffusers AutoencoderKL: {_HOW_TO_GET}")
         weights = [f"diffusion_pytorch_model.{s}" for s in ("safetensors", "bin", "safetensors.index.json",
                                                              "bin.index.json")]
         if not any((folder / w).is_file() for w in weights):

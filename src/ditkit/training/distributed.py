@@ -30,11 +30,16 @@ class DistInfo:
         return self.world_size > 1 or self.launched
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun sets it (RANK); 0 outside torchrun."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_distributed(device: str | None = None) -> DistInfo:
     """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPUs."""
     launched = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it for every process it starts
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"

@@ -23,7 +23,7 @@ from ditkit.data import build_dataset, loss_inputs, split_batch
 from ditkit.data.facts import fit_to_data
 from ditkit.data.sampler import ShardBatchSampler, step_seed
 from ditkit.fast import TrainRun, describe, train_speed
-from ditkit.fast.recipes import block_options
+from ditkit.fast.recipes import TORCH_DDP_BUCKET_MB, block_options
 from ditkit.models.dit import build_model
 from ditkit.models.grid import as_size
 from ditkit.objectives import LOGGED_TERMS, build_objective
@@ -172,7 +172,7 @@ def _wrap_distributed(model: nn.Module, cfg: Config, info: DistInfo, ema: bool =
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-              bucket_cap_mb=bucket_mb or cfg.train.ddp_bucket_mb or 25.0, gradient_as_bucket_view=True)
+              bucket_cap_mb=bucket_mb or cfg.train.ddp_bucket_mb or TORCH_DDP_BUCKET_MB, gradient_as_bucket_view=True)
     if comm_hook is not None:
         ddp.register_comm_hook(None, comm_hook)
     return ddp
@@ -292,11 +292,11 @@ def _keep_shards(cfg: Config, state: dict, info: DistInfo) -> Config:
     if accum == saved_accum and shards % world == 0:
         cfg = copy.deepcopy(cfg)
         cfg.train.grad_accum = shards // world
-        log.info(f"train.grad_accum = {cfg.train.grad_accum} (the checkpoint's {shards} shards per step over {world} "
-                 f"process{'es' if world > 1 else ''}: the same micro-batches and random draws)")
+        log.info(f"train.grad_accum = {cfg.train.grad_accum} (the checkpoint's {shards} shards per step over "
+                 f"{_processes(world)}: the same micro-batches and random draws)")
         return cfg
     keep = f"; train.grad_accum={shards // world} would keep them" if shards % world == 0 else ""
-    log.warning(f"resuming as {world} process{'es' if world > 1 else ''} × {accum} accumulation = {world * accum} shards "
+    log.warning(f"resuming as {_processes(world)} × {accum} accumulation = {world * accum} shards "
                 f"per step, where the checkpoint had {shards}: the global batch is the same, but its random draws are "
                 f"split otherwise, so the run goes on statistically alike, not bit for bit{keep}")
     return cfg
@@ -577,6 +577,13 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo, stop: StopSignals, resume
     return {"step": end_step if end_step > start_step else start_step, "run_dir": str(run_dir)}
 
 
+BLOCK_LABELS = {"rope": "RoPE", "rmsnorm": "RMSNorm", "qk_norm": "QK-norm", "swiglu": "SwiGLU"}  # the keys of block_options
+
+
+def _processes(n: int) -> str:
+    return f"{n} process{'es' if n > 1 else ''}"
+
+
 def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size: int, micro: int, start_step: int,
              speed_line: str, parallel: str = "none") -> str:
     """The start-up block: what the run found and what it will do."""
@@ -595,11 +602,11 @@ def _summary(cfg: Config, dataset, model: nn.Module, num_params: int, world_size
     grid = model.grid
     size, p = "×".join(map(str, grid.size)), model.patch_size
     patch = p if isinstance(p, int) else "×".join(map(str, p))
-    processes = f"{world_size} process{'es' if world_size > 1 else ''}" + (f" ({parallel.upper()})" if parallel != "none" else "")
+    processes = _processes(world_size) + (f" ({parallel.upper()})" if parallel != "none" else "")
     global_batch = world_size * micro * cfg.train.grad_accum
     m, o, t = cfg.model, cfg.objective, cfg.train
-    block = [name for on, name in ((m.pos_embed == "rope", "RoPE"), (m.norm == "rmsnorm", "RMSNorm"),
-                                   (m.qk_norm, "QK-norm"), (m.mlp == "swiglu", "SwiGLU")) if on]
+    options = block_options(model)
+    block = [label for key, label in BLOCK_LABELS.items() if key in options]
     if m.repa_depth:
         block.append(f"REPA after block {m.repa_depth}")
     recipe = [f"{o.time_sampling} times" + (f" ({o.logit_mean:g}, {o.logit_std:g})" if o.time_sampling == "logit_normal"

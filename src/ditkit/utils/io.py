@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -25,6 +26,26 @@ def _is_disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError):
         return err.errno in NO_SPACE_ERRNOS
     return isinstance(err, RuntimeError) and any(m in str(err) for m in NO_SPACE_MESSAGES)
+
+
+def read_json_config(path: Path) -> dict:
+    """The object in the JSON file ``path`` ({} when it holds another JSON value); invalid JSON is one
+    ``ValueError`` naming the file."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def held_by(config: dict) -> str | None:
+    """What a model folder's config.json says the folder holds: diffusers writes ``_class_name``, transformers
+    ``model_type``; None where it says neither."""
+    if config.get("_class_name"):
+        return f"a diffusers {config['_class_name']}"
+    if config.get("model_type"):
+        return f"a transformers model of model_type {config['model_type']!r}"
+    return None
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
