@@ -79,7 +79,7 @@ def cmd_train(args) -> None:
     cfg = _resolve_config(args, fallback=run_dir / "config.yaml" if resuming else None)  # a resume needs only the run
     result = train(cfg, args.run_dir, resume=resuming, device=args.device,
                    init_from=args.init_from, resume_from=args.resume_from, allow_changes=args.allow_changes)
-    from ditkit.training.distributed import env_rank
+    from ditkit.utils.ranks import env_rank
 
     if env_rank() == 0:  # under torchrun, once for the run, not once per process
         print(f"trained to step {result['step']}; checkpoints in {Path(args.run_dir) / 'checkpoints'}")

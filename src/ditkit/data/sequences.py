@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ditkit.training.distributed import env_rank
+from ditkit.utils.ranks import env_rank
 
 log = logging.getLogger(__name__)
 

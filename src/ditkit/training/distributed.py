@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ditkit.utils.ranks import env_rank
+
 
 @dataclass
 class DistInfo:
@@ -28,11 +30,6 @@ class DistInfo:
     def enabled(self) -> bool:
         """The model is wrapped (DDP or FSDP) and the ranks talk through a process group."""
         return self.world_size > 1 or self.launched
-
-
-def env_rank() -> int:
-    """This process's global rank as torchrun sets it (RANK); 0 outside torchrun."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def setup_distributed(device: str | None = None) -> DistInfo:
